@@ -1,0 +1,1 @@
+//! bhatti: microVM sandboxes. Daemon, CLI and operator commands in one crate.

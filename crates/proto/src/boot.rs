@@ -1,0 +1,36 @@
+//! The guest's boot configuration, handed to lohar through QEMU's fw_cfg
+//! (`opt/bhatti/config`) before the agent listens.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the fw_cfg entry that carries the [`BootConfig`] as JSON.
+pub const FW_CFG_NAME: &str = "opt/bhatti/config";
+/// Where the guest kernel exposes that entry.
+pub const FW_CFG_PATH: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/bhatti/config/raw";
+
+/// Everything the guest needs to know about itself at boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootConfig {
+    /// Also the sandbox name.
+    pub hostname: String,
+    /// The per-sandbox token every connection must present in AUTH.
+    pub token: String,
+    /// Guest address with prefix length, e.g. "192.168.137.5/24".
+    pub ip: String,
+    /// Default gateway (the bridge address), e.g. "192.168.137.1".
+    pub gateway: String,
+    /// Name servers for /etc/resolv.conf.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// Sandbox env, secrets included; applied to every child.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Script run as the TTY session "init".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    /// Host wall clock at boot, unix milliseconds; the guest sets its clock from it.
+    #[serde(default)]
+    pub time_unix_ms: i64,
+}
