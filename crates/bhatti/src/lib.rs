@@ -1,1 +1,10 @@
 //! bhatti: microVM sandboxes. Daemon, CLI and operator commands in one crate.
+//!
+//! The exec path reads top to bottom through the modules: `cli` → HTTP →
+//! `api` → `service` → `engine` → `engine::agent_client` → lohar in the guest.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod secrets;
+pub mod store;

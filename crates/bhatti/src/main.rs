@@ -1,1 +1,12 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = bhatti::cli::Cli::parse();
+    match bhatti::cli::run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Daemon configuration (`/var/lib/bhatti/config.yaml`).

@@ -1,0 +1,87 @@
+//! The engine runs sandboxes: it boots VMs and talks to their agents.
+//!
+//! The API layer never sees QEMU: it goes through [`Engine`], so another VMM
+//! (Firecracker, Cloud Hypervisor) can be added as a second implementation.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+pub mod agent_client;
+pub mod qemu;
+
+use agent_client::AgentClient;
+
+/// What the daemon asks the engine to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Unique id; names the sandbox dir, TAP and QEMU process.
+    pub id: String,
+    /// Hostname in the guest.
+    pub name: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// Guest address, allocated (and persisted) by the caller from [`Engine::subnet`].
+    pub ip: Ipv4Addr,
+    /// Per-sandbox agent token.
+    pub token: String,
+    /// Sandbox env, secrets included.
+    pub env: BTreeMap<String, String>,
+    /// Init script, run as TTY session "init".
+    pub init: Option<String>,
+}
+
+/// What a running VM needs to be reached again, also after a daemon restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRuntime {
+    pub ip: Ipv4Addr,
+    pub token: String,
+}
+
+/// State of a VM as the engine finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    Running,
+    /// The VM is gone; the string says why (for an honest status).
+    Dead(String),
+}
+
+/// Errors of the engine, each with a message a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The guest images are missing or unusable.
+    #[error("guest image problem: {0}")]
+    Image(String),
+    /// QEMU could not start or died; carries the tail of the console log.
+    #[error("VM failed to start: {reason}\n--- console (last lines) ---\n{console_tail}")]
+    Boot { reason: String, console_tail: String },
+    /// The agent did not answer in time.
+    #[error("VM did not become ready within {secs} s: {reason}\n--- console (last lines) ---\n{console_tail}")]
+    Timeout { secs: u64, reason: String, console_tail: String },
+    /// Host networking could not be set up.
+    #[error("network setup failed: {0}")]
+    Network(String),
+    /// No such VM.
+    #[error("no VM with id {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Other(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A VM engine.
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync {
+    /// The subnet guests get addresses from; the gateway is its first host address.
+    fn subnet(&self) -> (Ipv4Addr, u8);
+    /// Boots a VM and waits until its agent answers.
+    async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError>;
+    /// Stops the VM and removes everything it had on the host (process, overlay, TAP, files).
+    async fn destroy(&self, id: &str) -> Result<(), EngineError>;
+    /// Re-attaches to a VM left running by an earlier daemon, or reports it dead.
+    async fn adopt(&self, id: &str, rt: &VmRuntime) -> VmState;
+    /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`.
+    async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;
+    /// A client of the VM's agent.
+    fn agent(&self, id: &str, rt: &VmRuntime) -> AgentClient;
+}

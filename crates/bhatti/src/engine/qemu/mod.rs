@@ -1,0 +1,3 @@
+//! The QEMU `microvm` engine.
+
+pub mod image;

@@ -1,0 +1,1 @@
+//! age encryption of user secrets.
