@@ -1,0 +1,35 @@
+//! `bhatti-bench`: latency and throughput of each layer, printed as
+//! p50/p95/p99 and throughput. Run with `--release`:
+//!
+//! ```text
+//! cargo build --release -p lohar -p bhatti
+//! cargo run --release -p bhatti --bin bhatti-bench -- agent
+//! ```
+
+mod agent;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "bhatti-bench", about = "Benchmarks of bhatti's layers")]
+struct Args {
+    #[command(subcommand)]
+    target: Target,
+}
+
+#[derive(Debug, Subcommand)]
+enum Target {
+    /// The lohar agent in test mode over Unix sockets (no VM).
+    Agent(agent::AgentArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        match args.target {
+            Target::Agent(a) => agent::run(a).await,
+        }
+    })
+}
