@@ -4,9 +4,54 @@
 //! server. With `LOHAR_TEST=1` it skips everything but the server and listens
 //! on Unix sockets, so the whole protocol is testable without a VM or root.
 
+mod activity;
+mod config;
+mod handlers;
 mod init;
+mod reaper;
+mod server;
+mod session;
+mod spawn;
+mod stream;
+mod wire;
+
+use config::{AgentConfig, Endpoints};
 
 fn main() {
-    // Phases are filled in by the server and init modules.
-    let _ = init::boot;
+    let (cfg, endpoints) = configure();
+    // The reaper starts only after boot: boot helpers are waited for by
+    // their own code, which a waitpid(-1) running alongside would rob.
+    let reaper = reaper::Reaper::start().unwrap_or_else(|e| fatal(&format!("reaper: {e}")));
+    let listeners = server::bind(&endpoints).unwrap_or_else(|e| fatal(&format!("listen on {endpoints:?}: {e}")));
+    init::ready(); // (init) prints "lohar: ready" on the VM console; no-op outside PID 1.
+    let agent = server::Agent::new(cfg, reaper);
+    if let Err(e) = agent.start_init() {
+        // A broken init script is the user's problem, not a reason to die.
+        eprintln!("lohar: init script: {e}");
+    }
+    if let Err(e) = server::serve(agent, listeners) {
+        fatal(&format!("serve: {e}"));
+    }
+}
+
+/// Test mode from the environment, or the VM boot sequence.
+fn configure() -> (AgentConfig, Endpoints) {
+    if std::env::var_os("LOHAR_TEST").is_some_and(|v| v == "1") {
+        let cfg = AgentConfig::test_from_env().unwrap_or_else(|e| fatal(&e));
+        // Orphans of our children come to us, as they would to PID 1, so
+        // the reaper's orphan path runs in tests too.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        return cfg;
+    }
+    match init::boot() {
+        Ok(booted) => AgentConfig::vm(&booted.config),
+        Err(e) => fatal(&e),
+    }
+}
+
+/// Reports on the console and stops. (In a VM, the init module will power
+/// off instead of exiting.)
+fn fatal(msg: &str) -> ! {
+    init::fatal(msg) // (init) prints "lohar: fatal: <msg>"; powers off as PID 1, else exits 1.
 }

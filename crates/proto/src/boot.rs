@@ -34,3 +34,11 @@ pub struct BootConfig {
     #[serde(default)]
     pub time_unix_ms: i64,
 }
+
+/// Directory of the initramfs that holds the kernel modules lohar loads in
+/// stage 1 (written by the host's image builder, read by lohar as `/init`).
+pub const INITRAMFS_MODULES_DIR: &str = "/bhatti/modules";
+/// The initramfs file listing module file names (relative to
+/// [`INITRAMFS_MODULES_DIR`]), one per line, in load order. Its presence also
+/// tells lohar it runs as stage 1 inside the initramfs.
+pub const INITRAMFS_MODULES_ORDER: &str = "/bhatti/modules.order";

@@ -1,15 +1,151 @@
 //! `bhatti image build`.
 
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use clap::Subcommand;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::engine::qemu::image::{self, BuildOptions, Progress, Step};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the guest images if missing or out of date.
-    Build,
+    /// Build the guest images (kernel, initramfs, rootfs) if missing or out of date.
+    ///
+    /// Needs root. The initramfs carries the static lohar binary, found via
+    /// --lohar, else $BHATTI_LOHAR, else next to the bhatti executable, else the
+    /// workspace's target/x86_64-unknown-linux-gnu/release/lohar (build it with
+    /// RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p lohar
+    /// --target x86_64-unknown-linux-gnu).
+    Build {
+        /// Where the images live (shared by every daemon on the host).
+        #[arg(long, value_name = "DIR", default_value = image::DEFAULT_IMAGES_DIR)]
+        images_dir: PathBuf,
+        /// Rebuild everything even if the cached images are current.
+        #[arg(long)]
+        force: bool,
+        /// The static lohar binary to put in the initramfs.
+        #[arg(long, value_name = "PATH", env = image::LOHAR_ENV)]
+        lohar: Option<PathBuf>,
+    },
 }
 
 pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
     match cmd {
-        ImageCommand::Build => anyhow::bail!("image build is not implemented yet"),
+        ImageCommand::Build {
+            images_dir,
+            force,
+            lohar,
+        } => {
+            let opts = BuildOptions {
+                images_dir,
+                lohar,
+                force,
+            };
+            let started = Instant::now();
+            let paths = if std::io::stderr().is_terminal() {
+                image::build_images(&opts, &BarProgress::new())?
+            } else {
+                image::build_images(&opts, &LineProgress)?
+            };
+            println!("kernel     {}", paths.kernel.display());
+            println!("initramfs  {}", paths.initramfs.display());
+            println!("rootfs     {}", paths.rootfs.display());
+            eprintln!("images ready in {:.1?}", started.elapsed());
+            Ok(0)
+        }
+    }
+}
+
+/// One spinner per step on a terminal.
+struct BarProgress {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<&'static str, (ProgressBar, Instant)>>,
+}
+
+impl BarProgress {
+    fn new() -> Self {
+        BarProgress {
+            multi: MultiProgress::new(),
+            bars: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn with_bar(&self, step: Step, f: impl FnOnce(&ProgressBar, Instant)) {
+        let bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((bar, t)) = bars.get(step.name()) {
+            f(bar, *t);
+        }
+    }
+}
+
+fn step_label(step: Step) -> String {
+    format!("{:<20}", step.name())
+}
+
+impl Progress for BarProgress {
+    fn start(&self, step: Step) {
+        let bar = self.multi.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {prefix} {elapsed:>4} {wide_msg}")
+                .expect("static template is valid"),
+        );
+        bar.set_prefix(step_label(step));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        self.bars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(step.name(), (bar, Instant::now()));
+    }
+
+    fn detail(&self, step: Step, line: &str) {
+        let line = line.trim().to_string();
+        self.with_bar(step, |bar, _| bar.set_message(line));
+    }
+
+    fn finish(&self, step: Step, summary: &str) {
+        let summary = summary.to_string();
+        self.with_bar(step, |bar, t| {
+            bar.set_style(
+                ProgressStyle::with_template("✓ {prefix} {msg}").expect("static template is valid"),
+            );
+            bar.finish_with_message(format!("{:>5.1?}  {summary}", t.elapsed()));
+        });
+    }
+
+    fn cached(&self, step: Step, path: &Path) {
+        let bar = self.multi.add(ProgressBar::new_spinner());
+        bar.set_style(
+            ProgressStyle::with_template("✓ {prefix} {msg}").expect("static template is valid"),
+        );
+        bar.set_prefix(step_label(step));
+        bar.finish_with_message(format!("cached  {}", path.display()));
+    }
+
+    fn note(&self, msg: &str) {
+        // Printing through MultiProgress keeps the bars intact.
+        let _ = self.multi.println(format!("note: {msg}"));
+    }
+}
+
+/// Plain lines when stderr is not a terminal (CI logs, pipes).
+struct LineProgress;
+
+impl Progress for LineProgress {
+    fn start(&self, step: Step) {
+        eprintln!("image: {} ...", step.name());
+    }
+    fn detail(&self, _step: Step, _line: &str) {}
+    fn finish(&self, step: Step, summary: &str) {
+        eprintln!("image: {} done: {summary}", step.name());
+    }
+    fn cached(&self, step: Step, path: &Path) {
+        eprintln!("image: {} cached: {}", step.name(), path.display());
+    }
+    fn note(&self, msg: &str) {
+        eprintln!("image: note: {msg}");
     }
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use bhatti_proto::codec_async::{read_frame, write_frame};
 use bhatti_proto::{
-    ActivityInfo, ExecKill, ExecRequest, FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest, FrameError, FrameType, FwdRequest, Message, SessionInfo, MAX_PAYLOAD_LEN,
+    ActivityInfo, ExecKill, ExecRequest, FileInfo, FileLsRequest, FileReadRequest,
+    FileReadResponse, FileStatRequest, FileWriteRequest, FrameError, FrameType, FwdRequest,
+    Message, SessionInfo, MAX_PAYLOAD_LEN,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
@@ -133,11 +135,18 @@ async fn recv_from<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Message, 
 
 impl AgentClient {
     pub fn new(dialer: Arc<dyn Dialer>, token: impl Into<Vec<u8>>) -> Self {
-        AgentClient { dialer, token: Arc::new(token.into()) }
+        AgentClient {
+            dialer,
+            token: Arc::new(token.into()),
+        }
     }
 
     async fn connect(&self, channel: Channel) -> Result<Conn, AgentError> {
-        let stream = self.dialer.dial(channel).await.map_err(AgentError::Connect)?;
+        let stream = self
+            .dialer
+            .dial(channel)
+            .await
+            .map_err(AgentError::Connect)?;
         let mut conn = Conn { stream };
         if !self.token.is_empty() {
             conn.send(&Message::Auth(self.token.to_vec())).await?;
@@ -173,12 +182,20 @@ impl AgentClient {
             None
         };
         let (reader, writer) = tokio::io::split(c.stream);
-        Ok(ExecStream { session, reader: ExecReader { inner: reader }, writer: ExecWriter { inner: writer } })
+        Ok(ExecStream {
+            session,
+            reader: ExecReader { inner: reader },
+            writer: ExecWriter { inner: writer },
+        })
     }
 
     /// Runs a piped command to completion and collects its output.
     pub async fn exec_buffered(&self, req: ExecRequest) -> Result<ExecOutput, AgentError> {
-        let ExecStream { mut reader, mut writer, .. } = self.exec(req).await?;
+        let ExecStream {
+            mut reader,
+            mut writer,
+            ..
+        } = self.exec(req).await?;
         writer.close_stdin().await?;
         let mut out = ExecOutput::default();
         loop {
@@ -204,7 +221,11 @@ impl AgentClient {
 
     /// SIGKILLs a session's process group.
     pub async fn kill_session(&self, session_id: &str) -> Result<(), AgentError> {
-        let mut c = self.request(&Message::ExecKill(ExecKill { session_id: session_id.to_string() })).await?;
+        let mut c = self
+            .request(&Message::ExecKill(ExecKill {
+                session_id: session_id.to_string(),
+            }))
+            .await?;
         // The agent answers with EXIT (or ERROR) once the kill was delivered; EOF also means done.
         match c.recv().await {
             Ok(_) | Err(AgentError::Frame(FrameError::Eof)) => Ok(()),
@@ -213,16 +234,28 @@ impl AgentClient {
     }
 
     /// Opens a file for reading: its total size and mode, then a stream of its bytes.
-    pub async fn read_file(&self, req: FileReadRequest) -> Result<(FileReadResponse, FileStream), AgentError> {
+    pub async fn read_file(
+        &self,
+        req: FileReadRequest,
+    ) -> Result<(FileReadResponse, FileStream), AgentError> {
         let mut c = self.request(&Message::FileReadReq(req)).await?;
         match c.recv().await? {
-            Message::FileReadResp(r) => Ok((r, FileStream { stream: c.stream, done: false })),
+            Message::FileReadResp(r) => Ok((
+                r,
+                FileStream {
+                    stream: c.stream,
+                    done: false,
+                },
+            )),
             m => Err(AgentError::unexpected("FILE_READ_RESP", &m)),
         }
     }
 
     /// Reads a whole (part of a) file into memory.
-    pub async fn read_file_all(&self, req: FileReadRequest) -> Result<(FileReadResponse, Vec<u8>), AgentError> {
+    pub async fn read_file_all(
+        &self,
+        req: FileReadRequest,
+    ) -> Result<(FileReadResponse, Vec<u8>), AgentError> {
         let (resp, mut s) = self.read_file(req).await?;
         let mut data = Vec::with_capacity(resp.size.min(64 << 20) as usize);
         while let Some(chunk) = s.next_chunk().await? {
@@ -232,16 +265,34 @@ impl AgentClient {
     }
 
     /// Writes `size` bytes from `body` atomically to `path`.
-    pub async fn write_file<R: AsyncRead + Unpin>(&self, path: &str, mode: Option<String>, size: u64, body: &mut R) -> Result<(), AgentError> {
-        let size_i = i64::try_from(size).map_err(|_| AgentError::Protocol("file too large".into()))?;
-        let mut c = self.request(&Message::FileWriteReq(FileWriteRequest { path: path.to_string(), mode, size: size_i })).await?;
+    pub async fn write_file<R: AsyncRead + Unpin>(
+        &self,
+        path: &str,
+        mode: Option<String>,
+        size: u64,
+        body: &mut R,
+    ) -> Result<(), AgentError> {
+        let size_i =
+            i64::try_from(size).map_err(|_| AgentError::Protocol("file too large".into()))?;
+        let mut c = self
+            .request(&Message::FileWriteReq(FileWriteRequest {
+                path: path.to_string(),
+                mode,
+                size: size_i,
+            }))
+            .await?;
         let mut buf = vec![0u8; (256 * 1024).min(MAX_PAYLOAD_LEN)];
         let mut left = size;
         while left > 0 {
             let want = (left as usize).min(buf.len());
-            let n = body.read(&mut buf[..want]).await.map_err(|e| AgentError::Protocol(format!("reading upload: {e}")))?;
+            let n = body
+                .read(&mut buf[..want])
+                .await
+                .map_err(|e| AgentError::Protocol(format!("reading upload: {e}")))?;
             if n == 0 {
-                return Err(AgentError::Protocol(format!("upload ended {left} bytes short")));
+                return Err(AgentError::Protocol(format!(
+                    "upload ended {left} bytes short"
+                )));
             }
             write_frame(&mut c.stream, FrameType::Stdin, &buf[..n]).await?;
             left -= n as u64;
@@ -254,13 +305,22 @@ impl AgentClient {
     }
 
     /// Writes an in-memory buffer to `path`.
-    pub async fn write_file_bytes(&self, path: &str, mode: Option<String>, data: &[u8]) -> Result<(), AgentError> {
+    pub async fn write_file_bytes(
+        &self,
+        path: &str,
+        mode: Option<String>,
+        data: &[u8],
+    ) -> Result<(), AgentError> {
         let mut r = data;
         self.write_file(path, mode, data.len() as u64, &mut r).await
     }
 
     pub async fn stat(&self, path: &str) -> Result<FileInfo, AgentError> {
-        let mut c = self.request(&Message::FileStatReq(FileStatRequest { path: path.to_string() })).await?;
+        let mut c = self
+            .request(&Message::FileStatReq(FileStatRequest {
+                path: path.to_string(),
+            }))
+            .await?;
         match c.recv().await? {
             Message::FileStatResp(i) => Ok(i),
             m => Err(AgentError::unexpected("FILE_STAT_RESP", &m)),
@@ -268,7 +328,11 @@ impl AgentClient {
     }
 
     pub async fn ls(&self, path: &str) -> Result<Vec<FileInfo>, AgentError> {
-        let mut c = self.request(&Message::FileLsReq(FileLsRequest { path: path.to_string() })).await?;
+        let mut c = self
+            .request(&Message::FileLsReq(FileLsRequest {
+                path: path.to_string(),
+            }))
+            .await?;
         match c.recv().await? {
             Message::FileLsResp(l) => Ok(l),
             m => Err(AgentError::unexpected("FILE_LS_RESP", &m)),
@@ -281,7 +345,10 @@ impl AgentClient {
         c.send(&Message::FwdReq(FwdRequest { port })).await?;
         match c.recv().await? {
             Message::FwdResp(r) if r.is_ok() => Ok(c.stream),
-            Message::FwdResp(r) => Err(AgentError::Remote(r.message.unwrap_or_else(|| format!("port {port} is not reachable")))),
+            Message::FwdResp(r) => Err(AgentError::Remote(
+                r.message
+                    .unwrap_or_else(|| format!("port {port} is not reachable")),
+            )),
             m => Err(AgentError::unexpected("FWD_RESP", &m)),
         }
     }
@@ -374,7 +441,9 @@ impl FileStream {
                 self.done = true;
                 Ok(None)
             }
-            Message::Exit(c) => Err(AgentError::Remote(format!("file read ended with status {c}"))),
+            Message::Exit(c) => Err(AgentError::Remote(format!(
+                "file read ended with status {c}"
+            ))),
             m => Err(AgentError::unexpected("file data", &m)),
         }
     }

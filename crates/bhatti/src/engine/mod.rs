@@ -53,10 +53,17 @@ pub enum EngineError {
     Image(String),
     /// QEMU could not start or died; carries the tail of the console log.
     #[error("VM failed to start: {reason}\n--- console (last lines) ---\n{console_tail}")]
-    Boot { reason: String, console_tail: String },
+    Boot {
+        reason: String,
+        console_tail: String,
+    },
     /// The agent did not answer in time.
     #[error("VM did not become ready within {secs} s: {reason}\n--- console (last lines) ---\n{console_tail}")]
-    Timeout { secs: u64, reason: String, console_tail: String },
+    Timeout {
+        secs: u64,
+        reason: String,
+        console_tail: String,
+    },
     /// Host networking could not be set up.
     #[error("network setup failed: {0}")]
     Network(String),

@@ -1,14 +1,131 @@
 //! PID 1 duties inside the VM: stage-1 (modules, root disk, switch_root),
 //! then mounts, hostname, network, clock, and power-off.
+//!
+//! Phases, in order (each failure is fatal and reported by the caller with
+//! [`fatal`]):
+//! 1. shutdown signals: SIGTERM/SIGINT/SIGPWR power the VM off ([`power`]);
+//! 2. stage 1, when running as `/init` of the bhatti initramfs: mount
+//!    /dev /proc /sys, load the modules in manifest order, read the boot
+//!    config from fw_cfg, mount the root disk and switch root ([`stage1`]);
+//! 3. PID 1 mounts in the real root ([`mounts`]);
+//! 4. hostname, /etc/hostname, /etc/hosts; wall clock; lo and eth0
+//!    ([`network`]); /etc/resolv.conf.
 
+use std::io::Write;
+
+use bhatti_proto::boot::FW_CFG_PATH;
 use bhatti_proto::BootConfig;
+
+pub mod clock;
+mod mounts;
+mod network;
+pub mod power;
+mod stage1;
+
+pub use power::poweroff;
 
 /// What the boot phase hands to the server.
 pub struct Booted {
     pub config: BootConfig,
 }
 
+/// How long the fw_cfg entry may take to show up after qemu_fw_cfg loads.
+const CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Writes one `lohar: …` line on the console (stderr is /dev/console for PID 1).
+pub fn say(msg: &str) {
+    let mut err = std::io::stderr().lock();
+    // Nothing sensible to do if the console itself fails.
+    let _ = writeln!(err, "lohar: {msg}");
+}
+
+/// Prints `lohar: fatal: <msg>` and powers off (PID 1) or exits 1 (tests).
+pub fn fatal(msg: &str) -> ! {
+    poweroff(&format!("fatal: {msg}"))
+}
+
+/// Announces on the console that the agent is listening. Prints only as PID 1
+/// (the console of a VM), so tests' stderr stays quiet.
+pub fn ready() {
+    if std::process::id() == 1 {
+        let up = clock::uptime_secs()
+            .map(|u| format!(" (uptime {u:.2} s)"))
+            .unwrap_or_default();
+        say(&format!("ready{up}"));
+    }
+}
+
 /// Runs every boot step; on error the caller prints it on the console and powers off.
 pub fn boot() -> Result<Booted, String> {
-    Err("init is not built yet".into())
+    if std::process::id() != 1 {
+        return Err(
+            "not PID 1: lohar boots a VM as its /init (set LOHAR_TEST=1 to run the server alone)"
+                .into(),
+        );
+    }
+    power::watch_shutdown_signals()?;
+
+    let config = if stage1::in_initramfs() {
+        stage1::prepare()?;
+        if let Some(up) = clock::uptime_secs() {
+            say(&format!("stage 1 (uptime {up:.2} s)"));
+        }
+        // qemu_fw_cfg is loaded now; /sys moves along into the new root anyway.
+        let config = read_boot_config()?;
+        stage1::switch_root()?;
+        mounts::mount_all()?;
+        config
+    } else {
+        mounts::mount_all()?;
+        read_boot_config()?
+    };
+
+    set_hostname(&config.hostname)?;
+    if let Err(e) = clock::set_wall_clock(config.time_unix_ms) {
+        say(&format!("warning: {e}"));
+    }
+    network::configure(&config.ip, &config.gateway)?;
+    write_resolv_conf(&config.dns)?;
+    Ok(Booted { config })
+}
+
+/// The [`BootConfig`] QEMU hands over through fw_cfg.
+fn read_boot_config() -> Result<BootConfig, String> {
+    let path = std::path::Path::new(FW_CFG_PATH);
+    stage1::wait_for(path, CONFIG_WAIT).map_err(|w| {
+        format!("boot config {FW_CFG_PATH} missing after {w:?} (QEMU needs -fw_cfg name=opt/bhatti/config,file=...)")
+    })?;
+    let raw = std::fs::read(path).map_err(|e| format!("read {FW_CFG_PATH}: {e}"))?;
+    serde_json::from_slice(&raw).map_err(|e| format!("boot config is not valid JSON: {e}"))
+}
+
+fn set_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    nix::unistd::sethostname(name).map_err(|e| format!("sethostname {name:?}: {e}"))?;
+    write_etc("/etc/hostname", &format!("{name}\n"))?;
+    write_etc(
+        "/etc/hosts",
+        &format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n\
+             ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+        ),
+    )
+}
+
+fn write_resolv_conf(dns: &[String]) -> Result<(), String> {
+    let mut text = String::from("# written by lohar at boot\n");
+    for ns in dns {
+        text.push_str(&format!("nameserver {ns}\n"));
+    }
+    write_etc("/etc/resolv.conf", &text)
+}
+
+/// Replaces a file in /etc (a symlink there is replaced, not followed).
+fn write_etc(path: &str, text: &str) -> Result<(), String> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(path).map_err(|e| format!("remove {path}: {e}"))?;
+    }
+    std::fs::write(path, text).map_err(|e| format!("write {path}: {e}"))
 }

@@ -44,7 +44,10 @@ fn start_agent(bin: &PathBuf, token: &str) -> anyhow::Result<Agent> {
         .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !dir.path().join("c.sock").exists() {
-        anyhow::ensure!(Instant::now() < deadline, "lohar did not create its socket within 10 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "lohar did not create its socket within 10 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(Agent { child, dir })
@@ -57,16 +60,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let token = "bench-token-0123456789abcdef";
     let agent = start_agent(&bin, token)?;
-    let dialer = UnixDialer { control: agent.dir.path().join("c.sock"), forward: agent.dir.path().join("f.sock") };
+    let dialer = UnixDialer {
+        control: agent.dir.path().join("c.sock"),
+        forward: agent.dir.path().join("f.sock"),
+    };
     let client = AgentClient::new(Arc::new(dialer), token.as_bytes().to_vec());
     let n = args.n;
     let work = agent.dir.path().to_path_buf();
 
-    println!("lohar agent bench (test mode, Unix sockets, AUTH on), {}", bin.display());
+    println!(
+        "lohar agent bench (test mode, Unix sockets, AUTH on), {}",
+        bin.display()
+    );
 
     // The floor: spawning `true` straight from this process.
     let floor = Samples::sequential("fork+exec+wait true (floor)", n, || async {
-        let st = tokio::task::spawn_blocking(|| std::process::Command::new("true").status()).await??;
+        let st =
+            tokio::task::spawn_blocking(|| std::process::Command::new("true").status()).await??;
         anyhow::ensure!(st.success());
         Ok(())
     })
@@ -87,10 +97,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     })
     .await?;
     exec_true.print(None);
-    println!("{:<34} {:.2}x the fork+exec floor", "  exec true / floor (p50)", exec_true.p50().as_secs_f64() / floor.p50().as_secs_f64());
+    println!(
+        "{:<34} {:.2}x the fork+exec floor",
+        "  exec true / floor (p50)",
+        exec_true.p50().as_secs_f64() / floor.p50().as_secs_f64()
+    );
 
     Samples::sequential("exec sh -c 'echo hello'", n / 2, || async {
-        let o = client.exec_buffered(ExecRequest::command(["sh", "-c", "echo hello"])).await?;
+        let o = client
+            .exec_buffered(ExecRequest::command(["sh", "-c", "echo hello"]))
+            .await?;
         anyhow::ensure!(o.stdout == b"hello\n");
         Ok(())
     })
@@ -107,7 +123,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     .print(Some(1024));
 
     Samples::sequential("read 1 KiB", n, || async {
-        let (_, d) = client.read_file_all(FileReadRequest { path: small.clone(), ..Default::default() }).await?;
+        let (_, d) = client
+            .read_file_all(FileReadRequest {
+                path: small.clone(),
+                ..Default::default()
+            })
+            .await?;
         anyhow::ensure!(d.len() == 1024);
         Ok(())
     })
@@ -118,7 +139,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let one_mib = work.join("one.bin").to_string_lossy().into_owned();
     client.write_file_bytes(&one_mib, None, &mib).await?;
     Samples::sequential("read 1 MiB", n / 4, || async {
-        let (_, d) = client.read_file_all(FileReadRequest { path: one_mib.clone(), ..Default::default() }).await?;
+        let (_, d) = client
+            .read_file_all(FileReadRequest {
+                path: one_mib.clone(),
+                ..Default::default()
+            })
+            .await?;
         anyhow::ensure!(d.len() == 1 << 20);
         Ok(())
     })
@@ -158,6 +184,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let wall = start.elapsed();
     let conc = Samples::from_parts("exec true x10 concurrent", all, wall);
     conc.print(None);
-    println!("{:<34} {:.0} execs/s in {}", "  concurrent throughput", (per_task * 10) as f64 / wall.as_secs_f64(), fmt(wall));
+    println!(
+        "{:<34} {:.0} execs/s in {}",
+        "  concurrent throughput",
+        (per_task * 10) as f64 / wall.as_secs_f64(),
+        fmt(wall)
+    );
     Ok(())
 }

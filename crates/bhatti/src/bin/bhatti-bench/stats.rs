@@ -26,11 +26,19 @@ impl Samples {
             f().await?;
             times.push(t.elapsed());
         }
-        Ok(Samples { name: name.to_string(), times, wall: start.elapsed() })
+        Ok(Samples {
+            name: name.to_string(),
+            times,
+            wall: start.elapsed(),
+        })
     }
 
     pub fn from_parts(name: &str, times: Vec<Duration>, wall: Duration) -> Samples {
-        Samples { name: name.to_string(), times, wall }
+        Samples {
+            name: name.to_string(),
+            times,
+            wall,
+        }
     }
 
     pub fn percentile(&self, p: f64) -> Duration {
@@ -50,7 +58,9 @@ impl Samples {
     /// Prints `name  n  p50  p95  p99  ops/s  [MB/s]`.
     pub fn print(&self, bytes_per_op: Option<u64>) {
         let ops = self.times.len() as f64 / self.wall.as_secs_f64();
-        let mbps = bytes_per_op.map(|b| format!("{:>10.1} MB/s", b as f64 * ops / 1e6)).unwrap_or_default();
+        let mbps = bytes_per_op
+            .map(|b| format!("{:>10.1} MB/s", b as f64 * ops / 1e6))
+            .unwrap_or_default();
         println!(
             "{:<34} n={:<6} p50={:>10} p95={:>10} p99={:>10} {:>10.0} ops/s{}",
             self.name,

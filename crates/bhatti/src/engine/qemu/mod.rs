@@ -1,3 +1,818 @@
 //! The QEMU `microvm` engine.
+//!
+//! Each sandbox is one QEMU process in its own session, started inside the
+//! daemon's network namespace, with everything it owns in one directory:
+//! `<data_dir>/sandboxes/<id>/{disk.qcow2, config.json, console.log,
+//! qmp.sock, qemu.pid, vm.json}` plus a TAP `bt-<hash>` on the bridge.
+//! QEMU outlives the daemon; a restarted daemon adopts it again.
 
+pub mod accel;
+pub mod config_drive;
+pub mod disks;
 pub mod image;
+pub mod netns_dialer;
+pub mod network;
+pub mod process;
+pub mod qmp;
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bhatti_proto::BootConfig;
+use serde::{Deserialize, Serialize};
+
+use self::accel::{Accel, AccelMode};
+use self::image::ImagePaths;
+use self::netns_dialer::{NetnsDialer, NetnsSockets};
+use self::network::{NetConfig, NetworkError, Subnet};
+use self::process::{NotReady, VmFiles};
+use self::qmp::Qmp;
+use super::agent_client::AgentClient;
+use super::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
+
+/// How many console lines an error carries.
+const CONSOLE_TAIL_LINES: usize = 30;
+/// How long QEMU gets to exit after QMP `quit` before it is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Settings of the QEMU engine (mapped from the daemon config by the caller).
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Sandbox dirs live in `<data_dir>/sandboxes`.
+    pub data_dir: PathBuf,
+    pub images: ImagePaths,
+    pub accel: AccelMode,
+    /// Network namespace owned by this daemon.
+    pub netns: String,
+    pub bridge: String,
+    pub subnet: Subnet,
+    /// Veth + NAT to the outside world. Tests keep this off.
+    pub egress: bool,
+    /// Name servers written to the guest's resolv.conf.
+    pub dns: Vec<String>,
+    /// How long a VM may take to answer; `None`: 30 s under TCG, 10 s with KVM.
+    pub boot_timeout: Option<Duration>,
+    /// QEMU binary (name on PATH or absolute path).
+    pub qemu_binary: String,
+    /// Extra kernel command line words (from the image builder).
+    pub extra_cmdline: String,
+}
+
+impl QemuConfig {
+    /// The defaults of the architecture: netns `bhatti`, bridge `brbhatti0`,
+    /// subnet 192.168.137.0/24, egress on, accel auto.
+    pub fn new(data_dir: impl Into<PathBuf>, images: ImagePaths) -> QemuConfig {
+        QemuConfig {
+            data_dir: data_dir.into(),
+            images,
+            accel: AccelMode::Auto,
+            netns: "bhatti".into(),
+            bridge: "brbhatti0".into(),
+            subnet: Subnet {
+                network: Ipv4Addr::new(192, 168, 137, 0),
+                prefix: 24,
+            },
+            egress: true,
+            dns: vec!["1.1.1.1".into(), "8.8.8.8".into()],
+            boot_timeout: None,
+            qemu_binary: "qemu-system-x86_64".into(),
+            extra_cmdline: String::new(),
+        }
+    }
+}
+
+/// What the engine records next to a VM so it can find (and later restore) it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmMeta {
+    pub id: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub tap: String,
+    pub netns: String,
+    pub accel: Accel,
+    pub qemu: String,
+    /// The exact argv (without `-daemonize`); a snapshot restore reuses it.
+    pub argv: Vec<String>,
+}
+
+/// A VM the engine knows to be running.
+struct Vm {
+    files: VmFiles,
+    pid: u32,
+    ip: Ipv4Addr,
+    tap: String,
+    /// The one QMP connection of this VM (QEMU serves one client at a time).
+    qmp: tokio::sync::Mutex<Option<Arc<Qmp>>>,
+}
+
+/// The QEMU microvm engine.
+pub struct QemuEngine {
+    cfg: QemuConfig,
+    net: NetConfig,
+    sandboxes_dir: PathBuf,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    boot_timeout: Duration,
+    sockets: NetnsSockets,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Ids with a create in progress.
+    creating: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for QemuEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuEngine")
+            .field("netns", &self.net.netns)
+            .field("accel", &self.accel)
+            .finish()
+    }
+}
+
+fn net_err(e: NetworkError) -> EngineError {
+    EngineError::Network(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Other(format!("engine task failed: {e}")))
+}
+
+/// Ids name directories, TAPs and processes: keep them plain.
+fn check_id(id: &str) -> Result<(), EngineError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('-')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Other(format!(
+            "invalid sandbox id {id:?}: use 1-64 characters of [A-Za-z0-9_-]"
+        )))
+    }
+}
+
+impl QemuEngine {
+    /// Chooses the accelerator, sets up (or repairs) the namespace, bridge and
+    /// firewall, and starts the namespace's socket thread. Images are checked
+    /// at each create, so the engine can start before they are built.
+    pub async fn new(cfg: QemuConfig) -> Result<QemuEngine, EngineError> {
+        let net = NetConfig {
+            netns: cfg.netns.clone(),
+            bridge: cfg.bridge.clone(),
+            subnet: cfg.subnet,
+            egress: cfg.egress,
+        };
+        net.validate().map_err(net_err)?;
+        let data_dir = std::path::absolute(&cfg.data_dir)?;
+        let sandboxes_dir = data_dir.join("sandboxes");
+        // QEMU's option syntax splits on commas; keep paths it sees free of them.
+        if sandboxes_dir.to_string_lossy().contains([',', '\n']) {
+            return Err(EngineError::Other(format!(
+                "data dir {} must not contain commas",
+                data_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&sandboxes_dir)?;
+        let accel = accel::resolve(cfg.accel).map_err(|e| EngineError::Other(e.to_string()))?;
+        let tsc_khz = accel::host_tsc_khz();
+        if tsc_khz.is_none() {
+            tracing::warn!(
+                "cannot find the host TSC frequency; guests may hang calibrating their clock"
+            );
+        }
+        let boot_timeout = cfg.boot_timeout.unwrap_or(match accel {
+            Accel::Tcg => Duration::from_secs(30),
+            Accel::Kvm => Duration::from_secs(10),
+        });
+        let n = net.clone();
+        blocking(move || network::ensure_base(&n))
+            .await?
+            .map_err(net_err)?;
+        let netns = net.netns.clone();
+        let sockets = blocking(move || NetnsSockets::new(&netns))
+            .await?
+            .map_err(|e| EngineError::Network(e.to_string()))?;
+        tracing::info!(netns = %net.netns, bridge = %net.bridge, subnet = %net.subnet, egress = net.egress, ?accel, "QEMU engine ready");
+        Ok(QemuEngine {
+            cfg,
+            net,
+            sandboxes_dir,
+            accel,
+            tsc_khz,
+            boot_timeout,
+            sockets,
+            vms: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The accelerator VMs run with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The network settings in effect.
+    pub fn net_config(&self) -> &NetConfig {
+        &self.net
+    }
+
+    /// Sockets inside the engine's namespace (e.g. to serve something to guests in tests).
+    pub fn sockets(&self) -> &NetnsSockets {
+        &self.sockets
+    }
+
+    /// Where a sandbox's files live.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.sandboxes_dir.join(id)
+    }
+
+    fn vm(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vms.lock().ok()?.get(id).cloned()
+    }
+
+    /// The VM's QMP connection, reconnecting if it was lost.
+    async fn qmp_of(&self, id: &str) -> Result<Arc<Qmp>, EngineError> {
+        let vm = self
+            .vm(id)
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        let mut slot = vm.qmp.lock().await;
+        if let Some(q) = slot.as_ref().filter(|q| !q.is_closed()) {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(
+            Qmp::connect(&vm.files.qmp)
+                .await
+                .map_err(|e| EngineError::Other(e.to_string()))?,
+        );
+        *slot = Some(q.clone());
+        Ok(q)
+    }
+
+    /// Stops the VM's vCPUs (thermal state "warm").
+    pub async fn pause(&self, id: &str) -> Result<(), EngineError> {
+        self.qmp_of(id)
+            .await?
+            .stop()
+            .await
+            .map_err(|e| EngineError::Other(e.to_string()))
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, id: &str) -> Result<(), EngineError> {
+        self.qmp_of(id)
+            .await?
+            .cont()
+            .await
+            .map_err(|e| EngineError::Other(e.to_string()))
+    }
+
+    /// QEMU's run state of the VM ("running", "paused", ...).
+    pub async fn run_state(&self, id: &str) -> Result<String, EngineError> {
+        Ok(self
+            .qmp_of(id)
+            .await?
+            .query_status()
+            .await
+            .map_err(|e| EngineError::Other(e.to_string()))?
+            .status)
+    }
+
+    /// The host pid of the VM's QEMU.
+    pub fn pid(&self, id: &str) -> Option<u32> {
+        self.vm(id).map(|v| v.pid)
+    }
+
+    fn check_spec(&self, spec: &SandboxSpec) -> Result<(), EngineError> {
+        check_id(&spec.id)?;
+        if !self.net.subnet.is_guest_addr(spec.ip) {
+            return Err(EngineError::Other(format!(
+                "guest address {} is not a host address of {} other than the gateway",
+                spec.ip, self.net.subnet
+            )));
+        }
+        if !(1..=64).contains(&spec.cpus) {
+            return Err(EngineError::Other(format!(
+                "cpus must be 1-64, got {}",
+                spec.cpus
+            )));
+        }
+        if spec.memory_mb < 128 {
+            return Err(EngineError::Other(format!(
+                "memory must be at least 128 MiB, got {}",
+                spec.memory_mb
+            )));
+        }
+        let images = &self.cfg.images;
+        for (what, p) in [
+            ("kernel", &images.kernel),
+            ("initramfs", &images.initramfs),
+            ("base rootfs", &images.rootfs),
+        ] {
+            if !p.is_file() {
+                return Err(EngineError::Image(format!(
+                    "{what} {} does not exist (run the image build first)",
+                    p.display()
+                )));
+            }
+        }
+        let qmp_path = self.sandbox_dir(&spec.id).join("qmp.sock");
+        if qmp_path.as_os_str().len() >= 108 {
+            return Err(EngineError::Other(format!(
+                "QMP socket path {} is too long for a Unix socket; use a shorter data dir",
+                qmp_path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn boot_config(&self, spec: &SandboxSpec) -> BootConfig {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        BootConfig {
+            hostname: spec.name.clone(),
+            token: spec.token.clone(),
+            ip: format!("{}/{}", spec.ip, self.net.subnet.prefix),
+            gateway: self.net.subnet.gateway().to_string(),
+            dns: self.cfg.dns.clone(),
+            env: spec.env.clone(),
+            init: spec.init.clone(),
+            time_unix_ms: i64::try_from(now.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Everything of `create` after the id was reserved; the caller cleans up on error.
+    async fn boot(
+        &self,
+        spec: &SandboxSpec,
+        files: &VmFiles,
+        pid_slot: &Mutex<Option<u32>>,
+    ) -> Result<Arc<Vm>, EngineError> {
+        let tap = network::tap_name(&spec.id);
+        let mac = network::guest_mac(spec.ip);
+        let launch = process::LaunchSpec {
+            accel: self.accel,
+            tsc_khz: self.tsc_khz,
+            kernel: &self.cfg.images.kernel,
+            initramfs: &self.cfg.images.initramfs,
+            cpus: spec.cpus,
+            memory_mb: spec.memory_mb,
+            tap: &tap,
+            mac: &mac,
+            extra_cmdline: &self.cfg.extra_cmdline,
+            files,
+        };
+        let argv = process::qemu_argv(&launch);
+        let meta = VmMeta {
+            id: spec.id.clone(),
+            ip: spec.ip,
+            mac: mac.clone(),
+            tap: tap.clone(),
+            netns: self.net.netns.clone(),
+            accel: self.accel,
+            qemu: self.cfg.qemu_binary.clone(),
+            argv: argv.clone(),
+        };
+        let boot_cfg = self.boot_config(spec);
+
+        // Host-side preparation: plain blocking work (files, `ip`, `qemu-img`).
+        let (net, f, rootfs, b, ip, t, m) = (
+            self.net.clone(),
+            files.clone(),
+            self.cfg.images.rootfs.clone(),
+            boot_cfg.clone(),
+            spec.ip,
+            tap.clone(),
+            mac.clone(),
+        );
+        blocking(move || -> Result<(), EngineError> {
+            if !network::base_present(&net) {
+                network::ensure_base(&net).map_err(net_err)?;
+            }
+            disks::create_overlay(&rootfs, &f.overlay).map_err(|e| match e {
+                disks::DiskError::MissingBase(_) => EngineError::Image(e.to_string()),
+                e => EngineError::Other(e.to_string()),
+            })?;
+            config_drive::write(&f.config, &b).map_err(|e| EngineError::Other(e.to_string()))?;
+            let meta_json =
+                serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::Other(e.to_string()))?;
+            std::fs::write(&f.meta, meta_json)?;
+            network::add_tap(&net, &t, ip, &m).map_err(net_err)
+        })
+        .await??;
+
+        let pid = process::launch(
+            &self.cfg.qemu_binary,
+            &self.net.netns,
+            &argv,
+            &files.pidfile,
+        )
+        .await
+        .map_err(|e| match e {
+            process::ProcessError::Startup { .. } => EngineError::Boot {
+                reason: e.to_string(),
+                console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+            },
+            e => EngineError::Other(e.to_string()),
+        })?;
+        if let Ok(mut p) = pid_slot.lock() {
+            *p = Some(pid);
+        }
+        // QEMU holds the config in memory now: no secret stays on disk.
+        config_drive::scrub(&files.config, &boot_cfg)
+            .map_err(|e| EngineError::Other(e.to_string()))?;
+        let qmp = Qmp::connect_retry(&files.qmp, Duration::from_secs(5))
+            .await
+            .map_err(|e| EngineError::Boot {
+                reason: e.to_string(),
+                console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+            })?;
+
+        let dialer = NetnsDialer::new(self.sockets.clone(), spec.ip);
+        match process::wait_ready(&dialer, spec.token.as_bytes(), pid, self.boot_timeout).await {
+            Ok(()) => {}
+            Err(NotReady::Died) => {
+                return Err(EngineError::Boot {
+                    reason: format!("QEMU (pid {pid}) exited while the guest was booting"),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+            Err(NotReady::Timeout(last)) => {
+                return Err(EngineError::Timeout {
+                    secs: self.boot_timeout.as_secs(),
+                    reason: format!(
+                        "the agent at {}:{} never answered (last attempt: {last})",
+                        spec.ip,
+                        bhatti_proto::CONTROL_PORT
+                    ),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+        }
+        Ok(Arc::new(Vm {
+            files: files.clone(),
+            pid,
+            ip: spec.ip,
+            tap,
+            qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
+        }))
+    }
+
+    /// Stops a VM's QEMU: QMP `quit`, then SIGKILL if it lingers.
+    async fn stop_qemu(&self, vm: Option<&Vm>, files: &VmFiles) {
+        let pid = vm
+            .map(|v| v.pid)
+            .or_else(|| process::read_pidfile(&files.pidfile));
+        let Some(pid) = pid.filter(|p| process::is_our_qemu(*p, &files.dir)) else {
+            return;
+        };
+        let existing = match vm {
+            Some(v) => v.qmp.lock().await.take(),
+            None => None,
+        };
+        let qmp = match existing.filter(|q| !q.is_closed()) {
+            Some(q) => Some(q),
+            None => tokio::time::timeout(Duration::from_secs(1), Qmp::connect(&files.qmp))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(Arc::new),
+        };
+        if let Some(q) = qmp {
+            let _ = tokio::time::timeout(Duration::from_secs(1), q.quit()).await;
+        }
+        if !process::wait_exit(pid, QUIT_GRACE).await && process::is_our_qemu(pid, &files.dir) {
+            tracing::warn!(pid, "QEMU did not quit; killing it");
+            process::kill(pid);
+            process::wait_exit(pid, QUIT_GRACE).await;
+        }
+    }
+
+    /// Removes a VM's host leftovers (TAP, neighbour entry, dir); the process must be gone.
+    async fn remove_leftovers(
+        &self,
+        id: &str,
+        files: &VmFiles,
+        ip: Option<Ipv4Addr>,
+        tap: Option<String>,
+    ) -> Result<(), EngineError> {
+        let meta = read_meta(&files.meta);
+        let tap = tap
+            .or_else(|| meta.as_ref().map(|m| m.tap.clone()))
+            .unwrap_or_else(|| network::tap_name(id));
+        let ip = ip.or(meta.map(|m| m.ip));
+        let (net, dir) = (self.net.clone(), files.dir.clone());
+        blocking(move || -> Result<(), EngineError> {
+            network::remove_tap(&net, &tap, ip).map_err(net_err)?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(EngineError::Other(format!(
+                    "cannot remove {}: {e}",
+                    dir.display()
+                ))),
+            }
+        })
+        .await?
+    }
+}
+
+fn read_meta(path: &Path) -> Option<VmMeta> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// Tears a half-created VM down if `create` is abandoned (its future dropped).
+struct CreateGuard<'a> {
+    engine: &'a QemuEngine,
+    id: String,
+    files: VmFiles,
+    ip: Ipv4Addr,
+    pid: Mutex<Option<u32>>,
+    armed: bool,
+}
+
+impl Drop for CreateGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.engine.creating.lock() {
+            c.remove(&self.id);
+        }
+        if !self.armed {
+            return;
+        }
+        // Cancelled mid-create: clean up synchronously on a plain thread.
+        let (net, files, ip, id) = (
+            self.engine.net.clone(),
+            self.files.clone(),
+            self.ip,
+            self.id.clone(),
+        );
+        let pid = self
+            .pid
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .or_else(|| process::read_pidfile(&files.pidfile));
+        std::thread::spawn(move || {
+            if let Some(pid) = pid.filter(|p| process::is_our_qemu(*p, &files.dir)) {
+                process::kill(pid);
+            }
+            let _ = network::remove_tap(&net, &network::tap_name(&id), Some(ip));
+            let _ = std::fs::remove_dir_all(&files.dir);
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for QemuEngine {
+    fn subnet(&self) -> (Ipv4Addr, u8) {
+        (self.net.subnet.network, self.net.subnet.prefix)
+    }
+
+    async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError> {
+        self.check_spec(spec)?;
+        {
+            let mut creating = self
+                .creating
+                .lock()
+                .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
+            if self.vm(&spec.id).is_some() || !creating.insert(spec.id.clone()) {
+                return Err(EngineError::Other(format!(
+                    "a VM with id {} already exists",
+                    spec.id
+                )));
+            }
+        }
+        let files = VmFiles::new(self.sandbox_dir(&spec.id));
+        let mut guard = CreateGuard {
+            engine: self,
+            id: spec.id.clone(),
+            files: files.clone(),
+            ip: spec.ip,
+            pid: Mutex::new(None),
+            armed: false,
+        };
+        if let Some(pid) =
+            process::read_pidfile(&files.pidfile).filter(|p| process::is_our_qemu(*p, &files.dir))
+        {
+            return Err(EngineError::Other(format!(
+                "a QEMU (pid {pid}) already runs for sandbox {}; destroy it first",
+                spec.id
+            )));
+        }
+        // Leftovers of an earlier, crashed attempt.
+        self.remove_leftovers(&spec.id, &files, None, None).await?;
+        std::fs::create_dir_all(&files.dir)?;
+        std::fs::set_permissions(
+            &files.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        guard.armed = true;
+
+        let started = std::time::Instant::now();
+        match self.boot(spec, &files, &guard.pid).await {
+            Ok(vm) => {
+                guard.armed = false;
+                tracing::info!(id = %spec.id, ip = %spec.ip, pid = vm.pid, ms = started.elapsed().as_millis() as u64, "VM ready");
+                if let Ok(mut vms) = self.vms.lock() {
+                    vms.insert(spec.id.clone(), vm);
+                }
+                Ok(VmRuntime {
+                    ip: spec.ip,
+                    token: spec.token.clone(),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(id = %spec.id, error = %e, "VM failed to start; cleaning up");
+                let pid = guard.pid.lock().ok().and_then(|p| *p);
+                let partial = pid.map(|pid| Vm {
+                    files: files.clone(),
+                    pid,
+                    ip: spec.ip,
+                    tap: network::tap_name(&spec.id),
+                    qmp: tokio::sync::Mutex::new(None),
+                });
+                self.stop_qemu(partial.as_ref(), &files).await;
+                if let Err(ce) = self
+                    .remove_leftovers(&spec.id, &files, Some(spec.ip), None)
+                    .await
+                {
+                    tracing::warn!(id = %spec.id, error = %ce, "cleanup after failed start incomplete");
+                }
+                guard.armed = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// Idempotent: destroying a VM that is already gone succeeds.
+    async fn destroy(&self, id: &str) -> Result<(), EngineError> {
+        check_id(id)?;
+        let vm = self.vms.lock().ok().and_then(|mut v| v.remove(id));
+        let files = VmFiles::new(self.sandbox_dir(id));
+        self.stop_qemu(vm.as_deref(), &files).await;
+        self.remove_leftovers(
+            id,
+            &files,
+            vm.as_ref().map(|v| v.ip),
+            vm.as_ref().map(|v| v.tap.clone()),
+        )
+        .await
+    }
+
+    async fn adopt(&self, id: &str, rt: &VmRuntime) -> VmState {
+        if check_id(id).is_err() {
+            return VmState::Dead(format!("invalid sandbox id {id:?}"));
+        }
+        let files = VmFiles::new(self.sandbox_dir(id));
+        let Some(pid) = process::read_pidfile(&files.pidfile) else {
+            return VmState::Dead(
+                "the VM is not running (no QEMU pidfile; the host may have rebooted)".into(),
+            );
+        };
+        if !process::is_our_qemu(pid, &files.dir) {
+            return VmState::Dead(format!("the VM's QEMU process (pid {pid}) has exited"));
+        }
+        let meta = read_meta(&files.meta);
+        let tap = meta
+            .as_ref()
+            .map(|m| m.tap.clone())
+            .unwrap_or_else(|| network::tap_name(id));
+        let mac = meta
+            .map(|m| m.mac)
+            .unwrap_or_else(|| network::guest_mac(rt.ip));
+        let net = self.net.clone();
+        let ip = rt.ip;
+        let repaired = blocking(move || {
+            if !network::base_present(&net) {
+                return Err(format!(
+                    "network namespace {} or bridge {} is gone; the VM is unreachable",
+                    net.netns, net.bridge
+                ));
+            }
+            network::ensure_neighbour(&net, ip, &mac).map_err(|e| e.to_string())
+        })
+        .await;
+        match repaired {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return VmState::Dead(reason),
+            Err(e) => return VmState::Dead(e.to_string()),
+        }
+        let qmp = match tokio::time::timeout(Duration::from_secs(5), Qmp::connect(&files.qmp)).await
+        {
+            Ok(Ok(q)) => q,
+            Ok(Err(e)) => {
+                return VmState::Dead(format!(
+                    "QEMU (pid {pid}) runs but its control socket does not answer: {e}"
+                ))
+            }
+            Err(_) => {
+                return VmState::Dead(format!(
+                    "QEMU (pid {pid}) runs but its control socket does not answer"
+                ))
+            }
+        };
+        match qmp.query_status().await {
+            Ok(s) if matches!(s.status.as_str(), "running" | "paused" | "suspended") => {}
+            Ok(s) => return VmState::Dead(format!("QEMU (pid {pid}) is in state {:?}", s.status)),
+            Err(e) => {
+                return VmState::Dead(format!("QEMU (pid {pid}) does not report its state: {e}"))
+            }
+        }
+        let vm = Arc::new(Vm {
+            files,
+            pid,
+            ip: rt.ip,
+            tap,
+            qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
+        });
+        if let Ok(mut vms) = self.vms.lock() {
+            vms.insert(id.to_string(), vm);
+        }
+        VmState::Running
+    }
+
+    async fn sweep(&self, keep: &[String]) -> Result<(), EngineError> {
+        let keep: HashSet<&str> = keep.iter().map(String::as_str).collect();
+        // Processes first: a QEMU whose dir is already gone still holds its TAP.
+        let dir = self.sandboxes_dir.clone();
+        let strays: Vec<(u32, String)> = blocking(move || process::find_qemus_under(&dir))
+            .await?
+            .into_iter()
+            .filter(|(_, id)| !keep.contains(id.as_str()))
+            .collect();
+        for (pid, id) in &strays {
+            tracing::info!(pid, id = %id, "sweep: killing QEMU of an unknown sandbox");
+            process::kill(*pid);
+        }
+        for (pid, _) in &strays {
+            process::wait_exit(*pid, QUIT_GRACE).await;
+        }
+        let mut kept_ips = HashSet::new();
+        for entry in std::fs::read_dir(&self.sandboxes_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(name.as_str()) {
+                if let Some(m) = read_meta(&entry.path().join("vm.json")) {
+                    kept_ips.insert(m.ip);
+                }
+                continue;
+            }
+            if check_id(&name).is_err() {
+                continue;
+            }
+            tracing::info!(id = %name, "sweep: removing leftovers of an unknown sandbox");
+            if let Ok(mut vms) = self.vms.lock() {
+                vms.remove(&name);
+            }
+            let files = VmFiles::new(entry.path());
+            self.stop_qemu(None, &files).await;
+            self.remove_leftovers(&name, &files, None, None).await?;
+        }
+        let keep_taps: HashSet<String> = keep.iter().map(|id| network::tap_name(id)).collect();
+        let net = self.net.clone();
+        blocking(move || -> Result<(), NetworkError> {
+            for tap in network::list_taps(&net.netns)? {
+                if !keep_taps.contains(&tap) {
+                    tracing::info!(tap = %tap, "sweep: removing orphan TAP");
+                    network::remove_tap(&net, &tap, None)?;
+                }
+            }
+            for (ip, _) in network::list_neighbours(&net)? {
+                if !kept_ips.contains(&ip) {
+                    network::remove_neighbour(&net, ip);
+                }
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(net_err)
+    }
+
+    fn agent(&self, _id: &str, rt: &VmRuntime) -> AgentClient {
+        AgentClient::new(
+            Arc::new(NetnsDialer::new(self.sockets.clone(), rt.ip)),
+            rt.token.as_bytes().to_vec(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(check_id("sb_01-abc").is_ok());
+        for bad in ["", "-x", "a/b", "..", "a b", &"x".repeat(65)] {
+            assert!(check_id(bad).is_err(), "{bad}");
+        }
+    }
+}

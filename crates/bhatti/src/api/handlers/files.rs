@@ -1,0 +1,107 @@
+//! File routes: read (with truncation), ls, stat via HEAD, atomic write.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bhatti_proto::FileReadRequest;
+use futures_util::TryStreamExt;
+
+use crate::api::auth::AuthUser;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::router::AppState;
+use crate::api::types::{FileEntry, FilesQuery};
+
+/// Largest file one PUT may write.
+pub const MAX_WRITE_BYTES: u64 = 100 * 1024 * 1024;
+
+fn path_of(q: &FilesQuery) -> Result<String, ApiError> {
+    match q.path.as_deref() {
+        Some(p) if !p.is_empty() => Ok(p.to_string()),
+        _ => Err(ApiError::bad_request("missing query parameter `path`")),
+    }
+}
+
+#[utoipa::path(get, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
+    responses((status = 200, description = "raw bytes with X-File-Size, or [FileEntry] with ls=true", body = [FileEntry]), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn read(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<FilesQuery>) -> Result<Response, ApiError> {
+    let path = path_of(&q)?;
+    let agent = state.service.agent(&user, &id).await?;
+    if q.ls.unwrap_or(false) {
+        let list: Vec<FileEntry> = agent.ls(&path).await?.into_iter().map(Into::into).collect();
+        return Ok(Json(list).into_response());
+    }
+    let (info, mut file) = agent.read_file(FileReadRequest { path, offset: q.offset, limit: q.limit, max_bytes: q.max_bytes }).await?;
+    // Stream the file to the client as the agent sends it.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    tokio::spawn(async move {
+        loop {
+            let chunk = tokio::select! {
+                _ = tx.closed() => return,
+                c = file.next_chunk() => c,
+            };
+            let item = match chunk {
+                Ok(Some(b)) => Ok(bytes::Bytes::from(b)),
+                Ok(None) => return,
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let mut rx = rx;
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert("x-file-size", HeaderValue::from(info.size));
+    if let Ok(v) = HeaderValue::from_str(&info.mode) {
+        h.insert("x-file-mode", v);
+    }
+    Ok(resp)
+}
+
+#[utoipa::path(head, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
+    responses((status = 200, description = "X-File-Size, X-File-Mode, X-File-IsDir headers"), (status = 404)))]
+pub async fn stat(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<FilesQuery>) -> Result<Response, ApiError> {
+    let path = path_of(&q)?;
+    let agent = state.service.agent(&user, &id).await?;
+    let info = agent.stat(&path).await?;
+    let mut resp = StatusCode::OK.into_response();
+    let h = resp.headers_mut();
+    h.insert("x-file-size", HeaderValue::from(info.size));
+    if let Ok(v) = HeaderValue::from_str(&info.mode) {
+        h.insert("x-file-mode", v);
+    }
+    h.insert("x-file-isdir", HeaderValue::from_static(if info.is_dir { "true" } else { "false" }));
+    Ok(resp)
+}
+
+#[utoipa::path(put, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 411, body = ErrorBody), (status = 413, body = ErrorBody)))]
+pub async fn write(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<FilesQuery>, headers: HeaderMap, body: Body) -> Result<StatusCode, ApiError> {
+    let path = path_of(&q)?;
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "Content-Length is required for file writes"))?
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?;
+    if len > MAX_WRITE_BYTES {
+        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("file is {len} bytes; writes are capped at {MAX_WRITE_BYTES} bytes (100 MiB)")));
+    }
+    let mode = match q.mode {
+        Some(m) => Some(bhatti_proto::fs::parse_mode(&m).map(bhatti_proto::fs::mode_string).ok_or_else(|| ApiError::bad_request(format!("invalid query parameter `mode`: {m:?} is not an octal mode like 0644")))?),
+        None => None,
+    };
+    let agent = state.service.agent(&user, &id).await?;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let mut reader = tokio_util::io::StreamReader::new(stream);
+    agent.write_file(&path, mode, len, &mut reader).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

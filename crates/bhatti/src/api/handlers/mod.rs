@@ -1,0 +1,9 @@
+//! One file per API resource; each handler is a small async fn.
+
+pub mod exec;
+pub mod files;
+pub mod health;
+pub mod sandboxes;
+pub mod secrets;
+pub mod sessions;
+pub mod shell;

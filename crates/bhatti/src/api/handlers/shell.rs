@@ -1,0 +1,100 @@
+//! `GET /sandboxes/{id}/ws`: an interactive shell over a WebSocket.
+//!
+//! Binary messages carry terminal bytes both ways; a text message
+//! `{"type":"resize","rows":R,"cols":C}` resizes. Closing the socket detaches
+//! the session (it keeps running with its scrollback), it never kills it.
+
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use bhatti_proto::ExecRequest;
+
+use crate::api::auth::AuthUser;
+use crate::api::error::{ApiError, ErrorBody};
+use crate::api::router::AppState;
+use crate::api::types::{ShellControl, ShellQuery};
+use crate::engine::agent_client::{AgentClient, ExecEvent, ExecStream};
+
+/// The login shell every new shell session runs.
+pub const SHELL_ARGV: [&str; 2] = ["/bin/bash", "-l"];
+
+#[utoipa::path(get, path = "/sandboxes/{id}/ws", tag = "sessions", params(("id" = String, Path, description = "sandbox id or name"), ShellQuery),
+    responses((status = 101, description = "WebSocket shell"), (status = 404, body = ErrorBody)))]
+pub async fn shell(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<ShellQuery>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+    let agent = state.service.agent(&user, &id).await?;
+    let stream = open_session(&agent, &q).await?;
+    Ok(ws.on_upgrade(move |socket| relay(socket, stream)))
+}
+
+/// Attaches to the requested session, else to the newest detached login
+/// shell, else starts a new one.
+async fn open_session(agent: &AgentClient, q: &ShellQuery) -> Result<ExecStream, ApiError> {
+    let (rows, cols) = (q.rows.filter(|r| *r > 0), q.cols.filter(|c| *c > 0));
+    let shell_line = SHELL_ARGV.join(" ");
+    let mut attach = q.session.clone();
+    let explicit = attach.is_some();
+    if attach.is_none() {
+        let mut detached: Vec<_> = agent.sessions().await?.into_iter().filter(|s| s.tty && s.running && !s.attached && s.argv == shell_line).collect();
+        detached.sort_by_key(|s| s.created_at);
+        attach = detached.pop().map(|s| s.session_id);
+    }
+    if let Some(session_id) = attach {
+        let req = ExecRequest { argv: vec![], tty: true, rows, cols, session_id: Some(session_id), if_detached: !explicit, ..Default::default() };
+        match agent.exec(req).await {
+            Ok(s) => return Ok(s),
+            Err(e) if explicit => return Err(e.into()),
+            // Someone attached first: fall through to a new shell.
+            Err(_) => {}
+        }
+    }
+    let req = ExecRequest { argv: SHELL_ARGV.iter().map(|s| s.to_string()).collect(), tty: true, rows, cols, ..Default::default() };
+    Ok(agent.exec(req).await?)
+}
+
+async fn relay(mut socket: WebSocket, stream: ExecStream) {
+    let ExecStream { session, mut reader, mut writer } = stream;
+    if let Some(s) = session {
+        let hello = serde_json::json!({"type": "session", "session_id": s.session_id});
+        if socket.send(WsMessage::Text(hello.to_string().into())).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            ev = reader.next() => match ev {
+                Ok(ExecEvent::Stdout(b)) | Ok(ExecEvent::Stderr(b)) => {
+                    if socket.send(WsMessage::Binary(b.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(ExecEvent::Exit(code)) => {
+                    let msg = serde_json::json!({"type": "exit", "exit_code": code});
+                    let _ = socket.send(WsMessage::Text(msg.to_string().into())).await;
+                    let _ = socket.send(WsMessage::Close(None)).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = socket.send(WsMessage::Close(None)).await;
+                    return;
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    if writer.stdin(&b).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(WsMessage::Text(t))) => {
+                    if let Ok(ShellControl::Resize { rows, cols }) = serde_json::from_str::<ShellControl>(&t) {
+                        if writer.resize(rows, cols).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(WsMessage::Ping(_))) | Some(Ok(WsMessage::Pong(_))) => {}
+                // Close or error: dropping the agent connection detaches.
+                _ => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The HTTP API: routes, auth, JSON shapes and the one error type.
+
+pub mod auth;
+pub mod error;
+pub mod handlers;
+pub mod json;
+pub mod router;
+pub mod types;

@@ -1,0 +1,54 @@
+//! The app state, every route, and the OpenAPI document generated from them.
+
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::handlers::{exec, files, health, sandboxes, secrets, sessions, shell};
+use crate::service::Service;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+}
+
+#[derive(OpenApi)]
+#[openapi(info(title = "bhatti", description = "Self-hosted microVM sandboxes"),
+    modifiers(&BearerAuth), security(("bearer" = [])))]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// Every route of the API, with `/openapi.json` describing them.
+pub fn router(state: AppState) -> Router {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(sandboxes::create, sandboxes::list))
+        .routes(routes!(sandboxes::get, sandboxes::patch, sandboxes::destroy))
+        .routes(routes!(sandboxes::stop))
+        .routes(routes!(sandboxes::start))
+        .routes(routes!(exec::exec))
+        .routes(routes!(files::read, files::stat, files::write))
+        .routes(routes!(sessions::list))
+        .routes(routes!(sessions::kill))
+        .routes(routes!(shell::shell))
+        .routes(routes!(secrets::set, secrets::list))
+        .routes(routes!(secrets::delete))
+        .with_state(state)
+        .split_for_parts();
+    let api = Arc::new(api);
+    router.route("/openapi.json", get(move || async move { Json(api.as_ref().clone()) }))
+}

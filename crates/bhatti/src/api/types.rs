@@ -1,0 +1,179 @@
+//! JSON shapes of the HTTP API. Field names follow the original bhatti v1 API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+/// `POST /sandboxes`. Numbers are signed so that negative values get a clear 400.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct CreateSandboxRequest {
+    pub name: Option<String>,
+    pub cpus: Option<i64>,
+    pub memory_mb: Option<i64>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub init: Option<String>,
+    pub secrets: Option<Vec<String>>,
+    pub keep_hot: Option<bool>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub ip: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub keep_hot: bool,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `PATCH /sandboxes/{id}`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct PatchSandboxRequest {
+    pub keep_hot: Option<bool>,
+    pub name: Option<String>,
+}
+
+/// `POST /sandboxes/{id}/exec`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ExecBody {
+    pub cmd: Vec<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub cwd: Option<String>,
+    /// Seconds; the command is killed when it runs longer.
+    pub timeout: Option<u64>,
+    /// Bytes fed to the command's stdin, base64 (the CLI forwards piped stdin this way).
+    pub stdin_b64: Option<String>,
+}
+
+/// Buffered exec result. Output that is not UTF-8 comes base64-encoded in `*_b64` instead.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout_b64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr_b64: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub timed_out: bool,
+}
+
+/// One line of a streamed (NDJSON) exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecEvent {
+    Stdout {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        data: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        data_b64: Option<String>,
+    },
+    Stderr {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        data: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        data_b64: Option<String>,
+    },
+    Exit {
+        exit_code: i32,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub sandboxes: u64,
+    pub uptime: String,
+}
+
+/// `POST /secrets`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct SecretBody {
+    pub name: String,
+    pub value: String,
+}
+
+/// A secret without its value.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SecretInfo {
+    pub name: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Query of the file routes.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+pub struct FilesQuery {
+    pub path: Option<String>,
+    /// `true`: list the directory instead of reading.
+    pub ls: Option<bool>,
+    /// 1-based first line.
+    pub offset: Option<u64>,
+    /// Number of lines.
+    pub limit: Option<u64>,
+    pub max_bytes: Option<u64>,
+    /// Octal mode for writes, e.g. 0644.
+    pub mode: Option<String>,
+}
+
+/// Query of the WebSocket shell.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+pub struct ShellQuery {
+    /// Attach to this session instead of a new/detached shell.
+    pub session: Option<String>,
+    /// API key, for clients that cannot set headers.
+    pub token: Option<String>,
+    pub rows: Option<u16>,
+    pub cols: Option<u16>,
+}
+
+/// Text message of the shell WebSocket.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ShellControl {
+    Resize { rows: u16, cols: u16 },
+}
+
+/// A TTY session inside a sandbox (same fields as the agent's SessionInfo).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Session {
+    pub session_id: String,
+    pub argv: String,
+    pub tty: bool,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+    pub attached: bool,
+    pub created_at: i64,
+}
+
+impl From<bhatti_proto::SessionInfo> for Session {
+    fn from(s: bhatti_proto::SessionInfo) -> Self {
+        Session { session_id: s.session_id, argv: s.argv, tty: s.tty, running: s.running, exit_code: s.exit_code, attached: s.attached, created_at: s.created_at }
+    }
+}
+
+/// A file in a listing.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub mode: String,
+    pub is_dir: bool,
+    pub mtime: i64,
+}
+
+impl From<bhatti_proto::FileInfo> for FileEntry {
+    fn from(f: bhatti_proto::FileInfo) -> Self {
+        FileEntry { name: f.name, size: f.size, mode: f.mode, is_dir: f.is_dir, mtime: f.mtime }
+    }
+}

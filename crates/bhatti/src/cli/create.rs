@@ -1,0 +1,179 @@
+//! `bhatti create`: creates a sandbox and waits until its agent answers.
+
+use std::collections::BTreeMap;
+use std::io::{self, IsTerminal};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::api::types::Sandbox;
+
+use super::client::Target;
+use super::{output, Ctx};
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Sandbox name (must match [a-zA-Z0-9][a-zA-Z0-9._-]{0,62}) [default: auto-generated]
+    #[arg(long, value_parser = parse_name)]
+    pub name: Option<String>,
+    /// Number of vCPUs (capped by your per-sandbox limit)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpus: u32,
+    /// Memory in MB (capped by your per-sandbox limit)
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub memory: u32,
+    /// Comma-separated KEY=VALUE pairs (may be given more than once)
+    #[arg(long, value_name = "KEY=VALUE,...", value_parser = parse_env_pairs)]
+    pub env: Vec<EnvPairs>,
+    /// Init script (runs as attachable TTY session "init")
+    #[arg(long, value_name = "SCRIPT")]
+    pub init: Option<String>,
+}
+
+/// The pairs of one `--env` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvPairs(pub Vec<(String, String)>);
+
+/// `POST /sandboxes` as the CLI sends it.
+#[derive(Debug, Serialize)]
+struct CreateBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    cpus: u32,
+    memory_mb: u32,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init: Option<&'a str>,
+}
+
+pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
+    let env: BTreeMap<String, String> = args.env.into_iter().flat_map(|p| p.0).collect();
+    let body = CreateBody {
+        name: args.name.as_deref(),
+        cpus: args.cpus,
+        memory_mb: args.memory,
+        env,
+        init: args.init.as_deref(),
+    };
+    let spinner = spinner(args.name.as_deref());
+    let result: anyhow::Result<Sandbox> = ctx
+        .client
+        .post_json(&["sandboxes"], &body, Target::None)
+        .await;
+    if let Some(s) = &spinner {
+        s.finish_and_clear();
+    }
+    let sb = result?;
+    if ctx.json {
+        output::print_json(&sb)?;
+        return Ok(0);
+    }
+    output::println(&format!(
+        "created sandbox {} (id {}, {} vCPU, {} MB, ip {})",
+        sb.name,
+        sb.id,
+        sb.cpus,
+        sb.memory_mb,
+        if sb.ip.is_empty() { "-" } else { &sb.ip }
+    ))?;
+    if args.init.is_some() {
+        eprintln!(
+            "init script running as session \"init\"; watch it with `bhatti shell {} --session init`",
+            sb.name
+        );
+    }
+    Ok(0)
+}
+
+/// A spinner with the elapsed time on stderr, only when stderr is a terminal.
+fn spinner(name: Option<&str>) -> Option<ProgressBar> {
+    if !io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+        .expect("the spinner template is a valid constant");
+    pb.set_style(style);
+    pb.set_message(match name {
+        Some(n) => format!("booting sandbox {n}…"),
+        None => "booting sandbox…".to_string(),
+    });
+    pb.enable_steady_tick(Duration::from_millis(100));
+    Some(pb)
+}
+
+/// Checks a sandbox name like the server does, so a typo is a usage error.
+fn parse_name(s: &str) -> Result<String, String> {
+    let mut chars = s.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a valid sandbox name (must match [a-zA-Z0-9][a-zA-Z0-9._-]{{0,62}})"
+        ))
+    }
+}
+
+/// Parses `KEY=VALUE,KEY2=VALUE2`; a malformed pair is named in the error.
+pub fn parse_env_pairs(s: &str) -> Result<EnvPairs, String> {
+    let mut pairs = Vec::new();
+    for pair in s.split(',') {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(format!("malformed pair {pair:?}: expected KEY=VALUE"));
+        };
+        let key = key.trim();
+        let mut kc = key.chars();
+        let valid = kc.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && kc.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "malformed pair {pair:?}: {key:?} is not an environment variable name \
+                 (letters, digits and _, not starting with a digit)"
+            ));
+        }
+        pairs.push((key.to_string(), value.to_string()));
+    }
+    Ok(EnvPairs(pairs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_pairs() {
+        assert_eq!(
+            parse_env_pairs("API_KEY=sk-abc,NODE_ENV=prod").expect("ok").0,
+            vec![
+                ("API_KEY".to_string(), "sk-abc".to_string()),
+                ("NODE_ENV".to_string(), "prod".to_string())
+            ]
+        );
+        assert_eq!(
+            parse_env_pairs("A=x=y,B=").expect("ok").0,
+            vec![("A".into(), "x=y".into()), ("B".into(), String::new())]
+        );
+        let e = parse_env_pairs("A=1,BROKEN").expect_err("malformed");
+        assert!(e.contains("\"BROKEN\""), "{e}");
+        let e = parse_env_pairs("1A=x").expect_err("bad key");
+        assert!(e.contains("\"1A=x\""), "{e}");
+        assert!(parse_env_pairs("=x").is_err());
+        assert!(parse_env_pairs("").is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(parse_name("dev").is_ok());
+        assert!(parse_name("a.b_c-1").is_ok());
+        assert!(parse_name(&"a".repeat(63)).is_ok());
+        assert!(parse_name(&"a".repeat(64)).is_err());
+        assert!(parse_name("-dev").is_err());
+        assert!(parse_name("").is_err());
+        assert!(parse_name("dev space").is_err());
+    }
+}

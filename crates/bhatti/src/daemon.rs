@@ -1,0 +1,78 @@
+//! `bhatti serve`: start-up in named phases, then the HTTP listener until
+//! SIGTERM/SIGINT. VMs keep running across daemon restarts.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::api::router::{router, AppState};
+use crate::config::DaemonConfig;
+use crate::engine::qemu::accel::AccelMode;
+use crate::engine::qemu::image::{ensure_images, LogProgress};
+use crate::engine::qemu::network::Subnet;
+use crate::engine::qemu::{QemuConfig, QemuEngine};
+use crate::secrets::SecretCipher;
+use crate::service::Service;
+use crate::store::Store;
+
+/// Runs the daemon until it is told to stop.
+pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
+    let loaded = DaemonConfig::load(config_flag)?;
+    tracing::info!("{}", loaded.notice());
+    let cfg = loaded.config;
+    require_root()?;
+
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let store = Store::open(&cfg.data_dir)?;
+    let cipher = Arc::new(SecretCipher::load_or_create(&cfg.data_dir)?);
+
+    let images_dir = cfg.images_dir.clone();
+    let images = tokio::task::spawn_blocking(move || ensure_images(&images_dir, &LogProgress)).await??;
+    let engine = Arc::new(QemuEngine::new(qemu_config(&cfg, images)?).await?);
+    tracing::info!(accel = ?engine.accel(), netns = %cfg.netns, "engine ready");
+
+    let service = Arc::new(Service::new(store, engine, cipher, cfg.subnet));
+    service.recover().await.context("recovering sandboxes from the store")?;
+
+    let app = router(AppState { service });
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, "bhatti API listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
+    Ok(())
+}
+
+fn qemu_config(cfg: &DaemonConfig, images: crate::engine::qemu::image::ImagePaths) -> anyhow::Result<QemuConfig> {
+    let mut q = QemuConfig::new(&cfg.data_dir, images);
+    q.accel = match cfg.accel {
+        crate::config::Accel::Auto => AccelMode::Auto,
+        crate::config::Accel::Kvm => AccelMode::Kvm,
+        crate::config::Accel::Tcg => AccelMode::Tcg,
+    };
+    q.netns = cfg.netns.clone();
+    q.bridge = cfg.bridge.clone();
+    q.subnet = Subnet::new(cfg.subnet.network(), cfg.subnet.prefix()).context("subnet")?;
+    q.egress = cfg.egress;
+    q.boot_timeout = Some(std::time::Duration::from_secs(cfg.boot_timeout_secs));
+    Ok(q)
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("bhatti serve needs root: it starts VMs, creates TAP devices and a network namespace (run it with sudo)");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the daemon still serves; it just cannot stop gracefully.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}

@@ -1,0 +1,155 @@
+//! Sockets inside the daemon's network namespace, and the [`Dialer`] that
+//! reaches guests with them.
+//!
+//! A socket belongs to the namespace of the thread that created it, for its
+//! whole life. So one thread `setns`es into the namespace once and creates
+//! sockets on request; the daemon then connects (or binds) them from tokio
+//! like any other socket. The daemon's own threads never change namespace.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use tokio::sync::oneshot;
+
+use crate::engine::agent_client::{AgentStream, Channel, DialFuture, Dialer};
+
+/// How long a connect to a guest may take before it counts as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Reply = oneshot::Sender<io::Result<OwnedFd>>;
+
+/// Creates TCP sockets inside one network namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct NetnsSockets {
+    netns: Arc<str>,
+    requests: mpsc::Sender<Reply>,
+}
+
+impl std::fmt::Debug for NetnsSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetnsSockets")
+            .field("netns", &self.netns)
+            .finish()
+    }
+}
+
+impl NetnsSockets {
+    /// Starts the socket thread of the named namespace (`/run/netns/<netns>`).
+    /// The thread ends when the last clone is dropped.
+    pub fn new(netns: &str) -> io::Result<NetnsSockets> {
+        let path = super::network::netns_path(netns);
+        let ns_file = std::fs::File::open(&path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open network namespace {}: {e}", path.display()),
+            )
+        })?;
+        let (tx, rx) = mpsc::channel::<Reply>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        std::thread::Builder::new()
+            .name(format!("netns-{netns}"))
+            .spawn(move || {
+                // setns(CLONE_NEWNET) changes only this thread's namespace.
+                if let Err(e) = nix::sched::setns(&ns_file, CloneFlags::CLONE_NEWNET) {
+                    let _ = ready_tx.send(Err(io::Error::other(format!(
+                        "setns into network namespace failed: {e}"
+                    ))));
+                    return;
+                }
+                drop(ns_file);
+                let _ = ready_tx.send(Ok(()));
+                while let Ok(reply) = rx.recv() {
+                    let sock = socket(
+                        AddressFamily::Inet,
+                        SockType::Stream,
+                        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                        None,
+                    )
+                    .map_err(io::Error::from);
+                    let _ = reply.send(sock);
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("network namespace socket thread died"))??;
+        Ok(NetnsSockets {
+            netns: netns.into(),
+            requests: tx,
+        })
+    }
+
+    /// Name of the namespace.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// A fresh, unconnected, non-blocking IPv4 TCP socket inside the namespace.
+    pub async fn tcp_socket(&self) -> io::Result<tokio::net::TcpSocket> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(tx)
+            .map_err(|_| io::Error::other("network namespace socket thread is gone"))?;
+        let fd = rx
+            .await
+            .map_err(|_| io::Error::other("network namespace socket thread is gone"))??;
+        Ok(tokio::net::TcpSocket::from_std_stream(
+            std::net::TcpStream::from(fd),
+        ))
+    }
+
+    /// Connects to `addr` from inside the namespace, with [`CONNECT_TIMEOUT`].
+    pub async fn connect(&self, addr: SocketAddrV4) -> io::Result<tokio::net::TcpStream> {
+        let sock = self.tcp_socket().await?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(SocketAddr::V4(addr)))
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect to {addr} timed out"),
+                )
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// A TCP listener bound inside the namespace (tests, in-namespace services).
+    pub async fn listen(&self, addr: SocketAddrV4) -> io::Result<tokio::net::TcpListener> {
+        let sock = self.tcp_socket().await?;
+        sock.set_reuseaddr(true)?;
+        sock.bind(SocketAddr::V4(addr))?;
+        sock.listen(64)
+    }
+}
+
+/// Reaches one guest's agent at `ip:1024` / `ip:1025` from inside the namespace.
+#[derive(Debug, Clone)]
+pub struct NetnsDialer {
+    sockets: NetnsSockets,
+    ip: Ipv4Addr,
+}
+
+impl NetnsDialer {
+    pub fn new(sockets: NetnsSockets, ip: Ipv4Addr) -> NetnsDialer {
+        NetnsDialer { sockets, ip }
+    }
+}
+
+impl Dialer for NetnsDialer {
+    fn dial(&self, channel: Channel) -> DialFuture {
+        let port = match channel {
+            Channel::Control => bhatti_proto::CONTROL_PORT,
+            Channel::Forward => bhatti_proto::FORWARD_PORT,
+        };
+        let sockets = self.sockets.clone();
+        let addr = SocketAddrV4::new(self.ip, port);
+        Box::pin(async move {
+            let stream = sockets.connect(addr).await?;
+            Ok(Box::new(stream) as Box<dyn AgentStream>)
+        })
+    }
+}

@@ -1,0 +1,661 @@
+//! Host networking of the sandboxes, all inside the daemon's own network
+//! namespace: a bridge holding the gateway address, one TAP per sandbox,
+//! static neighbour entries and nftables rules. Egress (a veth pair into the
+//! host namespace plus NAT) exists only when the config asks for it.
+//!
+//! Everything is done with the `ip` and `nft` commands and is idempotent:
+//! calling a function twice leaves the same state as calling it once.
+
+use std::fmt;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+/// Prefix of every sandbox TAP, so a sweep can tell ours from anything else.
+pub const TAP_PREFIX: &str = "bt-";
+/// Name of the egress veth end inside the namespace.
+const NS_VETH: &str = "bhe0";
+/// nftables table (inet and bridge families) inside the namespace.
+const NS_TABLE: &str = "bhatti";
+
+/// Errors of host network setup, naming the command that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// A command ran and failed.
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    /// A command could not be started at all.
+    #[error("cannot run `{cmd}`: {source} (is iproute2/nftables installed?)")]
+    Spawn { cmd: String, source: std::io::Error },
+    /// A name or address in the config is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An IPv4 subnet such as 192.168.137.0/24.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// Network address (host bits zero).
+    pub network: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parses `a.b.c.d/n` (host bits are cleared); the prefix must leave room for guests.
+    pub fn parse(s: &str) -> Result<Subnet, NetworkError> {
+        let bad = || {
+            NetworkError::Invalid(format!(
+                "subnet {s:?} is not of the form a.b.c.d/n with 8 <= n <= 29"
+            ))
+        };
+        let (addr, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        Subnet::new(addr, prefix).ok_or_else(bad)
+    }
+
+    /// The subnet containing `addr`, or `None` for a prefix outside 8..=29.
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Subnet> {
+        if !(8..=29).contains(&prefix) {
+            return None;
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Some(Subnet {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX << (32 - self.prefix)
+    }
+
+    /// The bridge's address: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) | !self.mask())
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network)
+    }
+
+    /// Whether `ip` may be given to a guest (inside, not network, gateway or broadcast).
+    pub fn is_guest_addr(&self, ip: Ipv4Addr) -> bool {
+        self.contains(ip) && ip != self.network && ip != self.gateway() && ip != self.broadcast()
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// The daemon's network: which namespace, bridge and subnet, and whether guests get egress.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub netns: String,
+    pub bridge: String,
+    pub subnet: Subnet,
+    pub egress: bool,
+}
+
+impl NetConfig {
+    /// Checks names before any of them reaches a command line.
+    pub fn validate(&self) -> Result<(), NetworkError> {
+        check_name(&self.netns, "netns", 64)?;
+        check_name(&self.bridge, "bridge", 15)?;
+        if self.bridge.starts_with(TAP_PREFIX) {
+            return Err(NetworkError::Invalid(format!(
+                "bridge name {:?} must not start with {TAP_PREFIX:?}",
+                self.bridge
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn check_name(name: &str, what: &str, max: usize) -> Result<(), NetworkError> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(NetworkError::Invalid(format!(
+            "{what} name {name:?} must be 1-{max} characters of [A-Za-z0-9_.-]"
+        )))
+    }
+}
+
+fn short_hash(s: &str, bytes: usize) -> String {
+    hex::encode(&Sha256::digest(s.as_bytes())[..bytes])
+}
+
+/// The TAP of a sandbox: `bt-` + 12 hex digits of a hash of the id (15 characters).
+pub fn tap_name(id: &str) -> String {
+    format!("{TAP_PREFIX}{}", short_hash(id, 6))
+}
+
+/// The guest's MAC, derived from its address: locally administered `02:b4` + the 4 address bytes.
+pub fn guest_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("02:b4:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// Host-side end of the egress veth of a namespace.
+fn host_veth_name(netns: &str) -> String {
+    format!("bhv{}", short_hash(netns, 4))
+}
+
+/// Host table holding the egress NAT and filter rules of a namespace.
+fn host_table_name(netns: &str) -> String {
+    format!("bhatti_egress_{}", short_hash(netns, 4))
+}
+
+/// The /30 linking the namespace to the host for egress, picked from
+/// 169.254.200.0-169.254.249.255 by a hash of the namespace name.
+/// Returns (host end, namespace end).
+fn egress_link(netns: &str) -> (Ipv4Addr, Ipv4Addr) {
+    let h = Sha256::digest(netns.as_bytes());
+    let third = 200 + h[0] % 50;
+    let fourth = (h[1] % 64) * 4;
+    (
+        Ipv4Addr::new(169, 254, third, fourth + 1),
+        Ipv4Addr::new(169, 254, third, fourth + 2),
+    )
+}
+
+fn command_line(prog: &str, args: &[&str]) -> String {
+    std::iter::once(prog)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs a command, returning its stdout, or an error with its stderr.
+fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetworkError> {
+    let cmd = command_line(prog, args);
+    let mut child = Command::new(prog)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| NetworkError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| NetworkError::Spawn {
+                cmd: cmd.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| NetworkError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetworkError::Command {
+            cmd,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+fn ip_in(netns: &str, args: &[&str]) -> Result<String, NetworkError> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    run("ip", &full, None)
+}
+
+fn nft_in(netns: &str, script: &str) -> Result<String, NetworkError> {
+    run(
+        "ip",
+        &["netns", "exec", netns, "nft", "-f", "-"],
+        Some(script),
+    )
+}
+
+fn link_exists_in(netns: &str, dev: &str) -> bool {
+    ip_in(netns, &["link", "show", "dev", dev]).is_ok()
+}
+
+/// Path of a named namespace's handle.
+pub fn netns_path(netns: &str) -> std::path::PathBuf {
+    Path::new("/run/netns").join(netns)
+}
+
+/// Creates the namespace unless it exists and works; brings up its loopback.
+pub fn ensure_netns(netns: &str) -> Result<(), NetworkError> {
+    check_name(netns, "netns", 64)?;
+    if netns_path(netns).exists() {
+        if ip_in(netns, &["link", "set", "lo", "up"]).is_ok() {
+            return Ok(());
+        }
+        // A stale handle (e.g. not a mount any more): replace it.
+        let _ = run("ip", &["netns", "delete", netns], None);
+    }
+    run("ip", &["netns", "add", netns], None)?;
+    ip_in(netns, &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// Sets up (or repairs) the namespace, bridge, gateway address, firewall
+/// and, only if enabled, egress. Safe to call at every daemon start.
+pub fn ensure_base(cfg: &NetConfig) -> Result<(), NetworkError> {
+    cfg.validate()?;
+    ensure_netns(&cfg.netns)?;
+    let br = cfg.bridge.as_str();
+    if !link_exists_in(&cfg.netns, br) {
+        ip_in(&cfg.netns, &["link", "add", br, "type", "bridge"])?;
+    }
+    let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix);
+    ip_in(&cfg.netns, &["addr", "replace", &gw, "dev", br])?;
+    ip_in(&cfg.netns, &["link", "set", br, "up"])?;
+    nft_in(&cfg.netns, &ns_ruleset(cfg))?;
+    if cfg.egress {
+        ensure_egress(cfg)?;
+    } else {
+        remove_egress(&cfg.netns)?;
+    }
+    Ok(())
+}
+
+/// Whether the bridge of this config exists (a cheap check before each create).
+pub fn base_present(cfg: &NetConfig) -> bool {
+    netns_path(&cfg.netns).exists() && link_exists_in(&cfg.netns, &cfg.bridge)
+}
+
+/// The namespace's whole ruleset, replaced atomically in one `nft -f`.
+fn ns_ruleset(cfg: &NetConfig) -> String {
+    let br = &cfg.bridge;
+    let (egress_fwd, egress_nat) = if cfg.egress {
+        (
+            format!(
+                "    iifname \"{br}\" oifname \"{NS_VETH}\" accept\n    iifname \"{NS_VETH}\" oifname \"{br}\" ct state established,related accept\n"
+            ),
+            format!(
+                "table ip {NS_TABLE}_nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{NS_VETH}\" ip saddr {} masquerade\n  }}\n}}\n",
+                cfg.subnet
+            ),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    format!(
+        "table inet {NS_TABLE} {{}}\ndelete table inet {NS_TABLE}\n\
+         table ip {NS_TABLE}_nat {{}}\ndelete table ip {NS_TABLE}_nat\n\
+         table bridge {NS_TABLE} {{}}\ndelete table bridge {NS_TABLE}\n\
+         table inet {NS_TABLE} {{\n\
+         \x20 chain input {{\n\
+         \x20   type filter hook input priority filter; policy accept;\n\
+         \x20   iifname \"{br}\" ct state established,related accept\n\
+         \x20   iifname \"{br}\" drop\n\
+         \x20 }}\n\
+         \x20 chain forward {{\n\
+         \x20   type filter hook forward priority filter; policy drop;\n\
+         {egress_fwd}\
+         \x20 }}\n\
+         }}\n\
+         {egress_nat}\
+         table bridge {NS_TABLE} {{\n\
+         \x20 chain forward {{\n\
+         \x20   type filter hook forward priority filter; policy accept;\n\
+         \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n\
+         \x20 }}\n\
+         }}\n"
+    )
+}
+
+/// Veth into the host namespace, routing and NAT on both sides.
+fn ensure_egress(cfg: &NetConfig) -> Result<(), NetworkError> {
+    let ns = cfg.netns.as_str();
+    let host_veth = host_veth_name(ns);
+    let (host_ip, ns_ip) = egress_link(ns);
+    if run("ip", &["link", "show", "dev", &host_veth], None).is_err() {
+        let _ = ip_in(ns, &["link", "del", NS_VETH]);
+        run(
+            "ip",
+            &[
+                "link", "add", &host_veth, "type", "veth", "peer", "name", NS_VETH, "netns", ns,
+            ],
+            None,
+        )?;
+    }
+    run(
+        "ip",
+        &[
+            "addr",
+            "replace",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_veth,
+        ],
+        None,
+    )?;
+    run("ip", &["link", "set", &host_veth, "up"], None)?;
+    ip_in(
+        ns,
+        &["addr", "replace", &format!("{ns_ip}/30"), "dev", NS_VETH],
+    )?;
+    ip_in(ns, &["link", "set", NS_VETH, "up"])?;
+    ip_in(
+        ns,
+        &["route", "replace", "default", "via", &host_ip.to_string()],
+    )?;
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ],
+        None,
+    )?;
+    run("sysctl", &["-qw", "net.ipv4.ip_forward=1"], None)?;
+    let table = host_table_name(ns);
+    let script = format!(
+        "table inet {table} {{}}\ndelete table inet {table}\n\
+         table inet {table} {{\n\
+         \x20 chain input {{\n\
+         \x20   type filter hook input priority filter - 1; policy accept;\n\
+         \x20   iifname \"{host_veth}\" ct state established,related accept\n\
+         \x20   iifname \"{host_veth}\" drop\n\
+         \x20 }}\n\
+         \x20 chain forward {{\n\
+         \x20   type filter hook forward priority filter - 1; policy accept;\n\
+         \x20   iifname \"{host_veth}\" ip daddr 169.254.0.0/16 drop\n\
+         \x20   iifname \"{host_veth}\" accept\n\
+         \x20   oifname \"{host_veth}\" ct state established,related accept\n\
+         \x20 }}\n\
+         \x20 chain postrouting {{\n\
+         \x20   type nat hook postrouting priority srcnat; policy accept;\n\
+         \x20   ip saddr {ns_ip} oifname != \"{host_veth}\" masquerade\n\
+         \x20 }}\n\
+         }}\n"
+    );
+    run("nft", &["-f", "-"], Some(&script))?;
+    Ok(())
+}
+
+/// Removes the egress veth and host rules of a namespace, if any.
+pub fn remove_egress(netns: &str) -> Result<(), NetworkError> {
+    let host_veth = host_veth_name(netns);
+    if run("ip", &["link", "show", "dev", &host_veth], None).is_ok() {
+        run("ip", &["link", "del", &host_veth], None)?;
+    }
+    let table = host_table_name(netns);
+    if run("nft", &["list", "table", "inet", &table], None).is_ok() {
+        run("nft", &["delete", "table", "inet", &table], None)?;
+    }
+    if netns_path(netns).exists() {
+        let _ = ip_in(netns, &["route", "del", "default"]);
+    }
+    Ok(())
+}
+
+/// Creates the sandbox's TAP on the bridge and a permanent neighbour entry
+/// for the guest, replacing stale leftovers of the same name.
+pub fn add_tap(cfg: &NetConfig, tap: &str, ip: Ipv4Addr, mac: &str) -> Result<(), NetworkError> {
+    let ns = cfg.netns.as_str();
+    if link_exists_in(ns, tap) {
+        ip_in(ns, &["link", "del", tap])?;
+    }
+    ip_in(ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    ip_in(ns, &["link", "set", tap, "master", &cfg.bridge])?;
+    ip_in(ns, &["link", "set", tap, "up"])?;
+    ip_in(
+        ns,
+        &[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            &cfg.bridge,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(())
+}
+
+/// (Re-)adds the guest's permanent neighbour entry.
+pub fn ensure_neighbour(cfg: &NetConfig, ip: Ipv4Addr, mac: &str) -> Result<(), NetworkError> {
+    ip_in(
+        &cfg.netns,
+        &[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            &cfg.bridge,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes a sandbox's TAP and neighbour entry; absent ones are fine.
+pub fn remove_tap(cfg: &NetConfig, tap: &str, ip: Option<Ipv4Addr>) -> Result<(), NetworkError> {
+    let ns = cfg.netns.as_str();
+    if !netns_path(ns).exists() {
+        return Ok(());
+    }
+    if let Some(ip) = ip {
+        remove_neighbour(cfg, ip);
+    }
+    if link_exists_in(ns, tap) {
+        ip_in(ns, &["link", "del", tap])?;
+    }
+    Ok(())
+}
+
+/// Removes the permanent neighbour entry of a guest address, if present.
+pub fn remove_neighbour(cfg: &NetConfig, ip: Ipv4Addr) {
+    if netns_path(&cfg.netns).exists() {
+        let _ = ip_in(
+            &cfg.netns,
+            &["neigh", "del", &ip.to_string(), "dev", &cfg.bridge],
+        );
+    }
+}
+
+/// Names of all sandbox TAPs in the namespace.
+pub fn list_taps(netns: &str) -> Result<Vec<String>, NetworkError> {
+    if !netns_path(netns).exists() {
+        return Ok(Vec::new());
+    }
+    let out = ip_in(netns, &["-o", "link", "show"])?;
+    Ok(parse_link_names(&out)
+        .into_iter()
+        .filter(|n| n.starts_with(TAP_PREFIX))
+        .collect())
+}
+
+/// Permanent neighbour entries on the bridge: (address, MAC).
+pub fn list_neighbours(cfg: &NetConfig) -> Result<Vec<(Ipv4Addr, String)>, NetworkError> {
+    if !netns_path(&cfg.netns).exists() {
+        return Ok(Vec::new());
+    }
+    let out = ip_in(
+        &cfg.netns,
+        &[
+            "-4",
+            "neigh",
+            "show",
+            "dev",
+            &cfg.bridge,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let ip = it.next()?.parse().ok()?;
+            let mac = it.skip_while(|w| *w != "lladdr").nth(1)?.to_string();
+            Some((ip, mac))
+        })
+        .collect())
+}
+
+/// Parses `ip -o link show`: "3: name@peer: <...> ..." → "name".
+fn parse_link_names(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| {
+            let name = l.split(':').nth(1)?.trim();
+            Some(name.split('@').next().unwrap_or(name).to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Deletes the namespace and everything in it, egress included (tests, uninstall).
+pub fn delete_all(netns: &str) -> Result<(), NetworkError> {
+    remove_egress(netns)?;
+    if netns_path(netns).exists() {
+        run("ip", &["netns", "delete", netns], None)?;
+    }
+    Ok(())
+}
+
+/// Runs a command inside the namespace (diagnostics, tests).
+pub fn exec_in(netns: &str, args: &[&str]) -> Result<String, NetworkError> {
+    let mut full = vec!["netns", "exec", netns];
+    full.extend_from_slice(args);
+    run("ip", &full, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subnet_math() {
+        let s = Subnet::parse("192.168.137.77/24").expect("parse");
+        assert_eq!(s.network, Ipv4Addr::new(192, 168, 137, 0));
+        assert_eq!(s.gateway(), Ipv4Addr::new(192, 168, 137, 1));
+        assert_eq!(s.broadcast(), Ipv4Addr::new(192, 168, 137, 255));
+        assert_eq!(s.to_string(), "192.168.137.0/24");
+        assert!(s.is_guest_addr(Ipv4Addr::new(192, 168, 137, 2)));
+        assert!(!s.is_guest_addr(Ipv4Addr::new(192, 168, 137, 1)));
+        assert!(!s.is_guest_addr(Ipv4Addr::new(192, 168, 137, 255)));
+        assert!(!s.is_guest_addr(Ipv4Addr::new(192, 168, 138, 2)));
+        assert!(Subnet::parse("10.0.0.0/30").is_err());
+        assert!(Subnet::parse("10.0.0.0").is_err());
+        assert!(Subnet::parse("x/24").is_err());
+        assert_eq!(
+            Subnet::parse("10.1.2.3/29").expect("parse").broadcast(),
+            Ipv4Addr::new(10, 1, 2, 7)
+        );
+    }
+
+    #[test]
+    fn names() {
+        let t = tap_name("some-very-long-sandbox-identifier-1234");
+        assert_eq!(t.len(), 15);
+        assert!(t.starts_with(TAP_PREFIX));
+        assert_eq!(t, tap_name("some-very-long-sandbox-identifier-1234"));
+        assert_ne!(t, tap_name("some-very-long-sandbox-identifier-1235"));
+        assert_eq!(
+            guest_mac(Ipv4Addr::new(192, 168, 137, 5)),
+            "02:b4:c0:a8:89:05"
+        );
+        assert!(host_veth_name("bhatti").len() <= 15);
+        let (h, n) = egress_link("bhatti");
+        assert_eq!(u32::from(n), u32::from(h) + 1);
+        assert_eq!(u32::from(h) % 4, 1);
+    }
+
+    #[test]
+    fn config_validation() {
+        let subnet = Subnet::parse("192.168.137.0/24").expect("parse");
+        let ok = NetConfig {
+            netns: "bhatti".into(),
+            bridge: "brbhatti0".into(),
+            subnet,
+            egress: false,
+        };
+        assert!(ok.validate().is_ok());
+        for (netns, bridge) in [
+            ("bh atti", "br0"),
+            ("bhatti", "a-bridge-name-too-long"),
+            ("", "br0"),
+            ("ok", "bt-x"),
+            ("-x", "br0"),
+            ("ok", "br;rm"),
+        ] {
+            let c = NetConfig {
+                netns: netns.into(),
+                bridge: bridge.into(),
+                subnet,
+                egress: false,
+            };
+            assert!(c.validate().is_err(), "{netns} {bridge}");
+        }
+    }
+
+    #[test]
+    fn link_name_parsing() {
+        let out = "1: lo: <LOOPBACK,UP> mtu 65536\n2: brbhatti0: <BROADCAST> mtu 1500\n3: bt-0a1b2c3d4e5f: <BROADCAST> master brbhatti0\n4: bhe0@if9: <UP>\n";
+        assert_eq!(
+            parse_link_names(out),
+            vec!["lo", "brbhatti0", "bt-0a1b2c3d4e5f", "bhe0"]
+        );
+    }
+
+    #[test]
+    fn ruleset_without_egress_has_no_nat() {
+        let subnet = Subnet::parse("192.168.137.0/24").expect("parse");
+        let cfg = NetConfig {
+            netns: "n".into(),
+            bridge: "br0".into(),
+            subnet,
+            egress: false,
+        };
+        let r = ns_ruleset(&cfg);
+        assert!(r.contains("iifname \"br0\" drop"));
+        assert!(r.contains("iifname \"bt-*\" oifname \"bt-*\" drop"));
+        assert!(!r.contains("masquerade"));
+        let r = ns_ruleset(&NetConfig {
+            egress: true,
+            ..cfg
+        });
+        assert!(r.contains("masquerade"));
+    }
+}

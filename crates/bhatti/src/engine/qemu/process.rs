@@ -1,0 +1,441 @@
+//! The QEMU process of one VM: its argv, starting it inside the network
+//! namespace in a session of its own, finding it again by pidfile, waiting
+//! for its agent, and ending it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bhatti_proto::codec_async::{read_frame, write_frame};
+use bhatti_proto::{ActivityInfo, FrameType, Message};
+
+use super::accel::Accel;
+use crate::engine::agent_client::{Channel, Dialer};
+
+/// How long `qemu-system-x86_64 -daemonize` may take to report startup.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one readiness probe may take once connected.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connect timeout of a readiness probe (short: the guest may not be up yet).
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The files of one VM, all in its sandbox dir.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    pub dir: PathBuf,
+    /// qcow2 overlay on the base rootfs.
+    pub overlay: PathBuf,
+    /// fw_cfg boot config (scrubbed once QEMU runs).
+    pub config: PathBuf,
+    /// The guest's serial console.
+    pub console: PathBuf,
+    pub qmp: PathBuf,
+    pub pidfile: PathBuf,
+    /// What the engine needs to find and restart the VM (argv, TAP, MAC).
+    pub meta: PathBuf,
+}
+
+impl VmFiles {
+    pub fn new(dir: PathBuf) -> VmFiles {
+        VmFiles {
+            overlay: dir.join("disk.qcow2"),
+            config: dir.join("config.json"),
+            console: dir.join("console.log"),
+            qmp: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            meta: dir.join("vm.json"),
+            dir,
+        }
+    }
+}
+
+/// Errors of the QEMU process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {prog}: {source}")]
+    Spawn {
+        prog: String,
+        source: std::io::Error,
+    },
+    /// QEMU refused to start; carries its own message.
+    #[error("QEMU exited at startup ({status}): {stderr}")]
+    Startup { status: String, stderr: String },
+    #[error("QEMU did not finish starting within {0:?}")]
+    StartupTimeout(Duration),
+    #[error("QEMU started but left no usable pidfile at {0}")]
+    NoPid(String),
+}
+
+/// Everything the argv depends on.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec<'a> {
+    pub accel: Accel,
+    pub tsc_khz: Option<u64>,
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    pub tap: &'a str,
+    pub mac: &'a str,
+    /// Extra kernel command line words (from the image).
+    pub extra_cmdline: &'a str,
+    pub files: &'a VmFiles,
+}
+
+/// The guest kernel's command line.
+pub fn kernel_cmdline(tsc_khz: Option<u64>, extra: &str) -> String {
+    // `tsc_early_khz` + `tsc=reliable`: without them the guest sometimes hangs
+    // calibrating its clock under TCG. `panic=-1` with `-no-reboot` turns a
+    // guest panic into a QEMU exit the engine notices at once.
+    let mut c = String::from("console=ttyS0 quiet panic=-1");
+    if let Some(khz) = tsc_khz {
+        c.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
+    if !extra.trim().is_empty() {
+        c.push(' ');
+        c.push_str(extra.trim());
+    }
+    c
+}
+
+/// QEMU's argv (without the program name). Devices keep a fixed order, so a
+/// snapshot taken from this VM restores into a QEMU started with the same argv.
+pub fn qemu_argv(s: &LaunchSpec<'_>) -> Vec<String> {
+    let f = s.files;
+    let p = |p: &Path| p.display().to_string();
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    push(&["-M", "microvm", "-accel", s.accel.qemu_arg()]);
+    if s.accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-m", &s.memory_mb.to_string(), "-smp", &s.cpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-kernel", &p(s.kernel), "-initrd", &p(s.initramfs)]);
+    push(&["-append", &kernel_cmdline(s.tsc_khz, s.extra_cmdline)]);
+    push(&[
+        "-drive",
+        &format!(
+            "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap",
+            p(&f.overlay)
+        ),
+    ]);
+    push(&["-device", "virtio-blk-device,drive=root"]);
+    push(&[
+        "-netdev",
+        &format!("tap,id=n0,ifname={},script=no,downscript=no", s.tap),
+    ]);
+    push(&[
+        "-device",
+        &format!("virtio-net-device,netdev=n0,mac={}", s.mac),
+    ]);
+    push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+    push(&["-fw_cfg", &super::config_drive::qemu_arg(&f.config)]);
+    push(&["-serial", &format!("file:{}", p(&f.console))]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&f.qmp))]);
+    push(&["-pidfile", &p(&f.pidfile)]);
+    a
+}
+
+/// Starts QEMU inside `netns`, daemonized into its own session, and returns
+/// its pid. `-daemonize` returns only once QEMU has initialised (devices,
+/// TAP, QMP socket), and with its error message if it could not.
+pub async fn launch(
+    qemu: &str,
+    netns: &str,
+    argv: &[String],
+    pidfile: &Path,
+) -> Result<u32, ProcessError> {
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", netns, qemu])
+        .args(argv)
+        .arg("-daemonize");
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(LAUNCH_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| ProcessError::StartupTimeout(LAUNCH_TIMEOUT))?
+        .map_err(|source| ProcessError::Spawn {
+            prog: qemu.to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        return Err(ProcessError::Startup {
+            status: out.status.to_string(),
+            stderr,
+        });
+    }
+    read_pidfile(pidfile).ok_or_else(|| ProcessError::NoPid(pidfile.display().to_string()))
+}
+
+/// The pid in a pidfile, if it holds one.
+pub fn read_pidfile(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
+}
+
+/// Whether `pid` is a live process (zombies count as dead: nobody may reap
+/// a daemonized QEMU when PID 1 does not).
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain ") ".
+        Ok(stat) => match stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+        {
+            Some(state) => !matches!(state, "Z" | "X" | "x"),
+            None => false,
+        },
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` is a live QEMU of the VM in `dir` (guards against pid reuse).
+pub fn is_our_qemu(pid: u32, dir: &Path) -> bool {
+    if !pid_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = format!("{}/", dir.display());
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_qemu = args
+        .first()
+        .is_some_and(|a0| String::from_utf8_lossy(a0).contains("qemu-system"));
+    is_qemu
+        && args
+            .iter()
+            .any(|a| String::from_utf8_lossy(a).contains(&needle))
+}
+
+/// Live QEMU processes whose argv mentions a path under `sandboxes_dir`: (pid, sandbox id).
+pub fn find_qemus_under(sandboxes_dir: &Path) -> Vec<(u32, String)> {
+    let prefix = format!("{}/", sandboxes_dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmdline);
+        let mut args = text.split('\0');
+        if !args.next().is_some_and(|a0| a0.contains("qemu-system")) {
+            continue;
+        }
+        let id = args.find_map(|a| {
+            let rest = &a[a.find(&prefix)? + prefix.len()..];
+            rest.split('/')
+                .next()
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+        });
+        if let Some(id) = id {
+            if pid_alive(pid) {
+                found.push((pid, id));
+            }
+        }
+    }
+    found
+}
+
+/// SIGKILLs `pid` (errors ignored: it may be gone already).
+pub fn kill(pid: u32) {
+    if let Ok(p) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        // Reap it if it happens to be our child (it is not when daemonized).
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(p),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+    }
+}
+
+/// Waits until `pid` is gone; false on timeout.
+pub async fn wait_exit(pid: u32, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while pid_alive(pid) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// The last `lines` lines of the console log (or a note that there is none).
+pub fn console_tail(path: &Path, lines: usize) -> String {
+    let Ok(data) = std::fs::read(path) else {
+        return "(no console output)".into();
+    };
+    let start = data.len().saturating_sub(16 * 1024);
+    let text = String::from_utf8_lossy(&data[start..]);
+    let all: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    if all.is_empty() {
+        return "(no console output)".into();
+    }
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One readiness probe: AUTH + ACTIVITY_REQ on the control port.
+pub async fn probe_agent(dialer: &dyn Dialer, token: &[u8]) -> Result<ActivityInfo, String> {
+    let mut s = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, dialer.dial(Channel::Control))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let exchange = async {
+        write_frame(&mut s, FrameType::Auth, token)
+            .await
+            .map_err(|e| format!("send AUTH: {e}"))?;
+        write_frame(&mut s, FrameType::ActivityReq, &[])
+            .await
+            .map_err(|e| format!("send ACTIVITY_REQ: {e}"))?;
+        let frame = read_frame(&mut s)
+            .await
+            .map_err(|e| format!("read reply: {e}"))?;
+        match Message::decode(&frame).map_err(|e| e.to_string())? {
+            Message::ActivityResp(a) => Ok(a),
+            Message::Error(m) => Err(format!("agent answered ERROR: {m}")),
+            other => Err(format!(
+                "agent answered {:?} instead of ACTIVITY_RESP",
+                other.kind()
+            )),
+        }
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "no answer to ACTIVITY_REQ".to_string())?
+}
+
+/// Why waiting for the agent ended without an answer.
+#[derive(Debug)]
+pub enum NotReady {
+    /// The QEMU process is gone.
+    Died,
+    /// The deadline passed; carries the last probe error.
+    Timeout(String),
+}
+
+/// Probes the agent until it answers, QEMU dies or `timeout` passes.
+pub async fn wait_ready(
+    dialer: &dyn Dialer,
+    token: &[u8],
+    pid: u32,
+    timeout: Duration,
+) -> Result<(), NotReady> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no probe finished");
+    loop {
+        if !pid_alive(pid) {
+            return Err(NotReady::Died);
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Err(NotReady::Timeout(last));
+        }
+        match tokio::time::timeout(remaining, probe_agent(dialer, token)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = "probe still running at the deadline".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> VmFiles {
+        VmFiles::new(PathBuf::from("/var/lib/bhatti/sandboxes/sb1"))
+    }
+
+    #[test]
+    fn argv_under_tcg() {
+        let f = files();
+        let spec = LaunchSpec {
+            accel: Accel::Tcg,
+            tsc_khz: Some(2_596_148),
+            kernel: Path::new("/img/vmlinux"),
+            initramfs: Path::new("/img/initrd"),
+            cpus: 1,
+            memory_mb: 512,
+            tap: "bt-0123456789ab",
+            mac: "02:b4:c0:a8:89:05",
+            extra_cmdline: "",
+            files: &f,
+        };
+        let a = qemu_argv(&spec);
+        let joined = a.join(" ");
+        assert!(
+            joined.starts_with("-M microvm -accel tcg,tb-size=64 -m 512 -smp 1"),
+            "{joined}"
+        );
+        assert!(!a.iter().any(|x| x == "-cpu"));
+        let append = &a[a.iter().position(|x| x == "-append").expect("append") + 1];
+        assert_eq!(
+            append,
+            "console=ttyS0 quiet panic=-1 tsc_early_khz=2596148 tsc=reliable"
+        );
+        assert!(joined.contains("-netdev tap,id=n0,ifname=bt-0123456789ab,script=no,downscript=no"));
+        assert!(joined.contains("virtio-net-device,netdev=n0,mac=02:b4:c0:a8:89:05"));
+        assert!(joined.contains("virtio-balloon-device,free-page-reporting=on"));
+        assert!(joined.contains(
+            "-fw_cfg name=opt/bhatti/config,file=/var/lib/bhatti/sandboxes/sb1/config.json"
+        ));
+        assert!(joined.contains("-serial file:/var/lib/bhatti/sandboxes/sb1/console.log"));
+        assert!(
+            joined.contains("-qmp unix:/var/lib/bhatti/sandboxes/sb1/qmp.sock,server=on,wait=off")
+        );
+        assert!(joined.contains("-pidfile /var/lib/bhatti/sandboxes/sb1/qemu.pid"));
+        let kvm = qemu_argv(&LaunchSpec {
+            accel: Accel::Kvm,
+            extra_cmdline: "foo=1",
+            ..spec
+        });
+        assert!(kvm.join(" ").contains("-accel kvm -cpu host"));
+        assert!(kvm.iter().any(|x| x.ends_with("tsc=reliable foo=1")));
+    }
+
+    #[test]
+    fn cmdline_without_tsc() {
+        assert_eq!(kernel_cmdline(None, " "), "console=ttyS0 quiet panic=-1");
+    }
+
+    #[test]
+    fn liveness_of_self_and_nonsense() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX - 1));
+        assert!(!is_our_qemu(
+            std::process::id(),
+            Path::new("/nonexistent-dir")
+        ));
+    }
+
+    #[test]
+    fn console_tail_keeps_last_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("console.log");
+        assert_eq!(console_tail(&p, 3), "(no console output)");
+        std::fs::write(&p, "a\r\nb\n\nc\nd\n").expect("write");
+        assert_eq!(console_tail(&p, 3), "b\nc\nd");
+    }
+}

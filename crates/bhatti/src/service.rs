@@ -1,0 +1,334 @@
+//! The service: the only place where the store and the engine meet.
+//!
+//! Handlers call one method here per request; each method reads top to
+//! bottom: check input, consult the store, drive the engine, record the result.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::Rng;
+use time::format_description::well_known::Rfc3339;
+
+use crate::api::types::{CreateSandboxRequest, Health, PatchSandboxRequest, Sandbox, SecretInfo};
+use crate::config::Ipv4Subnet;
+use crate::engine::agent_client::{AgentClient, AgentError};
+use crate::engine::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
+use crate::secrets::{validate_secret_name, SecretCipher, SecretsError};
+use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
+use crate::store::{Store, StoreError, User};
+
+/// Smallest guest that boots the Debian cloud kernel with room to work.
+pub const MIN_MEMORY_MB: i64 = 128;
+
+/// Why a service call failed; mapped to HTTP once, in `api::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad input: the message names the field and why.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// No or an unknown API key.
+    #[error("invalid API key")]
+    Unauthorized,
+    /// The sandbox exists but cannot serve the request now.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    NotImplemented(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+}
+
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// Everything the API needs, behind one handle.
+pub struct Service {
+    store: Store,
+    engine: Arc<dyn Engine>,
+    cipher: Arc<SecretCipher>,
+    subnet: Ipv4Subnet,
+    started: Instant,
+}
+
+impl Service {
+    pub fn new(store: Store, engine: Arc<dyn Engine>, cipher: Arc<SecretCipher>, subnet: Ipv4Subnet) -> Self {
+        Service { store, engine, cipher, subnet, started: Instant::now() }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The user holding this API key.
+    pub async fn authenticate(&self, key: &str) -> Result<User> {
+        let key = key.to_string();
+        match self.store.call(move |s| s.authenticate(&key)).await? {
+            Some(user) => Ok(user),
+            None => Err(ServiceError::Unauthorized),
+        }
+    }
+
+    pub async fn health(&self) -> Result<Health> {
+        let n = self.store.call(|s| s.count_sandboxes(None)).await?;
+        Ok(Health { status: "ok".into(), sandboxes: n as u64, uptime: format_uptime(self.started.elapsed().as_secs()) })
+    }
+
+    /// Validates, records, boots and returns a new sandbox. A VM that fails
+    /// to boot leaves no row, no IP and nothing on the host behind.
+    pub async fn create_sandbox(&self, user: &User, req: CreateSandboxRequest) -> Result<Sandbox> {
+        let name = match req.name {
+            Some(n) => n,
+            None => generate_name(),
+        };
+        let cpus = positive("cpus", req.cpus.unwrap_or(1), 1)?.min(user.max_cpus);
+        let memory_mb = positive("memory_mb", req.memory_mb.unwrap_or(512), MIN_MEMORY_MB)?.min(user.max_memory_mb);
+        let env = req.env.unwrap_or_default();
+        for key in env.keys() {
+            validate_secret_name(key).map_err(|e| ServiceError::Invalid(format!("invalid field `env`: {e}")))?;
+        }
+        let secret_names = req.secrets.unwrap_or_default();
+        let mut guest_env = env.clone();
+        if !secret_names.is_empty() {
+            let (uid, names) = (user.id, secret_names.clone());
+            let records = self.store.call(move |s| s.get_secrets(uid, &names)).await.map_err(|e| match e {
+                StoreError::NotFound(m) => ServiceError::Invalid(format!("invalid field `secrets`: {m}")),
+                other => other.into(),
+            })?;
+            for r in records {
+                guest_env.insert(r.name.clone(), self.cipher.decrypt(&r.ciphertext)?.to_string());
+            }
+        }
+
+        let mut new = NewSandbox::new(user.id, name);
+        new.cpus = cpus;
+        new.memory_mb = memory_mb;
+        new.keep_hot = req.keep_hot.unwrap_or(false);
+        new.env = env;
+        new.secrets = secret_names;
+        new.init = req.init.filter(|s| !s.trim().is_empty());
+        let subnet = self.subnet;
+        let rec = self.store.call(move |s| s.create_sandbox(&new, &subnet)).await?;
+
+        let spec = SandboxSpec {
+            id: rec.id.clone(),
+            name: rec.name.clone(),
+            cpus: rec.cpus,
+            memory_mb: rec.memory_mb,
+            ip: rec.ip,
+            token: rec.token.clone(),
+            env: guest_env,
+            init: rec.init.clone(),
+        };
+        if let Err(e) = self.engine.create(&spec).await {
+            tracing::warn!(sandbox = %rec.id, error = %e, "create failed");
+            let id = rec.id.clone();
+            if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
+                tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
+            }
+            return Err(e.into());
+        }
+        let id = rec.id.clone();
+        self.store.call(move |s| s.set_sandbox_status(&id, SandboxStatus::Running)).await?;
+        tracing::info!(sandbox = %rec.id, name = %rec.name, ip = %rec.ip, "sandbox created");
+        Ok(view(&SandboxRecord { status: SandboxStatus::Running, ..rec }))
+    }
+
+    pub async fn list_sandboxes(&self, user: &User) -> Result<Vec<Sandbox>> {
+        let uid = user.id;
+        Ok(self.store.call(move |s| s.list_sandboxes(uid)).await?.iter().map(view).collect())
+    }
+
+    pub async fn get_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
+        Ok(view(&self.find(user, id).await?))
+    }
+
+    pub async fn patch_sandbox(&self, user: &User, id: &str, req: PatchSandboxRequest) -> Result<Sandbox> {
+        let (uid, id) = (user.id, id.to_string());
+        let patch = SandboxPatch { name: req.name, keep_hot: req.keep_hot };
+        Ok(view(&self.store.call(move |s| s.update_sandbox(uid, &id, &patch)).await?))
+    }
+
+    /// Stops the VM, removes everything it had, then forgets the sandbox.
+    pub async fn destroy_sandbox(&self, user: &User, id: &str) -> Result<()> {
+        let rec = self.find(user, id).await?;
+        let sid = rec.id.clone();
+        self.store.call(move |s| s.set_sandbox_status(&sid, SandboxStatus::Destroying)).await?;
+        match self.engine.destroy(&rec.id).await {
+            Ok(()) | Err(EngineError::NotFound(_)) => {}
+            Err(e) => {
+                // Keep the row so that the next start's recovery finishes the job.
+                tracing::error!(sandbox = %rec.id, error = %e, "destroy failed");
+                return Err(e.into());
+            }
+        }
+        let sid = rec.id.clone();
+        self.store.call(move |s| s.delete_sandbox(&sid)).await?;
+        tracing::info!(sandbox = %rec.id, name = %rec.name, "sandbox destroyed");
+        Ok(())
+    }
+
+    pub async fn stop_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
+        self.find(user, id).await?;
+        Err(ServiceError::NotImplemented("stopping a sandbox (saving it to disk) is not available yet".into()))
+    }
+
+    pub async fn start_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
+        self.find(user, id).await?;
+        Err(ServiceError::NotImplemented("starting a stopped sandbox is not available yet".into()))
+    }
+
+    /// A client of the sandbox's agent; the sandbox must be running.
+    pub async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
+        let rec = self.find(user, id).await?;
+        match rec.status {
+            SandboxStatus::Running => {}
+            SandboxStatus::Creating => return Err(ServiceError::Unavailable(format!("sandbox {} is still starting", rec.name))),
+            other => return Err(ServiceError::Unavailable(format!("sandbox {} is not running (status {other})", rec.name))),
+        }
+        let sid = rec.id.clone();
+        // Best effort: activity bookkeeping must never fail a request.
+        let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
+        Ok(self.engine.agent(&rec.id, &VmRuntime { ip: rec.ip, token: rec.token }))
+    }
+
+    pub async fn set_secret(&self, user: &User, name: &str, value: &str) -> Result<SecretInfo> {
+        validate_secret_name(name).map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
+        crate::secrets::validate_secret_value(value).map_err(|e| ServiceError::Invalid(format!("invalid field `value`: {e}")))?;
+        let ct = self.cipher.encrypt(value)?;
+        let (uid, name) = (user.id, name.to_string());
+        let meta = self.store.call(move |s| s.put_secret(uid, &name, &ct)).await?;
+        Ok(SecretInfo { name: meta.name, created_at: rfc3339(meta.created_at), updated_at: rfc3339(meta.updated_at) })
+    }
+
+    pub async fn list_secrets(&self, user: &User) -> Result<Vec<SecretInfo>> {
+        let uid = user.id;
+        let list = self.store.call(move |s| s.list_secrets(uid)).await?;
+        Ok(list.into_iter().map(|m| SecretInfo { name: m.name, created_at: rfc3339(m.created_at), updated_at: rfc3339(m.updated_at) }).collect())
+    }
+
+    pub async fn delete_secret(&self, user: &User, name: &str) -> Result<()> {
+        let (uid, name) = (user.id, name.to_string());
+        Ok(self.store.call(move |s| s.delete_secret(uid, &name)).await?)
+    }
+
+    /// After a daemon start: re-adopts live VMs, marks dead ones, finishes
+    /// interrupted destroys and sweeps host leftovers of sandboxes the store
+    /// no longer knows.
+    pub async fn recover(&self) -> Result<()> {
+        let all = self.store.call(|s| s.list_all_sandboxes()).await?;
+        let mut keep = Vec::new();
+        for rec in all {
+            let rt = VmRuntime { ip: rec.ip, token: rec.token.clone() };
+            let new_status = match rec.status {
+                SandboxStatus::Destroying => {
+                    let _ = self.engine.destroy(&rec.id).await;
+                    let sid = rec.id.clone();
+                    self.store.call(move |s| s.delete_sandbox(&sid)).await?;
+                    tracing::info!(sandbox = %rec.id, "finished an interrupted destroy");
+                    continue;
+                }
+                _ => match self.engine.adopt(&rec.id, &rt).await {
+                    VmState::Running => SandboxStatus::Running,
+                    VmState::Dead(reason) => {
+                        tracing::warn!(sandbox = %rec.id, name = %rec.name, %reason, "VM is gone; marking the sandbox as error");
+                        SandboxStatus::Error
+                    }
+                },
+            };
+            if new_status != rec.status {
+                let sid = rec.id.clone();
+                self.store.call(move |s| s.set_sandbox_status(&sid, new_status)).await?;
+            }
+            keep.push(rec.id);
+        }
+        self.engine.sweep(&keep).await?;
+        Ok(())
+    }
+
+    async fn find(&self, user: &User, id: &str) -> Result<SandboxRecord> {
+        let (uid, key) = (user.id, id.to_string());
+        self.store.call(move |s| s.find_sandbox(uid, &key)).await.map_err(|e| match e {
+            StoreError::NotFound(_) => ServiceError::NotFound(format!("no sandbox named {id}")),
+            other => other.into(),
+        })
+    }
+}
+
+/// A sandbox as the API shows it.
+pub fn view(r: &SandboxRecord) -> Sandbox {
+    Sandbox {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        status: r.status.as_str().to_string(),
+        ip: r.ip.to_string(),
+        cpus: r.cpus,
+        memory_mb: r.memory_mb,
+        keep_hot: r.keep_hot,
+        created_at: rfc3339(r.created_at),
+    }
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+fn positive(field: &str, v: i64, min: i64) -> Result<u32> {
+    if v < min {
+        return Err(ServiceError::Invalid(format!("invalid field `{field}`: must be at least {min}, got {v}")));
+    }
+    u32::try_from(v).map_err(|_| ServiceError::Invalid(format!("invalid field `{field}`: {v} is too large")))
+}
+
+/// `sandbox-` and six random lowercase letters or digits.
+fn generate_name() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::thread_rng();
+    let suffix: String = (0..6).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    format!("sandbox-{suffix}")
+}
+
+/// "2h15m30s", as `/health` reports it.
+pub fn format_uptime(secs: u64) -> String {
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_format() {
+        assert_eq!(format_uptime(0), "0s");
+        assert_eq!(format_uptime(61), "1m1s");
+        assert_eq!(format_uptime(2 * 3600 + 15 * 60 + 30), "2h15m30s");
+    }
+
+    #[test]
+    fn generated_names_are_valid() {
+        for _ in 0..50 {
+            crate::store::validate_sandbox_name(&generate_name()).unwrap();
+        }
+    }
+
+    #[test]
+    fn positive_limits() {
+        assert!(positive("cpus", 0, 1).is_err());
+        assert!(positive("cpus", -1, 1).is_err());
+        assert_eq!(positive("cpus", 1, 1).unwrap(), 1);
+        assert!(positive("memory_mb", 127, 128).is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! File operations: read (with line offset/limit and byte cap), atomic
+//! write, stat and ls.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bhatti_proto::frame::{self as pframe, FrameType, HEADER_LEN, MAX_PAYLOAD_LEN};
+use bhatti_proto::fs::{mode_string, parse_mode};
+use bhatti_proto::{
+    FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest, FileWriteResponse,
+    Message, MAX_LS_ENTRIES,
+};
+
+use super::{refuse, HandlerError};
+use crate::server::Agent;
+use crate::stream::Stream;
+use crate::wire;
+
+/// An upload that stalls this long between frames is abandoned.
+const UPLOAD_STALL: Duration = Duration::from_secs(60);
+
+fn describe(path: &str, e: &io::Error) -> String {
+    format!("{path}: {e}")
+}
+
+/// FILE_READ_REQ.
+pub fn read(agent: &Agent, conn: &Stream, req: FileReadRequest) -> Result<(), HandlerError> {
+    agent.activity.touch();
+    let path = agent.cfg.resolve(&req.path);
+    // O_NONBLOCK so that opening a FIFO cannot hang; regular files ignore it.
+    let file = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path) {
+        Ok(f) => f,
+        Err(e) => return refuse(describe(&req.path, &e)),
+    };
+    let meta = file.metadata().or_else(|e| refuse(describe(&req.path, &e)))?;
+    if meta.is_dir() {
+        return refuse(format!("{}: is a directory", req.path));
+    }
+    if !meta.is_file() {
+        return refuse(format!("{}: not a regular file", req.path));
+    }
+    wire::send(conn, &Message::FileReadResp(FileReadResponse { size: meta.len(), mode: mode_string(meta.mode()) }))?;
+    let window = Window {
+        skip_lines: req.offset.unwrap_or(1).saturating_sub(1),
+        lines: req.limit.filter(|l| *l > 0),
+        bytes: req.max_bytes.filter(|b| *b > 0).unwrap_or(u64::MAX),
+    };
+    stream_file(conn, &file, window)?;
+    wire::send(conn, &Message::Exit(0))?;
+    Ok(())
+}
+
+/// Which part of a file to send: lines to skip, then at most `lines` lines
+/// and at most `bytes` bytes, whichever ends first.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    skip_lines: u64,
+    lines: Option<u64>,
+    bytes: u64,
+}
+
+/// Sends the window of `file` as STDOUT frames of up to 1 MiB. Bytes are
+/// read straight into the frame buffer behind a header gap: one copy in,
+/// one copy out.
+fn stream_file(conn: &Stream, file: &File, mut w: Window) -> Result<(), HandlerError> {
+    use std::io::Read;
+    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD_LEN];
+    let mut r = file;
+    while w.bytes > 0 && w.lines != Some(0) {
+        let n = match r.read(&mut buf[HEADER_LEN..]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut start = HEADER_LEN;
+        let mut end = HEADER_LEN + n;
+        while w.skip_lines > 0 && start < end {
+            match memchr::memchr(b'\n', &buf[start..end]) {
+                Some(i) => {
+                    start += i + 1;
+                    w.skip_lines -= 1;
+                }
+                None => start = end,
+            }
+        }
+        if let Some(left) = w.lines.as_mut() {
+            let mut pos = start;
+            while *left > 0 && pos < end {
+                match memchr::memchr(b'\n', &buf[pos..end]) {
+                    Some(i) => {
+                        pos += i + 1;
+                        *left -= 1;
+                    }
+                    None => pos = end,
+                }
+            }
+            end = pos;
+        }
+        let len = ((end - start) as u64).min(w.bytes) as usize;
+        end = start + len;
+        w.bytes -= len as u64;
+        if len > 0 {
+            let head = pframe::header(FrameType::Stdout, len)?;
+            buf[start - HEADER_LEN..start].copy_from_slice(&head);
+            let mut c = conn;
+            // A failed write (client gone) ends the read at once.
+            c.write_all(&buf[start - HEADER_LEN..end])?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a temp file unless the write completed.
+struct TempFile {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// FILE_WRITE_REQ: exactly `size` bytes of STDIN frames into a temp file
+/// beside the target, fsync, chmod/chown, rename over the target. Readers
+/// see the old or the new file, never a part; a broken upload leaves the
+/// old file and no temp file.
+pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), HandlerError> {
+    agent.activity.touch();
+    let Ok(mut left) = u64::try_from(req.size) else {
+        return refuse(format!("invalid size {}: must not be negative", req.size));
+    };
+    let mode = match req.mode.as_deref() {
+        Some(m) => Some(parse_mode(m).ok_or_else(|| HandlerError::Refused(format!("invalid mode {m:?}")))?),
+        None => None,
+    };
+    let path = agent.cfg.resolve(&req.path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return refuse(format!("{}: not a file path", req.path));
+    };
+    let existing = fs::metadata(&path).ok();
+    if existing.as_ref().is_some_and(|m| m.is_dir()) {
+        return refuse(format!("{}: is a directory", req.path));
+    }
+    create_dirs(dir, agent.cfg.file_owner).or_else(|e| refuse(describe(&req.path, &e)))?;
+    let tmp = TempFile {
+        path: dir.join(format!(
+            ".{}.lohar-{}-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        )),
+        keep: false,
+    };
+    let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp.path) {
+        Ok(f) => f,
+        Err(e) => return refuse(describe(&req.path, &e)),
+    };
+
+    conn.set_read_timeout(Some(UPLOAD_STALL))?;
+    let mut buf = Vec::new();
+    let mut r = conn;
+    while left > 0 {
+        match wire::read_frame_into(&mut r, &mut buf)? {
+            FrameType::Stdin if buf.is_empty() => {
+                return refuse(format!("upload ended after {} of {} bytes", req.size as u64 - left, req.size));
+            }
+            FrameType::Stdin => {
+                if buf.len() as u64 > left {
+                    return refuse(format!("upload is longer than its size of {} bytes", req.size));
+                }
+                file.write_all(&buf).or_else(|e| refuse(describe(&req.path, &e)))?;
+                left -= buf.len() as u64;
+            }
+            FrameType::Kill => return refuse("upload cancelled"),
+            other => return refuse(format!("unexpected frame {other:?} during upload")),
+        }
+    }
+
+    let mode = mode.unwrap_or_else(|| existing.as_ref().map_or(0o644, |m| m.mode() & 0o7777));
+    let finish = || -> io::Result<()> {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Some(owner) = agent.cfg.file_owner {
+            // A replaced file keeps its owner; a new one belongs to the user.
+            let (uid, gid) = existing.as_ref().map_or(owner, |m| (m.uid(), m.gid()));
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+        }
+        file.sync_all()?;
+        fs::rename(&tmp.path, &path)
+    };
+    finish().or_else(|e| refuse(describe(&req.path, &e)))?;
+    let mut tmp = tmp;
+    tmp.keep = true;
+    wire::send(conn, &Message::FileWriteResp(FileWriteResponse::ok()))?;
+    Ok(())
+}
+
+/// Creates `dir` and its missing parents, owned by `owner` if given.
+fn create_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn info(name: String, m: &fs::Metadata) -> FileInfo {
+    FileInfo { name, size: m.len(), mode: mode_string(m.mode()), is_dir: m.is_dir(), mtime: m.mtime() }
+}
+
+/// FILE_STAT_REQ (follows symlinks, like `stat -L`).
+pub fn stat(agent: &Agent, conn: &Stream, req: FileStatRequest) -> Result<(), HandlerError> {
+    agent.activity.touch();
+    let path = agent.cfg.resolve(&req.path);
+    let meta = fs::metadata(&path).or_else(|e| refuse(describe(&req.path, &e)))?;
+    let name = path.file_name().map_or_else(|| req.path.clone(), |n| n.to_string_lossy().into_owned());
+    wire::send(conn, &Message::FileStatResp(info(name, &meta)))?;
+    Ok(())
+}
+
+/// FILE_LS_REQ: at most MAX_LS_ENTRIES entries, sorted by name.
+pub fn ls(agent: &Agent, conn: &Stream, req: FileLsRequest) -> Result<(), HandlerError> {
+    agent.activity.touch();
+    let path = agent.cfg.resolve(&req.path);
+    let dir = fs::read_dir(&path).or_else(|e| refuse(describe(&req.path, &e)))?;
+    let mut out = Vec::new();
+    for entry in dir.flatten().take(MAX_LS_ENTRIES) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // Follow symlinks; a dangling one is listed as itself.
+        let meta = match fs::metadata(entry.path()) {
+            Ok(m) => m,
+            Err(_) => match entry.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            },
+        };
+        out.push(info(name, &meta));
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    wire::send(conn, &Message::FileLsResp(out))?;
+    Ok(())
+}

@@ -1,0 +1,170 @@
+//! The one and only caller of `waitpid(-1)`.
+//!
+//! As PID 1 lohar inherits every orphan in the VM and must reap them, yet
+//! its own children's exit codes must reach the exec or session that started
+//! them. A single thread waits for SIGCHLD, reaps everything, hands the exit
+//! status of registered children to their [`ExitWatch`], and drops the rest.
+//!
+//! Registration and spawning happen under a read lock that the reaper's
+//! write lock excludes, so a child that exits at once is never reaped before
+//! it is registered (and std's own `waitpid` on a failed spawn can never
+//! lose its child to us).
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+/// The exit code of one child, delivered by the reaper. Its fd becomes
+/// readable when the code is known, so it can sit in a `poll` set.
+#[derive(Debug)]
+pub struct ExitWatch {
+    event: OwnedFd,
+    code: OnceLock<i32>,
+}
+
+impl ExitWatch {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd takes no pointers; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(ExitWatch { event, code: OnceLock::new() })
+    }
+
+    fn deliver(&self, code: i32) {
+        let _ = self.code.set(code);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        unsafe { libc::write(self.event.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Readable once the child has exited.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.event.as_fd()
+    }
+
+    /// The exit code (128+n for a signal n), once known.
+    pub fn code(&self) -> Option<i32> {
+        self.code.get().copied()
+    }
+
+    /// Blocks until the exit code is known, at most `limit` if given.
+    pub fn wait(&self, limit: Option<Duration>) -> Option<i32> {
+        let ms = limit.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(c) = self.code() {
+                return Some(c);
+            }
+            let left = match limit {
+                Some(d) => d.saturating_sub(start.elapsed()).as_millis() as i32,
+                None => ms,
+            };
+            if limit.is_some() && left <= 0 {
+                return None;
+            }
+            let mut p = libc::pollfd { fd: self.event.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd on the stack.
+            unsafe { libc::poll(&mut p, 1, left) };
+        }
+    }
+}
+
+/// Converts a wait status into the protocol's exit code.
+fn code_of(status: WaitStatus) -> Option<(Pid, i32)> {
+    match status {
+        WaitStatus::Exited(pid, code) => Some((pid, code)),
+        WaitStatus::Signaled(pid, sig, _) => Some((pid, 128 + sig as i32)),
+        _ => None,
+    }
+}
+
+/// Reaps every child of this process.
+#[derive(Debug, Default)]
+pub struct Reaper {
+    gate: RwLock<()>,
+    waiting: Mutex<HashMap<i32, Arc<ExitWatch>>>,
+}
+
+impl Reaper {
+    /// Blocks SIGCHLD in the calling thread (and so in every thread it
+    /// starts later) and starts the reaper thread. Call it from the main
+    /// thread before any other thread exists that could swallow SIGCHLD.
+    pub fn start() -> io::Result<Arc<Reaper>> {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGCHLD);
+        set.thread_block().map_err(io::Error::from)?;
+        let reaper = Arc::new(Reaper::default());
+        let r = reaper.clone();
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .stack_size(128 * 1024)
+            .spawn(move || loop {
+                // Zombies that exited before we started, or whose signal
+                // coalesced with another, are swept on every wake-up.
+                r.reap_all();
+                let _ = set.wait();
+            })?;
+        Ok(reaper)
+    }
+
+    /// Runs `spawn` (which returns the child's pid) and registers the child,
+    /// with the reaper held off so the exit cannot slip through unseen.
+    pub fn spawn<T>(&self, spawn: impl FnOnce() -> io::Result<(T, u32)>) -> io::Result<(T, Arc<ExitWatch>)> {
+        let watch = Arc::new(ExitWatch::new()?);
+        let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let (value, pid) = spawn()?;
+        self.lock_waiting().insert(pid as i32, watch.clone());
+        Ok((value, watch))
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Arc<ExitWatch>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reap_all(&self) {
+        let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(status) => {
+                    if let Some((pid, code)) = code_of(status) {
+                        // Unregistered pids are orphans (or helpers of the
+                        // boot phase): reaped and forgotten.
+                        if let Some(w) = self.lock_waiting().remove(&pid.as_raw()) {
+                            w.deliver(code);
+                        }
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    eprintln!("lohar: waitpid: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_codes_are_128_plus_n() {
+        let pid = Pid::from_raw(5);
+        assert_eq!(code_of(WaitStatus::Exited(pid, 3)), Some((pid, 3)));
+        assert_eq!(code_of(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some((pid, 137)));
+        assert_eq!(code_of(WaitStatus::StillAlive), None);
+    }
+}

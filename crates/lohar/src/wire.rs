@@ -1,0 +1,181 @@
+//! Frame helpers on top of `bhatti_proto`: an incremental decoder for the
+//! non-blocking exec loop, a buffer-reusing blocking reader for bulk
+//! uploads, and a reader that enforces a deadline across many reads.
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use bhatti_proto::frame::{self, FrameError, FrameType, HEADER_LEN};
+use bhatti_proto::{Frame, Message};
+
+use crate::stream::Stream;
+
+/// Writes one message as one frame.
+pub fn send(mut w: &Stream, msg: &Message) -> Result<(), FrameError> {
+    w.write_all(&msg.to_bytes()?)?;
+    Ok(())
+}
+
+/// Writes one raw frame.
+pub fn send_raw(w: &Stream, kind: FrameType, payload: &[u8]) -> Result<(), FrameError> {
+    let mut w = w;
+    bhatti_proto::codec::write_frame(&mut w, kind, payload)
+}
+
+/// Reads one frame into `buf` (reused across calls, so a 50 MiB upload does
+/// not allocate per frame). Unknown types are skipped, as for every reader.
+pub fn read_frame_into<R: Read + ?Sized>(r: &mut R, buf: &mut Vec<u8>) -> Result<FrameType, FrameError> {
+    loop {
+        let mut head = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match r.read(&mut head[got..]) {
+                Ok(0) if got == 0 => return Err(FrameError::Eof),
+                Ok(0) => return Err(FrameError::Truncated),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = frame::payload_len_of([head[0], head[1], head[2], head[3]])?;
+        buf.clear();
+        buf.resize(len, 0);
+        r.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
+        if let Some(kind) = FrameType::from_byte(head[4]) {
+            return Ok(kind);
+        }
+    }
+}
+
+/// A reader that fails with `TimedOut` once `deadline` has passed, however
+/// the peer spreads its bytes over time (a slow-loris cannot extend it).
+pub struct DeadlineReader<'a> {
+    pub stream: &'a Stream,
+    pub deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => io::ErrorKind::TimedOut.into(),
+            _ => e,
+        })
+    }
+}
+
+/// Parses frames out of bytes that arrive in arbitrary pieces.
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        FrameDecoder { buf: Vec::with_capacity(64 * 1024), start: 0 }
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// One `read` call into the buffer; `Ok(0)` is end of stream.
+    pub fn fill_from<R: Read + ?Sized>(&mut self, r: &mut R, max: usize) -> io::Result<usize> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + max, 0);
+        let res = r.read(&mut self.buf[old..]);
+        let n = *res.as_ref().unwrap_or(&0);
+        self.buf.truncate(old + n);
+        res
+    }
+
+    /// The next complete frame, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        loop {
+            let avail = &self.buf[self.start..];
+            if avail.len() < HEADER_LEN {
+                return Ok(None);
+            }
+            let len = frame::payload_len_of([avail[0], avail[1], avail[2], avail[3]])?;
+            if avail.len() < HEADER_LEN + len {
+                return Ok(None);
+            }
+            let kind = FrameType::from_byte(avail[4]);
+            let payload = &avail[HEADER_LEN..HEADER_LEN + len];
+            let frame = kind.map(|kind| Frame { kind, payload: payload.to_vec() });
+            self.start += HEADER_LEN + len;
+            if let Some(f) = frame {
+                return Ok(Some(f));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn wire(frames: &[(FrameType, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (k, p) in frames {
+            bhatti_proto::codec::write_frame(&mut out, *k, p).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn decoder_handles_byte_by_byte_input_and_skips_unknown() {
+        let mut bytes = wire(&[(FrameType::Stdin, b"abc")]);
+        bytes.extend([0, 0, 0, 2, 0x7e, 9]);
+        bytes.extend(wire(&[(FrameType::Kill, b""), (FrameType::Stdin, b"")]));
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        for b in bytes {
+            d.fill_from(&mut Cursor::new(vec![b]), 16).unwrap();
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].payload, b"abc");
+        assert_eq!(got[1].kind, FrameType::Kill);
+        assert!(got[2].payload.is_empty());
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn decoder_refuses_oversized_length() {
+        let mut d = FrameDecoder::new();
+        d.fill_from(&mut Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]), 16).unwrap();
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge(_))));
+    }
+
+    #[test]
+    fn read_into_reuses_buffer() {
+        let bytes = wire(&[(FrameType::Stdin, b"hello"), (FrameType::Stdin, b"x")]);
+        let mut r = Cursor::new(bytes);
+        let mut buf = Vec::new();
+        assert_eq!(read_frame_into(&mut r, &mut buf).unwrap(), FrameType::Stdin);
+        assert_eq!(buf, b"hello");
+        read_frame_into(&mut r, &mut buf).unwrap();
+        assert_eq!(buf, b"x");
+        assert!(matches!(read_frame_into(&mut r, &mut buf), Err(FrameError::Eof)));
+    }
+}
