@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   qemu-system-x86 qemu-utils nftables iproute2 e2fsprogs mmdebstrap cpio
-  zstd kmod dpkg-dev tmux python3 curl ca-certificates
+  zstd kmod dpkg-dev tmux python3 curl ca-certificates binutils
 )
 
 missing=()

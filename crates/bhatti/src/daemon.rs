@@ -23,7 +23,6 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let cfg = loaded.config;
     require_root()?;
 
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let store = Store::open(&cfg.data_dir)?;
     let cipher = Arc::new(SecretCipher::load_or_create(&cfg.data_dir)?);
 

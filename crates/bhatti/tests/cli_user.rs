@@ -68,7 +68,14 @@ fn user_lifecycle() {
     // create with explicit limits, JSON output
     let o = Command::new(env!("CARGO_BIN_EXE_bhatti"))
         .args(["--json", "user", "create", "--name", "bob"])
-        .args(["--max-sandboxes", "2", "--max-cpus", "1", "--max-memory", "512"])
+        .args([
+            "--max-sandboxes",
+            "2",
+            "--max-cpus",
+            "1",
+            "--max-memory",
+            "512",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .output()
@@ -150,10 +157,7 @@ fn user_lifecycle() {
     assert_ne!(new_key, alice_key);
     assert!(store.authenticate(&alice_key).expect("auth").is_none());
     assert_eq!(
-        store
-            .authenticate(&new_key)
-            .expect("auth")
-            .map(|u| u.name),
+        store.authenticate(&new_key).expect("auth").map(|u| u.name),
         Some("alice".to_string())
     );
 
@@ -161,11 +165,7 @@ fn user_lifecycle() {
     for args in [["rotate-key", "carol"], ["delete", "carol"]] {
         let o = bhatti(&data, &args);
         assert_eq!(o.status.code(), Some(1));
-        assert!(
-            stderr(&o).contains("no user named carol"),
-            "{}",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains("no user named carol"), "{}", stderr(&o));
     }
 
     // delete refused while alice has a sandbox

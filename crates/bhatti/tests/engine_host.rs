@@ -15,7 +15,10 @@ use bhatti::engine::qemu::qmp::Qmp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "these tests need root (network namespaces, TAPs, nftables)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root (network namespaces, TAPs, nftables)"
+    );
 }
 
 /// A namespace of this test alone, deleted (with all it holds) on drop.
@@ -60,24 +63,38 @@ fn network_setup_is_idempotent_and_stays_in_its_namespace() {
     assert!(rules.contains("iifname \"brtest0\" drop"), "{rules}");
     assert!(!rules.contains("masquerade"), "egress is off: {rules}");
     // Nothing of it in the machine's own namespace.
-    let root_links = std::process::Command::new("ip").args(["-o", "link", "show"]).output().expect("ip link");
+    let root_links = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
     let root_links = String::from_utf8_lossy(&root_links.stdout);
-    assert!(!root_links.contains("brtest0") && !root_links.contains("bt-"), "{root_links}");
+    assert!(
+        !root_links.contains("brtest0") && !root_links.contains("bt-"),
+        "{root_links}"
+    );
 
     let ip = Ipv4Addr::new(192, 168, 137, 9);
     let tap = network::tap_name("sandbox-a");
     let mac = network::guest_mac(ip);
     network::add_tap(&net.cfg, &tap, ip, &mac).expect("add tap");
     network::add_tap(&net.cfg, &tap, ip, &mac).expect("add tap again");
-    assert_eq!(network::list_taps(&net.cfg.netns).expect("list"), vec![tap.clone()]);
+    assert_eq!(
+        network::list_taps(&net.cfg.netns).expect("list"),
+        vec![tap.clone()]
+    );
     let link = net.exec(&["ip", "-o", "link", "show", "dev", &tap]);
     assert!(link.contains("master brtest0"), "{link}");
-    assert_eq!(network::list_neighbours(&net.cfg).expect("neigh"), vec![(ip, mac.clone())]);
+    assert_eq!(
+        network::list_neighbours(&net.cfg).expect("neigh"),
+        vec![(ip, mac.clone())]
+    );
 
     network::remove_tap(&net.cfg, &tap, Some(ip)).expect("remove");
     network::remove_tap(&net.cfg, &tap, Some(ip)).expect("remove again");
     assert!(network::list_taps(&net.cfg.netns).expect("list").is_empty());
-    assert!(network::list_neighbours(&net.cfg).expect("neigh").is_empty());
+    assert!(network::list_neighbours(&net.cfg)
+        .expect("neigh")
+        .is_empty());
 
     let ns = net.cfg.netns.clone();
     drop(net);
@@ -89,7 +106,10 @@ async fn sockets_are_created_inside_the_namespace() {
     let net = TestNet::new("sock");
     let sockets = NetnsSockets::new(&net.cfg.netns).expect("sockets");
     // Loopback of the namespace, not of the host.
-    let listener = sockets.listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).await.expect("listen");
+    let listener = sockets
+        .listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        .await
+        .expect("listen");
     let port = listener.local_addr().expect("addr").port();
     let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.expect("accept");
@@ -97,7 +117,10 @@ async fn sockets_are_created_inside_the_namespace() {
         s.read_exact(&mut buf).await.expect("read");
         s.write_all(&buf).await.expect("write");
     });
-    let mut c = sockets.connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).await.expect("connect in netns");
+    let mut c = sockets
+        .connect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+        .await
+        .expect("connect in netns");
     c.write_all(b"ping").await.expect("write");
     let mut back = [0u8; 4];
     c.read_exact(&mut back).await.expect("read");
@@ -105,7 +128,10 @@ async fn sockets_are_created_inside_the_namespace() {
     server.await.expect("server");
     // The host's loopback does not see the namespace's listener.
     let host = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
-    assert!(host.is_err(), "port {port} of the namespace is reachable from the host namespace");
+    assert!(
+        host.is_err(),
+        "port {port} of the namespace is reachable from the host namespace"
+    );
 }
 
 #[tokio::test]
@@ -140,7 +166,9 @@ async fn qmp_controls_a_qemu_in_the_namespace() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let pid = process::launch("qemu-system-x86_64", &net.cfg.netns, &argv, &pidfile).await.expect("launch");
+    let pid = process::launch("qemu-system-x86_64", &net.cfg.netns, &argv, &pidfile)
+        .await
+        .expect("launch");
     let guard = KillOnDrop(pid);
     assert!(process::is_our_qemu(pid, d));
     assert!(!process::is_our_qemu(pid, Path::new("/elsewhere")));
@@ -154,21 +182,35 @@ async fn qmp_controls_a_qemu_in_the_namespace() {
     let ns_of = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).expect("ns link");
     assert_ne!(ns_of(&pid.to_string()), ns_of("self"));
 
-    let qmp = Qmp::connect_retry(&qmp_path, Duration::from_secs(5)).await.expect("qmp");
+    let qmp = Qmp::connect_retry(&qmp_path, Duration::from_secs(5))
+        .await
+        .expect("qmp");
     assert_eq!(qmp.query_status().await.expect("status").status, "running");
     qmp.stop().await.expect("stop");
     assert_eq!(qmp.query_status().await.expect("status").status, "paused");
     qmp.cont().await.expect("cont");
     assert!(qmp.query_status().await.expect("status").running);
-    let bad = qmp.execute("no-such-command", None).await.expect_err("unknown command");
+    let bad = qmp
+        .execute("no-such-command", None)
+        .await
+        .expect_err("unknown command");
     assert!(bad.to_string().contains("no-such-command"), "{bad}");
     // A second client waits for the first: no greeting within the timeout.
     let second = tokio::time::timeout(Duration::from_millis(300), Qmp::connect(&qmp_path)).await;
-    assert!(second.is_err() || second.as_ref().is_ok_and(|r| r.is_err()), "a second QMP client was served");
+    assert!(
+        second.is_err() || second.as_ref().is_ok_and(|r| r.is_err()),
+        "a second QMP client was served"
+    );
     qmp.quit().await.expect("quit");
-    assert!(process::wait_exit(pid, Duration::from_secs(5)).await, "QEMU still alive after quit");
+    assert!(
+        process::wait_exit(pid, Duration::from_secs(5)).await,
+        "QEMU still alive after quit"
+    );
     assert!(qmp.is_closed());
-    assert!(matches!(qmp.query_status().await, Err(bhatti::engine::qemu::qmp::QmpError::Closed)));
+    assert!(matches!(
+        qmp.query_status().await,
+        Err(bhatti::engine::qemu::qmp::QmpError::Closed)
+    ));
     drop(guard);
 }
 
@@ -180,4 +222,42 @@ impl Drop for KillOnDrop {
             process::kill(self.0);
         }
     }
+}
+
+/// Egress is never switched on here (no guest traffic may reach the host
+/// namespace); its rules are only validated by `nft --check`, inside the
+/// test's own namespace, which applies nothing.
+#[test]
+fn egress_rules_pass_nft_check() {
+    let net = TestNet::new("egr");
+    let with_egress = NetConfig {
+        egress: true,
+        ..net.cfg.clone()
+    };
+    for script in [
+        network::ns_ruleset(&with_egress),
+        network::host_egress_ruleset(&net.cfg.netns),
+    ] {
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &net.cfg.netns, "nft", "--check", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Checking applied nothing.
+    assert!(!net.exec(&["nft", "list", "ruleset"]).contains("masquerade"));
 }

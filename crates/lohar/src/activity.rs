@@ -5,7 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix seconds now.
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// When something last happened, and how many piped execs run right now.
@@ -17,7 +19,10 @@ pub struct Activity {
 
 impl Activity {
     pub fn new() -> Self {
-        Activity { last: AtomicI64::new(now_unix()), piped: AtomicU32::new(0) }
+        Activity {
+            last: AtomicI64::new(now_unix()),
+            piped: AtomicU32::new(0),
+        }
     }
 
     /// Records activity (an exec, stdin, a file operation) now.

@@ -35,8 +35,14 @@ pub struct AgentConfig {
 /// Where the two protocols listen.
 #[derive(Debug, Clone)]
 pub enum Endpoints {
-    Unix { control: PathBuf, forward: PathBuf },
-    Tcp { control: SocketAddr, forward: SocketAddr },
+    Unix {
+        control: PathBuf,
+        forward: PathBuf,
+    },
+    Tcp {
+        control: SocketAddr,
+        forward: SocketAddr,
+    },
 }
 
 fn token_of(s: &str) -> Option<Vec<u8>> {
@@ -55,7 +61,10 @@ impl AgentConfig {
         ];
         let cfg = AgentConfig {
             token: token_of(&boot.token),
-            default_env: default_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            default_env: default_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             sandbox_env: boot.env.clone(),
             run_as: Some((GUEST_UID, GUEST_GID)),
             file_owner: Some((GUEST_UID, GUEST_GID)),
@@ -63,7 +72,13 @@ impl AgentConfig {
             init_script: boot.init.clone().filter(|s| !s.trim().is_empty()),
         };
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
-        (cfg, Endpoints::Tcp { control: any(CONTROL_PORT), forward: any(FORWARD_PORT) })
+        (
+            cfg,
+            Endpoints::Tcp {
+                control: any(CONTROL_PORT),
+                forward: any(FORWARD_PORT),
+            },
+        )
     }
 
     /// Test mode: Unix sockets from `LOHAR_SOCK` / `LOHAR_FWD_SOCK`, children
@@ -75,11 +90,15 @@ impl AgentConfig {
         let control = var("LOHAR_SOCK").ok_or("LOHAR_SOCK is not set")?;
         let forward = var("LOHAR_FWD_SOCK").ok_or("LOHAR_FWD_SOCK is not set")?;
         let sandbox_env = match var("LOHAR_ENV") {
-            Some(j) => serde_json::from_str(&j).map_err(|e| format!("LOHAR_ENV is not a JSON object of strings: {e}"))?,
+            Some(j) => serde_json::from_str(&j)
+                .map_err(|e| format!("LOHAR_ENV is not a JSON object of strings: {e}"))?,
             None => BTreeMap::new(),
         };
         let mut default_env = BTreeMap::new();
-        default_env.insert("PATH".into(), var("PATH").unwrap_or_else(|| STD_PATH.into()));
+        default_env.insert(
+            "PATH".into(),
+            var("PATH").unwrap_or_else(|| STD_PATH.into()),
+        );
         default_env.insert("TERM".into(), "xterm-256color".into());
         default_env.insert("LANG".into(), "C.UTF-8".into());
         for k in ["HOME", "USER"] {
@@ -96,11 +115,20 @@ impl AgentConfig {
             default_cwd: None,
             init_script: var("LOHAR_INIT").filter(|s| !s.trim().is_empty()),
         };
-        Ok((cfg, Endpoints::Unix { control: control.into(), forward: forward.into() }))
+        Ok((
+            cfg,
+            Endpoints::Unix {
+                control: control.into(),
+                forward: forward.into(),
+            },
+        ))
     }
 
     /// The environment of a child: defaults < sandbox env < request env.
-    pub fn child_env(&self, request: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    pub fn child_env(
+        &self,
+        request: Option<&BTreeMap<String, String>>,
+    ) -> BTreeMap<String, String> {
         let mut env = self.default_env.clone();
         env.extend(self.sandbox_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some(r) = request {
@@ -121,7 +149,11 @@ impl AgentConfig {
     /// argv of the init session: a login shell running the script.
     pub fn init_argv(&self) -> Option<Vec<String>> {
         let script = self.init_script.clone()?;
-        let shell = if Path::new("/bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
+        let shell = if Path::new("/bin/bash").exists() {
+            "/bin/bash"
+        } else {
+            "/bin/sh"
+        };
         Some(vec![shell.into(), "-lc".into(), script])
     }
 }
@@ -132,7 +164,10 @@ mod tests {
 
     #[test]
     fn env_merge_order() {
-        let mut boot = BootConfig { token: "t".into(), ..Default::default() };
+        let mut boot = BootConfig {
+            token: "t".into(),
+            ..Default::default()
+        };
         boot.env.insert("HOME".into(), "/sandbox".into());
         boot.env.insert("A".into(), "sandbox".into());
         let (cfg, _) = AgentConfig::vm(&boot);

@@ -8,6 +8,7 @@ mod activity;
 mod config;
 mod handlers;
 mod init;
+mod pool;
 mod reaper;
 mod server;
 mod session;
@@ -22,9 +23,10 @@ fn main() {
     // The reaper starts only after boot: boot helpers are waited for by
     // their own code, which a waitpid(-1) running alongside would rob.
     let reaper = reaper::Reaper::start().unwrap_or_else(|e| fatal(&format!("reaper: {e}")));
-    let listeners = server::bind(&endpoints).unwrap_or_else(|e| fatal(&format!("listen on {endpoints:?}: {e}")));
-    init::ready(); // (init) prints "lohar: ready" on the VM console; no-op outside PID 1.
+    let listeners = server::bind(&endpoints)
+        .unwrap_or_else(|e| fatal(&format!("listen on {endpoints:?}: {e}")));
     let agent = server::Agent::new(cfg, reaper);
+    init::ready();
     if let Err(e) = agent.start_init() {
         // A broken init script is the user's problem, not a reason to die.
         eprintln!("lohar: init script: {e}");
@@ -50,8 +52,7 @@ fn configure() -> (AgentConfig, Endpoints) {
     }
 }
 
-/// Reports on the console and stops. (In a VM, the init module will power
-/// off instead of exiting.)
+/// Reports on the console and stops (powers the VM off as PID 1).
 fn fatal(msg: &str) -> ! {
-    init::fatal(msg) // (init) prints "lohar: fatal: <msg>"; powers off as PID 1, else exits 1.
+    init::fatal(msg)
 }

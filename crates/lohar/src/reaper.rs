@@ -14,10 +14,9 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -38,7 +37,10 @@ impl ExitWatch {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let event = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(ExitWatch { event, code: OnceLock::new() })
+        Ok(ExitWatch {
+            event,
+            code: OnceLock::new(),
+        })
     }
 
     fn deliver(&self, code: i32) {
@@ -57,28 +59,9 @@ impl ExitWatch {
     pub fn code(&self) -> Option<i32> {
         self.code.get().copied()
     }
-
-    /// Blocks until the exit code is known, at most `limit` if given.
-    pub fn wait(&self, limit: Option<Duration>) -> Option<i32> {
-        let ms = limit.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(c) = self.code() {
-                return Some(c);
-            }
-            let left = match limit {
-                Some(d) => d.saturating_sub(start.elapsed()).as_millis() as i32,
-                None => ms,
-            };
-            if limit.is_some() && left <= 0 {
-                return None;
-            }
-            let mut p = libc::pollfd { fd: self.event.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd on the stack.
-            unsafe { libc::poll(&mut p, 1, left) };
-        }
-    }
 }
+
+extern "C" fn on_sigchld(_: libc::c_int) {}
 
 /// Converts a wait status into the protocol's exit code.
 fn code_of(status: WaitStatus) -> Option<(Pid, i32)> {
@@ -103,24 +86,45 @@ impl Reaper {
     pub fn start() -> io::Result<Arc<Reaper>> {
         let mut set = SigSet::empty();
         set.add(Signal::SIGCHLD);
+        // PID 1 does not get signals whose disposition is the default; a
+        // no-op handler makes SIGCHLD deliverable. It never runs: SIGCHLD
+        // stays blocked in every thread and is taken by sigtimedwait.
+        let action = SigAction::new(
+            SigHandler::Handler(on_sigchld),
+            SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, so it is async-signal-safe.
+        unsafe { sigaction(Signal::SIGCHLD, &action) }.map_err(io::Error::from)?;
         set.thread_block().map_err(io::Error::from)?;
         let reaper = Arc::new(Reaper::default());
         let r = reaper.clone();
         std::thread::Builder::new()
             .name("reaper".into())
             .stack_size(128 * 1024)
-            .spawn(move || loop {
-                // Zombies that exited before we started, or whose signal
-                // coalesced with another, are swept on every wake-up.
-                r.reap_all();
-                let _ = set.wait();
+            .spawn(move || {
+                let timeout = libc::timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                loop {
+                    // Zombies that exited before we started, or whose signal
+                    // coalesced with another, are swept on every wake-up; the
+                    // timeout is a safety net should a SIGCHLD ever be lost.
+                    r.reap_all();
+                    // SAFETY: a valid signal set and timespec; no siginfo wanted.
+                    unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
+                }
             })?;
         Ok(reaper)
     }
 
     /// Runs `spawn` (which returns the child's pid) and registers the child,
     /// with the reaper held off so the exit cannot slip through unseen.
-    pub fn spawn<T>(&self, spawn: impl FnOnce() -> io::Result<(T, u32)>) -> io::Result<(T, Arc<ExitWatch>)> {
+    pub fn spawn<T>(
+        &self,
+        spawn: impl FnOnce() -> io::Result<(T, u32)>,
+    ) -> io::Result<(T, Arc<ExitWatch>)> {
         let watch = Arc::new(ExitWatch::new()?);
         let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let (value, pid) = spawn()?;
@@ -135,7 +139,10 @@ impl Reaper {
     fn reap_all(&self) {
         let _gate = self.gate.write().unwrap_or_else(|e| e.into_inner());
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            match waitpid(
+                Pid::from_raw(-1),
+                Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+            ) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(status) => {
                     if let Some((pid, code)) = code_of(status) {
@@ -164,7 +171,10 @@ mod tests {
     fn signal_codes_are_128_plus_n() {
         let pid = Pid::from_raw(5);
         assert_eq!(code_of(WaitStatus::Exited(pid, 3)), Some((pid, 3)));
-        assert_eq!(code_of(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some((pid, 137)));
+        assert_eq!(
+            code_of(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            Some((pid, 137))
+        );
         assert_eq!(code_of(WaitStatus::StillAlive), None);
     }
 }

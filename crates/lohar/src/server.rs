@@ -16,6 +16,7 @@ use bhatti_proto::{codec, ExecRequest, Frame, FrameError, Message, AUTH_DEADLINE
 use crate::activity::Activity;
 use crate::config::{AgentConfig, Endpoints};
 use crate::handlers::{self, HandlerError};
+use crate::pool::Pool;
 use crate::reaper::Reaper;
 use crate::session::{Sessions, Spec};
 use crate::stream::{Listener, Stream};
@@ -40,16 +41,34 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig, reaper: Arc<Reaper>) -> Arc<Agent> {
-        Arc::new(Agent { cfg, reaper, sessions: Sessions::new(), activity: Activity::new(), conns: AtomicUsize::new(0) })
+        Arc::new(Agent {
+            cfg,
+            reaper,
+            sessions: Sessions::new(),
+            activity: Activity::new(),
+            conns: AtomicUsize::new(0),
+        })
     }
 
     /// Starts the init script as the detached TTY session "init".
     pub fn start_init(&self) -> Result<(), String> {
-        let Some(argv) = self.cfg.init_argv() else { return Ok(()) };
+        let Some(argv) = self.cfg.init_argv() else {
+            return Ok(());
+        };
         let cwd = crate::spawn::resolve_cwd(&self.cfg, None).map_err(|e| e.to_string())?;
-        let spec =
-            Spec { id: Some("init".into()), argv: &argv, env: None, cwd: cwd.as_deref(), rows: 24, cols: 80, max_idle: None };
-        self.sessions.create(&self.cfg, &self.reaper, spec).map(|_| ()).map_err(|e| e.to_string())
+        let spec = Spec {
+            id: Some("init".into()),
+            argv: &argv,
+            env: None,
+            cwd: cwd.as_deref(),
+            rows: 24,
+            cols: 80,
+            max_idle: None,
+        };
+        self.sessions
+            .create(&self.cfg, &self.reaper, spec)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -67,7 +86,10 @@ pub fn bind(ep: &Endpoints) -> io::Result<Listeners> {
                 let _ = std::fs::remove_file(p);
                 UnixListener::bind(p)
             };
-            Listeners { control: Listener::Unix(bind(control)?), forward: Listener::Unix(bind(forward)?) }
+            Listeners {
+                control: Listener::Unix(bind(control)?),
+                forward: Listener::Unix(bind(forward)?),
+            }
         }
         Endpoints::Tcp { control, forward } => Listeners {
             control: Listener::Tcp(TcpListener::bind(control)?),
@@ -84,14 +106,17 @@ enum Channel {
 
 /// Serves both listeners forever.
 pub fn serve(agent: Arc<Agent>, listeners: Listeners) -> io::Result<()> {
-    let fwd_agent = agent.clone();
+    let pool = Pool::new(CONN_STACK);
+    let (fwd_agent, fwd_pool) = (agent.clone(), pool.clone());
     let forward = listeners.forward;
-    std::thread::Builder::new().name("accept-fwd".into()).spawn(move || accept_loop(&fwd_agent, &forward, Channel::Forward))?;
-    accept_loop(&agent, &listeners.control, Channel::Control);
+    std::thread::Builder::new()
+        .name("accept-fwd".into())
+        .spawn(move || accept_loop(&fwd_agent, &fwd_pool, &forward, Channel::Forward))?;
+    accept_loop(&agent, &pool, &listeners.control, Channel::Control);
     Ok(())
 }
 
-fn accept_loop(agent: &Arc<Agent>, listener: &Listener, channel: Channel) {
+fn accept_loop(agent: &Arc<Agent>, pool: &Pool, listener: &Listener, channel: Channel) {
     loop {
         let conn = match listener.accept() {
             Ok(c) => c,
@@ -107,22 +132,19 @@ fn accept_loop(agent: &Arc<Agent>, listener: &Listener, channel: Channel) {
             refuse_busy(&conn);
             continue;
         }
-        let a = agent.clone();
-        let spawned = std::thread::Builder::new().stack_size(CONN_STACK).spawn(move || {
-            let _slot = Slot(&a);
-            handle(&a, conn, channel);
-        });
+        // The slot is released when the job ends, or dropped unrun.
+        let slot = Slot(agent.clone());
+        let spawned = pool.execute(move || handle(&slot.0, conn, channel));
         if spawned.is_err() {
-            // The closure (and its slot) was dropped: the count is back.
             eprintln!("lohar: cannot start a connection thread");
         }
     }
 }
 
-/// Releases one connection slot when the connection ends.
-struct Slot<'a>(&'a Agent);
+/// Holds one connection slot; releases it on drop.
+struct Slot(Arc<Agent>);
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.0.conns.fetch_sub(1, Ordering::AcqRel);
     }
@@ -154,7 +176,10 @@ fn token_matches(given: &[u8], want: &[u8]) -> bool {
 }
 
 fn read_first(conn: &Stream, deadline: Instant) -> Result<Frame, FrameError> {
-    codec::read_frame(&mut DeadlineReader { stream: conn, deadline })
+    codec::read_frame(&mut DeadlineReader {
+        stream: conn,
+        deadline,
+    })
 }
 
 /// A frame error on the first frames, as the client should hear it.
@@ -183,7 +208,8 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
         first = read_first(conn, start + REQUEST_DEADLINE).map_err(bad_frame)?;
     }
     conn.set_read_timeout(None)?;
-    let msg = Message::decode(&first).map_err(|e| HandlerError::Refused(format!("bad request: {e}")))?;
+    let msg =
+        Message::decode(&first).map_err(|e| HandlerError::Refused(format!("bad request: {e}")))?;
     match (channel, msg) {
         (Channel::Forward, Message::FwdReq(req)) => handlers::forward::handle(conn, req),
         (Channel::Control, Message::ExecReq(req)) => exec(agent, conn, req),
@@ -194,7 +220,10 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
         (Channel::Control, Message::FileWriteReq(req)) => handlers::files::write(agent, conn, req),
         (Channel::Control, Message::FileStatReq(req)) => handlers::files::stat(agent, conn, req),
         (Channel::Control, Message::FileLsReq(req)) => handlers::files::ls(agent, conn, req),
-        (_, other) => Err(HandlerError::Refused(format!("unexpected frame type 0x{:02x}", other.kind() as u8))),
+        (_, other) => Err(HandlerError::Refused(format!(
+            "unexpected frame type 0x{:02x}",
+            other.kind() as u8
+        ))),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,7 +39,10 @@ impl SpawnError {
 
 /// The directory a child starts in: the request's (which must exist), or
 /// the default (falling back to `/` if the default has gone missing).
-pub fn resolve_cwd(cfg: &AgentConfig, requested: Option<&str>) -> Result<Option<PathBuf>, SpawnError> {
+pub fn resolve_cwd(
+    cfg: &AgentConfig,
+    requested: Option<&str>,
+) -> Result<Option<PathBuf>, SpawnError> {
     match requested.filter(|c| !c.is_empty()) {
         Some(c) => {
             let p = cfg.resolve(c);
@@ -48,25 +52,58 @@ pub fn resolve_cwd(cfg: &AgentConfig, requested: Option<&str>) -> Result<Option<
                 Err(e) => Err(SpawnError::Cwd(c.into(), e.to_string())),
             }
         }
-        None => Ok(cfg.default_cwd.as_ref().map(|d| if d.is_dir() { d.clone() } else { PathBuf::from("/") })),
+        None => Ok(cfg.default_cwd.as_ref().map(|d| {
+            if d.is_dir() {
+                d.clone()
+            } else {
+                PathBuf::from("/")
+            }
+        })),
     }
 }
 
+/// Finds `program` on the child's PATH, as execvp would. Resolving it here
+/// lets std use posix_spawn (a vfork, not a fork) even though the child's
+/// PATH differs from ours, and turns a missing program into a 127 without
+/// starting anything.
+fn resolve_program(program: &str, env: &BTreeMap<String, String>) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let path = env.get("PATH").map_or("/usr/local/bin:/usr/bin:/bin", String::as_str);
+    path.split(':').find_map(|dir| {
+        let candidate = Path::new(if dir.is_empty() { "." } else { dir }).join(program);
+        let meta = std::fs::metadata(&candidate).ok()?;
+        (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(candidate)
+    })
+}
+
 /// A command with argv, env, cwd and user set; stdio is the caller's.
-pub fn command(cfg: &AgentConfig, argv: &[String], env: Option<&BTreeMap<String, String>>, cwd: Option<&Path>) -> Command {
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(cfg.child_env(env));
+pub fn command(
+    cfg: &AgentConfig,
+    argv: &[String],
+    env: Option<&BTreeMap<String, String>>,
+    cwd: Option<&Path>,
+) -> Result<Command, SpawnError> {
+    let env = cfg.child_env(env);
+    let program = resolve_program(&argv[0], &env).ok_or_else(|| SpawnError::NotFound(argv[0].clone()))?;
+    let mut cmd = Command::new(program);
+    cmd.arg0(&argv[0]).args(&argv[1..]).env_clear().envs(env);
     if let Some(c) = cwd {
         cmd.current_dir(c);
     }
     if let Some((uid, gid)) = cfg.run_as {
         cmd.gid(gid).uid(uid);
     }
-    cmd
+    Ok(cmd)
 }
 
 /// Starts `cmd` and registers it with the reaper.
-pub fn start(reaper: &Reaper, mut cmd: Command, program: &str) -> Result<(std::process::Child, Arc<ExitWatch>), SpawnError> {
+pub fn start(
+    reaper: &Reaper,
+    mut cmd: Command,
+    program: &str,
+) -> Result<(std::process::Child, Arc<ExitWatch>), SpawnError> {
     reaper
         .spawn(|| {
             let child = cmd.spawn()?;
@@ -87,7 +124,10 @@ pub fn piped(
     env: Option<&BTreeMap<String, String>>,
     cwd: Option<&Path>,
 ) -> Result<(std::process::Child, Arc<ExitWatch>), SpawnError> {
-    let mut cmd = command(cfg, argv, env, cwd);
-    cmd.process_group(0).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut cmd = command(cfg, argv, env, cwd)?;
+    cmd.process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     start(reaper, cmd, &argv[0])
 }

@@ -24,7 +24,10 @@ pub fn send_raw(w: &Stream, kind: FrameType, payload: &[u8]) -> Result<(), Frame
 
 /// Reads one frame into `buf` (reused across calls, so a 50 MiB upload does
 /// not allocate per frame). Unknown types are skipped, as for every reader.
-pub fn read_frame_into<R: Read + ?Sized>(r: &mut R, buf: &mut Vec<u8>) -> Result<FrameType, FrameError> {
+pub fn read_frame_into<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<FrameType, FrameError> {
     loop {
         let mut head = [0u8; HEADER_LEN];
         let mut got = 0;
@@ -80,10 +83,14 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new() -> Self {
-        FrameDecoder { buf: Vec::with_capacity(64 * 1024), start: 0 }
+        FrameDecoder {
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+        }
     }
 
     /// Bytes received but not yet returned as frames.
+    #[cfg(test)]
     pub fn buffered(&self) -> usize {
         self.buf.len() - self.start
     }
@@ -118,7 +125,10 @@ impl FrameDecoder {
             }
             let kind = FrameType::from_byte(avail[4]);
             let payload = &avail[HEADER_LEN..HEADER_LEN + len];
-            let frame = kind.map(|kind| Frame { kind, payload: payload.to_vec() });
+            let frame = kind.map(|kind| Frame {
+                kind,
+                payload: payload.to_vec(),
+            });
             self.start += HEADER_LEN + len;
             if let Some(f) = frame {
                 return Ok(Some(f));
@@ -163,7 +173,8 @@ mod tests {
     #[test]
     fn decoder_refuses_oversized_length() {
         let mut d = FrameDecoder::new();
-        d.fill_from(&mut Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]), 16).unwrap();
+        d.fill_from(&mut Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]), 16)
+            .unwrap();
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge(_))));
     }
 
@@ -176,6 +187,9 @@ mod tests {
         assert_eq!(buf, b"hello");
         read_frame_into(&mut r, &mut buf).unwrap();
         assert_eq!(buf, b"x");
-        assert!(matches!(read_frame_into(&mut r, &mut buf), Err(FrameError::Eof)));
+        assert!(matches!(
+            read_frame_into(&mut r, &mut buf),
+            Err(FrameError::Eof)
+        ));
     }
 }

@@ -23,7 +23,11 @@ fn missing_command_is_127_with_a_message() {
     let a = Agent::start();
     let o = a.exec(&["definitely-not-a-command-xyz", "arg"]);
     assert_eq!(o.code, Some(127), "{o:?}");
-    assert!(o.err().contains("definitely-not-a-command-xyz"), "stderr: {}", o.err());
+    assert!(
+        o.err().contains("definitely-not-a-command-xyz"),
+        "stderr: {}",
+        o.err()
+    );
     assert!(o.err().contains("not found"), "stderr: {}", o.err());
     assert!(o.error.is_none());
     // The agent keeps serving.
@@ -33,11 +37,17 @@ fn missing_command_is_127_with_a_message() {
 #[test]
 fn stdout_and_stderr_are_separate_and_in_order() {
     let a = Agent::start();
-    let o = a.sh("echo o1; sleep 0.05; echo e1 >&2; sleep 0.05; echo o2; sleep 0.05; echo e2 >&2; exit 3");
+    let o = a.sh(
+        "echo o1; sleep 0.05; echo e1 >&2; sleep 0.05; echo o2; sleep 0.05; echo e2 >&2; exit 3",
+    );
     assert_eq!(o.out(), "o1\no2\n");
     assert_eq!(o.err(), "e1\ne2\n");
-    let seq: Vec<(FrameType, String)> =
-        o.chunks.iter().map(|(k, b)| (*k, String::from_utf8_lossy(b).into_owned())).filter(|(_, s)| !s.is_empty()).collect();
+    let seq: Vec<(FrameType, String)> = o
+        .chunks
+        .iter()
+        .map(|(k, b)| (*k, String::from_utf8_lossy(b).into_owned()))
+        .filter(|(_, s)| !s.is_empty())
+        .collect();
     assert_eq!(
         seq,
         vec![
@@ -47,7 +57,11 @@ fn stdout_and_stderr_are_separate_and_in_order() {
             (FrameType::Stderr, "e2\n".into()),
         ]
     );
-    assert_eq!(o.kinds.last(), Some(&FrameType::Exit), "EXIT comes after all output");
+    assert_eq!(
+        o.kinds.last(),
+        Some(&FrameType::Exit),
+        "EXIT comes after all output"
+    );
     assert_eq!(o.code, Some(3));
 }
 
@@ -57,29 +71,56 @@ fn env_merge_order_defaults_then_sandbox_then_request() {
         env_json: Some(r#"{"A":"sandbox","B":"sandbox","LANG":"sandbox-lang"}"#.into()),
         ..Default::default()
     });
-    let mut req = ExecRequest::command(["sh", "-c", "echo \"$A|$B|$LANG|$TERM|$C\"; test -n \"$PATH\" && echo path-ok"]);
-    req.env = Some([("B".to_string(), "request".to_string()), ("C".to_string(), "c".to_string())].into());
+    let mut req = ExecRequest::command([
+        "sh",
+        "-c",
+        "echo \"$A|$B|$LANG|$TERM|$C\"; test -n \"$PATH\" && echo path-ok",
+    ]);
+    req.env = Some(
+        [
+            ("B".to_string(), "request".to_string()),
+            ("C".to_string(), "c".to_string()),
+        ]
+        .into(),
+    );
     let o = a.exec_req(req, &[]);
-    assert_eq!(o.out(), "sandbox|request|sandbox-lang|xterm-256color|c\npath-ok\n");
+    assert_eq!(
+        o.out(),
+        "sandbox|request|sandbox-lang|xterm-256color|c\npath-ok\n"
+    );
     // Nothing of the agent's own environment leaks beyond the defaults.
     let o = a.sh("env | cut -d= -f1 | sort | tr '\\n' ' '");
     for k in o.out().split_whitespace() {
-        assert!(["A", "B", "HOME", "LANG", "PATH", "PWD", "SHLVL", "TERM", "USER", "_", "OLDPWD"].contains(&k), "unexpected env var {k}");
+        assert!(
+            ["A", "B", "HOME", "LANG", "PATH", "PWD", "SHLVL", "TERM", "USER", "_", "OLDPWD"]
+                .contains(&k),
+            "unexpected env var {k}"
+        );
     }
 }
 
 #[test]
 fn cwd_default_explicit_and_missing() {
     let a = Agent::start();
-    assert_eq!(a.exec(&["pwd"]).out().trim(), a.work().canonicalize().unwrap().to_str().unwrap());
+    assert_eq!(
+        a.exec(&["pwd"]).out().trim(),
+        a.work().canonicalize().unwrap().to_str().unwrap()
+    );
     let sub = a.work().join("sub dir");
     std::fs::create_dir(&sub).unwrap();
     let mut req = ExecRequest::command(["pwd"]);
     req.cwd = Some(sub.to_str().unwrap().into());
-    assert_eq!(a.exec_req(req, &[]).out().trim(), sub.canonicalize().unwrap().to_str().unwrap());
+    assert_eq!(
+        a.exec_req(req, &[]).out().trim(),
+        sub.canonicalize().unwrap().to_str().unwrap()
+    );
     let mut req = ExecRequest::command(["pwd"]);
     req.cwd = Some("sub dir".into());
-    assert_eq!(a.exec_req(req, &[]).out().trim(), sub.canonicalize().unwrap().to_str().unwrap(), "relative cwd");
+    assert_eq!(
+        a.exec_req(req, &[]).out().trim(),
+        sub.canonicalize().unwrap().to_str().unwrap(),
+        "relative cwd"
+    );
 
     let mut req = ExecRequest::command(["pwd"]);
     req.cwd = Some("/no/such/dir".into());
@@ -96,14 +137,23 @@ fn stdin_is_streamed_and_closed_by_half_close() {
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let o = a.exec_req(ExecRequest::command(["cat"]), &data);
     assert_eq!(o.code, Some(0));
-    assert!(o.stdout == data, "cat echoed {} of {} bytes", o.stdout.len(), data.len());
+    assert!(
+        o.stdout == data,
+        "cat echoed {} of {} bytes",
+        o.stdout.len(),
+        data.len()
+    );
 }
 
 #[test]
 fn stdin_is_interactive_and_closed_by_empty_frame() {
     let a = Agent::start();
     let mut c = a.connect();
-    c.send(&Message::ExecReq(ExecRequest::command(["sh", "-c", "read x; echo got-$x; read y; echo got-$y; cat"])));
+    c.send(&Message::ExecReq(ExecRequest::command([
+        "sh",
+        "-c",
+        "read x; echo got-$x; read y; echo got-$y; cat",
+    ])));
     c.send(&Message::Stdin(b"one\n".to_vec()));
     let mut acc = Vec::new();
     c.read_until(&mut acc, "got-one");
@@ -132,7 +182,9 @@ fn ten_mib_of_output_arrives_intact() {
 #[test]
 fn binary_output_is_byte_exact() {
     let a = Agent::start();
-    let data: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let f = a.path("bin");
     std::fs::write(&f, &data).unwrap();
     let o = a.sh(&format!("cat '{0}'; cat '{0}' >&2", f.display()));
@@ -144,8 +196,14 @@ fn start_group(a: &Agent) -> (common::Conn, i32, i32) {
     let gpid = a.path("grandchild.pid");
     let spid = a.path("sh.pid");
     let mut c = a.connect();
-    let script = format!("echo $$ > '{}'; sleep 1000 & echo $! > '{}'; echo started; wait", spid.display(), gpid.display());
-    c.send(&Message::ExecReq(ExecRequest::command(["sh", "-c", &script])));
+    let script = format!(
+        "echo $$ > '{}'; sleep 1000 & echo $! > '{}'; echo started; wait",
+        spid.display(),
+        gpid.display()
+    );
+    c.send(&Message::ExecReq(ExecRequest::command([
+        "sh", "-c", &script,
+    ])));
     let mut acc = Vec::new();
     c.read_until(&mut acc, "started");
     let (sh, grandchild) = (read_pid(&spid), read_pid(&gpid));
@@ -160,7 +218,10 @@ fn kill_frame_kills_the_whole_group() {
     c.send(&Message::Kill);
     let o = c.collect();
     assert_eq!(o.code, Some(137));
-    assert!(a.wait_for(Duration::from_secs(3), || !alive(grandchild) && !alive(sh)), "group survived KILL");
+    assert!(
+        a.wait_for(Duration::from_secs(3), || !alive(grandchild) && !alive(sh)),
+        "group survived KILL"
+    );
 }
 
 #[test]
@@ -168,14 +229,21 @@ fn dropped_connection_kills_the_whole_group() {
     let a = Agent::start();
     let (c, sh, grandchild) = start_group(&a);
     drop(c);
-    assert!(a.wait_for(Duration::from_secs(3), || !alive(grandchild) && !alive(sh)), "group survived disconnect");
+    assert!(
+        a.wait_for(Duration::from_secs(3), || !alive(grandchild) && !alive(sh)),
+        "group survived disconnect"
+    );
 }
 
 #[test]
 fn half_close_does_not_kill() {
     let a = Agent::start();
     let mut c = a.connect();
-    c.send(&Message::ExecReq(ExecRequest::command(["sh", "-c", "sleep 0.3; echo still-here"])));
+    c.send(&Message::ExecReq(ExecRequest::command([
+        "sh",
+        "-c",
+        "sleep 0.3; echo still-here",
+    ])));
     c.s.shutdown(std::net::Shutdown::Write).unwrap();
     let o = c.collect();
     assert_eq!(o.out(), "still-here\n");
@@ -187,8 +255,14 @@ fn background_process_holding_pipes_does_not_block_exit() {
     let a = Agent::start();
     let pidf = a.path("bg.pid");
     let t = Instant::now();
-    let o = a.sh(&format!("sleep 30 & echo $! > '{}'; echo done", pidf.display()));
-    assert!(t.elapsed() < Duration::from_secs(5), "EXIT waited for the background process");
+    let o = a.sh(&format!(
+        "sleep 30 & echo $! > '{}'; echo done",
+        pidf.display()
+    ));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "EXIT waited for the background process"
+    );
     assert_eq!(o.out(), "done\n");
     assert_eq!(o.code, Some(0));
     let bg = read_pid(&pidf);
@@ -207,7 +281,9 @@ fn bad_requests_get_one_error_then_close() {
     c.expect_closed();
 
     let mut c = a.connect();
-    c.send(&Message::ExecReq(ExecRequest::command(Vec::<String>::new())));
+    c.send(&Message::ExecReq(
+        ExecRequest::command(Vec::<String>::new()),
+    ));
     assert!(c.expect_error().contains("empty argv"));
     c.expect_closed();
 
@@ -218,7 +294,10 @@ fn bad_requests_get_one_error_then_close() {
 
     let mut c = a.connect();
     c.send(&Message::FwdReq(bhatti_proto::FwdRequest { port: 1 }));
-    assert!(c.expect_error().contains("unexpected frame"), "FWD_REQ belongs on the forward socket");
+    assert!(
+        c.expect_error().contains("unexpected frame"),
+        "FWD_REQ belongs on the forward socket"
+    );
     c.expect_closed();
     assert_eq!(a.exec(&["true"]).code, Some(0));
 }
@@ -228,20 +307,31 @@ fn activity_tracks_exec_and_counts() {
     let a = Agent::start();
     let mut c = a.connect();
     c.send(&Message::ActivityReq);
-    let Message::ActivityResp(before) = c.recv_msg() else { panic!("expected ACTIVITY_RESP") };
+    let Message::ActivityResp(before) = c.recv_msg() else {
+        panic!("expected ACTIVITY_RESP")
+    };
     assert_eq!(before.active_sessions, 0);
     assert_eq!(before.attached_sessions, 0);
 
     let mut running = a.connect();
-    running.send(&Message::ExecReq(ExecRequest::command(["sh", "-c", "echo up; sleep 5"])));
+    running.send(&Message::ExecReq(ExecRequest::command([
+        "sh",
+        "-c",
+        "echo up; sleep 5",
+    ])));
     running.read_until(&mut Vec::new(), "up");
     let mut c = a.connect();
     c.send(&Message::ActivityReq);
-    let Message::ActivityResp(during) = c.recv_msg() else { panic!("expected ACTIVITY_RESP") };
+    let Message::ActivityResp(during) = c.recv_msg() else {
+        panic!("expected ACTIVITY_RESP")
+    };
     assert_eq!(during.active_sessions, 1);
     assert_eq!(during.attached_sessions, 1);
     assert!(during.last_activity_unix >= before.last_activity_unix);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     assert!((now - during.last_activity_unix).abs() <= 2);
     running.send(&Message::Kill);
     assert_eq!(running.collect().code, Some(137));

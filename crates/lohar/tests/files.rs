@@ -9,14 +9,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bhatti_proto::frame::{FrameType, MAX_PAYLOAD_LEN};
-use bhatti_proto::{FileInfo, FileLsRequest, FileReadRequest, FileStatRequest, FileWriteRequest, Message, MAX_LS_ENTRIES};
+use bhatti_proto::{
+    FileInfo, FileLsRequest, FileReadRequest, FileStatRequest, FileWriteRequest, Message,
+    MAX_LS_ENTRIES,
+};
 use common::{Agent, Conn};
 
 /// (size reported, mode reported, bytes received) of a successful read.
 fn read(a: &Agent, req: FileReadRequest) -> (u64, String, Vec<u8>) {
     let mut c = a.connect();
     c.send(&Message::FileReadReq(req));
-    let Message::FileReadResp(resp) = c.recv_msg() else { panic!("expected FILE_READ_RESP") };
+    let Message::FileReadResp(resp) = c.recv_msg() else {
+        panic!("expected FILE_READ_RESP")
+    };
     let mut data = Vec::new();
     loop {
         let f = c.recv();
@@ -36,18 +41,47 @@ fn read(a: &Agent, req: FileReadRequest) -> (u64, String, Vec<u8>) {
 }
 
 fn read_path(a: &Agent, p: &Path) -> Vec<u8> {
-    read(a, FileReadRequest { path: p.to_str().unwrap().into(), ..Default::default() }).2
+    read(
+        a,
+        FileReadRequest {
+            path: p.to_str().unwrap().into(),
+            ..Default::default()
+        },
+    )
+    .2
 }
 
-fn window(a: &Agent, p: &Path, offset: Option<u64>, limit: Option<u64>, max_bytes: Option<u64>) -> String {
-    let (size, _, data) = read(a, FileReadRequest { path: p.to_str().unwrap().into(), offset, limit, max_bytes });
-    assert_eq!(size, std::fs::metadata(p).unwrap().len(), "total size is always reported");
+fn window(
+    a: &Agent,
+    p: &Path,
+    offset: Option<u64>,
+    limit: Option<u64>,
+    max_bytes: Option<u64>,
+) -> String {
+    let (size, _, data) = read(
+        a,
+        FileReadRequest {
+            path: p.to_str().unwrap().into(),
+            offset,
+            limit,
+            max_bytes,
+        },
+    );
+    assert_eq!(
+        size,
+        std::fs::metadata(p).unwrap().len(),
+        "total size is always reported"
+    );
     String::from_utf8(data).unwrap()
 }
 
 fn start_write(a: &Agent, path: &str, mode: Option<&str>, size: i64) -> Conn {
     let mut c = a.connect();
-    c.send(&Message::FileWriteReq(FileWriteRequest { path: path.into(), mode: mode.map(Into::into), size }));
+    c.send(&Message::FileWriteReq(FileWriteRequest {
+        path: path.into(),
+        mode: mode.map(Into::into),
+        size,
+    }));
     c
 }
 
@@ -72,7 +106,10 @@ fn error_of(a: &Agent, m: Message) -> String {
 }
 
 fn dir_entries(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -83,21 +120,52 @@ fn read_whole_empty_and_binary_files() {
     let f = a.path("text");
     std::fs::write(&f, "a\nb\n").unwrap();
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let (size, mode, data) = read(&a, FileReadRequest { path: f.to_str().unwrap().into(), ..Default::default() });
-    assert_eq!((size, mode.as_str(), &data[..]), (4, "0640", &b"a\nb\n"[..]));
+    let (size, mode, data) = read(
+        &a,
+        FileReadRequest {
+            path: f.to_str().unwrap().into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        (size, mode.as_str(), &data[..]),
+        (4, "0640", &b"a\nb\n"[..])
+    );
 
     let e = a.path("empty");
     std::fs::write(&e, "").unwrap();
-    assert_eq!(read(&a, FileReadRequest { path: e.to_str().unwrap().into(), ..Default::default() }).0, 0);
+    assert_eq!(
+        read(
+            &a,
+            FileReadRequest {
+                path: e.to_str().unwrap().into(),
+                ..Default::default()
+            }
+        )
+        .0,
+        0
+    );
     assert!(read_path(&a, &e).is_empty());
 
     let b = a.path("binary");
-    let bin: Vec<u8> = (0..3 * 1024 * 1024 + 17u32).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let bin: Vec<u8> = (0..3 * 1024 * 1024 + 17u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
     std::fs::write(&b, &bin).unwrap();
     assert!(read_path(&a, &b) == bin);
     // Relative paths resolve against the agent's cwd.
     std::fs::write(a.work().join("rel.txt"), "rel").unwrap();
-    assert_eq!(read(&a, FileReadRequest { path: "rel.txt".into(), ..Default::default() }).2, b"rel");
+    assert_eq!(
+        read(
+            &a,
+            FileReadRequest {
+                path: "rel.txt".into(),
+                ..Default::default()
+            }
+        )
+        .2,
+        b"rel"
+    );
 }
 
 #[test]
@@ -111,8 +179,16 @@ fn offset_limit_and_max_bytes() {
     assert_eq!(window(&a, &f, Some(1), Some(2), None), "l1\nl2\n");
     assert_eq!(window(&a, &f, Some(4), Some(10), None), "l4\nl5");
     assert_eq!(window(&a, &f, Some(3), Some(1), None), "l3\n");
-    assert_eq!(window(&a, &f, None, Some(2), Some(4)), "l1\nl", "bytes end first");
-    assert_eq!(window(&a, &f, Some(2), Some(1), Some(100)), "l2\n", "lines end first");
+    assert_eq!(
+        window(&a, &f, None, Some(2), Some(4)),
+        "l1\nl",
+        "bytes end first"
+    );
+    assert_eq!(
+        window(&a, &f, Some(2), Some(1), Some(100)),
+        "l2\n",
+        "lines end first"
+    );
     assert_eq!(window(&a, &f, Some(3), None, Some(5)), "l3\nl4");
     assert_eq!(window(&a, &f, None, None, Some(1)), "l");
     assert_eq!(window(&a, &f, Some(6), None, None), "");
@@ -123,8 +199,14 @@ fn offset_limit_and_max_bytes() {
     let text: String = (1..=300_000).map(|i| format!("line {i}\n")).collect();
     assert!(text.len() > 2 * 1024 * 1024);
     std::fs::write(&big, &text).unwrap();
-    assert_eq!(window(&a, &big, Some(150_000), Some(3), None), "line 150000\nline 150001\nline 150002\n");
-    assert_eq!(window(&a, &big, Some(299_999), None, None), "line 299999\nline 300000\n");
+    assert_eq!(
+        window(&a, &big, Some(150_000), Some(3), None),
+        "line 150000\nline 150001\nline 150002\n"
+    );
+    assert_eq!(
+        window(&a, &big, Some(299_999), None, None),
+        "line 299999\nline 300000\n"
+    );
     let tail = window(&a, &big, Some(100_001), None, Some(1_500_000));
     assert_eq!(tail.len(), 1_500_000);
     assert!(tail.starts_with("line 100001\n"));
@@ -138,43 +220,88 @@ fn writes_zero_bytes_modes_new_dirs_and_unicode_names() {
     assert_eq!(std::fs::read(&p).unwrap(), b"");
 
     let p = a.path("script.sh");
-    assert_eq!(write(&a, p.to_str().unwrap(), Some("0755"), b"#!/bin/sh\necho hi\n"), ok());
-    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o755);
+    assert_eq!(
+        write(
+            &a,
+            p.to_str().unwrap(),
+            Some("0755"),
+            b"#!/bin/sh\necho hi\n"
+        ),
+        ok()
+    );
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
     assert_eq!(a.exec(&[p.to_str().unwrap()]).out(), "hi\n");
     // Rewriting without a mode keeps the existing mode.
-    assert_eq!(write(&a, p.to_str().unwrap(), None, b"#!/bin/sh\necho again\n"), ok());
-    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o755);
+    assert_eq!(
+        write(&a, p.to_str().unwrap(), None, b"#!/bin/sh\necho again\n"),
+        ok()
+    );
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
     let p = a.path("private");
     assert_eq!(write(&a, p.to_str().unwrap(), Some("600"), b"s"), ok());
-    assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
 
     let deep = a.path("new/dirs/all/the/way/file.txt");
     assert_eq!(write(&a, deep.to_str().unwrap(), None, b"deep"), ok());
     assert_eq!(std::fs::read(&deep).unwrap(), b"deep");
-    assert_eq!(std::fs::metadata(&deep).unwrap().permissions().mode() & 0o7777, 0o644);
+    assert_eq!(
+        std::fs::metadata(&deep).unwrap().permissions().mode() & 0o7777,
+        0o644
+    );
 
     let uni = a.path("dïr ünï/ファイル 🚀.txt");
-    assert_eq!(write(&a, uni.to_str().unwrap(), None, "héllo wörld".as_bytes()), ok());
+    assert_eq!(
+        write(&a, uni.to_str().unwrap(), None, "héllo wörld".as_bytes()),
+        ok()
+    );
     assert_eq!(read_path(&a, &uni), "héllo wörld".as_bytes());
     let mut c = a.connect();
-    c.send(&Message::FileStatReq(FileStatRequest { path: uni.to_str().unwrap().into() }));
-    let Message::FileStatResp(fi) = c.recv_msg() else { panic!() };
+    c.send(&Message::FileStatReq(FileStatRequest {
+        path: uni.to_str().unwrap().into(),
+    }));
+    let Message::FileStatResp(fi) = c.recv_msg() else {
+        panic!()
+    };
     assert_eq!(fi.name, "ファイル 🚀.txt");
     assert_eq!(fi.size, "héllo wörld".len() as u64);
     let mut c = a.connect();
-    c.send(&Message::FileLsReq(FileLsRequest { path: a.path("dïr ünï").to_str().unwrap().into() }));
-    let Message::FileLsResp(l) = c.recv_msg() else { panic!() };
-    assert_eq!(l.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["ファイル 🚀.txt"]);
+    c.send(&Message::FileLsReq(FileLsRequest {
+        path: a.path("dïr ünï").to_str().unwrap().into(),
+    }));
+    let Message::FileLsResp(l) = c.recv_msg() else {
+        panic!()
+    };
+    assert_eq!(
+        l.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["ファイル 🚀.txt"]
+    );
 }
 
 #[test]
 fn writes_fifty_mib() {
     let a = Agent::start();
-    let data: Vec<u8> = (0..50 * 1024 * 1024u32).map(|i| (i ^ (i >> 9)) as u8).collect();
+    let data: Vec<u8> = (0..50 * 1024 * 1024u32)
+        .map(|i| (i ^ (i >> 9)) as u8)
+        .collect();
     let p = a.path("fifty");
     assert_eq!(write(&a, p.to_str().unwrap(), None, &data), ok());
     assert!(std::fs::read(&p).unwrap() == data);
-    assert_eq!(dir_entries(a.dir.path()).iter().filter(|n| n.contains("tmp")).count(), 0);
+    assert_eq!(
+        dir_entries(a.dir.path())
+            .iter()
+            .filter(|n| n.contains("tmp"))
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -190,7 +317,13 @@ fn concurrent_reader_never_sees_a_partial_file() {
         std::thread::spawn(move || {
             let mut reads = 0;
             while !done.load(Ordering::Relaxed) || reads < 20 {
-                let (size, _, data) = read(&a, FileReadRequest { path: p.to_str().unwrap().into(), ..Default::default() });
+                let (size, _, data) = read(
+                    &a,
+                    FileReadRequest {
+                        path: p.to_str().unwrap().into(),
+                        ..Default::default()
+                    },
+                );
                 let whole_a = data.len() == 300_000 && data.iter().all(|&b| b == b'a');
                 let whole_b = data.len() == 200_000 && data.iter().all(|&b| b == b'b');
                 assert!(whole_a || whole_b, "partial read: {} bytes", data.len());
@@ -220,7 +353,11 @@ fn cut_upload_leaves_old_file_and_no_temp_file() {
     // Wait until the agent has the temp file open, then cut the stream.
     assert!(a.wait_for(Duration::from_secs(3), || dir_entries(&dir).len() == 2));
     drop(c);
-    assert!(a.wait_for(Duration::from_secs(3), || dir_entries(&dir) == ["target"]), "{:?}", dir_entries(&dir));
+    assert!(
+        a.wait_for(Duration::from_secs(3), || dir_entries(&dir) == ["target"]),
+        "{:?}",
+        dir_entries(&dir)
+    );
     assert_eq!(std::fs::read(&p).unwrap(), b"old content");
 
     // Cut with an empty STDIN frame (end of stream) before `size` bytes.
@@ -254,12 +391,29 @@ fn refusals_are_error_frames() {
     let file = a.path("a-file");
     std::fs::write(&file, "x").unwrap();
     let file = file.to_str().unwrap().to_string();
-    let rd = |p: &str| Message::FileReadReq(FileReadRequest { path: p.into(), ..Default::default() });
+    let rd = |p: &str| {
+        Message::FileReadReq(FileReadRequest {
+            path: p.into(),
+            ..Default::default()
+        })
+    };
     assert!(error_of(&a, rd(&dir)).contains("directory"));
     assert!(error_of(&a, rd(&missing)).contains("missing"));
     assert!(error_of(&a, rd("/dev/null")).contains("not a regular file"));
-    assert!(error_of(&a, Message::FileStatReq(FileStatRequest { path: missing.clone() })).contains("missing"));
-    assert!(error_of(&a, Message::FileLsReq(FileLsRequest { path: missing.clone() })).contains("missing"));
+    assert!(error_of(
+        &a,
+        Message::FileStatReq(FileStatRequest {
+            path: missing.clone()
+        })
+    )
+    .contains("missing"));
+    assert!(error_of(
+        &a,
+        Message::FileLsReq(FileLsRequest {
+            path: missing.clone()
+        })
+    )
+    .contains("missing"));
     assert!(!error_of(&a, Message::FileLsReq(FileLsRequest { path: file.clone() })).is_empty());
     let mut c = start_write(&a, &dir, None, 1);
     assert!(c.expect_error().contains("directory"));
@@ -278,23 +432,38 @@ fn stat_and_ls() {
     std::fs::create_dir(d.join("sub")).unwrap();
     std::os::unix::fs::symlink("a.txt", d.join("link")).unwrap();
     std::os::unix::fs::symlink("nowhere", d.join("dangling")).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
 
     let mut c = a.connect();
-    c.send(&Message::FileStatReq(FileStatRequest { path: d.join("b.txt").to_str().unwrap().into() }));
-    let Message::FileStatResp(fi) = c.recv_msg() else { panic!() };
+    c.send(&Message::FileStatReq(FileStatRequest {
+        path: d.join("b.txt").to_str().unwrap().into(),
+    }));
+    let Message::FileStatResp(fi) = c.recv_msg() else {
+        panic!()
+    };
     assert_eq!((fi.name.as_str(), fi.size, fi.is_dir), ("b.txt", 3, false));
     assert!((fi.mtime - now).abs() < 60);
     assert_eq!(fi.mode.len(), 4);
     let mut c = a.connect();
-    c.send(&Message::FileStatReq(FileStatRequest { path: d.to_str().unwrap().into() }));
-    let Message::FileStatResp(fi) = c.recv_msg() else { panic!() };
+    c.send(&Message::FileStatReq(FileStatRequest {
+        path: d.to_str().unwrap().into(),
+    }));
+    let Message::FileStatResp(fi) = c.recv_msg() else {
+        panic!()
+    };
     assert!(fi.is_dir);
     assert_eq!(fi.name, "tree");
 
     let mut c = a.connect();
-    c.send(&Message::FileLsReq(FileLsRequest { path: d.to_str().unwrap().into() }));
-    let Message::FileLsResp(l) = c.recv_msg() else { panic!() };
+    c.send(&Message::FileLsReq(FileLsRequest {
+        path: d.to_str().unwrap().into(),
+    }));
+    let Message::FileLsResp(l) = c.recv_msg() else {
+        panic!()
+    };
     let names: Vec<&str> = l.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["a.txt", "b.txt", "dangling", "link", "sub"]);
     let by = |n: &str| -> &FileInfo { l.iter().find(|f| f.name == n).unwrap() };
@@ -312,8 +481,12 @@ fn ls_is_capped() {
         std::fs::File::create(d.join(format!("f{i:05}"))).unwrap();
     }
     let mut c = a.connect();
-    c.send(&Message::FileLsReq(FileLsRequest { path: d.to_str().unwrap().into() }));
-    let Message::FileLsResp(l) = c.recv_msg() else { panic!() };
+    c.send(&Message::FileLsReq(FileLsRequest {
+        path: d.to_str().unwrap().into(),
+    }));
+    let Message::FileLsResp(l) = c.recv_msg() else {
+        panic!()
+    };
     assert_eq!(l.len(), MAX_LS_ENTRIES);
 }
 
@@ -325,12 +498,20 @@ fn read_stops_when_the_client_goes_away() {
     f.set_len(8 << 30).unwrap(); // 8 GiB, sparse
     let idle_threads = a.threads();
     let mut c = a.connect();
-    c.send(&Message::FileReadReq(FileReadRequest { path: p.to_str().unwrap().into(), ..Default::default() }));
-    let Message::FileReadResp(r) = c.recv_msg() else { panic!() };
+    c.send(&Message::FileReadReq(FileReadRequest {
+        path: p.to_str().unwrap().into(),
+        ..Default::default()
+    }));
+    let Message::FileReadResp(r) = c.recv_msg() else {
+        panic!()
+    };
     assert_eq!(r.size, 8 << 30);
     assert_eq!(c.recv().kind, FrameType::Stdout);
     assert!(a.threads() > idle_threads, "a thread serves the read");
     drop(c);
     // The serving thread ends at once instead of streaming 8 GiB into the void.
-    assert!(a.wait_for(Duration::from_secs(1), || a.threads() == idle_threads), "read went on after the client left");
+    assert!(
+        a.wait_for(Duration::from_secs(1), || a.threads() == idle_threads),
+        "read went on after the client left"
+    );
 }

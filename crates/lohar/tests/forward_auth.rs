@@ -20,7 +20,12 @@ fn http_server() -> (u16, std::thread::JoinHandle<String>) {
         let mut req = String::new();
         s.read_to_string(&mut req).unwrap();
         let body = "hello through the tunnel";
-        write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        write!(
+            s,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
         req
     });
     (port, h)
@@ -42,7 +47,8 @@ fn http_round_trip_through_the_forward_socket() {
         other => panic!("expected FWD_RESP, got {other:?}"),
     }
     // From here on: raw bytes, no frames.
-    c.s.write_all(b"GET /x HTTP/1.0\r\nHost: sandbox\r\n\r\n").unwrap();
+    c.s.write_all(b"GET /x HTTP/1.0\r\nHost: sandbox\r\n\r\n")
+        .unwrap();
     c.s.shutdown(Shutdown::Write).unwrap();
     let mut resp = String::new();
     BufReader::new(&c.s).read_to_string(&mut resp).unwrap();
@@ -85,7 +91,9 @@ fn large_relay_is_intact_both_ways() {
 fn closed_port_gives_status_error() {
     let a = Agent::start();
     let mut c = a.connect_fwd();
-    c.send(&Message::FwdReq(FwdRequest { port: closed_port() }));
+    c.send(&Message::FwdReq(FwdRequest {
+        port: closed_port(),
+    }));
     match c.recv_msg() {
         Message::FwdResp(r) => {
             assert_eq!(r.status, "error");
@@ -104,7 +112,10 @@ fn forward_socket_refuses_control_requests() {
 }
 
 fn with_token() -> Agent {
-    Agent::with(Opts { token: Some("s3cret-token".into()), ..Default::default() })
+    Agent::with(Opts {
+        token: Some("s3cret-token".into()),
+        ..Default::default()
+    })
 }
 
 fn assert_refused(c: &mut common::Conn) {
@@ -118,7 +129,9 @@ fn auth_accepts_the_right_token_silently() {
     // `exec` authenticates first; success has no reply of its own.
     assert_eq!(a.exec(&["echo", "in"]).out(), "in\n");
     let mut c = a.connect_fwd();
-    c.send(&Message::FwdReq(FwdRequest { port: closed_port() }));
+    c.send(&Message::FwdReq(FwdRequest {
+        port: closed_port(),
+    }));
     assert!(matches!(c.recv_msg(), Message::FwdResp(_)));
 }
 
@@ -142,7 +155,11 @@ fn wrong_and_missing_tokens_are_refused() {
     c.send(&Message::FwdReq(FwdRequest { port: 1 }));
     assert_refused(&mut c);
 
-    assert_eq!(a.exec(&["true"]).code, Some(0), "the agent keeps serving others");
+    assert_eq!(
+        a.exec(&["true"]).code,
+        Some(0),
+        "the agent keeps serving others"
+    );
 }
 
 #[test]
@@ -173,8 +190,14 @@ fn slow_token_is_refused_after_the_deadline() {
     let _ = slow.s.read_to_end(&mut buf);
     let elapsed = t.elapsed();
     let msg = bhatti_proto::codec::read_frame(&mut &buf[..]).expect("an ERROR frame");
-    assert_eq!(Message::decode(&msg).unwrap(), Message::Error(AUTH_REQUIRED.into()));
-    assert!(elapsed >= Duration::from_millis(4900) && elapsed < Duration::from_secs(8), "{elapsed:?}");
+    assert_eq!(
+        Message::decode(&msg).unwrap(),
+        Message::Error(AUTH_REQUIRED.into())
+    );
+    assert!(
+        elapsed >= Duration::from_millis(4900) && elapsed < Duration::from_secs(8),
+        "{elapsed:?}"
+    );
     assert_eq!(a.exec(&["true"]).code, Some(0));
 }
 
@@ -185,6 +208,9 @@ fn silent_client_is_refused_after_the_deadline() {
     let mut c = a.connect_raw();
     assert_eq!(c.expect_error(), AUTH_REQUIRED);
     let elapsed = t.elapsed();
-    assert!(elapsed >= Duration::from_millis(4900) && elapsed < Duration::from_secs(8), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(4900) && elapsed < Duration::from_secs(8),
+        "{elapsed:?}"
+    );
     c.expect_closed();
 }

@@ -27,7 +27,9 @@ fn garbage_bytes_get_an_error_and_a_close() {
     c.s.write_all(&[0, 0, 0, 0, 9, 9, 9]).unwrap();
     c.expect_error();
     let mut c = a.connect_raw();
-    let junk: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+    let junk: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+        .collect();
     let _ = c.s.write_all(&junk);
     let mut rest = Vec::new();
     let _ = c.s.read_to_end(&mut rest);
@@ -47,7 +49,8 @@ fn oversized_length_is_refused_without_reading_it() {
     c.expect_closed();
     // Exactly one byte over the limit.
     let mut c = a.connect_raw();
-    c.s.write_all(&((1024 * 1024 + 1) as u32).to_be_bytes()).unwrap();
+    c.s.write_all(&((1024 * 1024 + 1) as u32).to_be_bytes())
+        .unwrap();
     c.s.write_all(&[0x10]).unwrap();
     assert!(c.expect_error().contains("exceeds"));
     // In the middle of an exec, an oversized frame ends the connection.
@@ -66,12 +69,18 @@ fn two_hundred_concurrent_connections() {
     let mut conns: Vec<Conn> = (0..200)
         .map(|i| {
             let mut c = a.connect();
-            c.send(&Message::ExecReq(ExecRequest::command(["sh", "-c", &format!("read x; echo $x-{i}")])));
+            c.send(&Message::ExecReq(ExecRequest::command([
+                "sh",
+                "-c",
+                &format!("read x; echo $x-{i}"),
+            ])));
             c
         })
         .collect();
     // ...plus 100 idle ones that never send anything.
-    let idle: Vec<UnixStream> = (0..100).map(|_| UnixStream::connect(&a.sock).unwrap()).collect();
+    let idle: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&a.sock).unwrap())
+        .collect();
     still_serving(&a);
     for c in conns.iter_mut() {
         c.send(&Message::Stdin(b"v\n".to_vec()));

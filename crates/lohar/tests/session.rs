@@ -9,7 +9,10 @@ use bhatti_proto::{ExecKill, ExecRequest, Message, SessionInfo, SCROLLBACK_BYTES
 use common::{Agent, Conn, Opts};
 
 fn tty(argv: &[&str]) -> ExecRequest {
-    ExecRequest { tty: true, ..ExecRequest::command(argv.iter().copied()) }
+    ExecRequest {
+        tty: true,
+        ..ExecRequest::command(argv.iter().copied())
+    }
 }
 
 fn create(a: &Agent, req: ExecRequest) -> (Conn, SessionInfo) {
@@ -22,7 +25,11 @@ fn create(a: &Agent, req: ExecRequest) -> (Conn, SessionInfo) {
 }
 
 fn attach_req(id: &str, if_detached: bool) -> ExecRequest {
-    ExecRequest { session_id: Some(id.into()), if_detached, ..Default::default() }
+    ExecRequest {
+        session_id: Some(id.into()),
+        if_detached,
+        ..Default::default()
+    }
 }
 
 fn attach(a: &Agent, id: &str) -> (Conn, SessionInfo) {
@@ -31,13 +38,19 @@ fn attach(a: &Agent, id: &str) -> (Conn, SessionInfo) {
 
 fn ticks(out: &[u8]) -> Vec<u64> {
     let s = String::from_utf8_lossy(out);
-    s.split("tick-").skip(1).filter_map(|p| p.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()).collect()
+    s.split("tick-")
+        .skip(1)
+        .filter_map(|p| p.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
 }
 
 #[test]
 fn io_goes_through_a_real_pty() {
     let a = Agent::start();
-    let (mut c, info) = create(&a, tty(&["sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty; cat"]));
+    let (mut c, info) = create(
+        &a,
+        tty(&["sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty; cat"]),
+    );
     assert!(info.running && info.attached && info.tty);
     assert!(info.session_id.starts_with('s'));
     let mut acc = Vec::new();
@@ -62,7 +75,10 @@ fn rows_cols_and_resize_reach_the_process() {
     c.send_raw(FrameType::Resize, &[0, 50, 0]);
     c.send(&Message::Stdin(b"\n".to_vec()));
     c.read_until(&mut acc, "B 30 100");
-    c.send(&Message::Resize { rows: 40, cols: 120 });
+    c.send(&Message::Resize {
+        rows: 40,
+        cols: 120,
+    });
     c.send(&Message::Stdin(b"\n".to_vec()));
     c.read_until(&mut acc, "C 40 120");
 }
@@ -82,9 +98,16 @@ fn detach_keeps_running_and_reattach_replays_then_goes_live_without_gaps() {
     let (mut c, info2) = attach(&a, &info.session_id);
     assert!(info2.running && info2.attached);
     let replay = c.recv();
-    assert_eq!(replay.kind, FrameType::Stdout, "scrollback comes right after SESSION_INFO");
+    assert_eq!(
+        replay.kind,
+        FrameType::Stdout,
+        "scrollback comes right after SESSION_INFO"
+    );
     let replayed = ticks(&replay.payload);
-    assert!(replayed.len() >= 10, "process kept running while detached: {replayed:?}");
+    assert!(
+        replayed.len() >= 10,
+        "process kept running while detached: {replayed:?}"
+    );
     let mut all = replay.payload.clone();
     let last = *replayed.last().unwrap();
     c.read_until(&mut all, &format!("tick-{}", last + 10));
@@ -96,7 +119,10 @@ fn detach_keeps_running_and_reattach_replays_then_goes_live_without_gaps() {
 #[test]
 fn second_attach_displaces_the_first() {
     let a = Agent::start();
-    let (c0, info) = create(&a, tty(&["sh", "-c", "while true; do echo tick-x; sleep 0.05; done"]));
+    let (c0, info) = create(
+        &a,
+        tty(&["sh", "-c", "while true; do echo tick-x; sleep 0.05; done"]),
+    );
     drop(c0);
     let (mut first, _) = attach(&a, &info.session_id);
     let (mut second, _) = attach(&a, &info.session_id);
@@ -124,7 +150,10 @@ fn if_detached_refuses_while_attached() {
     assert!(refused.expect_error().contains("attached"));
     refused.expect_closed();
     drop(c);
-    assert!(a.wait_for(Duration::from_secs(3), || !a.session(&info.session_id).unwrap().attached));
+    assert!(a.wait_for(Duration::from_secs(3), || !a
+        .session(&info.session_id)
+        .unwrap()
+        .attached));
     let (_c, info2) = create(&a, attach_req(&info.session_id, true));
     assert!(info2.attached);
 }
@@ -132,12 +161,18 @@ fn if_detached_refuses_while_attached() {
 #[test]
 fn max_idle_kills_an_abandoned_session_but_not_an_attached_one() {
     let a = Agent::start();
-    let req = ExecRequest { max_idle_sec: Some(1), ..tty(&["sleep", "60"]) };
+    let req = ExecRequest {
+        max_idle_sec: Some(1),
+        ..tty(&["sleep", "60"])
+    };
     let (watched, kept) = create(&a, req.clone());
     let (abandoned, gone) = create(&a, req);
     drop(abandoned);
     assert!(
-        a.wait_for(Duration::from_secs(5), || !a.session(&gone.session_id).unwrap().running),
+        a.wait_for(Duration::from_secs(5), || !a
+            .session(&gone.session_id)
+            .unwrap()
+            .running),
         "idle session was not killed"
     );
     assert_eq!(a.session(&gone.session_id).unwrap().exit_code, Some(137));
@@ -173,12 +208,20 @@ fn exec_kill_sigkills_and_kill_frame_sigterms() {
     let (c, info) = create(&a, tty(&["sleep", "60"]));
     drop(c);
     let mut k = a.connect();
-    k.send(&Message::ExecKill(ExecKill { session_id: info.session_id.clone() }));
+    k.send(&Message::ExecKill(ExecKill {
+        session_id: info.session_id.clone(),
+    }));
     assert_eq!(k.recv_msg(), Message::Exit(0));
-    assert!(a.wait_for(Duration::from_secs(3), || a.session(&info.session_id).unwrap().exit_code == Some(137)));
+    assert!(a.wait_for(Duration::from_secs(3), || a
+        .session(&info.session_id)
+        .unwrap()
+        .exit_code
+        == Some(137)));
 
     let mut k = a.connect();
-    k.send(&Message::ExecKill(ExecKill { session_id: "nope".into() }));
+    k.send(&Message::ExecKill(ExecKill {
+        session_id: "nope".into(),
+    }));
     assert!(k.expect_error().contains("not found"));
 
     let (mut c, _) = create(&a, tty(&["sleep", "60"]));
@@ -212,9 +255,15 @@ fn unknown_session_is_an_error() {
 
 #[test]
 fn init_script_runs_as_session_init() {
-    let a = Agent::with(Opts { init: Some("echo init-ran; sleep 60".into()), ..Default::default() });
+    let a = Agent::with(Opts {
+        init: Some("echo init-ran; sleep 60".into()),
+        ..Default::default()
+    });
     let l = a.list();
-    let init = l.iter().find(|s| s.session_id == "init").expect("init session listed");
+    let init = l
+        .iter()
+        .find(|s| s.session_id == "init")
+        .expect("init session listed");
     assert!(init.running && !init.attached);
     let (mut c, _) = attach(&a, "init");
     let mut acc = Vec::new();
@@ -241,9 +290,14 @@ fn session_registry_is_capped() {
     assert_eq!(ids.len(), 128);
     // An exited session makes room: it is evicted for the new one.
     let mut k = a.connect();
-    k.send(&Message::ExecKill(ExecKill { session_id: ids[5].clone() }));
+    k.send(&Message::ExecKill(ExecKill {
+        session_id: ids[5].clone(),
+    }));
     assert_eq!(k.recv_msg(), Message::Exit(0));
-    assert!(a.wait_for(Duration::from_secs(3), || !a.session(&ids[5]).unwrap().running));
+    assert!(a.wait_for(Duration::from_secs(3), || !a
+        .session(&ids[5])
+        .unwrap()
+        .running));
     let (_c, i) = create(&a, tty(&["true"]));
     assert!(a.session(&ids[5]).is_none());
     assert!(a.session(&i.session_id).is_some());

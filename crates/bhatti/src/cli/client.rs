@@ -6,6 +6,7 @@
 //! the key or run `bhatti setup`, a 404 on a sandbox route says
 //! "no sandbox named X".
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -36,6 +37,8 @@ pub struct ApiClient {
     base: Url,
     url: Resolved<String>,
     token: Option<Resolved<String>>,
+    /// Set for https URLs; the shell's WebSocket uses it too.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Resolves the connection settings from the global flags, the config file
@@ -67,16 +70,23 @@ impl ApiClient {
             auth_token,
         } = settings;
         let base = parse_base_url(&api_url)?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("bhatti-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+            .user_agent(concat!("bhatti-cli/", env!("CARGO_PKG_VERSION")));
+        let tls = if base.scheme() == "https" {
+            let config = super::tls::client_config()?;
+            builder = builder.use_preconfigured_tls((*config).clone());
+            Some(config)
+        } else {
+            None
+        };
+        let http = builder.build().context("cannot set up the HTTP client")?;
         Ok(Self {
             http,
             base,
             url: api_url,
             token: auth_token,
+            tls,
         })
     }
 
@@ -103,6 +113,11 @@ impl ApiClient {
             .pop_if_empty()
             .extend(segments);
         url
+    }
+
+    /// The TLS settings for https URLs (`None` for http).
+    pub fn tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
     }
 
     /// `url(segments)` with `ws`/`wss` instead of `http`/`https`.
@@ -136,8 +151,9 @@ impl ApiClient {
         if status.is_success() {
             return Ok(resp);
         }
+        let path = resp.url().path().to_string();
         let body = resp.bytes().await.unwrap_or_default();
-        Err(self.status_error(status, &body, target).await)
+        Err(self.status_error(status, &body, target, &path).await)
     }
 
     /// `GET` and decode the JSON answer.
@@ -221,18 +237,27 @@ impl ApiClient {
 
     /// The message for a non-2xx answer. A 404 on a sandbox route checks
     /// whether the sandbox itself exists, to say "no sandbox named X"
-    /// instead of a bare "not found".
-    pub async fn status_error(&self, status: StatusCode, body: &[u8], target: Target<'_>) -> anyhow::Error {
+    /// instead of a bare "not found". `path` is the request's URL path.
+    pub async fn status_error(
+        &self,
+        status: StatusCode,
+        body: &[u8],
+        target: Target<'_>,
+        path: &str,
+    ) -> anyhow::Error {
         let server_msg = server_message(body);
         match status {
-            StatusCode::UNAUTHORIZED => self.unauthorized(server_msg.as_deref()),
+            StatusCode::UNAUTHORIZED => self.unauthorized(),
             StatusCode::NOT_FOUND => {
                 if let Target::Sandbox(name) = target {
                     if !self.sandbox_exists(name).await.unwrap_or(true) {
                         return anyhow!("no sandbox named {name}");
                     }
                 }
-                anyhow!(server_msg.unwrap_or_else(|| format!("not found (404) at {}", self.url.value)))
+                anyhow!(server_msg.unwrap_or_else(|| format!(
+                    "{} has no {path} (404); is the daemon older than this CLI?",
+                    self.url.value
+                )))
             }
             _ => match server_msg {
                 Some(m) => anyhow!(m),
@@ -245,17 +270,18 @@ impl ApiClient {
         }
     }
 
-    fn unauthorized(&self, server_msg: Option<&str>) -> anyhow::Error {
-        let detail = server_msg.map(|m| format!(" ({m})")).unwrap_or_default();
+    /// A 401: no key configured, or the key was rejected. The server's own
+    /// wording is not repeated; the hint here covers it.
+    fn unauthorized(&self) -> anyhow::Error {
         match &self.token {
             None => anyhow!(
-                "{} requires an API key and none is configured{detail}; run `bhatti setup`, \
+                "{} requires an API key and none is configured; run `bhatti setup`, \
                  pass --token or set {}",
                 self.url.value,
                 crate::config::TOKEN_ENV
             ),
             Some(t) => anyhow!(
-                "{} rejected the API key (from {}){detail}; check the key or run `bhatti setup`",
+                "{} rejected the API key (from {}); check the key or run `bhatti setup`",
                 self.url.value,
                 t.source
             ),

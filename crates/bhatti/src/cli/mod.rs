@@ -24,6 +24,7 @@ pub mod serve;
 pub mod setup;
 pub mod shell;
 pub mod terminal;
+pub mod tls;
 pub mod unpublish;
 pub mod user;
 pub mod version;

@@ -126,13 +126,16 @@ pub async fn connect(
             .map_err(|_| anyhow!("the API key contains characters that cannot be sent in a header"))?;
         req.headers_mut().insert(header::AUTHORIZATION, value);
     }
-    match tokio_tungstenite::connect_async(req).await {
+    let connector = client.tls().map(tokio_tungstenite::Connector::Rustls);
+    match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
         Ok((ws, _)) => Ok(ws),
         Err(WsError::Http(resp)) => {
             let status = reqwest::StatusCode::from_u16(resp.status().as_u16())
                 .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
             let body = resp.body().clone().unwrap_or_default();
-            Err(client.status_error(status, &body, Target::Sandbox(sandbox)).await)
+            Err(client
+                .status_error(status, &body, Target::Sandbox(sandbox), url.path())
+                .await)
         }
         Err(WsError::Io(e)) => Err(client.unreachable(&e.to_string())),
         Err(WsError::Url(e)) => Err(anyhow!("cannot open a WebSocket to {url}: {e}")),

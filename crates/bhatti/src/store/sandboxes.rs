@@ -511,7 +511,10 @@ mod tests {
         assert_eq!(s.get_sandbox(&rec.id).expect("get"), rec);
         assert_eq!(s.find_sandbox(u, "dev").expect("by name"), rec);
         assert_eq!(s.find_sandbox(u, &rec.id).expect("by id"), rec);
-        assert_eq!(s.list_sandboxes(u).expect("list"), [rec.clone()]);
+        assert_eq!(
+            s.list_sandboxes(u).expect("list"),
+            std::slice::from_ref(&rec)
+        );
         assert_eq!(s.count_sandboxes(Some(u)).expect("count"), 1);
         assert_eq!(s.count_sandboxes(None).expect("count"), 1);
         // Another user's sandbox is invisible.

@@ -41,7 +41,13 @@ const FINAL_DRAIN_MAX: usize = 1024 * 1024;
 pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
     let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref()).or_else(refuse)?;
     let _running = agent.activity.piped_guard();
-    let (mut child, watch) = match spawn::piped(&agent.cfg, &agent.reaper, &req.argv, req.env.as_ref(), cwd.as_deref()) {
+    let (mut child, watch) = match spawn::piped(
+        &agent.cfg,
+        &agent.reaper,
+        &req.argv,
+        req.env.as_ref(),
+        cwd.as_deref(),
+    ) {
         Ok(c) => c,
         Err(e) => match e.exit_code() {
             // Like a shell: a message on stderr and 127 (or 126).
@@ -95,7 +101,10 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 }
 
 fn would_block(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// The state of one exec's relay loop.
@@ -172,18 +181,39 @@ impl Relay<'_> {
                 _ => -1,
             };
             let mut fds = [
-                libc::pollfd { fd: self.conn.as_raw_fd(), events: sock_events, revents: 0 },
-                libc::pollfd { fd: fd(&self.pipes[0], room), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: fd(&self.pipes[1], room), events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: fd(&self.stdin, self.stdin_pos < self.stdin_buf.len()), events: libc::POLLOUT, revents: 0 },
                 libc::pollfd {
-                    fd: if self.code.is_none() { self.watch.fd().as_raw_fd() } else { -1 },
+                    fd: self.conn.as_raw_fd(),
+                    events: sock_events,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: fd(&self.pipes[0], room),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: fd(&self.pipes[1], room),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: fd(&self.stdin, self.stdin_pos < self.stdin_buf.len()),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: if self.code.is_none() {
+                        self.watch.fd().as_raw_fd()
+                    } else {
+                        -1
+                    },
                     events: libc::POLLIN,
                     revents: 0,
                 },
             ];
             let timeout = match self.drain_until {
-                Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() as i32).saturating_add(1),
+                Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() as i32)
+                    .saturating_add(1),
                 None => -1,
             };
             // SAFETY: fds is a valid array of pollfds on the stack.
@@ -269,14 +299,22 @@ impl Relay<'_> {
         // SAFETY: reads at most `max` bytes into a live buffer that long,
         // from a pipe fd we own.
         let n = unsafe { libc::read(fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), max) };
-        let res = if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) };
+        let res = if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        };
         match res {
             Ok(0) => {
                 self.pipes[i] = None;
                 0
             }
             Ok(n) => {
-                let kind = if i == 0 { FrameType::Stdout } else { FrameType::Stderr };
+                let kind = if i == 0 {
+                    FrameType::Stdout
+                } else {
+                    FrameType::Stderr
+                };
                 let data = std::mem::take(&mut self.buf);
                 self.push_frame(kind, &data[..n]);
                 self.buf = data;

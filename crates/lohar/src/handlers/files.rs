@@ -5,14 +5,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bhatti_proto::frame::{self as pframe, FrameType, HEADER_LEN, MAX_PAYLOAD_LEN};
 use bhatti_proto::fs::{mode_string, parse_mode};
 use bhatti_proto::{
-    FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest, FileWriteResponse,
-    Message, MAX_LS_ENTRIES,
+    FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
+    FileWriteResponse, Message, MAX_LS_ENTRIES,
 };
 
 use super::{refuse, HandlerError};
@@ -32,24 +34,36 @@ pub fn read(agent: &Agent, conn: &Stream, req: FileReadRequest) -> Result<(), Ha
     agent.activity.touch();
     let path = agent.cfg.resolve(&req.path);
     // O_NONBLOCK so that opening a FIFO cannot hang; regular files ignore it.
-    let file = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path) {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) => return refuse(describe(&req.path, &e)),
     };
-    let meta = file.metadata().or_else(|e| refuse(describe(&req.path, &e)))?;
+    let meta = file
+        .metadata()
+        .or_else(|e| refuse(describe(&req.path, &e)))?;
     if meta.is_dir() {
         return refuse(format!("{}: is a directory", req.path));
     }
     if !meta.is_file() {
         return refuse(format!("{}: not a regular file", req.path));
     }
-    wire::send(conn, &Message::FileReadResp(FileReadResponse { size: meta.len(), mode: mode_string(meta.mode()) }))?;
+    wire::send(
+        conn,
+        &Message::FileReadResp(FileReadResponse {
+            size: meta.len(),
+            mode: mode_string(meta.mode()),
+        }),
+    )?;
     let window = Window {
         skip_lines: req.offset.unwrap_or(1).saturating_sub(1),
         lines: req.limit.filter(|l| *l > 0),
         bytes: req.max_bytes.filter(|b| *b > 0).unwrap_or(u64::MAX),
     };
-    stream_file(conn, &file, window)?;
+    stream_file(conn, &file, meta.len(), window)?;
     wire::send(conn, &Message::Exit(0))?;
     Ok(())
 }
@@ -63,12 +77,73 @@ struct Window {
     bytes: u64,
 }
 
+/// Frame buffers kept for reuse: allocating and zeroing 1 MiB per read
+/// costs more than reading a small file.
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// How many spare 1 MiB buffers are kept at most.
+const SPARE_BUFFERS: usize = 4;
+/// Files at least this big get a larger socket send buffer.
+const BIG_READ: u64 = 256 * 1024;
+
+/// A frame buffer, returned to [`BUFFERS`] on drop.
+struct FrameBuf(Vec<u8>);
+
+impl FrameBuf {
+    fn get(payload: usize) -> FrameBuf {
+        let len = HEADER_LEN + payload;
+        if payload == MAX_PAYLOAD_LEN {
+            if let Some(b) = BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                return FrameBuf(b);
+            }
+        }
+        FrameBuf(vec![0u8; len])
+    }
+}
+
+impl Drop for FrameBuf {
+    fn drop(&mut self) {
+        if self.0.len() == HEADER_LEN + MAX_PAYLOAD_LEN {
+            let mut spare = BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(std::mem::take(&mut self.0));
+            }
+        }
+    }
+}
+
+/// Lets the kernel take a whole 1 MiB frame in one write instead of
+/// waking us several times per frame (root only; best effort).
+fn widen_send_buffer(conn: &Stream) {
+    let size: libc::c_int = 4 * 1024 * 1024;
+    // SAFETY: setsockopt reads one c_int from the stack.
+    unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Sends the window of `file` as STDOUT frames of up to 1 MiB. Bytes are
 /// read straight into the frame buffer behind a header gap: one copy in,
 /// one copy out.
-fn stream_file(conn: &Stream, file: &File, mut w: Window) -> Result<(), HandlerError> {
+fn stream_file(conn: &Stream, file: &File, size: u64, mut w: Window) -> Result<(), HandlerError> {
     use std::io::Read;
-    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD_LEN];
+    if w.bytes == 0 {
+        return Ok(());
+    }
+    if size.min(w.bytes) >= BIG_READ {
+        widen_send_buffer(conn);
+    }
+    // Sized for the file, plus one byte to see EOF in one read. Files in
+    // /proc and /sys claim size 0 yet have content: give them a page or so.
+    let want = if size == 0 { 64 * 1024 } else { size.saturating_add(1) };
+    let payload = want.min(MAX_PAYLOAD_LEN as u64) as usize;
+    let mut frame = FrameBuf::get(payload);
+    let buf = &mut frame.0;
     let mut r = file;
     while w.bytes > 0 && w.lines != Some(0) {
         let n = match r.read(&mut buf[HEADER_LEN..]) {
@@ -141,7 +216,9 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
         return refuse(format!("invalid size {}: must not be negative", req.size));
     };
     let mode = match req.mode.as_deref() {
-        Some(m) => Some(parse_mode(m).ok_or_else(|| HandlerError::Refused(format!("invalid mode {m:?}")))?),
+        Some(m) => Some(
+            parse_mode(m).ok_or_else(|| HandlerError::Refused(format!("invalid mode {m:?}")))?,
+        ),
         None => None,
     };
     let path = agent.cfg.resolve(&req.path);
@@ -162,7 +239,12 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
         )),
         keep: false,
     };
-    let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp.path) {
+    let mut file = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp.path)
+    {
         Ok(f) => f,
         Err(e) => return refuse(describe(&req.path, &e)),
     };
@@ -173,13 +255,21 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
     while left > 0 {
         match wire::read_frame_into(&mut r, &mut buf)? {
             FrameType::Stdin if buf.is_empty() => {
-                return refuse(format!("upload ended after {} of {} bytes", req.size as u64 - left, req.size));
+                return refuse(format!(
+                    "upload ended after {} of {} bytes",
+                    req.size as u64 - left,
+                    req.size
+                ));
             }
             FrameType::Stdin => {
                 if buf.len() as u64 > left {
-                    return refuse(format!("upload is longer than its size of {} bytes", req.size));
+                    return refuse(format!(
+                        "upload is longer than its size of {} bytes",
+                        req.size
+                    ));
                 }
-                file.write_all(&buf).or_else(|e| refuse(describe(&req.path, &e)))?;
+                file.write_all(&buf)
+                    .or_else(|e| refuse(describe(&req.path, &e)))?;
                 left -= buf.len() as u64;
             }
             FrameType::Kill => return refuse("upload cancelled"),
@@ -234,7 +324,13 @@ fn create_dirs(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
 }
 
 fn info(name: String, m: &fs::Metadata) -> FileInfo {
-    FileInfo { name, size: m.len(), mode: mode_string(m.mode()), is_dir: m.is_dir(), mtime: m.mtime() }
+    FileInfo {
+        name,
+        size: m.len(),
+        mode: mode_string(m.mode()),
+        is_dir: m.is_dir(),
+        mtime: m.mtime(),
+    }
 }
 
 /// FILE_STAT_REQ (follows symlinks, like `stat -L`).
@@ -242,7 +338,9 @@ pub fn stat(agent: &Agent, conn: &Stream, req: FileStatRequest) -> Result<(), Ha
     agent.activity.touch();
     let path = agent.cfg.resolve(&req.path);
     let meta = fs::metadata(&path).or_else(|e| refuse(describe(&req.path, &e)))?;
-    let name = path.file_name().map_or_else(|| req.path.clone(), |n| n.to_string_lossy().into_owned());
+    let name = path
+        .file_name()
+        .map_or_else(|| req.path.clone(), |n| n.to_string_lossy().into_owned());
     wire::send(conn, &Message::FileStatResp(info(name, &meta)))?;
     Ok(())
 }

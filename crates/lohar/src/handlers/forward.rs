@@ -20,7 +20,13 @@ pub fn handle(conn: &Stream, req: FwdRequest) -> Result<(), HandlerError> {
     let target = match TcpStream::connect_timeout(&addr, DIAL_TIMEOUT) {
         Ok(t) => t,
         Err(e) => {
-            wire::send(conn, &Message::FwdResp(FwdResponse::error(format!("dial 127.0.0.1:{}: {e}", req.port))))?;
+            wire::send(
+                conn,
+                &Message::FwdResp(FwdResponse::error(format!(
+                    "dial 127.0.0.1:{}: {e}",
+                    req.port
+                ))),
+            )?;
             return Ok(());
         }
     };
@@ -35,19 +41,22 @@ pub fn handle(conn: &Stream, req: FwdRequest) -> Result<(), HandlerError> {
 fn relay(client: &Stream, target: TcpStream) -> io::Result<()> {
     let client_in = client.try_clone()?;
     let target_out = target.try_clone()?;
-    let up = std::thread::Builder::new().name("fwd-up".into()).stack_size(128 * 1024).spawn(move || {
-        let res = copy(&mut &client_in, &mut &target_out);
-        match res {
-            Ok(()) => {
-                let _ = target_out.shutdown(Shutdown::Write);
+    let up = std::thread::Builder::new()
+        .name("fwd-up".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let res = copy(&mut &client_in, &mut &target_out);
+            match res {
+                Ok(()) => {
+                    let _ = target_out.shutdown(Shutdown::Write);
+                }
+                // A broken side tears down both, so the other copy ends too.
+                Err(_) => {
+                    let _ = target_out.shutdown(Shutdown::Both);
+                    let _ = client_in.shutdown(Shutdown::Both);
+                }
             }
-            // A broken side tears down both, so the other copy ends too.
-            Err(_) => {
-                let _ = target_out.shutdown(Shutdown::Both);
-                let _ = client_in.shutdown(Shutdown::Both);
-            }
-        }
-    })?;
+        })?;
     match copy(&mut &target, &mut { client }) {
         Ok(()) => {
             let _ = client.shutdown(Shutdown::Write);

@@ -52,7 +52,10 @@ pub fn create(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(),
 /// EXEC_REQ with `session_id`: attach to a running (or exited) session.
 pub fn attach(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
     let id = req.session_id.unwrap_or_default();
-    let session = agent.sessions.get(&id).ok_or_else(|| refused(SessionError::NotFound))?;
+    let session = agent
+        .sessions
+        .get(&id)
+        .ok_or_else(|| refused(SessionError::NotFound))?;
     agent.activity.touch();
     serve(agent, conn, &session, req.if_detached)
 }
@@ -65,7 +68,10 @@ pub fn list(agent: &Agent, conn: &Stream) -> Result<(), HandlerError> {
 
 /// EXEC_KILL: SIGKILL to the session's process group, answered by EXIT 0.
 pub fn kill(agent: &Agent, conn: &Stream, req: ExecKill) -> Result<(), HandlerError> {
-    let session = agent.sessions.get(&req.session_id).ok_or_else(|| refused(SessionError::NotFound))?;
+    let session = agent
+        .sessions
+        .get(&req.session_id)
+        .ok_or_else(|| refused(SessionError::NotFound))?;
     agent.activity.touch();
     session.signal(Signal::SIGKILL);
     wire::send(conn, &Message::Exit(0))?;
@@ -75,7 +81,12 @@ pub fn kill(agent: &Agent, conn: &Stream, req: ExecKill) -> Result<(), HandlerEr
 /// Runs one attachment: SESSION_INFO, scrollback, then live output until
 /// the process exits, another client displaces this one, or this client
 /// goes away (which only detaches).
-fn serve(agent: &Arc<Agent>, conn: &Stream, session: &Arc<Session>, if_detached: bool) -> Result<(), HandlerError> {
+fn serve(
+    agent: &Arc<Agent>,
+    conn: &Stream,
+    session: &Arc<Session>,
+    if_detached: bool,
+) -> Result<(), HandlerError> {
     let id = agent.sessions.attach_id();
     let att = session.attach(conn, id, if_detached).map_err(refused)?;
     conn.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
@@ -166,7 +177,10 @@ fn read_input(agent: &Agent, conn: &Stream, session: &Session, id: u64) {
             }
             // Anything but exactly 4 bytes is ignored, as the protocol says.
             FrameType::Resize if buf.len() == 4 => {
-                session.resize(u16::from_be_bytes([buf[0], buf[1]]), u16::from_be_bytes([buf[2], buf[3]]));
+                session.resize(
+                    u16::from_be_bytes([buf[0], buf[1]]),
+                    u16::from_be_bytes([buf[2], buf[3]]),
+                );
             }
             FrameType::Kill => session.signal(Signal::SIGTERM),
             _ => {}

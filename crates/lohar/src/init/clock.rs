@@ -23,14 +23,15 @@ pub fn set_wall_clock(unix_ms: i64) -> Result<(), String> {
     }
 }
 
-/// Seconds since the guest kernel booted (for boot timing lines).
+/// Seconds since the guest kernel booted (CLOCK_BOOTTIME; needs no /proc).
 pub fn uptime_secs() -> Option<f64> {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }
 
 #[cfg(test)]

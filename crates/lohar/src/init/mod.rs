@@ -63,13 +63,15 @@ pub fn boot() -> Result<Booted, String> {
                 .into(),
         );
     }
+    let started = clock::uptime_secs().unwrap_or_default();
     power::watch_shutdown_signals()?;
 
     let config = if stage1::in_initramfs() {
         stage1::prepare()?;
-        if let Some(up) = clock::uptime_secs() {
-            say(&format!("stage 1 (uptime {up:.2} s)"));
-        }
+        let loaded = clock::uptime_secs().unwrap_or_default();
+        say(&format!(
+            "stage 1: /init at {started:.2} s, modules loaded at {loaded:.2} s"
+        ));
         // qemu_fw_cfg is loaded now; /sys moves along into the new root anyway.
         let config = read_boot_config()?;
         stage1::switch_root()?;

@@ -95,7 +95,6 @@ pub struct Session {
 
 /// A client's view right after attaching.
 pub struct Attached {
-    pub id: u64,
     pub info: SessionInfo,
     pub scrollback: Vec<u8>,
     /// Set when the session had already exited: nothing live will follow.
@@ -132,7 +131,12 @@ impl Session {
     }
 
     /// Attaches `conn`, displacing (EXIT 0, then dropped) any earlier client.
-    pub fn attach(&self, conn: &Stream, id: u64, if_detached: bool) -> Result<Attached, SessionError> {
+    pub fn attach(
+        &self,
+        conn: &Stream,
+        id: u64,
+        if_detached: bool,
+    ) -> Result<Attached, SessionError> {
         let conn = conn.try_clone()?;
         let (tx, rx) = sync_channel(QUEUE_DEPTH);
         let (info, scrollback, exit_code, old) = {
@@ -152,7 +156,12 @@ impl Session {
                 let _ = old.conn.shutdown(Shutdown::Both);
             }
         }
-        Ok(Attached { id, info, scrollback, exit_code, rx })
+        Ok(Attached {
+            info,
+            scrollback,
+            exit_code,
+            rx,
+        })
     }
 
     /// Detaches the client `id` if it is still the attached one.
@@ -238,8 +247,20 @@ impl Session {
             };
             let timeout = wait.map_or(-1, |d| (d.as_millis() as i32).saturating_add(1));
             let mut fds = [
-                libc::pollfd { fd: if master_open { master.as_raw_fd() } else { -1 }, events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: if code.is_none() { watch.fd().as_raw_fd() } else { -1 }, events: libc::POLLIN, revents: 0 },
+                libc::pollfd {
+                    fd: if master_open { master.as_raw_fd() } else { -1 },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: if code.is_none() {
+                        watch.fd().as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             // SAFETY: fds is a valid array of two pollfds on the stack.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
@@ -250,7 +271,11 @@ impl Session {
                 match master.read(&mut buf) {
                     Ok(0) => master_open = false,
                     Ok(n) => self.output(&buf[..n]),
-                    Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                        ) => {}
                     // EIO: every holder of the terminal has closed it.
                     Err(_) => master_open = false,
                 }
@@ -292,7 +317,14 @@ pub struct Sessions {
 
 impl Sessions {
     pub fn new() -> Self {
-        Sessions { reg: Mutex::new(Registry { by_id: HashMap::new(), next: 0, reserved: 0 }), next_attach: AtomicU64::new(1) }
+        Sessions {
+            reg: Mutex::new(Registry {
+                by_id: HashMap::new(),
+                next: 0,
+                reserved: 0,
+            }),
+            next_attach: AtomicU64::new(1),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
@@ -312,8 +344,12 @@ impl Sessions {
     fn reserve(&self, id: Option<String>) -> Result<(String, u64), SessionError> {
         let mut reg = self.lock();
         if reg.by_id.len() + reg.reserved >= MAX_SESSIONS {
-            let oldest_exited =
-                reg.by_id.values().filter(|s| s.lock().exit_code.is_some()).min_by_key(|s| s.seq).map(|s| s.id.clone());
+            let oldest_exited = reg
+                .by_id
+                .values()
+                .filter(|s| s.lock().exit_code.is_some())
+                .min_by_key(|s| s.seq)
+                .map(|s| s.id.clone());
             match oldest_exited {
                 Some(old) => {
                     reg.by_id.remove(&old);
@@ -332,7 +368,12 @@ impl Sessions {
     }
 
     /// Starts a process on a new PTY and registers it, detached.
-    pub fn create(&self, cfg: &AgentConfig, reaper: &Reaper, spec: Spec<'_>) -> Result<Arc<Session>, SessionError> {
+    pub fn create(
+        &self,
+        cfg: &AgentConfig,
+        reaper: &Reaper,
+        spec: Spec<'_>,
+    ) -> Result<Arc<Session>, SessionError> {
         let (id, seq) = self.reserve(spec.id.clone())?;
         let started = start_on_pty(cfg, reaper, &spec);
         let mut reg = self.lock();
@@ -391,10 +432,16 @@ impl Sessions {
 }
 
 /// Opens a PTY and starts the process as leader of a new session on it.
-fn start_on_pty(cfg: &AgentConfig, reaper: &Reaper, spec: &Spec<'_>) -> Result<(File, u32, Arc<ExitWatch>), SessionError> {
+fn start_on_pty(
+    cfg: &AgentConfig,
+    reaper: &Reaper,
+    spec: &Spec<'_>,
+) -> Result<(File, u32, Arc<ExitWatch>), SessionError> {
     let (master, slave) = pty::open(spec.rows, spec.cols)?;
-    let mut cmd = spawn::command(cfg, spec.argv, spec.env, spec.cwd);
-    cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+    let mut cmd = spawn::command(cfg, spec.argv, spec.env, spec.cwd)?;
+    cmd.stdin(slave.try_clone()?)
+        .stdout(slave.try_clone()?)
+        .stderr(slave);
     // SAFETY: the closure only calls async-signal-safe functions
     // (setsid, ioctl), as required between fork and exec.
     unsafe {

@@ -11,7 +11,11 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(cap: usize) -> Self {
-        Ring { buf: Vec::new(), cap, head: 0 }
+        Ring {
+            buf: Vec::new(),
+            cap,
+            head: 0,
+        }
     }
 
     pub fn push(&mut self, mut data: &[u8]) {
@@ -47,6 +51,7 @@ impl Ring {
         out
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buf.len()
     }

@@ -61,10 +61,22 @@ impl Agent {
             cmd.env("LOHAR_INIT", i);
         }
         let child = cmd.spawn().unwrap();
-        let agent = Agent { child, dir, sock, fwd, token: opts.token };
+        let agent = Agent {
+            child,
+            dir,
+            sock,
+            fwd,
+            token: opts.token,
+        };
         let start = Instant::now();
-        while !(agent.sock.exists() && agent.fwd.exists() && UnixStream::connect(&agent.fwd).is_ok()) {
-            assert!(start.elapsed() < Duration::from_secs(10), "agent did not start listening");
+        while !(agent.sock.exists()
+            && agent.fwd.exists()
+            && UnixStream::connect(&agent.fwd).is_ok())
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "agent did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         agent
@@ -72,7 +84,9 @@ impl Agent {
 
     /// Threads the agent process has right now.
     pub fn threads(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/task", self.child.id())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// The agent's working directory (the default cwd of its children).
@@ -126,7 +140,9 @@ impl Agent {
         let stdin = stdin.to_vec();
         let writer = std::thread::spawn(move || {
             for chunk in stdin.chunks(100_000) {
-                if w.write_all(&Message::Stdin(chunk.to_vec()).to_bytes().unwrap()).is_err() {
+                if w.write_all(&Message::Stdin(chunk.to_vec()).to_bytes().unwrap())
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -172,14 +188,18 @@ impl Drop for Agent {
                 c.send(&Message::Auth(t.as_bytes().to_vec()));
             }
             c.send(&Message::ExecListReq);
-            if let Ok(Message::ExecListResp(list)) = c.try_recv().map(|f| Message::decode(&f).unwrap()) {
+            if let Ok(Message::ExecListResp(list)) =
+                c.try_recv().map(|f| Message::decode(&f).unwrap())
+            {
                 for s in list.into_iter().filter(|s| s.running) {
                     if let Ok(k) = UnixStream::connect(&self.sock) {
                         let mut k = Conn::new(k);
                         if let Some(t) = &self.token {
                             k.send(&Message::Auth(t.as_bytes().to_vec()));
                         }
-                        k.send(&Message::ExecKill(ExecKill { session_id: s.session_id }));
+                        k.send(&Message::ExecKill(ExecKill {
+                            session_id: s.session_id,
+                        }));
                         let _ = k.try_recv();
                     }
                 }
@@ -306,7 +326,11 @@ impl Conn {
             let f = self.recv();
             match f.kind {
                 FrameType::Stdout | FrameType::Stderr => acc.extend_from_slice(&f.payload),
-                other => panic!("waiting for {needle:?}: got {other:?} ({:?}); output so far {:?}", f.payload, String::from_utf8_lossy(acc)),
+                other => panic!(
+                    "waiting for {needle:?}: got {other:?} ({:?}); output so far {:?}",
+                    f.payload,
+                    String::from_utf8_lossy(acc)
+                ),
             }
         }
     }
@@ -320,7 +344,12 @@ pub fn alive(pid: i32) -> bool {
         return false;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit(')').next().and_then(|r| r.trim_start().chars().next()), Some('Z' | 'X')),
+        Ok(s) => !matches!(
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
         Err(_) => false,
     }
 }
@@ -334,7 +363,10 @@ pub fn read_pid(path: &Path) -> i32 {
                 return p;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "pid file {path:?} never appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "pid file {path:?} never appeared"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

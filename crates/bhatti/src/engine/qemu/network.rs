@@ -293,7 +293,7 @@ pub fn base_present(cfg: &NetConfig) -> bool {
 }
 
 /// The namespace's whole ruleset, replaced atomically in one `nft -f`.
-fn ns_ruleset(cfg: &NetConfig) -> String {
+pub fn ns_ruleset(cfg: &NetConfig) -> String {
     let br = &cfg.bridge;
     let (egress_fwd, egress_nat) = if cfg.egress {
         (
@@ -382,8 +382,18 @@ fn ensure_egress(cfg: &NetConfig) -> Result<(), NetworkError> {
         None,
     )?;
     run("sysctl", &["-qw", "net.ipv4.ip_forward=1"], None)?;
+    run("nft", &["-f", "-"], Some(&host_egress_ruleset(ns)))?;
+    Ok(())
+}
+
+/// The host-namespace rules of a namespace's egress: NAT for its link
+/// address, nothing from guests to host services or link-local addresses
+/// (cloud metadata).
+pub fn host_egress_ruleset(ns: &str) -> String {
+    let host_veth = host_veth_name(ns);
+    let (_, ns_ip) = egress_link(ns);
     let table = host_table_name(ns);
-    let script = format!(
+    format!(
         "table inet {table} {{}}\ndelete table inet {table}\n\
          table inet {table} {{\n\
          \x20 chain input {{\n\
@@ -402,9 +412,7 @@ fn ensure_egress(cfg: &NetConfig) -> Result<(), NetworkError> {
          \x20   ip saddr {ns_ip} oifname != \"{host_veth}\" masquerade\n\
          \x20 }}\n\
          }}\n"
-    );
-    run("nft", &["-f", "-"], Some(&script))?;
-    Ok(())
+    )
 }
 
 /// Removes the egress veth and host rules of a namespace, if any.

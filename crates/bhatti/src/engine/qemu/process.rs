@@ -299,7 +299,7 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
 pub async fn probe_agent(dialer: &dyn Dialer, token: &[u8]) -> Result<ActivityInfo, String> {
     let mut s = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, dialer.dial(Channel::Control))
         .await
-        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|_| "connect timed out (the guest's network is not up)".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let exchange = async {
         write_frame(&mut s, FrameType::Auth, token)
@@ -342,19 +342,24 @@ pub async fn wait_ready(
     timeout: Duration,
 ) -> Result<(), NotReady> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::from("no probe finished");
+    let mut last = String::new();
     loop {
         if !pid_alive(pid) {
             return Err(NotReady::Died);
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         if remaining.is_zero() {
-            return Err(NotReady::Timeout(last));
+            return Err(NotReady::Timeout(if last.is_empty() {
+                "no probe finished".into()
+            } else {
+                last
+            }));
         }
         match tokio::time::timeout(remaining, probe_agent(dialer, token)).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => last = e,
-            Err(_) => last = "probe still running at the deadline".into(),
+            Err(_) if last.is_empty() => last = "probe still running at the deadline".into(),
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -130,6 +130,36 @@ pub fn write(out: &Path, lohar: &[u8], modules: &[Module]) -> Result<(), ImageEr
     .map_err(io)
 }
 
+/// lohar without its debug info (a release build with `debug = 1` is ~4x
+/// larger, and every byte is copied into each VM at boot). Uses `strip` from
+/// binutils when present; otherwise the binary goes in as it is.
+pub fn strip_debug(bytes: &[u8], work: &Path) -> (Vec<u8>, Option<String>) {
+    let input = work.join("lohar.full");
+    let output = work.join("lohar.stripped");
+    let result = std::fs::write(&input, bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            super::run::run_checked(
+                std::process::Command::new("strip")
+                    .arg("--strip-debug")
+                    .arg("-o")
+                    .arg(&output)
+                    .arg(&input),
+                "strip",
+            )
+            .map_err(|e| e.to_string())
+        })
+        .and_then(|_| std::fs::read(&output).map_err(|e| e.to_string()));
+    match result {
+        Ok(stripped) if Elf::parse(&stripped).is_ok() => (stripped, None),
+        Ok(_) => (
+            bytes.to_vec(),
+            Some("strip produced no ELF; using lohar unstripped".into()),
+        ),
+        Err(e) => (bytes.to_vec(), Some(format!("{e}; using lohar unstripped"))),
+    }
+}
+
 /// Checks that `bytes` is a static ELF executable that can run as `/init`.
 pub fn check_static(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     let elf =

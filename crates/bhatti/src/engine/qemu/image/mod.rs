@@ -42,8 +42,11 @@ pub use initramfs::{LOHAR_BUILD_HINT, LOHAR_ENV};
 /// Default location of the images, shared by every data dir on the host.
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/bhatti/images";
 
-/// Bump when the builder changes what it produces for the same recipe.
-const BUILDER_VERSION: u32 = 1;
+/// Bump one of these when the builder changes what it produces for the same
+/// recipe, so that only that artifact is rebuilt.
+const KERNEL_BUILDER_VERSION: u32 = 1;
+const INITRAMFS_BUILDER_VERSION: u32 = 2;
+const ROOTFS_BUILDER_VERSION: u32 = 1;
 
 /// The files a VM boots from, all inside `images_dir`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,7 +209,7 @@ pub fn build_images(
     let kernel_dir = match kernel::resolve_package() {
         Ok(pkg) => {
             let key = hash_hex(&[
-                &BUILDER_VERSION.to_le_bytes(),
+                &KERNEL_BUILDER_VERSION.to_le_bytes(),
                 pkg.name.as_bytes(),
                 pkg.version.as_bytes(),
                 modules::WANTED_MODULES.join(",").as_bytes(),
@@ -242,7 +245,7 @@ pub fn build_images(
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let ikey = hash_hex(&[
-                &BUILDER_VERSION.to_le_bytes(),
+                &INITRAMFS_BUILDER_VERSION.to_le_bytes(),
                 kernel_key.as_bytes(),
                 &lohar,
             ]);
@@ -252,6 +255,14 @@ pub fn build_images(
             } else {
                 progress.start(Step::Initramfs);
                 let mods = read_module_order(&kernel_dir)?;
+                let work = tempfile::Builder::new()
+                    .prefix(".tmp-initramfs-work-")
+                    .tempdir_in(dir)
+                    .map_err(|e| ImageError::io(dir, e))?;
+                let (lohar, warning) = initramfs::strip_debug(&lohar, work.path());
+                if let Some(w) = warning {
+                    progress.note(&w);
+                }
                 let tmp = dir.join(format!(".tmp-initramfs-{ikey}"));
                 initramfs::write(&tmp, &lohar, &mods)?;
                 std::fs::rename(&tmp, &path).map_err(|e| ImageError::io(&path, e))?;
@@ -280,7 +291,10 @@ pub fn build_images(
     };
 
     // Rootfs, keyed by its recipe.
-    let rkey = hash_hex(&[&BUILDER_VERSION.to_le_bytes(), rootfs::recipe().as_bytes()]);
+    let rkey = hash_hex(&[
+        &ROOTFS_BUILDER_VERSION.to_le_bytes(),
+        rootfs::recipe().as_bytes(),
+    ]);
     let rootfs_dir = dir.join(format!("rootfs-{rkey}"));
     let rootfs_img = rootfs_dir.join("rootfs.ext4");
     if rootfs_img.is_file() && !opts.force {

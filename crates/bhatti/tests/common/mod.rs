@@ -1,0 +1,216 @@
+//! A real daemon for tests: `bhatti serve` on a loopback port, its own data
+//! dir and network namespace, `egress: false`, real VMs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
+
+/// Where the guest images are; `scripts/test.sh` builds them before the suite.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("BHATTI_IMAGES_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/bhatti/images"))
+}
+
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "these tests boot VMs and need root (CI runs as root)");
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+pub struct TestDaemon {
+    pub url: String,
+    pub public_addr: String,
+    pub data_dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub netns: String,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// Starts a daemon whose namespace and data dir are unique to this process.
+    pub fn start(tag: &str) -> TestDaemon {
+        require_root();
+        let data_dir = tempfile::Builder::new().prefix(&format!("bhatti-{tag}-")).tempdir().expect("tempdir");
+        let port = free_port();
+        let public_port = free_port();
+        let netns = format!("bt-{tag}-{}", std::process::id());
+        let config = data_dir.path().join("config.yaml");
+        let yaml = format!(
+            "listen: 127.0.0.1:{port}\npublic_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n",
+            data_dir.path().display(),
+            images_dir().display()
+        );
+        std::fs::write(&config, yaml).expect("write config");
+        let mut d = TestDaemon { url: format!("http://127.0.0.1:{port}"), public_addr: format!("127.0.0.1:{public_port}"), data_dir, config, netns, child: None };
+        d.spawn();
+        d
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.path().join("daemon.log")
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open daemon log");
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn bhatti serve");
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(600));
+    }
+
+    fn wait_healthy(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let addr = self.url.trim_start_matches("http://").to_string();
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("bhatti serve exited ({st}) before it was healthy; log:\n{}", self.log());
+                }
+            }
+            assert!(Instant::now() < deadline, "daemon not healthy in time; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs an operator command (`bhatti user …`) against this data dir.
+    pub fn operator(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN).args(args).arg("--data-dir").arg(self.data_dir.path()).output().expect("run bhatti")
+    }
+
+    /// Creates a user and returns its API key.
+    pub fn create_user(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec!["user", "create", "--name", name];
+        args.extend_from_slice(extra);
+        let out = self.operator(&args);
+        assert!(out.status.success(), "user create failed: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace().find(|w| w.starts_with("bht_")).expect("API key in output").to_string()
+    }
+
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        pids_matching(self.data_dir.path())
+    }
+}
+
+/// PIDs of processes whose command line mentions `needle` (QEMU of this daemon).
+pub fn pids_matching(needle: &Path) -> Vec<u32> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains("qemu-system") && cmd.contains(&needle) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.stop();
+        // VMs outlive the daemon by design: a test's leftovers go with it.
+        for pid in self.qemu_pids() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+/// A small typed HTTP client for one user.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str, key: &str) -> Api {
+        Api { base: base.to_string(), key: key.to_string(), http: reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("client") }
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.key)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.req(reqwest::Method::GET, path).send().await.expect("GET")
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.req(reqwest::Method::POST, path).json(&body).send().await.expect("POST")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.req(reqwest::Method::DELETE, path).send().await.expect("DELETE")
+    }
+
+    /// Buffered exec; returns (exit_code, stdout, stderr).
+    pub async fn exec(&self, sandbox: &str, cmd: &[&str]) -> (i64, String, String) {
+        let r = self.post(&format!("/sandboxes/{sandbox}/exec"), serde_json::json!({ "cmd": cmd })).await;
+        let status = r.status();
+        let v: serde_json::Value = r.json().await.expect("exec json");
+        assert_eq!(status, 200, "exec {cmd:?} failed: {v}");
+        (v["exit_code"].as_i64().unwrap_or(-1), v["stdout"].as_str().unwrap_or("").to_string(), v["stderr"].as_str().unwrap_or("").to_string())
+    }
+}

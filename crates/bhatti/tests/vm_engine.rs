@@ -1,0 +1,468 @@
+//! The QEMU engine with real VMs: boot, the guest's view of itself, network
+//! isolation, adoption after a "daemon restart", destroy and sweep, failures.
+//!
+//! Needs root and the guest images (built on first use into
+//! `$BHATTI_IMAGES_DIR`, default /var/lib/bhatti/images). Boots are costly
+//! under TCG, so each test shares its VMs across many assertions. Every test
+//! uses its own namespaces and data dirs (named with the process id), so the
+//! tests run in parallel and in separate processes without colliding. Guests
+//! never get egress; all traffic stays inside the test's namespaces.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bhatti::engine::agent_client::{AgentClient, ExecOutput};
+use bhatti::engine::qemu::accel::AccelMode;
+use bhatti::engine::qemu::image::{self, ImagePaths};
+use bhatti::engine::qemu::network::{self, Subnet};
+use bhatti::engine::qemu::{process, QemuConfig, QemuEngine};
+use bhatti::engine::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
+use bhatti_proto::ExecRequest;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "VM tests need root (network namespaces, TAPs, nftables); CI runs them as root"
+    );
+}
+
+async fn images() -> ImagePaths {
+    let dir = PathBuf::from(
+        std::env::var("BHATTI_IMAGES_DIR")
+            .unwrap_or_else(|_| image::DEFAULT_IMAGES_DIR.to_string()),
+    );
+    tokio::task::spawn_blocking(move || image::ensure_images(&dir, &image::LogProgress))
+        .await
+        .expect("image task")
+        .unwrap_or_else(|e| panic!("guest images unavailable: {e}"))
+}
+
+/// An engine with its own namespace and data dir, both removed on drop.
+struct TestEngine {
+    engine: QemuEngine,
+    cfg: QemuConfig,
+    _data: tempfile::TempDir,
+}
+
+impl TestEngine {
+    async fn new(
+        tag: &str,
+        subnet: &str,
+        images: ImagePaths,
+        tweak: impl FnOnce(&mut QemuConfig),
+    ) -> TestEngine {
+        require_root();
+        // Short paths: the QMP socket path must fit a Unix socket address.
+        let data = tempfile::Builder::new()
+            .prefix("bhvm")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let mut cfg = QemuConfig::new(data.path(), images);
+        cfg.netns = format!("bhvm-{tag}-{}", std::process::id());
+        cfg.bridge = format!("brvm{tag}");
+        cfg.subnet = Subnet::parse(subnet).expect("subnet");
+        cfg.egress = false;
+        cfg.accel = AccelMode::Auto;
+        tweak(&mut cfg);
+        let engine = QemuEngine::new(cfg.clone()).await.expect("engine");
+        TestEngine {
+            engine,
+            cfg,
+            _data: data,
+        }
+    }
+
+    fn ruleset(&self) -> String {
+        network::exec_in(&self.cfg.netns, &["nft", "list", "ruleset"]).expect("nft")
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        // Whatever a failed assertion left running.
+        for (pid, _) in process::find_qemus_under(&self.cfg.data_dir.join("sandboxes")) {
+            process::kill(pid);
+        }
+        let _ = network::delete_all(&self.cfg.netns);
+    }
+}
+
+fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
+    SandboxSpec {
+        id: id.into(),
+        name: id.into(),
+        cpus: 1,
+        memory_mb: 384,
+        ip,
+        token: format!("token-{id}-{}", std::process::id()),
+        env: BTreeMap::new(),
+        init: None,
+    }
+}
+
+async fn sh(agent: &AgentClient, script: &str) -> ExecOutput {
+    let req = ExecRequest::command(["bash", "-c", script]);
+    tokio::time::timeout(Duration::from_secs(30), agent.exec_buffered(req))
+        .await
+        .unwrap_or_else(|_| panic!("exec timed out: {script}"))
+        .unwrap_or_else(|e| panic!("exec failed: {script}: {e}"))
+}
+
+async fn sh_ok(agent: &AgentClient, script: &str) -> String {
+    let out = sh(agent, script).await;
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{script}: stdout {:?} stderr {:?}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Everything a destroyed VM must not leave behind.
+fn assert_gone(t: &TestEngine, id: &str, ip: Ipv4Addr, pid: u32, base_rules: &str) {
+    assert!(!process::pid_alive(pid), "QEMU {pid} of {id} still alive");
+    assert!(
+        !t.engine.sandbox_dir(id).exists(),
+        "sandbox dir of {id} left behind"
+    );
+    let taps = network::list_taps(&t.cfg.netns).expect("taps");
+    assert!(
+        !taps.contains(&network::tap_name(id)),
+        "TAP of {id} left behind: {taps:?}"
+    );
+    let neigh = network::list_neighbours(t.engine.net_config()).expect("neigh");
+    assert!(
+        !neigh.iter().any(|(a, _)| *a == ip),
+        "neighbour entry of {id} left behind: {neigh:?}"
+    );
+    assert_eq!(t.ruleset(), base_rules, "nftables rules changed");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_boot_isolated_adopt_and_leave_nothing_behind() {
+    require_root();
+    let images = images().await;
+    let mut t = TestEngine::new("a", "192.168.137.0/24", images.clone(), |_| {}).await;
+    // A second daemon on the same host: other namespace, bridge, subnet, data dir.
+    let t2 = TestEngine::new("b", "192.168.139.0/24", images.clone(), |_| {}).await;
+    let base_rules = t.ruleset();
+    let gateway = t.engine.net_config().subnet.gateway();
+
+    let ip_a = Ipv4Addr::new(192, 168, 137, 10);
+    let ip_b = Ipv4Addr::new(192, 168, 137, 11);
+    let ip_c = Ipv4Addr::new(192, 168, 139, 10);
+    let mut a = spec("vm-a", ip_a);
+    a.name = "alpha-box".into();
+    a.env.insert("GREETING".into(), "hello from env".into());
+    a.env.insert("API_SECRET".into(), "sk-very-secret".into());
+    a.init = Some(
+        "echo init-ran-as-$(id -u) > /tmp/init-marker; echo \"$GREETING\" >> /tmp/init-marker"
+            .into(),
+    );
+    let b = spec("vm-b", ip_b);
+    let c = spec("vm-c", ip_c);
+
+    // Two boots at once on one engine...
+    let started = Instant::now();
+    let timed = |spec: SandboxSpec, engine: &'static str| {
+        let e = if engine == "t" { &t.engine } else { &t2.engine };
+        async move {
+            let s = Instant::now();
+            let r = e.create(&spec).await;
+            (
+                r.unwrap_or_else(|err| panic!("create {}: {err}", spec.id)),
+                s.elapsed(),
+            )
+        }
+    };
+    let ((rt_a, ta), (rt_b, tb)) = tokio::join!(timed(a.clone(), "t"), timed(b.clone(), "t"));
+    eprintln!(
+        "create-to-ready, 2 parallel boots ({:?}): a {ta:?}, b {tb:?}; both {:?}",
+        t.engine.accel(),
+        started.elapsed()
+    );
+    // ...then one alone on the other engine, while those two idle.
+    let (rt_c, tc) = timed(c.clone(), "t2").await;
+    eprintln!("create-to-ready, single boot: {tc:?}");
+    assert_eq!(
+        rt_a,
+        VmRuntime {
+            ip: ip_a,
+            token: a.token.clone()
+        }
+    );
+
+    let ag_a = t.engine.agent("vm-a", &rt_a);
+    let ag_b = t.engine.agent("vm-b", &rt_b);
+    let ag_c = t2.engine.agent("vm-c", &rt_c);
+
+    // The guest's view of itself.
+    assert!(sh_ok(&ag_a, "uname -r").await.ends_with("-cloud-amd64"));
+    assert_eq!(
+        sh_ok(&ag_a, "id").await.split_whitespace().next(),
+        Some("uid=1000(lohar)")
+    );
+    assert_eq!(sh_ok(&ag_a, "sudo -n id -u").await, "0");
+    assert_eq!(
+        sh_ok(
+            &ag_a,
+            "cd /workspace && echo data > probe && cat probe && stat -c %U probe"
+        )
+        .await,
+        "data\nlohar"
+    );
+    assert_eq!(sh_ok(&ag_a, "hostname").await, "alpha-box");
+    assert_eq!(sh_ok(&ag_a, "echo \"$GREETING\"").await, "hello from env");
+    assert_eq!(sh_ok(&ag_a, "for i in $(seq 100); do [ -s /tmp/init-marker ] && break; sleep 0.1; done; cat /tmp/init-marker").await, "init-ran-as-1000\nhello from env");
+    assert!(sh_ok(&ag_a, "ip -4 -o addr show dev eth0")
+        .await
+        .contains("192.168.137.10/24"));
+    assert!(sh_ok(&ag_b, "ip -4 -o addr show dev eth0")
+        .await
+        .contains("192.168.137.11/24"));
+    assert!(sh_ok(&ag_c, "ip -4 -o addr show dev eth0")
+        .await
+        .contains("192.168.139.10/24"));
+    assert_eq!(sh_ok(&ag_b, "hostname").await, "vm-b");
+
+    // No plaintext secret on the host disk once the VM runs.
+    let cfg_file = t.engine.sandbox_dir("vm-a").join("config.json");
+    let on_disk = std::fs::read_to_string(&cfg_file).expect("config file");
+    for secret in ["sk-very-secret", a.token.as_str(), "init-marker"] {
+        assert!(
+            !on_disk.contains(secret),
+            "{secret} still on disk: {on_disk}"
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cfg_file)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    // Isolation. A service of the host side (inside the namespace, on the
+    // gateway address) is not reachable from a guest...
+    let listener = t
+        .engine
+        .sockets()
+        .listen(SocketAddrV4::new(gateway, 0))
+        .await
+        .expect("listen on gateway");
+    let port = listener.local_addr().expect("addr").port();
+    let out = sh(&ag_a, &format!("curl -sS -m 2 http://{gateway}:{port}/")).await;
+    assert_ne!(
+        out.exit_code,
+        0,
+        "guest reached the host side: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "the host-side listener saw a connection from a guest"
+    );
+    // ...nor is another guest, although the host reaches that guest fine.
+    sh_ok(&ag_b, "cd /tmp && (setsid python3 -m http.server 8000 >/dev/null 2>&1 &) ; for i in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done").await;
+    let host_to_b = t
+        .engine
+        .sockets()
+        .connect(SocketAddrV4::new(ip_b, 8000))
+        .await;
+    assert!(
+        host_to_b.is_ok(),
+        "host cannot reach guest b: {host_to_b:?}"
+    );
+    let out = sh(&ag_a, &format!("curl -sS -m 2 http://{ip_b}:8000/")).await;
+    assert_ne!(out.exit_code, 0, "guest a reached guest b");
+
+    // Thermal building block: pause and resume through QMP.
+    t.engine.pause("vm-b").await.expect("pause");
+    assert_eq!(t.engine.run_state("vm-b").await.expect("state"), "paused");
+    t.engine.resume("vm-b").await.expect("resume");
+    assert_eq!(sh_ok(&ag_b, "echo awake").await, "awake");
+
+    // Host memory of an idle VM.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid_a = t.engine.pid("vm-a").expect("pid a");
+    let pid_b = t.engine.pid("vm-b").expect("pid b");
+    let pid_c = t2.engine.pid("vm-c").expect("pid c");
+    eprintln!(
+        "idle QEMU RSS: a {} MiB, b {} MiB, c {} MiB (guest memory {} MiB)",
+        rss_kib(pid_a) / 1024,
+        rss_kib(pid_b) / 1024,
+        rss_kib(pid_c) / 1024,
+        a.memory_mb
+    );
+
+    // A restarted daemon: a fresh engine on the same config adopts the running VMs.
+    let restarted = QemuEngine::new(t.cfg.clone())
+        .await
+        .expect("engine after restart");
+    drop(std::mem::replace(&mut t.engine, restarted));
+    let restarted = &t.engine;
+    drop(ag_a);
+    assert_eq!(restarted.adopt("vm-a", &rt_a).await, VmState::Running);
+    assert_eq!(restarted.pid("vm-a"), Some(pid_a));
+    let ag_a = restarted.agent("vm-a", &rt_a);
+    assert_eq!(sh_ok(&ag_a, "cat /workspace/probe").await, "data");
+    let ghost = VmRuntime {
+        ip: Ipv4Addr::new(192, 168, 137, 99),
+        token: "x".into(),
+    };
+    assert!(
+        matches!(restarted.adopt("vm-ghost", &ghost).await, VmState::Dead(r) if r.contains("not running"))
+    );
+
+    // Destroy: nothing of the VM stays.
+    let s = Instant::now();
+    restarted.destroy("vm-a").await.expect("destroy a");
+    eprintln!("destroy: {:?}", s.elapsed());
+    assert_gone(&t, "vm-a", ip_a, pid_a, &base_rules);
+    restarted
+        .destroy("vm-a")
+        .await
+        .expect("destroy is idempotent");
+    // b still fine after a's destroy.
+    assert_eq!(sh_ok(&ag_b, "echo still-here").await, "still-here");
+    assert!(matches!(
+        restarted.adopt("vm-a", &rt_a).await,
+        VmState::Dead(_)
+    ));
+
+    // Sweep: b is unknown to the store (keep is empty), so it goes.
+    t.engine.sweep(&[]).await.expect("sweep");
+    assert_gone(&t, "vm-b", ip_b, pid_b, &base_rules);
+    // The other engine's VM is untouched by this engine's sweep.
+    assert_eq!(sh_ok(&ag_c, "echo other-daemon").await, "other-daemon");
+    t2.engine
+        .sweep(&["vm-c".to_string()])
+        .await
+        .expect("sweep keeping c");
+    assert!(process::pid_alive(pid_c));
+    let base2 = t2.ruleset();
+    t2.engine.destroy("vm-c").await.expect("destroy c");
+    assert_gone(&t2, "vm-c", ip_c, pid_c, &base2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_failures_are_clear_and_leave_nothing_behind() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("f", "192.168.137.0/24", images.clone(), |c| {
+        c.boot_timeout = Some(Duration::from_secs(8))
+    })
+    .await;
+    let base_rules = t.ruleset();
+    let ip = Ipv4Addr::new(192, 168, 137, 30);
+    let check_clean = |id: &str| {
+        assert!(
+            !t.engine.sandbox_dir(id).exists(),
+            "dir of {id} left behind"
+        );
+        assert!(
+            network::list_taps(&t.cfg.netns).expect("taps").is_empty(),
+            "TAP left behind"
+        );
+        assert!(
+            network::list_neighbours(t.engine.net_config())
+                .expect("neigh")
+                .is_empty(),
+            "neighbour left behind"
+        );
+        assert!(
+            process::find_qemus_under(&t.cfg.data_dir.join("sandboxes")).is_empty(),
+            "QEMU left behind"
+        );
+        assert_eq!(t.ruleset(), base_rules);
+    };
+
+    // Missing image: refused before anything is created.
+    let mut missing_cfg = t.cfg.clone();
+    missing_cfg.images.kernel = PathBuf::from("/nonexistent/vmlinux");
+    let missing = QemuEngine::new(missing_cfg).await.expect("engine");
+    let e = missing
+        .create(&spec("no-kernel", ip))
+        .await
+        .expect_err("boot without kernel");
+    assert!(
+        matches!(e, EngineError::Image(ref m) if m.contains("/nonexistent/vmlinux")),
+        "{e}"
+    );
+    check_clean("no-kernel");
+
+    // QEMU refuses to start (absurd memory): its own message comes back.
+    let mut huge = spec("huge", ip);
+    huge.memory_mb = 64 * 1024 * 1024;
+    let s = Instant::now();
+    let e = t.engine.create(&huge).await.expect_err("boot with 64 TiB");
+    assert!(matches!(e, EngineError::Boot { .. }), "{e}");
+    assert!(e.to_string().to_lowercase().contains("memory"), "{e}");
+    assert!(s.elapsed() < Duration::from_secs(10));
+    check_clean("huge");
+
+    // The guest dies during boot (no init: kernel panic, QEMU exits).
+    let dying = TestEngine::new("d", "192.168.137.0/24", images.clone(), |c| {
+        c.extra_cmdline = "rdinit=/nonexistent-init".into()
+    })
+    .await;
+    let s = Instant::now();
+    let e = dying
+        .engine
+        .create(&spec("dies", ip))
+        .await
+        .expect_err("boot without init");
+    eprintln!("dying boot reported after {:?}: {e}", s.elapsed());
+    assert!(
+        matches!(e, EngineError::Boot { ref reason, ref console_tail } if reason.contains("exited") && console_tail.contains("Kernel panic")),
+        "{e}"
+    );
+    assert!(s.elapsed() < Duration::from_secs(20));
+    assert!(!dying.engine.sandbox_dir("dies").exists());
+    assert!(network::list_taps(&dying.cfg.netns)
+        .expect("taps")
+        .is_empty());
+
+    // The guest hangs (panic without reboot): a timeout naming the cause.
+    let hanging = TestEngine::new("h", "192.168.137.0/24", images, |c| {
+        c.extra_cmdline = "rdinit=/nonexistent-init panic=0".into();
+        c.boot_timeout = Some(Duration::from_secs(6));
+    })
+    .await;
+    let s = Instant::now();
+    let e = hanging
+        .engine
+        .create(&spec("hangs", ip))
+        .await
+        .expect_err("boot that never answers");
+    eprintln!("hanging boot reported after {:?}: {e}", s.elapsed());
+    assert!(
+        matches!(e, EngineError::Timeout { secs: 6, ref console_tail, .. } if console_tail.contains("Kernel panic")),
+        "{e}"
+    );
+    assert!(s.elapsed() < Duration::from_secs(12));
+    assert!(!hanging.engine.sandbox_dir("hangs").exists());
+    assert!(network::list_taps(&hanging.cfg.netns)
+        .expect("taps")
+        .is_empty());
+    assert!(
+        process::find_qemus_under(&hanging.cfg.data_dir.join("sandboxes")).is_empty(),
+        "hung QEMU left running"
+    );
+}
