@@ -37,7 +37,7 @@ PY
 argv=(qemu-system-x86_64 -M microvm -accel tcg,tb-size=64 -cpu max -m 512 -smp 1
   -nodefaults -no-user-config -nographic -no-reboot
   -kernel "$KERNEL" -initrd "$INITRD"
-  -append "console=ttyS0 quiet tsc_early_khz=$khz tsc=reliable panic=-1 ${EXTRA_CMDLINE:-}"
+  -append "console=ttyS0 ${QUIET-quiet} tsc_early_khz=$khz tsc=reliable panic=-1 cryptomgr.notests ${EXTRA_CMDLINE:-}"
   -fw_cfg "name=opt/bhatti/config,file=$work/cfg.json"
   -drive "id=root,file=$work/overlay.qcow2,format=qcow2,if=none" -device virtio-blk-device,drive=root
   -serial "file:$work/console.log")

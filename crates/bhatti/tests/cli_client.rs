@@ -71,7 +71,10 @@ fn version_json(o: &Output) -> (String, String) {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("version --json is JSON");
     (
         v["api_url"].as_str().expect("api_url").to_string(),
-        v["api_url_source"].as_str().expect("api_url_source").to_string(),
+        v["api_url_source"]
+            .as_str()
+            .expect("api_url_source")
+            .to_string(),
     )
 }
 
@@ -99,7 +102,10 @@ fn priority_flag_beats_config_file_and_env() {
         .output()
         .expect("run");
     let out = stdout(&o);
-    assert!(out.starts_with(&format!("bhatti v{}\n", env!("CARGO_PKG_VERSION"))), "{out}");
+    assert!(
+        out.starts_with(&format!("bhatti v{}\n", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
     assert!(out.contains("\napi: http://127.0.0.1:1003\n"), "{out}");
     assert!(out.contains("server: unreachable"), "{out}");
 }
@@ -116,7 +122,10 @@ fn priority_config_file_beats_env() {
         .expect("run");
     let (url, source) = version_json(&o);
     assert_eq!(url, "http://127.0.0.1:1001");
-    assert_eq!(source, format!("config file {}", env.config_path().display()));
+    assert_eq!(
+        source,
+        format!("config file {}", env.config_path().display())
+    );
 }
 
 #[test]
@@ -228,13 +237,22 @@ fn invalid_url_and_config_file_are_explained() {
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(err.contains("api-token"), "{err}");
-    assert!(err.contains(&env.config_path().display().to_string()), "{err}");
+    assert!(
+        err.contains(&env.config_path().display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
 fn malformed_env_pair_is_named_and_a_usage_error() {
     let env = Env::new();
-    let o = env.run(&["create", "--name", "dev", "--env", "API_KEY=sk-abc,NODE_ENV"]);
+    let o = env.run(&[
+        "create",
+        "--name",
+        "dev",
+        "--env",
+        "API_KEY=sk-abc,NODE_ENV",
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("\"NODE_ENV\""), "{err}");
@@ -258,12 +276,20 @@ fn usage_errors_exit_2() {
     ] {
         let o = env.run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).starts_with("error: "), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with("error: "),
+            "{args:?}: {}",
+            stderr(&o)
+        );
     }
     // A group without its subcommand shows its help, also as a usage error.
     let o = env.run(&["secret"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("Usage: bhatti secret"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("Usage: bhatti secret"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -280,9 +306,18 @@ fn aliases_parse() {
         &["secret", "list"],
         &["file", "ls", "dev", "/workspace"],
     ] {
-        let o = env.cmd().args(args).env("BHATTI_URL", &url).output().expect("run");
+        let o = env
+            .cmd()
+            .args(args)
+            .env("BHATTI_URL", &url)
+            .output()
+            .expect("run");
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).contains("cannot reach"), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("cannot reach"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
     }
 }
 
@@ -315,7 +350,10 @@ fn setup_with_flags_writes_0600_file_and_fails_when_unreachable() {
     assert!(err.contains(&format!("cannot reach {url}")), "{err}");
 
     let path = env.config_path();
-    let mode = std::fs::metadata(&path).expect("config written").permissions().mode();
+    let mode = std::fs::metadata(&path)
+        .expect("config written")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let text = std::fs::read_to_string(&path).expect("read");
     assert!(text.contains(&format!("api_url: {url}")), "{text}");
@@ -348,7 +386,11 @@ fn setup_without_a_terminal_takes_answers_from_stdin() {
     assert_eq!(o.status.code(), Some(1));
     let text = std::fs::read_to_string(env.config_path()).expect("config written");
     assert!(text.contains("bht_piped"), "{text}");
-    assert!(stderr(&o).contains("connection test failed"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("connection test failed"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -377,7 +419,16 @@ fn assert_refused_without_request(env: &Env, configure: impl FnOnce(&mut Command
     listener.set_nonblocking(true).expect("nonblocking");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let mut cmd = env.cmd();
-    cmd.args(["--url", &url, "--token", "bht_x", "file", "write", "dev", "/workspace/big.bin"]);
+    cmd.args([
+        "--url",
+        &url,
+        "--token",
+        "bht_x",
+        "file",
+        "write",
+        "dev",
+        "/workspace/big.bin",
+    ]);
     configure(&mut cmd);
     let o = cmd.output().expect("run");
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));

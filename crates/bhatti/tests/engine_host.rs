@@ -96,6 +96,12 @@ fn network_setup_is_idempotent_and_stays_in_its_namespace() {
         .expect("neigh")
         .is_empty());
 
+    // A changed subnet replaces the gateway address instead of adding one.
+    let moved = NetConfig { subnet: Subnet::parse("192.168.140.0/24").expect("subnet"), ..net.cfg.clone() };
+    network::ensure_base(&moved).expect("ensure_base with a new subnet");
+    let addrs = net.exec(&["ip", "-4", "-o", "addr", "show", "dev", "brtest0"]);
+    assert!(addrs.contains("192.168.140.1/24") && !addrs.contains("192.168.137.1"), "{addrs}");
+
     let ns = net.cfg.netns.clone();
     drop(net);
     assert!(!network::netns_path(&ns).exists(), "namespace left behind");

@@ -33,8 +33,17 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(stack: usize) -> Self {
-        let state = Mutex::new(State { jobs: VecDeque::new(), idle: 0 });
-        Pool { inner: Arc::new(Inner { state, work: Condvar::new(), stack }) }
+        let state = Mutex::new(State {
+            jobs: VecDeque::new(),
+            idle: 0,
+        });
+        Pool {
+            inner: Arc::new(Inner {
+                state,
+                work: Condvar::new(),
+                stack,
+            }),
+        }
     }
 
     /// Runs `job` on an idle thread, or on a new one if none is idle.
@@ -48,10 +57,12 @@ impl Pool {
         }
         drop(st);
         let inner = self.inner.clone();
-        std::thread::Builder::new().stack_size(self.inner.stack).spawn(move || {
-            job();
-            inner.worker();
-        })?;
+        std::thread::Builder::new()
+            .stack_size(self.inner.stack)
+            .spawn(move || {
+                job();
+                inner.worker();
+            })?;
         Ok(())
     }
 }
@@ -73,7 +84,10 @@ impl Inner {
                         return;
                     }
                     st.idle += 1;
-                    let (g, wait) = self.work.wait_timeout(st, IDLE_EXIT).unwrap_or_else(|e| e.into_inner());
+                    let (g, wait) = self
+                        .work
+                        .wait_timeout(st, IDLE_EXIT)
+                        .unwrap_or_else(|e| e.into_inner());
                     st = g;
                     st.idle -= 1;
                     if wait.timed_out() && st.jobs.is_empty() {
@@ -126,7 +140,8 @@ mod tests {
         }
         let (dtx, drx) = std::sync::mpsc::channel();
         pool.execute(move || dtx.send(()).unwrap()).unwrap();
-        drx.recv_timeout(Duration::from_secs(2)).expect("a new job runs while others block");
+        drx.recv_timeout(Duration::from_secs(2))
+            .expect("a new job runs while others block");
         drop(tx);
     }
 }

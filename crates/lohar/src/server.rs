@@ -211,7 +211,7 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
     let msg =
         Message::decode(&first).map_err(|e| HandlerError::Refused(format!("bad request: {e}")))?;
     match (channel, msg) {
-        (Channel::Forward, Message::FwdReq(req)) => handlers::forward::handle(conn, req),
+        (Channel::Forward, Message::FwdReq(req)) => handlers::forward::handle(agent, conn, req),
         (Channel::Control, Message::ExecReq(req)) => exec(agent, conn, req),
         (Channel::Control, Message::ExecListReq) => handlers::session::list(agent, conn),
         (Channel::Control, Message::ExecKill(req)) => handlers::session::kill(agent, conn, req),

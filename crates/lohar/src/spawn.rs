@@ -70,7 +70,9 @@ fn resolve_program(program: &str, env: &BTreeMap<String, String>) -> Option<Path
     if program.contains('/') {
         return Some(PathBuf::from(program));
     }
-    let path = env.get("PATH").map_or("/usr/local/bin:/usr/bin:/bin", String::as_str);
+    let path = env
+        .get("PATH")
+        .map_or("/usr/local/bin:/usr/bin:/bin", String::as_str);
     path.split(':').find_map(|dir| {
         let candidate = Path::new(if dir.is_empty() { "." } else { dir }).join(program);
         let meta = std::fs::metadata(&candidate).ok()?;
@@ -86,7 +88,8 @@ pub fn command(
     cwd: Option<&Path>,
 ) -> Result<Command, SpawnError> {
     let env = cfg.child_env(env);
-    let program = resolve_program(&argv[0], &env).ok_or_else(|| SpawnError::NotFound(argv[0].clone()))?;
+    let program =
+        resolve_program(&argv[0], &env).ok_or_else(|| SpawnError::NotFound(argv[0].clone()))?;
     let mut cmd = Command::new(program);
     cmd.arg0(&argv[0]).args(&argv[1..]).env_clear().envs(env);
     if let Some(c) = cwd {

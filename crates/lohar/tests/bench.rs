@@ -41,7 +41,10 @@ fn exec_true(a: &Agent) {
 
 fn read_all(a: &Agent, path: &str) -> usize {
     let mut c = a.connect();
-    c.send(&Message::FileReadReq(FileReadRequest { path: path.into(), ..Default::default() }));
+    c.send(&Message::FileReadReq(FileReadRequest {
+        path: path.into(),
+        ..Default::default()
+    }));
     let _ = c.recv();
     let mut n = 0;
     loop {
@@ -56,9 +59,17 @@ fn read_all(a: &Agent, path: &str) -> usize {
 #[test]
 #[ignore]
 fn bench_agent() {
-    let a = Agent::with(Opts { token: Some("bench-token-0123456789abcdef".into()), ..Default::default() });
+    let a = Agent::with(Opts {
+        token: Some("bench-token-0123456789abcdef".into()),
+        ..Default::default()
+    });
     let n = 2000;
-    let floor = time(n, || assert!(std::process::Command::new("true").status().unwrap().success()));
+    let floor = time(n, || {
+        assert!(std::process::Command::new("true")
+            .status()
+            .unwrap()
+            .success())
+    });
     println!("fork+exec+wait true (floor)  p50 {floor:?}");
     let act = time(n, || {
         let mut c = a.connect();
@@ -66,8 +77,14 @@ fn bench_agent() {
         assert!(matches!(c.recv_msg(), Message::ActivityResp(_)));
     });
     println!("ACTIVITY round trip          p50 {act:?}");
+    let cpu0 = a.cpu_ticks();
     let ex = time(n, || exec_true(&a));
-    println!("exec true                    p50 {ex:?}  ({:.2}x floor)", ex.as_secs_f64() / floor.as_secs_f64());
+    let per = (a.cpu_ticks() - cpu0) as f64 * 10_000.0 / (n + n / 10) as f64;
+    println!("agent CPU per exec           {per:.0} µs");
+    println!(
+        "exec true                    p50 {ex:?}  ({:.2}x floor)",
+        ex.as_secs_f64() / floor.as_secs_f64()
+    );
 
     let small = a.path("small");
     std::fs::write(&small, vec![b'x'; 1024]).unwrap();
@@ -79,7 +96,10 @@ fn bench_agent() {
     std::fs::write(&big, vec![7u8; 1 << 20]).unwrap();
     let big = big.to_str().unwrap().to_string();
     let rm = time(n / 4, || assert_eq!(read_all(&a, &big), 1 << 20));
-    println!("read 1 MiB                   p50 {rm:?}  ({:.2} GB/s)", (1 << 20) as f64 / rm.as_secs_f64() / 1e9);
+    println!(
+        "read 1 MiB                   p50 {rm:?}  ({:.2} GB/s)",
+        (1 << 20) as f64 / rm.as_secs_f64() / 1e9
+    );
 
     let a = std::sync::Arc::new(a);
     let per = 300;

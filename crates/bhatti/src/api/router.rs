@@ -11,6 +11,9 @@ use utoipa_axum::routes;
 use super::handlers::{exec, files, health, sandboxes, secrets, sessions, shell};
 use crate::service::Service;
 
+/// Largest JSON request body (exec stdin travels base64-encoded in it).
+pub const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -50,5 +53,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(api);
-    router.route("/openapi.json", get(move || async move { Json(api.as_ref().clone()) }))
+    router
+        .route("/openapi.json", get(move || async move { Json(api.as_ref().clone()) }))
+        // JSON bodies carry exec stdin (base64); file uploads stream and are capped in their handler.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
 }

@@ -162,7 +162,9 @@ impl ApiClient {
         segments: &[&str],
         target: Target<'_>,
     ) -> anyhow::Result<T> {
-        let resp = self.send(self.request(Method::GET, segments), target).await?;
+        let resp = self
+            .send(self.request(Method::GET, segments), target)
+            .await?;
         self.decode(resp).await
     }
 
@@ -189,12 +191,12 @@ impl ApiClient {
     /// the URL it came from.
     pub async fn decode<T: DeserializeOwned>(&self, resp: Response) -> anyhow::Result<T> {
         let url = resp.url().clone();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+        let bytes = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
         serde_json::from_slice(&bytes).with_context(|| {
-            format!("unexpected answer from {url} (is {} a bhatti API?)", self.url.value)
+            format!(
+                "unexpected answer from {url} (is {} a bhatti API?)",
+                self.url.value
+            )
         })
     }
 
@@ -264,7 +266,11 @@ impl ApiClient {
                 None => anyhow!(
                     "{} answered {status}{}",
                     self.url.value,
-                    if status.is_server_error() { "; check the daemon's log" } else { "" }
+                    if status.is_server_error() {
+                        "; check the daemon's log"
+                    } else {
+                        ""
+                    }
                 ),
             },
         }
@@ -377,7 +383,10 @@ mod tests {
             "http://127.0.0.1:8080/sandboxes/a%20b%2Fc"
         );
         let c = client("https://example.com/api/", Source::Flag);
-        assert_eq!(c.url(&["health"]).as_str(), "https://example.com/api/health");
+        assert_eq!(
+            c.url(&["health"]).as_str(),
+            "https://example.com/api/health"
+        );
         assert_eq!(
             c.ws_url(&["sandboxes", "dev", "ws"]).as_str(),
             "wss://example.com/api/sandboxes/dev/ws"
@@ -409,7 +418,10 @@ mod tests {
             server_message(br#"{"error":"name taken"}"#).as_deref(),
             Some("name taken")
         );
-        assert_eq!(server_message(b"plain words\n").as_deref(), Some("plain words"));
+        assert_eq!(
+            server_message(b"plain words\n").as_deref(),
+            Some("plain words")
+        );
         assert_eq!(server_message(b"<html>nope</html>"), None);
         assert_eq!(server_message(b""), None);
     }

@@ -128,7 +128,9 @@ pub fn parse_env_pairs(s: &str) -> Result<EnvPairs, String> {
         };
         let key = key.trim();
         let mut kc = key.chars();
-        let valid = kc.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = kc
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && kc.all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(format!(
@@ -148,7 +150,9 @@ mod tests {
     #[test]
     fn env_pairs() {
         assert_eq!(
-            parse_env_pairs("API_KEY=sk-abc,NODE_ENV=prod").expect("ok").0,
+            parse_env_pairs("API_KEY=sk-abc,NODE_ENV=prod")
+                .expect("ok")
+                .0,
             vec![
                 ("API_KEY".to_string(), "sk-abc".to_string()),
                 ("NODE_ENV".to_string(), "prod".to_string())

@@ -111,7 +111,11 @@ pub async fn exec_to(
 
 /// Decodes NDJSON exec events from `stream` and writes their bytes to
 /// `out`/`err`, flushing after each chunk.
-pub async fn relay<S>(stream: S, out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<Outcome>
+pub async fn relay<S>(
+    stream: S,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> anyhow::Result<Outcome>
 where
     S: Stream<Item = anyhow::Result<Bytes>>,
 {
@@ -140,7 +144,11 @@ where
 }
 
 /// Handles one NDJSON line; `Some` when the exec is over.
-fn handle_line(line: &[u8], out: &mut impl Write, err: &mut impl Write) -> anyhow::Result<Option<Outcome>> {
+fn handle_line(
+    line: &[u8],
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> anyhow::Result<Option<Outcome>> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
@@ -182,7 +190,11 @@ fn handle_line(line: &[u8], out: &mut impl Write, err: &mut impl Write) -> anyho
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe && to_out => Ok(Some(Outcome::BrokenPipe)),
         // Nobody reads our stderr any more: keep relaying stdout.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(None),
-        Err(e) => Err(e).context(if to_out { "cannot write to stdout" } else { "cannot write to stderr" }),
+        Err(e) => Err(e).context(if to_out {
+            "cannot write to stdout"
+        } else {
+            "cannot write to stderr"
+        }),
     }
 }
 
@@ -191,7 +203,10 @@ mod tests {
     use super::*;
 
     fn chunks(parts: &[&[u8]]) -> impl Stream<Item = anyhow::Result<Bytes>> {
-        let v: Vec<anyhow::Result<Bytes>> = parts.iter().map(|p| Ok(Bytes::copy_from_slice(p))).collect();
+        let v: Vec<anyhow::Result<Bytes>> = parts
+            .iter()
+            .map(|p| Ok(Bytes::copy_from_slice(p)))
+            .collect();
         futures_util::stream::iter(v)
     }
 
@@ -252,7 +267,9 @@ mod tests {
             .expect("runtime");
         let mut err = Vec::new();
         let r = rt.block_on(relay(
-            chunks(&[b"{\"type\":\"stdout\",\"data\":\"x\"}\n{\"type\":\"exit\",\"exit_code\":0}\n"]),
+            chunks(&[
+                b"{\"type\":\"stdout\",\"data\":\"x\"}\n{\"type\":\"exit\",\"exit_code\":0}\n",
+            ]),
             &mut Closed,
             &mut err,
         ));

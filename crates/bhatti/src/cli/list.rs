@@ -22,7 +22,11 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<i32> {
                 s.name.clone(),
                 s.id.clone(),
                 s.status.clone(),
-                if s.ip.is_empty() { "-".into() } else { s.ip.clone() },
+                if s.ip.is_empty() {
+                    "-".into()
+                } else {
+                    s.ip.clone()
+                },
                 s.cpus.to_string(),
                 format!("{} MB", s.memory_mb),
                 output::rfc3339(&s.created_at),

@@ -25,7 +25,11 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
                 line.push_str("  ");
             }
             line.push_str(cell);
-            let pad = widths.get(i).copied().unwrap_or(0).saturating_sub(cell.chars().count());
+            let pad = widths
+                .get(i)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(cell.chars().count());
             line.extend(std::iter::repeat_n(' ', pad));
         }
         out.push_str(line.trim_end());
@@ -62,7 +66,8 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 
 /// Unix seconds as `2024-05-01 12:00:00 UTC`; the raw number if out of range.
 pub fn unix_time(secs: i64) -> String {
-    let fmt = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    let fmt =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
         .and_then(|t| t.format(&fmt).ok())
@@ -111,7 +116,10 @@ mod tests {
              a-longer-name  x       stopped\n"
         );
         assert_eq!(table(&["A", "B"], &[]), "A  B\n");
-        assert_eq!(table(&["A", "B"], &[vec!["x".into(), String::new()]]), "A  B\nx\n");
+        assert_eq!(
+            table(&["A", "B"], &[vec!["x".into(), String::new()]]),
+            "A  B\nx\n"
+        );
     }
 
     #[test]

@@ -33,7 +33,11 @@ pub async fn run(ctx: Ctx, args: PublishArgs) -> anyhow::Result<i32> {
     };
     let rule: Value = ctx
         .client
-        .post_json(&["sandboxes", name, "publish"], &body, Target::Sandbox(name))
+        .post_json(
+            &["sandboxes", name, "publish"],
+            &body,
+            Target::Sandbox(name),
+        )
         .await?;
     if ctx.json {
         output::print_json(&rule)?;

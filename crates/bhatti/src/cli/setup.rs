@@ -40,7 +40,10 @@ pub async fn run(global: GlobalArgs) -> anyhow::Result<i32> {
     let auth_token = match nonempty(global.token.as_deref()) {
         Some(t) => t.to_string(),
         None => {
-            let keep = current.auth_token.as_deref().filter(|t| !t.trim().is_empty());
+            let keep = current
+                .auth_token
+                .as_deref()
+                .filter(|t| !t.trim().is_empty());
             let question = if keep.is_some() {
                 "API key (input hidden) [keep current]: "
             } else {

@@ -96,7 +96,8 @@ fn window_size() -> Option<(u16, u16)> {
         .map(|(c, r)| (r, c))
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Opens the shell WebSocket (`?session=&rows=&cols=`, bearer auth).
 /// Public so that tests can drive a real shell without a terminal.
@@ -122,8 +123,9 @@ pub async fn connect(
         .into_client_request()
         .with_context(|| format!("cannot open a WebSocket to {url}"))?;
     if let Some(t) = client.token() {
-        let value = HeaderValue::from_str(&format!("Bearer {t}"))
-            .map_err(|_| anyhow!("the API key contains characters that cannot be sent in a header"))?;
+        let value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+            anyhow!("the API key contains characters that cannot be sent in a header")
+        })?;
         req.headers_mut().insert(header::AUTHORIZATION, value);
     }
     let connector = client.tls().map(tokio_tungstenite::Connector::Rustls);
@@ -139,7 +141,10 @@ pub async fn connect(
         }
         Err(WsError::Io(e)) => Err(client.unreachable(&e.to_string())),
         Err(WsError::Url(e)) => Err(anyhow!("cannot open a WebSocket to {url}: {e}")),
-        Err(e) => Err(anyhow!("cannot open the shell in {sandbox} via {}: {e}", client.api_url())),
+        Err(e) => Err(anyhow!(
+            "cannot open the shell in {sandbox} via {}: {e}",
+            client.api_url()
+        )),
     }
 }
 
@@ -148,7 +153,8 @@ pub async fn connect(
 async fn relay(mut ws: WsStream) -> anyhow::Result<End> {
     let mut stdin_rx = spawn_stdin_reader()?;
     let mut stdin_open = true;
-    let mut winch = signal(SignalKind::window_change()).context("cannot watch window size changes")?;
+    let mut winch =
+        signal(SignalKind::window_change()).context("cannot watch window size changes")?;
     let mut session_id = None;
     let mut stdout = io::stdout();
     let lost = |e: WsError| anyhow!("lost the connection to the shell: {e}");
@@ -249,8 +255,11 @@ mod tests {
     #[test]
     fn server_text_messages() {
         assert_eq!(
-            serde_json::from_str::<ServerText>(r#"{"type":"session","session_id":"s1"}"#).expect("session"),
-            ServerText::Session { session_id: "s1".into() }
+            serde_json::from_str::<ServerText>(r#"{"type":"session","session_id":"s1"}"#)
+                .expect("session"),
+            ServerText::Session {
+                session_id: "s1".into()
+            }
         );
         assert_eq!(
             serde_json::from_str::<ServerText>(r#"{"type":"exit","exit_code":7}"#).expect("exit"),

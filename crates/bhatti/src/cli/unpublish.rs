@@ -18,7 +18,10 @@ pub async fn run(ctx: Ctx, args: UnpublishArgs) -> anyhow::Result<i32> {
     let name = args.sandbox.as_str();
     let port = args.port.to_string();
     ctx.client
-        .delete(&["sandboxes", name, "publish", &port], Target::Sandbox(name))
+        .delete(
+            &["sandboxes", name, "publish", &port],
+            Target::Sandbox(name),
+        )
         .await?;
     if ctx.json {
         output::print_json(&json!({"sandbox": name, "port": args.port, "unpublished": true}))?;

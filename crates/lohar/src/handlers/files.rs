@@ -3,9 +3,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -140,7 +140,11 @@ fn stream_file(conn: &Stream, file: &File, size: u64, mut w: Window) -> Result<(
     }
     // Sized for the file, plus one byte to see EOF in one read. Files in
     // /proc and /sys claim size 0 yet have content: give them a page or so.
-    let want = if size == 0 { 64 * 1024 } else { size.saturating_add(1) };
+    let want = if size == 0 {
+        64 * 1024
+    } else {
+        size.saturating_add(1)
+    };
     let payload = want.min(MAX_PAYLOAD_LEN as u64) as usize;
     let mut frame = FrameBuf::get(payload);
     let buf = &mut frame.0;

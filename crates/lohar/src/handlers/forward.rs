@@ -8,6 +8,7 @@ use std::time::Duration;
 use bhatti_proto::{FwdRequest, FwdResponse, Message};
 
 use super::HandlerError;
+use crate::server::Agent;
 use crate::stream::Stream;
 use crate::wire;
 
@@ -15,7 +16,9 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const RELAY_BUF: usize = 64 * 1024;
 
 /// FWD_REQ. A failed dial is a FWD_RESP with status "error", not an ERROR.
-pub fn handle(conn: &Stream, req: FwdRequest) -> Result<(), HandlerError> {
+/// A forwarded connection counts as activity: someone uses the sandbox.
+pub fn handle(agent: &Agent, conn: &Stream, req: FwdRequest) -> Result<(), HandlerError> {
+    agent.activity.touch();
     let addr = SocketAddr::from(([127, 0, 0, 1], req.port));
     let target = match TcpStream::connect_timeout(&addr, DIAL_TIMEOUT) {
         Ok(t) => t,

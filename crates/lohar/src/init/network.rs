@@ -118,9 +118,7 @@ impl Msg {
         self.0.extend_from_slice(&len.to_ne_bytes());
         self.0.extend_from_slice(&kind.to_ne_bytes());
         self.0.extend_from_slice(data);
-        while self.0.len() % 4 != 0 {
-            self.0.push(0);
-        }
+        self.0.resize(self.0.len().next_multiple_of(4), 0);
         self
     }
 

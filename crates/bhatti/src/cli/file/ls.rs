@@ -33,7 +33,11 @@ pub async fn run(ctx: Ctx, args: LsArgs) -> anyhow::Result<i32> {
                 f.mode.clone(),
                 f.size.to_string(),
                 output::unix_time(f.mtime),
-                if f.is_dir { format!("{}/", f.name) } else { f.name.clone() },
+                if f.is_dir {
+                    format!("{}/", f.name)
+                } else {
+                    f.name.clone()
+                },
             ]
         })
         .collect();

@@ -33,8 +33,8 @@ pub struct WriteArgs {
 pub async fn run(ctx: Ctx, args: WriteArgs) -> anyhow::Result<i32> {
     let content = match &args.from {
         Some(path) => {
-            let file = File::open(path)
-                .with_context(|| format!("cannot open {}", path.display()))?;
+            let file =
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             read_capped(file, &path.display().to_string())?
         }
         None => {

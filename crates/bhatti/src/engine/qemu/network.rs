@@ -277,6 +277,11 @@ pub fn ensure_base(cfg: &NetConfig) -> Result<(), NetworkError> {
     }
     let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix);
     ip_in(&cfg.netns, &["addr", "replace", &gw, "dev", br])?;
+    // A changed subnet leaves the old gateway address behind: remove it.
+    let addrs = ip_in(&cfg.netns, &["-4", "-o", "addr", "show", "dev", br])?;
+    for stale in parse_inet_addrs(&addrs).into_iter().filter(|a| *a != gw) {
+        ip_in(&cfg.netns, &["addr", "del", &stale, "dev", br])?;
+    }
     ip_in(&cfg.netns, &["link", "set", br, "up"])?;
     nft_in(&cfg.netns, &ns_ruleset(cfg))?;
     if cfg.egress {
@@ -542,6 +547,17 @@ pub fn list_neighbours(cfg: &NetConfig) -> Result<Vec<(Ipv4Addr, String)>, Netwo
         .collect())
 }
 
+/// Parses `ip -4 -o addr show`: "5: br0    inet 192.168.137.1/24 brd ..." → "192.168.137.1/24".
+fn parse_inet_addrs(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next().map(str::to_string)
+        })
+        .collect()
+}
+
 /// Parses `ip -o link show`: "3: name@peer: <...> ..." → "name".
 fn parse_link_names(out: &str) -> Vec<String> {
     out.lines()
@@ -636,6 +652,12 @@ mod tests {
             };
             assert!(c.validate().is_err(), "{netns} {bridge}");
         }
+    }
+
+    #[test]
+    fn addr_parsing() {
+        let out = "5: br0    inet 192.168.137.1/24 scope global br0\\       valid_lft forever\n5: br0    inet 192.168.140.1/24 scope global br0\n";
+        assert_eq!(parse_inet_addrs(out), vec!["192.168.137.1/24", "192.168.140.1/24"]);
     }
 
     #[test]

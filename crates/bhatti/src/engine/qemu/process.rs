@@ -15,8 +15,9 @@ use crate::engine::agent_client::{Channel, Dialer};
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one readiness probe may take once connected.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Connect timeout of a readiness probe (short: the guest may not be up yet).
-const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Connect timeout of a readiness probe. Short: until the guest configures
+/// eth0 its SYNs vanish, and a short timeout notices the agent sooner.
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// The files of one VM, all in its sandbox dir.
 #[derive(Debug, Clone)]

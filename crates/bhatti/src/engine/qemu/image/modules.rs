@@ -69,7 +69,6 @@ pub fn module_depends(ko: &[u8]) -> Result<Vec<String>, String> {
         .filter_map(|kv| kv.strip_prefix(b"depends="))
         .flat_map(|v| {
             String::from_utf8_lossy(v)
-                .into_owned()
                 .split(',')
                 .map(normalize)
                 .collect::<Vec<_>>()
