@@ -5,6 +5,10 @@
 #
 #   scripts/boot-image.sh [IMAGES_DIR]     (default /var/lib/bhatti/images)
 #
+# Overrides for experiments: KERNEL=, INITRD= (instead of current.json's),
+# EXTRA_CMDLINE= (appended), QUIET= (empty: full kernel log; e.g. with
+# EXTRA_CMDLINE="initcall_debug loglevel=8" to see where boot time goes).
+#
 # The guest runs an init script that prints a few facts on the console and
 # then sends SIGTERM to PID 1, so a clean run also proves power-off works.
 set -euo pipefail

@@ -27,22 +27,33 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let cipher = Arc::new(SecretCipher::load_or_create(&cfg.data_dir)?);
 
     let images_dir = cfg.images_dir.clone();
-    let images = tokio::task::spawn_blocking(move || ensure_images(&images_dir, &LogProgress)).await??;
+    let images =
+        tokio::task::spawn_blocking(move || ensure_images(&images_dir, &LogProgress)).await??;
     let engine = Arc::new(QemuEngine::new(qemu_config(&cfg, images)?).await?);
     tracing::info!(accel = ?engine.accel(), netns = %cfg.netns, "engine ready");
 
     let service = Arc::new(Service::new(store, engine, cipher, cfg.subnet));
-    service.recover().await.context("recovering sandboxes from the store")?;
+    service
+        .recover()
+        .await
+        .context("recovering sandboxes from the store")?;
 
     let app = router(AppState { service });
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, "bhatti API listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }
 
-fn qemu_config(cfg: &DaemonConfig, images: crate::engine::qemu::image::ImagePaths) -> anyhow::Result<QemuConfig> {
+fn qemu_config(
+    cfg: &DaemonConfig,
+    images: crate::engine::qemu::image::ImagePaths,
+) -> anyhow::Result<QemuConfig> {
     let mut q = QemuConfig::new(&cfg.data_dir, images);
     q.accel = match cfg.accel {
         crate::config::Accel::Auto => AccelMode::Auto,
@@ -66,7 +77,10 @@ fn require_root() -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the daemon still serves; it just cannot stop gracefully.
         return std::future::pending().await;
     };

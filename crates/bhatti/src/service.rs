@@ -58,8 +58,19 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(store: Store, engine: Arc<dyn Engine>, cipher: Arc<SecretCipher>, subnet: Ipv4Subnet) -> Self {
-        Service { store, engine, cipher, subnet, started: Instant::now() }
+    pub fn new(
+        store: Store,
+        engine: Arc<dyn Engine>,
+        cipher: Arc<SecretCipher>,
+        subnet: Ipv4Subnet,
+    ) -> Self {
+        Service {
+            store,
+            engine,
+            cipher,
+            subnet,
+            started: Instant::now(),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -77,7 +88,11 @@ impl Service {
 
     pub async fn health(&self) -> Result<Health> {
         let n = self.store.call(|s| s.count_sandboxes(None)).await?;
-        Ok(Health { status: "ok".into(), sandboxes: n as u64, uptime: format_uptime(self.started.elapsed().as_secs()) })
+        Ok(Health {
+            status: "ok".into(),
+            sandboxes: n as u64,
+            uptime: format_uptime(self.started.elapsed().as_secs()),
+        })
     }
 
     /// Validates, records, boots and returns a new sandbox. A VM that fails
@@ -88,21 +103,32 @@ impl Service {
             None => generate_name(),
         };
         let cpus = positive("cpus", req.cpus.unwrap_or(1), 1)?.min(user.max_cpus);
-        let memory_mb = positive("memory_mb", req.memory_mb.unwrap_or(512), MIN_MEMORY_MB)?.min(user.max_memory_mb);
+        let memory_mb = positive("memory_mb", req.memory_mb.unwrap_or(512), MIN_MEMORY_MB)?
+            .min(user.max_memory_mb);
         let env = req.env.unwrap_or_default();
         for key in env.keys() {
-            validate_secret_name(key).map_err(|e| ServiceError::Invalid(format!("invalid field `env`: {e}")))?;
+            validate_secret_name(key)
+                .map_err(|e| ServiceError::Invalid(format!("invalid field `env`: {e}")))?;
         }
         let secret_names = req.secrets.unwrap_or_default();
         let mut guest_env = env.clone();
         if !secret_names.is_empty() {
             let (uid, names) = (user.id, secret_names.clone());
-            let records = self.store.call(move |s| s.get_secrets(uid, &names)).await.map_err(|e| match e {
-                StoreError::NotFound(m) => ServiceError::Invalid(format!("invalid field `secrets`: {m}")),
-                other => other.into(),
-            })?;
+            let records = self
+                .store
+                .call(move |s| s.get_secrets(uid, &names))
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound(m) => {
+                        ServiceError::Invalid(format!("invalid field `secrets`: {m}"))
+                    }
+                    other => other.into(),
+                })?;
             for r in records {
-                guest_env.insert(r.name.clone(), self.cipher.decrypt(&r.ciphertext)?.to_string());
+                guest_env.insert(
+                    r.name.clone(),
+                    self.cipher.decrypt(&r.ciphertext)?.to_string(),
+                );
             }
         }
 
@@ -114,7 +140,10 @@ impl Service {
         new.secrets = secret_names;
         new.init = req.init.filter(|s| !s.trim().is_empty());
         let subnet = self.subnet;
-        let rec = self.store.call(move |s| s.create_sandbox(&new, &subnet)).await?;
+        let rec = self
+            .store
+            .call(move |s| s.create_sandbox(&new, &subnet))
+            .await?;
 
         let spec = SandboxSpec {
             id: rec.id.clone(),
@@ -135,31 +164,57 @@ impl Service {
             return Err(e.into());
         }
         let id = rec.id.clone();
-        self.store.call(move |s| s.set_sandbox_status(&id, SandboxStatus::Running)).await?;
+        self.store
+            .call(move |s| s.set_sandbox_status(&id, SandboxStatus::Running))
+            .await?;
         tracing::info!(sandbox = %rec.id, name = %rec.name, ip = %rec.ip, "sandbox created");
-        Ok(view(&SandboxRecord { status: SandboxStatus::Running, ..rec }))
+        Ok(view(&SandboxRecord {
+            status: SandboxStatus::Running,
+            ..rec
+        }))
     }
 
     pub async fn list_sandboxes(&self, user: &User) -> Result<Vec<Sandbox>> {
         let uid = user.id;
-        Ok(self.store.call(move |s| s.list_sandboxes(uid)).await?.iter().map(view).collect())
+        Ok(self
+            .store
+            .call(move |s| s.list_sandboxes(uid))
+            .await?
+            .iter()
+            .map(view)
+            .collect())
     }
 
     pub async fn get_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
         Ok(view(&self.find(user, id).await?))
     }
 
-    pub async fn patch_sandbox(&self, user: &User, id: &str, req: PatchSandboxRequest) -> Result<Sandbox> {
+    pub async fn patch_sandbox(
+        &self,
+        user: &User,
+        id: &str,
+        req: PatchSandboxRequest,
+    ) -> Result<Sandbox> {
         let (uid, id) = (user.id, id.to_string());
-        let patch = SandboxPatch { name: req.name, keep_hot: req.keep_hot };
-        Ok(view(&self.store.call(move |s| s.update_sandbox(uid, &id, &patch)).await?))
+        let patch = SandboxPatch {
+            name: req.name,
+            keep_hot: req.keep_hot,
+        };
+        Ok(view(
+            &self
+                .store
+                .call(move |s| s.update_sandbox(uid, &id, &patch))
+                .await?,
+        ))
     }
 
     /// Stops the VM, removes everything it had, then forgets the sandbox.
     pub async fn destroy_sandbox(&self, user: &User, id: &str) -> Result<()> {
         let rec = self.find(user, id).await?;
         let sid = rec.id.clone();
-        self.store.call(move |s| s.set_sandbox_status(&sid, SandboxStatus::Destroying)).await?;
+        self.store
+            .call(move |s| s.set_sandbox_status(&sid, SandboxStatus::Destroying))
+            .await?;
         match self.engine.destroy(&rec.id).await {
             Ok(()) | Err(EngineError::NotFound(_)) => {}
             Err(e) => {
@@ -176,12 +231,16 @@ impl Service {
 
     pub async fn stop_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
         self.find(user, id).await?;
-        Err(ServiceError::NotImplemented("stopping a sandbox (saving it to disk) is not available yet".into()))
+        Err(ServiceError::NotImplemented(
+            "stopping a sandbox (saving it to disk) is not available yet".into(),
+        ))
     }
 
     pub async fn start_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
         self.find(user, id).await?;
-        Err(ServiceError::NotImplemented("starting a stopped sandbox is not available yet".into()))
+        Err(ServiceError::NotImplemented(
+            "starting a stopped sandbox is not available yet".into(),
+        ))
     }
 
     /// A client of the sandbox's agent; the sandbox must be running.
@@ -189,33 +248,68 @@ impl Service {
         let rec = self.find(user, id).await?;
         match rec.status {
             SandboxStatus::Running => {}
-            SandboxStatus::Creating => return Err(ServiceError::Unavailable(format!("sandbox {} is still starting", rec.name))),
-            other => return Err(ServiceError::Unavailable(format!("sandbox {} is not running (status {other})", rec.name))),
+            SandboxStatus::Creating => {
+                return Err(ServiceError::Unavailable(format!(
+                    "sandbox {} is still starting",
+                    rec.name
+                )))
+            }
+            other => {
+                return Err(ServiceError::Unavailable(format!(
+                    "sandbox {} is not running (status {other})",
+                    rec.name
+                )))
+            }
         }
         let sid = rec.id.clone();
         // Best effort: activity bookkeeping must never fail a request.
         let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
-        Ok(self.engine.agent(&rec.id, &VmRuntime { ip: rec.ip, token: rec.token }))
+        Ok(self.engine.agent(
+            &rec.id,
+            &VmRuntime {
+                ip: rec.ip,
+                token: rec.token,
+            },
+        ))
     }
 
     pub async fn set_secret(&self, user: &User, name: &str, value: &str) -> Result<SecretInfo> {
-        validate_secret_name(name).map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
-        crate::secrets::validate_secret_value(value).map_err(|e| ServiceError::Invalid(format!("invalid field `value`: {e}")))?;
+        validate_secret_name(name)
+            .map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
+        crate::secrets::validate_secret_value(value)
+            .map_err(|e| ServiceError::Invalid(format!("invalid field `value`: {e}")))?;
         let ct = self.cipher.encrypt(value)?;
         let (uid, name) = (user.id, name.to_string());
-        let meta = self.store.call(move |s| s.put_secret(uid, &name, &ct)).await?;
-        Ok(SecretInfo { name: meta.name, created_at: rfc3339(meta.created_at), updated_at: rfc3339(meta.updated_at) })
+        let meta = self
+            .store
+            .call(move |s| s.put_secret(uid, &name, &ct))
+            .await?;
+        Ok(SecretInfo {
+            name: meta.name,
+            created_at: rfc3339(meta.created_at),
+            updated_at: rfc3339(meta.updated_at),
+        })
     }
 
     pub async fn list_secrets(&self, user: &User) -> Result<Vec<SecretInfo>> {
         let uid = user.id;
         let list = self.store.call(move |s| s.list_secrets(uid)).await?;
-        Ok(list.into_iter().map(|m| SecretInfo { name: m.name, created_at: rfc3339(m.created_at), updated_at: rfc3339(m.updated_at) }).collect())
+        Ok(list
+            .into_iter()
+            .map(|m| SecretInfo {
+                name: m.name,
+                created_at: rfc3339(m.created_at),
+                updated_at: rfc3339(m.updated_at),
+            })
+            .collect())
     }
 
     pub async fn delete_secret(&self, user: &User, name: &str) -> Result<()> {
         let (uid, name) = (user.id, name.to_string());
-        Ok(self.store.call(move |s| s.delete_secret(uid, &name)).await?)
+        Ok(self
+            .store
+            .call(move |s| s.delete_secret(uid, &name))
+            .await?)
     }
 
     /// After a daemon start: re-adopts live VMs, marks dead ones, finishes
@@ -225,7 +319,10 @@ impl Service {
         let all = self.store.call(|s| s.list_all_sandboxes()).await?;
         let mut keep = Vec::new();
         for rec in all {
-            let rt = VmRuntime { ip: rec.ip, token: rec.token.clone() };
+            let rt = VmRuntime {
+                ip: rec.ip,
+                token: rec.token.clone(),
+            };
             let new_status = match rec.status {
                 SandboxStatus::Destroying => {
                     let _ = self.engine.destroy(&rec.id).await;
@@ -244,7 +341,9 @@ impl Service {
             };
             if new_status != rec.status {
                 let sid = rec.id.clone();
-                self.store.call(move |s| s.set_sandbox_status(&sid, new_status)).await?;
+                self.store
+                    .call(move |s| s.set_sandbox_status(&sid, new_status))
+                    .await?;
             }
             keep.push(rec.id);
         }
@@ -254,10 +353,13 @@ impl Service {
 
     async fn find(&self, user: &User, id: &str) -> Result<SandboxRecord> {
         let (uid, key) = (user.id, id.to_string());
-        self.store.call(move |s| s.find_sandbox(uid, &key)).await.map_err(|e| match e {
-            StoreError::NotFound(_) => ServiceError::NotFound(format!("no sandbox named {id}")),
-            other => other.into(),
-        })
+        self.store
+            .call(move |s| s.find_sandbox(uid, &key))
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(_) => ServiceError::NotFound(format!("no sandbox named {id}")),
+                other => other.into(),
+            })
     }
 }
 
@@ -281,16 +383,21 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 
 fn positive(field: &str, v: i64, min: i64) -> Result<u32> {
     if v < min {
-        return Err(ServiceError::Invalid(format!("invalid field `{field}`: must be at least {min}, got {v}")));
+        return Err(ServiceError::Invalid(format!(
+            "invalid field `{field}`: must be at least {min}, got {v}"
+        )));
     }
-    u32::try_from(v).map_err(|_| ServiceError::Invalid(format!("invalid field `{field}`: {v} is too large")))
+    u32::try_from(v)
+        .map_err(|_| ServiceError::Invalid(format!("invalid field `{field}`: {v} is too large")))
 }
 
 /// `sandbox-` and six random lowercase letters or digits.
 fn generate_name() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();
-    let suffix: String = (0..6).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    let suffix: String = (0..6)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
     format!("sandbox-{suffix}")
 }
 

@@ -97,10 +97,16 @@ fn network_setup_is_idempotent_and_stays_in_its_namespace() {
         .is_empty());
 
     // A changed subnet replaces the gateway address instead of adding one.
-    let moved = NetConfig { subnet: Subnet::parse("192.168.140.0/24").expect("subnet"), ..net.cfg.clone() };
+    let moved = NetConfig {
+        subnet: Subnet::parse("192.168.140.0/24").expect("subnet"),
+        ..net.cfg.clone()
+    };
     network::ensure_base(&moved).expect("ensure_base with a new subnet");
     let addrs = net.exec(&["ip", "-4", "-o", "addr", "show", "dev", "brtest0"]);
-    assert!(addrs.contains("192.168.140.1/24") && !addrs.contains("192.168.137.1"), "{addrs}");
+    assert!(
+        addrs.contains("192.168.140.1/24") && !addrs.contains("192.168.137.1"),
+        "{addrs}"
+    );
 
     let ns = net.cfg.netns.clone();
     drop(net);
@@ -212,6 +218,13 @@ async fn qmp_controls_a_qemu_in_the_namespace() {
         process::wait_exit(pid, Duration::from_secs(5)).await,
         "QEMU still alive after quit"
     );
+    // The reader notices the EOF right after the exit.
+    for _ in 0..100 {
+        if qmp.is_closed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(qmp.is_closed());
     assert!(matches!(
         qmp.query_status().await,

@@ -22,6 +22,11 @@ use bhatti::engine::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
 use bhatti_proto::ExecRequest;
 
 fn require_root() {
+    // Engine logs (`RUST_LOG=bhatti=debug` shows the boot phases).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     assert!(
         nix::unistd::geteuid().is_root(),
         "VM tests need root (network namespaces, TAPs, nftables); CI runs them as root"

@@ -4,11 +4,11 @@
 //! server. With `LOHAR_TEST=1` it skips everything but the server and listens
 //! on Unix sockets, so the whole protocol is testable without a VM or root.
 
+mod acceptors;
 mod activity;
 mod config;
 mod handlers;
 mod init;
-mod pool;
 mod reaper;
 mod server;
 mod session;
@@ -33,6 +33,10 @@ fn main() {
     }
     if let Err(e) = server::serve(agent, listeners) {
         fatal(&format!("serve: {e}"));
+    }
+    // The connection threads serve from here on; main has nothing left to do.
+    loop {
+        std::thread::park();
     }
 }
 

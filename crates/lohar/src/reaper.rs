@@ -9,6 +9,12 @@
 //! write lock excludes, so a child that exits at once is never reaped before
 //! it is registered (and std's own `waitpid` on a failed spawn can never
 //! lose its child to us).
+//!
+//! For latency, the thread waiting on a child may also reap that one child
+//! itself through its pidfd ([`Reaper::try_reap`]), saving the hop through
+//! the reaper thread; whoever reaps first delivers the code, the other
+//! finds nothing to reap. A pidfd names exactly one process, so a reused
+//! pid can never be reaped by mistake.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,24 +31,30 @@ use nix::unistd::Pid;
 #[derive(Debug)]
 pub struct ExitWatch {
     event: OwnedFd,
+    /// Readable once the process has terminated (absent on old kernels).
+    pidfd: Option<OwnedFd>,
+    pid: i32,
     code: OnceLock<i32>,
 }
 
-impl ExitWatch {
-    fn new() -> io::Result<Self> {
-        // SAFETY: eventfd takes no pointers; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let event = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(ExitWatch {
-            event,
-            code: OnceLock::new(),
-        })
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; the result is checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers; the result is checked below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative result is a fresh descriptor we now own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl ExitWatch {
     fn deliver(&self, code: i32) {
         let _ = self.code.set(code);
         let one: u64 = 1;
@@ -53,6 +65,11 @@ impl ExitWatch {
     /// Readable once the child has exited.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.event.as_fd()
+    }
+
+    /// Readable once the process has terminated, reaped or not.
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|f| f.as_fd())
     }
 
     /// The exit code (128+n for a signal n), once known.
@@ -125,11 +142,54 @@ impl Reaper {
         &self,
         spawn: impl FnOnce() -> io::Result<(T, u32)>,
     ) -> io::Result<(T, Arc<ExitWatch>)> {
-        let watch = Arc::new(ExitWatch::new()?);
+        let event = eventfd()?;
         let _gate = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let (value, pid) = spawn()?;
-        self.lock_waiting().insert(pid as i32, watch.clone());
+        let pid = pid as i32;
+        // Still under the gate: the child cannot have been reaped, so the
+        // pidfd is surely this child's.
+        let watch = Arc::new(ExitWatch {
+            event,
+            pidfd: pidfd_open(pid),
+            pid,
+            code: OnceLock::new(),
+        });
+        self.lock_waiting().insert(pid, watch.clone());
         Ok((value, watch))
+    }
+
+    /// Reaps `watch`'s child if it has exited and the reaper thread has not
+    /// got to it yet; returns the exit code once known.
+    pub fn try_reap(&self, watch: &ExitWatch) -> Option<i32> {
+        if let Some(c) = watch.code() {
+            return Some(c);
+        }
+        let fd = watch.pidfd.as_ref()?;
+        // SAFETY: siginfo_t is plain data, valid when zeroed.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes one siginfo_t we own; the pidfd is ours.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        // ECHILD: the reaper thread took it and delivers the code itself.
+        // SAFETY: si_pid/si_status are valid to read for SIGCHLD siginfo.
+        if r != 0 || unsafe { info.si_pid() } == 0 {
+            return watch.code();
+        }
+        // SAFETY: as above.
+        let status = unsafe { info.si_status() };
+        let code = match info.si_code {
+            libc::CLD_EXITED => status,
+            _ => 128 + status,
+        };
+        self.lock_waiting().remove(&watch.pid);
+        watch.deliver(code);
+        Some(code)
     }
 
     fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Arc<ExitWatch>>> {

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use bhatti_proto::frame::FrameType;
 use bhatti_proto::{codec, ExecRequest, Frame, FrameError, Message, AUTH_DEADLINE, AUTH_REQUIRED};
 
+use crate::acceptors::Acceptors;
 use crate::activity::Activity;
 use crate::config::{AgentConfig, Endpoints};
 use crate::handlers::{self, HandlerError};
-use crate::pool::Pool;
 use crate::reaper::Reaper;
 use crate::session::{Sessions, Spec};
 use crate::stream::{Listener, Stream};
@@ -104,41 +104,25 @@ enum Channel {
     Forward,
 }
 
-/// Serves both listeners forever.
+/// Serves both listeners; returns once their threads run.
 pub fn serve(agent: Arc<Agent>, listeners: Listeners) -> io::Result<()> {
-    let pool = Pool::new(CONN_STACK);
-    let (fwd_agent, fwd_pool) = (agent.clone(), pool.clone());
-    let forward = listeners.forward;
-    std::thread::Builder::new()
-        .name("accept-fwd".into())
-        .spawn(move || accept_loop(&fwd_agent, &fwd_pool, &forward, Channel::Forward))?;
-    accept_loop(&agent, &pool, &listeners.control, Channel::Control);
-    Ok(())
-}
-
-fn accept_loop(agent: &Arc<Agent>, pool: &Pool, listener: &Listener, channel: Channel) {
-    loop {
-        let conn = match listener.accept() {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                eprintln!("lohar: accept: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+    for (listener, channel) in [
+        (listeners.control, Channel::Control),
+        (listeners.forward, Channel::Forward),
+    ] {
+        let a = agent.clone();
+        // One thread more than the cap, to answer the connection over it.
+        Acceptors::start(listener, MAX_CONNECTIONS + 1, CONN_STACK, move |conn| {
+            if a.conns.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                a.conns.fetch_sub(1, Ordering::AcqRel);
+                refuse_busy(&conn);
+                return;
             }
-        };
-        if agent.conns.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            agent.conns.fetch_sub(1, Ordering::AcqRel);
-            refuse_busy(&conn);
-            continue;
-        }
-        // The slot is released when the job ends, or dropped unrun.
-        let slot = Slot(agent.clone());
-        let spawned = pool.execute(move || handle(&slot.0, conn, channel));
-        if spawned.is_err() {
-            eprintln!("lohar: cannot start a connection thread");
-        }
+            let slot = Slot(a.clone());
+            handle(&slot.0, conn, channel);
+        })?;
     }
+    Ok(())
 }
 
 /// Holds one connection slot; releases it on drop.

@@ -99,6 +99,15 @@ impl AsRawFd for Stream {
     }
 }
 
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+}
+
 /// A listening socket of either transport.
 #[derive(Debug)]
 pub enum Listener {

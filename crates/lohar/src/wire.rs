@@ -75,47 +75,69 @@ impl Read for DeadlineReader<'_> {
     }
 }
 
-/// Parses frames out of bytes that arrive in arbitrary pieces.
+/// Parses frames out of bytes that arrive in arbitrary pieces. The buffer
+/// is zeroed once and reused; it grows only for a frame that does not fit.
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl FrameDecoder {
-    pub fn new() -> Self {
+    pub fn new(size: usize) -> Self {
         FrameDecoder {
-            buf: Vec::with_capacity(64 * 1024),
+            buf: Vec::new(),
             start: 0,
+            end: 0,
         }
+        .with_room(size)
+    }
+
+    fn with_room(mut self, size: usize) -> Self {
+        self.buf.resize(size.max(HEADER_LEN), 0);
+        self
     }
 
     /// Bytes received but not yet returned as frames.
     #[cfg(test)]
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
+    }
+
+    /// Makes room at the end: moves unparsed bytes to the front, and grows
+    /// the buffer when a whole pending frame would not fit.
+    fn make_room(&mut self) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.end < self.buf.len() {
+            return;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        if self.end == self.buf.len() {
+            // A single frame larger than the buffer; its size was checked
+            // against the protocol limit when its header was parsed, but
+            // the header may not be parsed yet: grow by doubling, capped.
+            let want = (self.buf.len() * 2).min(HEADER_LEN + frame::MAX_FRAME_LEN);
+            self.buf.resize(want.max(self.buf.len() + 1), 0);
+        }
     }
 
     /// One `read` call into the buffer; `Ok(0)` is end of stream.
-    pub fn fill_from<R: Read + ?Sized>(&mut self, r: &mut R, max: usize) -> io::Result<usize> {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        let old = self.buf.len();
-        self.buf.resize(old + max, 0);
-        let res = r.read(&mut self.buf[old..]);
-        let n = *res.as_ref().unwrap_or(&0);
-        self.buf.truncate(old + n);
-        res
+    pub fn fill_from<R: Read + ?Sized>(&mut self, r: &mut R) -> io::Result<usize> {
+        self.make_room();
+        let n = r.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
     }
 
     /// The next complete frame, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
-            let avail = &self.buf[self.start..];
+            let avail = &self.buf[self.start..self.end];
             if avail.len() < HEADER_LEN {
                 return Ok(None);
             }
@@ -155,10 +177,10 @@ mod tests {
         let mut bytes = wire(&[(FrameType::Stdin, b"abc")]);
         bytes.extend([0, 0, 0, 2, 0x7e, 9]);
         bytes.extend(wire(&[(FrameType::Kill, b""), (FrameType::Stdin, b"")]));
-        let mut d = FrameDecoder::new();
+        let mut d = FrameDecoder::new(4);
         let mut got = Vec::new();
         for b in bytes {
-            d.fill_from(&mut Cursor::new(vec![b]), 16).unwrap();
+            d.fill_from(&mut Cursor::new(vec![b])).unwrap();
             while let Some(f) = d.next_frame().unwrap() {
                 got.push(f);
             }
@@ -171,9 +193,25 @@ mod tests {
     }
 
     #[test]
+    fn decoder_grows_for_big_frames_and_reuses_its_buffer() {
+        let big = vec![7u8; 300_000];
+        let bytes = wire(&[(FrameType::Stdin, &big), (FrameType::Stdin, b"x")]);
+        let mut d = FrameDecoder::new(1000);
+        let mut r = Cursor::new(bytes);
+        let mut got = Vec::new();
+        while d.fill_from(&mut r).unwrap() > 0 {
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f.payload);
+            }
+        }
+        assert_eq!(got, vec![big, b"x".to_vec()]);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
     fn decoder_refuses_oversized_length() {
-        let mut d = FrameDecoder::new();
-        d.fill_from(&mut Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]), 16)
+        let mut d = FrameDecoder::new(16);
+        d.fill_from(&mut Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 1]))
             .unwrap();
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge(_))));
     }

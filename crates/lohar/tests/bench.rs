@@ -101,8 +101,25 @@ fn bench_agent() {
         (1 << 20) as f64 / rm.as_secs_f64() / 1e9
     );
 
-    let a = std::sync::Arc::new(a);
     let per = 300;
+    let t = Instant::now();
+    let hs: Vec<_> = (0..10)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..per).for_each(|_| {
+                    assert!(std::process::Command::new("true")
+                        .status()
+                        .unwrap()
+                        .success())
+                })
+            })
+        })
+        .collect();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+    let floor_rate = (10 * per) as f64 / t.elapsed().as_secs_f64();
+    println!("floor x10 concurrent         {floor_rate:.0}/s");
+
+    let a = std::sync::Arc::new(a);
     let t = Instant::now();
     let hs: Vec<_> = (0..10)
         .map(|_| {

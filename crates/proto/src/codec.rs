@@ -29,7 +29,11 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, FrameError> {
 
 /// Writes one frame in a single `write_all` call, so frames from several
 /// writers sharing one stream (behind a lock) never interleave.
-pub fn write_frame<W: Write + ?Sized>(w: &mut W, kind: FrameType, payload: &[u8]) -> Result<(), FrameError> {
+pub fn write_frame<W: Write + ?Sized>(
+    w: &mut W,
+    kind: FrameType,
+    payload: &[u8],
+) -> Result<(), FrameError> {
     let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
     frame::encode_into(&mut buf, kind, payload)?;
     w.write_all(&buf)?;
@@ -74,10 +78,20 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let wire = bytes_of(&[(FrameType::Stdout, b"hello"), (FrameType::Kill, b""), (FrameType::Error, "é".as_bytes())]);
+        let wire = bytes_of(&[
+            (FrameType::Stdout, b"hello"),
+            (FrameType::Kill, b""),
+            (FrameType::Error, "é".as_bytes()),
+        ]);
         let mut r = Cursor::new(wire);
-        assert_eq!(read_frame(&mut r).unwrap(), Frame::new(FrameType::Stdout, b"hello".to_vec()));
-        assert_eq!(read_frame(&mut r).unwrap(), Frame::new(FrameType::Kill, vec![]));
+        assert_eq!(
+            read_frame(&mut r).unwrap(),
+            Frame::new(FrameType::Stdout, b"hello".to_vec())
+        );
+        assert_eq!(
+            read_frame(&mut r).unwrap(),
+            Frame::new(FrameType::Kill, vec![])
+        );
         assert_eq!(read_frame(&mut r).unwrap().payload, "é".as_bytes());
         assert!(matches!(read_frame(&mut r), Err(FrameError::Eof)));
     }
@@ -87,7 +101,10 @@ mod tests {
         let wire = bytes_of(&[(FrameType::Stdout, b"hello")]);
         for cut in 1..wire.len() {
             let mut r = Cursor::new(wire[..cut].to_vec());
-            assert!(matches!(read_frame(&mut r), Err(FrameError::Truncated)), "cut at {cut}");
+            assert!(
+                matches!(read_frame(&mut r), Err(FrameError::Truncated)),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -103,15 +120,24 @@ mod tests {
     fn oversize_refused_on_write_and_read() {
         let mut out = Vec::new();
         let big = vec![0u8; MAX_PAYLOAD_LEN + 1];
-        assert!(matches!(write_frame(&mut out, FrameType::Stdout, &big), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            write_frame(&mut out, FrameType::Stdout, &big),
+            Err(FrameError::TooLarge(_))
+        ));
         assert!(out.is_empty(), "nothing may be written for a refused frame");
         // exactly at the limit works
         write_frame(&mut out, FrameType::Stdout, &big[..MAX_PAYLOAD_LEN]).unwrap();
-        assert_eq!(read_frame(&mut Cursor::new(out)).unwrap().payload.len(), MAX_PAYLOAD_LEN);
+        assert_eq!(
+            read_frame(&mut Cursor::new(out)).unwrap().payload.len(),
+            MAX_PAYLOAD_LEN
+        );
         // a header announcing one byte too many is refused before any allocation
         let mut wire = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec();
         wire.push(0x02);
-        assert!(matches!(read_frame(&mut Cursor::new(wire)), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(wire)),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -129,7 +155,16 @@ mod tests {
                     let n = p.len().min(4);
                     p[..n].copy_from_slice(&i.to_be_bytes()[..n]);
                     let mut s = a.lock().unwrap();
-                    write_frame(&mut *s, if w == 0 { FrameType::Stdout } else { FrameType::Stderr }, &p).unwrap();
+                    write_frame(
+                        &mut *s,
+                        if w == 0 {
+                            FrameType::Stdout
+                        } else {
+                            FrameType::Stderr
+                        },
+                        &p,
+                    )
+                    .unwrap();
                 }
             }));
         }

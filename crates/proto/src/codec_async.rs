@@ -12,7 +12,11 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Fram
         while got < HEADER_LEN {
             let n = r.read(&mut head[got..]).await?;
             if n == 0 {
-                return Err(if got == 0 { FrameError::Eof } else { FrameError::Truncated });
+                return Err(if got == 0 {
+                    FrameError::Eof
+                } else {
+                    FrameError::Truncated
+                });
             }
             got += n;
         }
@@ -30,7 +34,9 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Fram
                 return Ok(Frame { kind, payload });
             }
             None => {
-                let skipped = tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
+                let skipped =
+                    tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink())
+                        .await?;
                 if skipped != len as u64 {
                     return Err(FrameError::Truncated);
                 }
@@ -40,7 +46,11 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Fram
 }
 
 /// Writes one whole frame with a single `write_all`.
-pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, kind: FrameType, payload: &[u8]) -> Result<(), FrameError> {
+pub async fn write_frame<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    kind: FrameType,
+    payload: &[u8],
+) -> Result<(), FrameError> {
     let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
     frame::encode_into(&mut buf, kind, payload)?;
     w.write_all(&buf).await?;
@@ -54,16 +64,24 @@ mod tests {
     #[tokio::test]
     async fn async_round_trip_and_blocking_compatibility() {
         let mut wire = Vec::new();
-        write_frame(&mut wire, FrameType::Stdout, b"abc").await.unwrap();
+        write_frame(&mut wire, FrameType::Stdout, b"abc")
+            .await
+            .unwrap();
         crate::codec::write_frame(&mut wire, FrameType::Exit, &7i32.to_be_bytes()).unwrap();
         wire.extend_from_slice(&[0, 0, 0, 2, 0xee, 9]);
         write_frame(&mut wire, FrameType::Kill, b"").await.unwrap();
         let mut r = &wire[..];
         assert_eq!(read_frame(&mut r).await.unwrap().payload, b"abc");
-        assert_eq!(read_frame(&mut r).await.unwrap().payload, 7i32.to_be_bytes());
+        assert_eq!(
+            read_frame(&mut r).await.unwrap().payload,
+            7i32.to_be_bytes()
+        );
         assert_eq!(read_frame(&mut r).await.unwrap().kind, FrameType::Kill);
         assert!(matches!(read_frame(&mut r).await, Err(FrameError::Eof)));
         let mut partial = &wire[..2];
-        assert!(matches!(read_frame(&mut partial).await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut partial).await,
+            Err(FrameError::Truncated)
+        ));
     }
 }

@@ -36,7 +36,10 @@ pub struct ExecRequest {
 impl ExecRequest {
     /// A piped command.
     pub fn command<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
-        ExecRequest { argv: argv.into_iter().map(Into::into).collect(), ..Default::default() }
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
     }
 }
 

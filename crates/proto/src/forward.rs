@@ -18,11 +18,17 @@ pub struct FwdResponse {
 
 impl FwdResponse {
     pub fn ok() -> Self {
-        FwdResponse { status: "ok".into(), message: None }
+        FwdResponse {
+            status: "ok".into(),
+            message: None,
+        }
     }
 
     pub fn error(message: impl Into<String>) -> Self {
-        FwdResponse { status: "error".into(), message: Some(message.into()) }
+        FwdResponse {
+            status: "error".into(),
+            message: Some(message.into()),
+        }
     }
 
     pub fn is_ok(&self) -> bool {

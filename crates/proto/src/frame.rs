@@ -110,7 +110,10 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(kind: FrameType, payload: impl Into<Vec<u8>>) -> Self {
-        Frame { kind, payload: payload.into() }
+        Frame {
+            kind,
+            payload: payload.into(),
+        }
     }
 
     /// The frame's bytes as they go on the wire.
@@ -176,9 +179,20 @@ mod tests {
     #[test]
     fn limits_at_and_past_the_edge() {
         assert!(header(FrameType::Stdout, MAX_PAYLOAD_LEN).is_ok());
-        assert!(matches!(header(FrameType::Stdout, MAX_PAYLOAD_LEN + 1), Err(FrameError::TooLarge(n)) if n == MAX_FRAME_LEN + 1));
-        assert_eq!(payload_len_of((MAX_FRAME_LEN as u32).to_be_bytes()).unwrap(), MAX_PAYLOAD_LEN);
-        assert!(matches!(payload_len_of((MAX_FRAME_LEN as u32 + 1).to_be_bytes()), Err(FrameError::TooLarge(_))));
-        assert!(matches!(payload_len_of([0, 0, 0, 0]), Err(FrameError::Empty)));
+        assert!(
+            matches!(header(FrameType::Stdout, MAX_PAYLOAD_LEN + 1), Err(FrameError::TooLarge(n)) if n == MAX_FRAME_LEN + 1)
+        );
+        assert_eq!(
+            payload_len_of((MAX_FRAME_LEN as u32).to_be_bytes()).unwrap(),
+            MAX_PAYLOAD_LEN
+        );
+        assert!(matches!(
+            payload_len_of((MAX_FRAME_LEN as u32 + 1).to_be_bytes()),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            payload_len_of([0, 0, 0, 0]),
+            Err(FrameError::Empty)
+        ));
     }
 }

@@ -41,7 +41,9 @@ pub struct FileWriteResponse {
 
 impl FileWriteResponse {
     pub fn ok() -> Self {
-        FileWriteResponse { status: "ok".into() }
+        FileWriteResponse {
+            status: "ok".into(),
+        }
     }
 }
 

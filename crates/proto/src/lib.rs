@@ -23,7 +23,10 @@ pub use boot::BootConfig;
 pub use exec::{ExecKill, ExecRequest, SessionInfo};
 pub use forward::{FwdRequest, FwdResponse};
 pub use frame::{Frame, FrameError, FrameType, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN};
-pub use fs::{FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest, FileWriteResponse};
+pub use fs::{
+    FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
+    FileWriteResponse,
+};
 pub use message::{DecodeError, Message};
 
 /// TCP port of the control channel inside the guest.

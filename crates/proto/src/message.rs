@@ -7,15 +7,25 @@ use crate::activity::ActivityInfo;
 use crate::exec::{ExecKill, ExecRequest, SessionInfo};
 use crate::forward::{FwdRequest, FwdResponse};
 use crate::frame::{Frame, FrameError, FrameType};
-use crate::fs::{FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest, FileWriteResponse};
+use crate::fs::{
+    FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
+    FileWriteResponse,
+};
 
 /// A frame whose payload could not be understood.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("invalid {kind:?} payload: {source}")]
-    Json { kind: FrameType, source: serde_json::Error },
+    Json {
+        kind: FrameType,
+        source: serde_json::Error,
+    },
     #[error("{kind:?} payload must be {expected} bytes, got {got}")]
-    Length { kind: FrameType, expected: usize, got: usize },
+    Length {
+        kind: FrameType,
+        expected: usize,
+        got: usize,
+    },
     #[error("ERROR payload is not UTF-8")]
     Utf8,
 }
@@ -60,7 +70,11 @@ fn from_json<T: DeserializeOwned>(kind: FrameType, p: &[u8]) -> Result<T, Decode
 }
 
 fn exact<const N: usize>(kind: FrameType, p: &[u8]) -> Result<[u8; N], DecodeError> {
-    p.try_into().map_err(|_| DecodeError::Length { kind, expected: N, got: p.len() })
+    p.try_into().map_err(|_| DecodeError::Length {
+        kind,
+        expected: N,
+        got: p.len(),
+    })
 }
 
 impl Message {
@@ -128,7 +142,10 @@ impl Message {
 
     /// This message as a frame.
     pub fn to_frame(&self) -> Frame {
-        Frame { kind: self.kind(), payload: self.payload() }
+        Frame {
+            kind: self.kind(),
+            payload: self.payload(),
+        }
     }
 
     /// The wire bytes of this message (header included).
@@ -146,10 +163,15 @@ impl Message {
             FrameType::Stderr => Message::Stderr(p.to_vec()),
             FrameType::Resize => {
                 let b: [u8; 4] = exact(k, p)?;
-                Message::Resize { rows: u16::from_be_bytes([b[0], b[1]]), cols: u16::from_be_bytes([b[2], b[3]]) }
+                Message::Resize {
+                    rows: u16::from_be_bytes([b[0], b[1]]),
+                    cols: u16::from_be_bytes([b[2], b[3]]),
+                }
             }
             FrameType::Exit => Message::Exit(i32::from_be_bytes(exact(k, p)?)),
-            FrameType::Error => Message::Error(String::from_utf8(p.to_vec()).map_err(|_| DecodeError::Utf8)?),
+            FrameType::Error => {
+                Message::Error(String::from_utf8(p.to_vec()).map_err(|_| DecodeError::Utf8)?)
+            }
             FrameType::Kill => Message::Kill,
             FrameType::ExecReq => Message::ExecReq(from_json(k, p)?),
             FrameType::Auth => Message::Auth(p.to_vec()),
@@ -190,10 +212,24 @@ mod tests {
         for code in [0, 1, 127, 137, -1, i32::MIN, i32::MAX] {
             round(Message::Exit(code));
         }
-        assert_eq!(Message::Resize { rows: 65535, cols: 1 }.payload(), vec![0xff, 0xff, 0, 1]);
+        assert_eq!(
+            Message::Resize {
+                rows: 65535,
+                cols: 1
+            }
+            .payload(),
+            vec![0xff, 0xff, 0, 1]
+        );
         assert_eq!(Message::Exit(-1).payload(), vec![0xff; 4]);
         let short = Frame::new(FrameType::Resize, vec![0, 24, 0]);
-        assert!(matches!(Message::decode(&short), Err(DecodeError::Length { expected: 4, got: 3, .. })));
+        assert!(matches!(
+            Message::decode(&short),
+            Err(DecodeError::Length {
+                expected: 4,
+                got: 3,
+                ..
+            })
+        ));
         let long = Frame::new(FrameType::Exit, vec![0; 5]);
         assert!(Message::decode(&long).is_err());
     }
@@ -215,28 +251,80 @@ mod tests {
             String::from_utf8(Message::ExecReq(req).payload()).unwrap(),
             r#"{"argv":["sh"],"env":{"A":"1"},"tty":true,"rows":30,"cols":100,"cwd":"/w","session_id":"s1","max_idle_sec":5,"if_detached":true}"#
         );
-        let info = SessionInfo { session_id: "init".into(), argv: "sh -c x".into(), tty: true, running: false, exit_code: Some(3), attached: false, created_at: 1700000000 };
+        let info = SessionInfo {
+            session_id: "init".into(),
+            argv: "sh -c x".into(),
+            tty: true,
+            running: false,
+            exit_code: Some(3),
+            attached: false,
+            created_at: 1700000000,
+        };
         assert_eq!(
             String::from_utf8(Message::SessionInfo(info).payload()).unwrap(),
             r#"{"session_id":"init","argv":"sh -c x","tty":true,"running":false,"exit_code":3,"attached":false,"created_at":1700000000}"#
         );
-        let fi = FileInfo { name: "a".into(), size: 3, mode: "0644".into(), is_dir: false, mtime: 5 };
-        assert_eq!(String::from_utf8(Message::FileStatResp(fi).payload()).unwrap(), r#"{"name":"a","size":3,"mode":"0644","is_dir":false,"mtime":5}"#);
-        let a = ActivityInfo { last_activity_unix: 9, active_sessions: 1, attached_sessions: 0 };
-        assert_eq!(String::from_utf8(Message::ActivityResp(a).payload()).unwrap(), r#"{"last_activity_unix":9,"active_sessions":1,"attached_sessions":0}"#);
-        assert_eq!(Message::FwdResp(FwdResponse::ok()).payload(), br#"{"status":"ok"}"#);
-        assert_eq!(Message::FwdResp(FwdResponse::error("refused")).payload(), br#"{"status":"error","message":"refused"}"#);
-        assert_eq!(Message::FileWriteResp(FileWriteResponse::ok()).payload(), br#"{"status":"ok"}"#);
+        let fi = FileInfo {
+            name: "a".into(),
+            size: 3,
+            mode: "0644".into(),
+            is_dir: false,
+            mtime: 5,
+        };
+        assert_eq!(
+            String::from_utf8(Message::FileStatResp(fi).payload()).unwrap(),
+            r#"{"name":"a","size":3,"mode":"0644","is_dir":false,"mtime":5}"#
+        );
+        let a = ActivityInfo {
+            last_activity_unix: 9,
+            active_sessions: 1,
+            attached_sessions: 0,
+        };
+        assert_eq!(
+            String::from_utf8(Message::ActivityResp(a).payload()).unwrap(),
+            r#"{"last_activity_unix":9,"active_sessions":1,"attached_sessions":0}"#
+        );
+        assert_eq!(
+            Message::FwdResp(FwdResponse::ok()).payload(),
+            br#"{"status":"ok"}"#
+        );
+        assert_eq!(
+            Message::FwdResp(FwdResponse::error("refused")).payload(),
+            br#"{"status":"error","message":"refused"}"#
+        );
+        assert_eq!(
+            Message::FileWriteResp(FileWriteResponse::ok()).payload(),
+            br#"{"status":"ok"}"#
+        );
     }
 
     #[test]
     fn minimal_json_from_other_implementations_decodes() {
-        let f = Frame::new(FrameType::ExecReq, br#"{"argv":["true"],"tty":false,"env":null}"#.to_vec());
-        assert_eq!(Message::decode(&f).unwrap(), Message::ExecReq(ExecRequest::command(["true"])));
-        let f = Frame::new(FrameType::FileReadReq, br#"{"path":"/x","offset":2}"#.to_vec());
-        assert!(matches!(Message::decode(&f).unwrap(), Message::FileReadReq(FileReadRequest { offset: Some(2), limit: None, .. })));
+        let f = Frame::new(
+            FrameType::ExecReq,
+            br#"{"argv":["true"],"tty":false,"env":null}"#.to_vec(),
+        );
+        assert_eq!(
+            Message::decode(&f).unwrap(),
+            Message::ExecReq(ExecRequest::command(["true"]))
+        );
+        let f = Frame::new(
+            FrameType::FileReadReq,
+            br#"{"path":"/x","offset":2}"#.to_vec(),
+        );
+        assert!(matches!(
+            Message::decode(&f).unwrap(),
+            Message::FileReadReq(FileReadRequest {
+                offset: Some(2),
+                limit: None,
+                ..
+            })
+        ));
         let bad = Frame::new(FrameType::ExecReq, b"{not json".to_vec());
-        assert!(matches!(Message::decode(&bad), Err(DecodeError::Json { .. })));
+        assert!(matches!(
+            Message::decode(&bad),
+            Err(DecodeError::Json { .. })
+        ));
     }
 
     #[test]
@@ -250,10 +338,19 @@ mod tests {
         round(Message::FwdReq(FwdRequest { port: 65535 }));
         round(Message::ExecListReq);
         round(Message::ExecListResp(vec![]));
-        round(Message::ExecKill(ExecKill { session_id: "x".into() }));
+        round(Message::ExecKill(ExecKill {
+            session_id: "x".into(),
+        }));
         round(Message::ActivityReq);
-        round(Message::FileReadResp(FileReadResponse { size: 1 << 40, mode: "0600".into() }));
-        round(Message::FileWriteReq(FileWriteRequest { path: "/p".into(), mode: Some("0755".into()), size: -1 }));
+        round(Message::FileReadResp(FileReadResponse {
+            size: 1 << 40,
+            mode: "0600".into(),
+        }));
+        round(Message::FileWriteReq(FileWriteRequest {
+            path: "/p".into(),
+            mode: Some("0755".into()),
+            size: -1,
+        }));
         round(Message::FileStatReq(FileStatRequest { path: "/".into() }));
         round(Message::FileLsReq(FileLsRequest { path: "/".into() }));
         round(Message::FileLsResp(vec![]));

@@ -13,19 +13,37 @@ pub struct AuthUser(pub User);
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = bearer(parts).or_else(|| query_token(parts)).ok_or_else(|| ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`"))?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let key = bearer(parts)
+            .or_else(|| query_token(parts))
+            .ok_or_else(|| {
+                ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+            })?;
         Ok(AuthUser(state.service.authenticate(&key).await?))
     }
 }
 
 fn bearer(parts: &Parts) -> Option<String> {
-    let value = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, key) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_string())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim().to_string())
 }
 
 // Browsers cannot set headers on a WebSocket, so the shell also takes `?token=`.
 fn query_token(parts: &Parts) -> Option<String> {
-    parts.uri.query()?.split('&').find_map(|kv| kv.strip_prefix("token=")).map(|t| t.to_string())
+    parts
+        .uri
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .map(|t| t.to_string())
 }

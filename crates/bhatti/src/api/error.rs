@@ -19,7 +19,10 @@ pub struct ErrorBody {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError {
+            status,
+            message: message.into(),
+        }
     }
     /// 400: bad input; the message names the field and why.
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -56,7 +59,13 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = self.status.as_u16(), error = %self.message, "request failed");
         }
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -85,7 +94,9 @@ impl From<crate::service::ServiceError> for ApiError {
         match e {
             S::Invalid(m) => ApiError::bad_request(m),
             S::NotFound(m) => ApiError::not_found(m),
-            S::Unauthorized => ApiError::unauthorized("invalid API key: check the key, or run `bhatti setup`"),
+            S::Unauthorized => {
+                ApiError::unauthorized("invalid API key: check the key, or run `bhatti setup`")
+            }
             S::Unavailable(m) => ApiError::unavailable(m),
             S::NotImplemented(m) => ApiError::new(StatusCode::NOT_IMPLEMENTED, m),
             S::Agent(a) => a.into(),

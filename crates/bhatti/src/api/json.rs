@@ -13,17 +13,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"{}") } else { bytes };
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"{}")
+        } else {
+            bytes
+        };
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de).map(ApiJson).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path.is_empty() || path == "." {
-                ApiError::bad_request(format!("invalid JSON body: {inner}"))
-            } else {
-                ApiError::bad_request(format!("invalid field `{path}`: {inner}"))
-            }
-        })
+        serde_path_to_error::deserialize(de)
+            .map(ApiJson)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path.is_empty() || path == "." {
+                    ApiError::bad_request(format!("invalid JSON body: {inner}"))
+                } else {
+                    ApiError::bad_request(format!("invalid field `{path}`: {inner}"))
+                }
+            })
     }
 }

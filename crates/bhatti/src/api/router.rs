@@ -31,7 +31,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -40,7 +43,11 @@ pub fn router(state: AppState) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::health))
         .routes(routes!(sandboxes::create, sandboxes::list))
-        .routes(routes!(sandboxes::get, sandboxes::patch, sandboxes::destroy))
+        .routes(routes!(
+            sandboxes::get,
+            sandboxes::patch,
+            sandboxes::destroy
+        ))
         .routes(routes!(sandboxes::stop))
         .routes(routes!(sandboxes::start))
         .routes(routes!(exec::exec))
@@ -54,7 +61,10 @@ pub fn router(state: AppState) -> Router {
         .split_for_parts();
     let api = Arc::new(api);
     router
-        .route("/openapi.json", get(move || async move { Json(api.as_ref().clone()) }))
+        .route(
+            "/openapi.json",
+            get(move || async move { Json(api.as_ref().clone()) }),
+        )
         // JSON bodies carry exec stdin (base64); file uploads stream and are capped in their handler.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
 }

@@ -158,7 +158,15 @@ pub struct Session {
 
 impl From<bhatti_proto::SessionInfo> for Session {
     fn from(s: bhatti_proto::SessionInfo) -> Self {
-        Session { session_id: s.session_id, argv: s.argv, tty: s.tty, running: s.running, exit_code: s.exit_code, attached: s.attached, created_at: s.created_at }
+        Session {
+            session_id: s.session_id,
+            argv: s.argv,
+            tty: s.tty,
+            running: s.running,
+            exit_code: s.exit_code,
+            attached: s.attached,
+            created_at: s.created_at,
+        }
     }
 }
 
@@ -174,6 +182,12 @@ pub struct FileEntry {
 
 impl From<bhatti_proto::FileInfo> for FileEntry {
     fn from(f: bhatti_proto::FileInfo) -> Self {
-        FileEntry { name: f.name, size: f.size, mode: f.mode, is_dir: f.is_dir, mtime: f.mtime }
+        FileEntry {
+            name: f.name,
+            size: f.size,
+            mode: f.mode,
+            is_dir: f.is_dir,
+            mtime: f.mtime,
+        }
     }
 }

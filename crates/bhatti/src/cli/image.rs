@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::config::DaemonConfig;
 use crate::engine::qemu::image::{self, BuildOptions, Progress, Step};
 
 #[derive(Debug, Subcommand)]
@@ -16,14 +17,20 @@ pub enum ImageCommand {
     /// Build the guest images (kernel, initramfs, rootfs) if missing or out of date.
     ///
     /// Needs root. The initramfs carries the static lohar binary, found via
-    /// --lohar, else $BHATTI_LOHAR, else next to the bhatti executable, else the
+    /// --lohar, else $BHATTI_LOHAR, else lohar-static or lohar next to the bhatti
+    /// executable, else the
     /// workspace's target/x86_64-unknown-linux-gnu/release/lohar (build it with
     /// RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p lohar
     /// --target x86_64-unknown-linux-gnu).
     Build {
-        /// Where the images live (shared by every daemon on the host).
-        #[arg(long, value_name = "DIR", default_value = image::DEFAULT_IMAGES_DIR)]
-        images_dir: PathBuf,
+        /// Where the images live, shared by every daemon on the host
+        /// [default: images_dir of the daemon config, /var/lib/bhatti/images]
+        #[arg(long, value_name = "DIR", conflicts_with = "config")]
+        images_dir: Option<PathBuf>,
+        /// Daemon config file to read images_dir from [default: $BHATTI_CONFIG,
+        /// /var/lib/bhatti/config.yaml]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
         /// Rebuild everything even if the cached images are current.
         #[arg(long)]
         force: bool,
@@ -37,9 +44,14 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
     match cmd {
         ImageCommand::Build {
             images_dir,
+            config,
             force,
             lohar,
         } => {
+            let images_dir = match images_dir {
+                Some(dir) => dir,
+                None => DaemonConfig::load(config.as_deref())?.config.images_dir,
+            };
             let opts = BuildOptions {
                 images_dir,
                 lohar,

@@ -10,11 +10,16 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 
 /// Where the guest images are; `scripts/test.sh` builds them before the suite.
 pub fn images_dir() -> PathBuf {
-    std::env::var_os("BHATTI_IMAGES_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/bhatti/images"))
+    std::env::var_os("BHATTI_IMAGES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/bhatti/images"))
 }
 
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "these tests boot VMs and need root (CI runs as root)");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests boot VMs and need root (CI runs as root)"
+    );
 }
 
 fn free_port() -> u16 {
@@ -35,7 +40,10 @@ impl TestDaemon {
     /// Starts a daemon whose namespace and data dir are unique to this process.
     pub fn start(tag: &str) -> TestDaemon {
         require_root();
-        let data_dir = tempfile::Builder::new().prefix(&format!("bhatti-{tag}-")).tempdir().expect("tempdir");
+        let data_dir = tempfile::Builder::new()
+            .prefix(&format!("bhatti-{tag}-"))
+            .tempdir()
+            .expect("tempdir");
         let port = free_port();
         let public_port = free_port();
         let netns = format!("bt-{tag}-{}", std::process::id());
@@ -46,7 +54,14 @@ impl TestDaemon {
             images_dir().display()
         );
         std::fs::write(&config, yaml).expect("write config");
-        let mut d = TestDaemon { url: format!("http://127.0.0.1:{port}"), public_addr: format!("127.0.0.1:{public_port}"), data_dir, config, netns, child: None };
+        let mut d = TestDaemon {
+            url: format!("http://127.0.0.1:{port}"),
+            public_addr: format!("127.0.0.1:{public_port}"),
+            data_dir,
+            config,
+            netns,
+            child: None,
+        };
         d.spawn();
         d
     }
@@ -61,7 +76,11 @@ impl TestDaemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open daemon log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open daemon log");
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -91,10 +110,17 @@ impl TestDaemon {
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("bhatti serve exited ({st}) before it was healthy; log:\n{}", self.log());
+                    panic!(
+                        "bhatti serve exited ({st}) before it was healthy; log:\n{}",
+                        self.log()
+                    );
                 }
             }
-            assert!(Instant::now() < deadline, "daemon not healthy in time; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "daemon not healthy in time; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -110,7 +136,10 @@ impl TestDaemon {
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -130,7 +159,12 @@ impl TestDaemon {
 
     /// Runs an operator command (`bhatti user …`) against this data dir.
     pub fn operator(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN).args(args).arg("--data-dir").arg(self.data_dir.path()).output().expect("run bhatti")
+        Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .output()
+            .expect("run bhatti")
     }
 
     /// Creates a user and returns its API key.
@@ -138,9 +172,16 @@ impl TestDaemon {
         let mut args = vec!["user", "create", "--name", name];
         args.extend_from_slice(extra);
         let out = self.operator(&args);
-        assert!(out.status.success(), "user create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "user create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.split_whitespace().find(|w| w.starts_with("bht_")).expect("API key in output").to_string()
+        text.split_whitespace()
+            .find(|w| w.starts_with("bht_"))
+            .expect("API key in output")
+            .to_string()
     }
 
     pub fn qemu_pids(&self) -> Vec<u32> {
@@ -152,9 +193,13 @@ impl TestDaemon {
 pub fn pids_matching(needle: &Path) -> Vec<u32> {
     let needle = needle.to_string_lossy().into_owned();
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return out };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains("qemu-system") && cmd.contains(&needle) {
@@ -170,9 +215,14 @@ impl Drop for TestDaemon {
         self.stop();
         // VMs outlive the daemon by design: a test's leftovers go with it.
         for pid in self.qemu_pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
     }
 }
 
@@ -186,31 +236,59 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str, key: &str) -> Api {
-        Api { base: base.to_string(), key: key.to_string(), http: reqwest::Client::builder().timeout(Duration::from_secs(300)).build().expect("client") }
+        Api {
+            base: base.to_string(),
+            key: key.to_string(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .build()
+                .expect("client"),
+        }
     }
 
     pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.key)
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.key)
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.req(reqwest::Method::GET, path).send().await.expect("GET")
+        self.req(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("GET")
     }
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.req(reqwest::Method::POST, path).json(&body).send().await.expect("POST")
+        self.req(reqwest::Method::POST, path)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST")
     }
 
     pub async fn delete(&self, path: &str) -> reqwest::Response {
-        self.req(reqwest::Method::DELETE, path).send().await.expect("DELETE")
+        self.req(reqwest::Method::DELETE, path)
+            .send()
+            .await
+            .expect("DELETE")
     }
 
     /// Buffered exec; returns (exit_code, stdout, stderr).
     pub async fn exec(&self, sandbox: &str, cmd: &[&str]) -> (i64, String, String) {
-        let r = self.post(&format!("/sandboxes/{sandbox}/exec"), serde_json::json!({ "cmd": cmd })).await;
+        let r = self
+            .post(
+                &format!("/sandboxes/{sandbox}/exec"),
+                serde_json::json!({ "cmd": cmd }),
+            )
+            .await;
         let status = r.status();
         let v: serde_json::Value = r.json().await.expect("exec json");
         assert_eq!(status, 200, "exec {cmd:?} failed: {v}");
-        (v["exit_code"].as_i64().unwrap_or(-1), v["stdout"].as_str().unwrap_or("").to_string(), v["stderr"].as_str().unwrap_or("").to_string())
+        (
+            v["exit_code"].as_i64().unwrap_or(-1),
+            v["stdout"].as_str().unwrap_or("").to_string(),
+            v["stderr"].as_str().unwrap_or("").to_string(),
+        )
     }
 }

@@ -70,7 +70,7 @@ pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), Handler
     let mut relay = Relay {
         conn,
         agent,
-        dec: FrameDecoder::new(),
+        dec: FrameDecoder::new(64 * 1024),
         out: Vec::with_capacity(PIPE_READ + HEADER_LEN),
         out_pos: 0,
         stdin,
@@ -81,10 +81,13 @@ pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), Handler
         watch,
         pgid,
         code: None,
+        pid_gone: false,
         drain_until: None,
         host_reading: true,
         exit_queued: false,
-        buf: vec![0u8; PIPE_READ],
+        // Grows to PIPE_READ for chatty commands; most print little.
+        buf: vec![0u8; 4096],
+        last_read_full: false,
     };
     relay.run()
 }
@@ -125,11 +128,15 @@ struct Relay<'a> {
     watch: Arc<ExitWatch>,
     pgid: Pid,
     code: Option<i32>,
+    /// The pidfd fired: the process is gone, its code comes by `watch`.
+    pid_gone: bool,
     drain_until: Option<Instant>,
     /// The client may still send frames.
     host_reading: bool,
     exit_queued: bool,
     buf: Vec<u8>,
+    /// The last pipe read filled `buf`: more output is coming.
+    last_read_full: bool,
 }
 
 /// What ended the loop early.
@@ -210,6 +217,14 @@ impl Relay<'_> {
                     events: libc::POLLIN,
                     revents: 0,
                 },
+                libc::pollfd {
+                    fd: match self.watch.pidfd() {
+                        Some(p) if self.code.is_none() && !self.pid_gone => p.as_raw_fd(),
+                        _ => -1,
+                    },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
             ];
             let timeout = match self.drain_until {
                 Some(d) => (d.saturating_duration_since(Instant::now()).as_millis() as i32)
@@ -237,11 +252,15 @@ impl Relay<'_> {
             if fds[3].revents != 0 {
                 self.write_stdin();
             }
-            if fds[4].revents != 0 {
+            if fds[5].revents != 0 {
+                // Reap it here rather than wait for the reaper thread.
+                self.pid_gone = true;
+                self.code = self.agent.reaper.try_reap(&self.watch);
+            } else if fds[4].revents != 0 {
                 self.code = self.watch.code();
-                if self.code.is_some() {
-                    self.drain_until = Some(Instant::now() + EXIT_DRAIN);
-                }
+            }
+            if self.code.is_some() && self.drain_until.is_none() {
+                self.drain_until = Some(Instant::now() + EXIT_DRAIN);
             }
             self.flush()?;
         }
@@ -295,6 +314,9 @@ impl Relay<'_> {
     /// returns the bytes read (0 on EOF or nothing available).
     fn read_pipe(&mut self, i: usize, max: usize) -> usize {
         let Some(fd) = &self.pipes[i] else { return 0 };
+        if self.buf.len() < max && self.buf.len() < PIPE_READ && self.last_read_full {
+            self.buf.resize(PIPE_READ, 0);
+        }
         let max = max.min(self.buf.len());
         // SAFETY: reads at most `max` bytes into a live buffer that long,
         // from a pipe fd we own.
@@ -310,6 +332,7 @@ impl Relay<'_> {
                 0
             }
             Ok(n) => {
+                self.last_read_full = n == self.buf.len();
                 let kind = if i == 0 {
                     FrameType::Stdout
                 } else {
@@ -330,7 +353,7 @@ impl Relay<'_> {
 
     fn read_host(&mut self) -> Result<(), Gone> {
         let mut r = self.conn;
-        match self.dec.fill_from(&mut r, 256 * 1024) {
+        match self.dec.fill_from(&mut r) {
             Ok(0) => {
                 // Half-close: the client is done sending; stdin ends.
                 self.host_reading = false;

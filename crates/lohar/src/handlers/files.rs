@@ -282,7 +282,8 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
     }
 
     let mode = mode.unwrap_or_else(|| existing.as_ref().map_or(0o644, |m| m.mode() & 0o7777));
-    let finish = || -> io::Result<()> {
+    let tmp_path = tmp.path.clone();
+    let finish = move || -> io::Result<()> {
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         if let Some(owner) = agent.cfg.file_owner {
             // A replaced file keeps its owner; a new one belongs to the user.
@@ -290,7 +291,10 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
             std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
         }
         file.sync_all()?;
-        fs::rename(&tmp.path, &path)
+        // Closed before the rename and the reply: a client that runs the
+        // file right away must not get "text file busy".
+        drop(file);
+        fs::rename(&tmp_path, &path)
     };
     finish().or_else(|e| refuse(describe(&req.path, &e)))?;
     let mut tmp = tmp;

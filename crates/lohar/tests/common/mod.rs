@@ -37,7 +37,13 @@ impl Agent {
     }
 
     pub fn with(opts: Opts) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
+        // tmpfs when there is one: the disk of a shared build machine can
+        // be slow enough at times to make timing-bound tests flaky.
+        let dir = tempfile::Builder::new()
+            .prefix("lohar-test")
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
         let sock = dir.path().join("control.sock");
         let fwd = dir.path().join("forward.sock");
         let work = dir.path().join("work");

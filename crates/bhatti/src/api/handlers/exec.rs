@@ -25,16 +25,33 @@ const STREAM_BUFFER: usize = 64;
 
 #[utoipa::path(post, path = "/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "sandbox id or name")), request_body = ExecBody,
     responses((status = 200, body = ExecResult, description = "buffered; with `Accept: application/x-ndjson` one ExecEvent per line"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn exec(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, headers: HeaderMap, ApiJson(body): ApiJson<ExecBody>) -> Result<Response, ApiError> {
+pub async fn exec(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> Result<Response, ApiError> {
     if body.cmd.is_empty() || body.cmd[0].is_empty() {
-        return Err(ApiError::bad_request("invalid field `cmd`: must name a command"));
+        return Err(ApiError::bad_request(
+            "invalid field `cmd`: must name a command",
+        ));
     }
     let stdin = match &body.stdin_b64 {
-        Some(s) => Some(base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| ApiError::bad_request(format!("invalid field `stdin_b64`: {e}")))?),
+        Some(s) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| ApiError::bad_request(format!("invalid field `stdin_b64`: {e}")))?,
+        ),
         None => None,
     };
     let agent = state.service.agent(&user, &id).await?;
-    let req = ExecRequest { argv: body.cmd, env: body.env, cwd: body.cwd.filter(|c| !c.is_empty()), ..Default::default() };
+    let req = ExecRequest {
+        argv: body.cmd,
+        env: body.env,
+        cwd: body.cwd.filter(|c| !c.is_empty()),
+        ..Default::default()
+    };
     let mut stream = agent.exec(req).await?;
     if let Some(data) = stdin {
         stream.writer.stdin(&data).await?;
@@ -42,7 +59,10 @@ pub async fn exec(State(state): State<AppState>, AuthUser(user): AuthUser, Path(
     stream.writer.close_stdin().await?;
     let timeout = body.timeout.filter(|t| *t > 0).map(Duration::from_secs);
 
-    let wants_stream = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(NDJSON));
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(NDJSON));
     if wants_stream {
         Ok(streamed(stream, timeout))
     } else {
@@ -50,7 +70,10 @@ pub async fn exec(State(state): State<AppState>, AuthUser(user): AuthUser, Path(
     }
 }
 
-async fn buffered(mut stream: ExecStream, timeout: Option<Duration>) -> Result<ExecResult, ApiError> {
+async fn buffered(
+    mut stream: ExecStream,
+    timeout: Option<Duration>,
+) -> Result<ExecResult, ApiError> {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut timed_out = false;
@@ -74,7 +97,14 @@ async fn buffered(mut stream: ExecStream, timeout: Option<Duration>) -> Result<E
     };
     let (stdout, stdout_b64) = text_or_b64(out);
     let (stderr, stderr_b64) = text_or_b64(err);
-    Ok(ExecResult { exit_code: code, stdout, stderr, stdout_b64, stderr_b64, timed_out })
+    Ok(ExecResult {
+        exit_code: code,
+        stdout,
+        stderr,
+        stdout_b64,
+        stderr_b64,
+        timed_out,
+    })
 }
 
 fn text_or_b64(bytes: Vec<u8>) -> (String, Option<String>) {
@@ -82,7 +112,10 @@ fn text_or_b64(bytes: Vec<u8>) -> (String, Option<String>) {
         Ok(s) => (s, None),
         Err(e) => {
             let b = e.into_bytes();
-            (String::from_utf8_lossy(&b).into_owned(), Some(base64::engine::general_purpose::STANDARD.encode(&b)))
+            (
+                String::from_utf8_lossy(&b).into_owned(),
+                Some(base64::engine::general_purpose::STANDARD.encode(&b)),
+            )
         }
     }
 }
@@ -90,7 +123,10 @@ fn text_or_b64(bytes: Vec<u8>) -> (String, Option<String>) {
 fn chunk_fields(b: Vec<u8>) -> (Option<String>, Option<String>) {
     match String::from_utf8(b) {
         Ok(s) => (Some(s), None),
-        Err(e) => (None, Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))),
+        Err(e) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes())),
+        ),
     }
 }
 
@@ -122,7 +158,12 @@ fn streamed(mut stream: ExecStream, timeout: Option<Duration>) -> Response {
                     (ExecEvent::Stderr { data, data_b64 }, false)
                 }
                 Ok(AgentEvent::Exit(exit_code)) => (ExecEvent::Exit { exit_code }, true),
-                Err(e) => (ExecEvent::Error { message: e.to_string() }, true),
+                Err(e) => (
+                    ExecEvent::Error {
+                        message: e.to_string(),
+                    },
+                    true,
+                ),
             };
             let mut line = serde_json::to_vec(&event).unwrap_or_default();
             line.push(b'\n');
@@ -147,6 +188,8 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> + Send {
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -25,14 +25,26 @@ fn path_of(q: &FilesQuery) -> Result<String, ApiError> {
 
 #[utoipa::path(get, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
     responses((status = 200, description = "raw bytes with X-File-Size, or [FileEntry] with ls=true", body = [FileEntry]), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn read(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<FilesQuery>) -> Result<Response, ApiError> {
+pub async fn read(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+) -> Result<Response, ApiError> {
     let path = path_of(&q)?;
     let agent = state.service.agent(&user, &id).await?;
     if q.ls.unwrap_or(false) {
         let list: Vec<FileEntry> = agent.ls(&path).await?.into_iter().map(Into::into).collect();
         return Ok(Json(list).into_response());
     }
-    let (info, mut file) = agent.read_file(FileReadRequest { path, offset: q.offset, limit: q.limit, max_bytes: q.max_bytes }).await?;
+    let (info, mut file) = agent
+        .read_file(FileReadRequest {
+            path,
+            offset: q.offset,
+            limit: q.limit,
+            max_bytes: q.max_bytes,
+        })
+        .await?;
     // Stream the file to the client as the agent sends it.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
     tokio::spawn(async move {
@@ -56,7 +68,10 @@ pub async fn read(State(state): State<AppState>, AuthUser(user): AuthUser, Path(
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert("x-file-size", HeaderValue::from(info.size));
     if let Ok(v) = HeaderValue::from_str(&info.mode) {
         h.insert("x-file-mode", v);
@@ -66,7 +81,12 @@ pub async fn read(State(state): State<AppState>, AuthUser(user): AuthUser, Path(
 
 #[utoipa::path(head, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
     responses((status = 200, description = "X-File-Size, X-File-Mode, X-File-IsDir headers"), (status = 404)))]
-pub async fn stat(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<FilesQuery>) -> Result<Response, ApiError> {
+pub async fn stat(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+) -> Result<Response, ApiError> {
     let path = path_of(&q)?;
     let agent = state.service.agent(&user, &id).await?;
     let info = agent.stat(&path).await?;
@@ -76,27 +96,53 @@ pub async fn stat(State(state): State<AppState>, AuthUser(user): AuthUser, Path(
     if let Ok(v) = HeaderValue::from_str(&info.mode) {
         h.insert("x-file-mode", v);
     }
-    h.insert("x-file-isdir", HeaderValue::from_static(if info.is_dir { "true" } else { "false" }));
+    h.insert(
+        "x-file-isdir",
+        HeaderValue::from_static(if info.is_dir { "true" } else { "false" }),
+    );
     Ok(resp)
 }
 
 #[utoipa::path(put, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 411, body = ErrorBody), (status = 413, body = ErrorBody)))]
-pub async fn write(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<FilesQuery>, headers: HeaderMap, body: Body) -> Result<StatusCode, ApiError> {
+pub async fn write(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
     let path = path_of(&q)?;
     let len = headers
         .get(header::CONTENT_LENGTH)
-        .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "Content-Length is required for file writes"))?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "Content-Length is required for file writes",
+            )
+        })?
         .to_str()
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?;
     if len > MAX_WRITE_BYTES {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("file is {len} bytes; writes are capped at {MAX_WRITE_BYTES} bytes (100 MiB)")));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("file is {len} bytes; writes are capped at {MAX_WRITE_BYTES} bytes (100 MiB)"),
+        ));
     }
     let mode = match q.mode {
-        Some(m) => Some(bhatti_proto::fs::parse_mode(&m).map(bhatti_proto::fs::mode_string).ok_or_else(|| ApiError::bad_request(format!("invalid query parameter `mode`: {m:?} is not an octal mode like 0644")))?),
+        Some(m) => Some(
+            bhatti_proto::fs::parse_mode(&m)
+                .map(bhatti_proto::fs::mode_string)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "invalid query parameter `mode`: {m:?} is not an octal mode like 0644"
+                    ))
+                })?,
+        ),
         None => None,
     };
     let agent = state.service.agent(&user, &id).await?;

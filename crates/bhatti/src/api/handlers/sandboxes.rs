@@ -12,43 +12,71 @@ use crate::api::types::{CreateSandboxRequest, PatchSandboxRequest, Sandbox};
 
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", request_body = CreateSandboxRequest,
     responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn create(State(state): State<AppState>, AuthUser(user): AuthUser, ApiJson(req): ApiJson<CreateSandboxRequest>) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiJson(req): ApiJson<CreateSandboxRequest>,
+) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
     let sb = state.service.create_sandbox(&user, req).await?;
     Ok((StatusCode::CREATED, Json(sb)))
 }
 
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", responses((status = 200, body = [Sandbox])))]
-pub async fn list(State(state): State<AppState>, AuthUser(user): AuthUser) -> Result<Json<Vec<Sandbox>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+) -> Result<Json<Vec<Sandbox>>, ApiError> {
     Ok(Json(state.service.list_sandboxes(&user).await?))
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody)))]
-pub async fn get(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(state.service.get_sandbox(&user, &id).await?))
 }
 
 #[utoipa::path(patch, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")), request_body = PatchSandboxRequest,
     responses((status = 200, body = Sandbox), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn patch(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, ApiJson(req): ApiJson<PatchSandboxRequest>) -> Result<Json<Sandbox>, ApiError> {
+pub async fn patch(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PatchSandboxRequest>,
+) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(state.service.patch_sandbox(&user, &id, req).await?))
 }
 
 #[utoipa::path(delete, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 204), (status = 404, body = ErrorBody)))]
-pub async fn destroy(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn destroy(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     state.service.destroy_sandbox(&user, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/stop", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
-pub async fn stop(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+pub async fn stop(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(state.service.stop_sandbox(&user, &id).await?))
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/start", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
-pub async fn start(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>) -> Result<Json<Sandbox>, ApiError> {
+pub async fn start(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(state.service.start_sandbox(&user, &id).await?))
 }

@@ -4,6 +4,7 @@
 //! `{"type":"resize","rows":R,"cols":C}` resizes. Closing the socket detaches
 //! the session (it keeps running with its scrollback), it never kills it.
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -20,8 +21,17 @@ pub const SHELL_ARGV: [&str; 2] = ["/bin/bash", "-l"];
 
 #[utoipa::path(get, path = "/sandboxes/{id}/ws", tag = "sessions", params(("id" = String, Path, description = "sandbox id or name"), ShellQuery),
     responses((status = 101, description = "WebSocket shell"), (status = 404, body = ErrorBody)))]
-pub async fn shell(State(state): State<AppState>, AuthUser(user): AuthUser, Path(id): Path<String>, Query(q): Query<ShellQuery>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn shell(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+    Query(q): Query<ShellQuery>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // Look the sandbox up first: another user's sandbox is a 404 whatever the request.
     let agent = state.service.agent(&user, &id).await?;
+    let ws = ws
+        .map_err(|e| ApiError::bad_request(format!("this route needs a WebSocket upgrade: {e}")))?;
     let stream = open_session(&agent, &q).await?;
     Ok(ws.on_upgrade(move |socket| relay(socket, stream)))
 }
@@ -34,12 +44,25 @@ async fn open_session(agent: &AgentClient, q: &ShellQuery) -> Result<ExecStream,
     let mut attach = q.session.clone();
     let explicit = attach.is_some();
     if attach.is_none() {
-        let mut detached: Vec<_> = agent.sessions().await?.into_iter().filter(|s| s.tty && s.running && !s.attached && s.argv == shell_line).collect();
+        let mut detached: Vec<_> = agent
+            .sessions()
+            .await?
+            .into_iter()
+            .filter(|s| s.tty && s.running && !s.attached && s.argv == shell_line)
+            .collect();
         detached.sort_by_key(|s| s.created_at);
         attach = detached.pop().map(|s| s.session_id);
     }
     if let Some(session_id) = attach {
-        let req = ExecRequest { argv: vec![], tty: true, rows, cols, session_id: Some(session_id), if_detached: !explicit, ..Default::default() };
+        let req = ExecRequest {
+            argv: vec![],
+            tty: true,
+            rows,
+            cols,
+            session_id: Some(session_id),
+            if_detached: !explicit,
+            ..Default::default()
+        };
         match agent.exec(req).await {
             Ok(s) => return Ok(s),
             Err(e) if explicit => return Err(e.into()),
@@ -47,15 +70,29 @@ async fn open_session(agent: &AgentClient, q: &ShellQuery) -> Result<ExecStream,
             Err(_) => {}
         }
     }
-    let req = ExecRequest { argv: SHELL_ARGV.iter().map(|s| s.to_string()).collect(), tty: true, rows, cols, ..Default::default() };
+    let req = ExecRequest {
+        argv: SHELL_ARGV.iter().map(|s| s.to_string()).collect(),
+        tty: true,
+        rows,
+        cols,
+        ..Default::default()
+    };
     Ok(agent.exec(req).await?)
 }
 
 async fn relay(mut socket: WebSocket, stream: ExecStream) {
-    let ExecStream { session, mut reader, mut writer } = stream;
+    let ExecStream {
+        session,
+        mut reader,
+        mut writer,
+    } = stream;
     if let Some(s) = session {
         let hello = serde_json::json!({"type": "session", "session_id": s.session_id});
-        if socket.send(WsMessage::Text(hello.to_string().into())).await.is_err() {
+        if socket
+            .send(WsMessage::Text(hello.to_string().into()))
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -122,6 +122,7 @@ impl QemuEngine {
             tap.clone(),
             mac.clone(),
         );
+        let t0 = std::time::Instant::now();
         blocking(move || -> Result<(), EngineError> {
             if !network::base_present(&net) {
                 network::ensure_base(&net).map_err(net_err)?;
@@ -138,6 +139,7 @@ impl QemuEngine {
         })
         .await??;
 
+        let prepared = t0.elapsed();
         let pid = process::launch(
             &self.cfg.qemu_binary,
             &self.net.netns,
@@ -165,6 +167,7 @@ impl QemuEngine {
                 console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
             })?;
 
+        let launched = t0.elapsed();
         let dialer = NetnsDialer::new(self.sockets.clone(), spec.ip);
         match process::wait_ready(&dialer, spec.token.as_bytes(), pid, self.boot_timeout).await {
             Ok(()) => {}
@@ -186,6 +189,13 @@ impl QemuEngine {
                 })
             }
         }
+        tracing::debug!(
+            id = %spec.id,
+            prepare_ms = prepared.as_millis() as u64,
+            launch_ms = (launched - prepared).as_millis() as u64,
+            agent_ms = (t0.elapsed() - launched).as_millis() as u64,
+            "VM boot phases"
+        );
         Ok(Arc::new(Vm {
             files: files.clone(),
             pid,

@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use self::accel::{Accel, AccelMode};
 use self::image::ImagePaths;
+use self::lifecycle::{read_meta, CreateGuard};
 use self::netns_dialer::{NetnsDialer, NetnsSockets};
 use self::network::{NetConfig, NetworkError, Subnet};
-use self::lifecycle::{read_meta, CreateGuard};
 use self::process::VmFiles;
 use self::qmp::Qmp;
 use super::agent_client::AgentClient;

@@ -657,7 +657,10 @@ mod tests {
     #[test]
     fn addr_parsing() {
         let out = "5: br0    inet 192.168.137.1/24 scope global br0\\       valid_lft forever\n5: br0    inet 192.168.140.1/24 scope global br0\n";
-        assert_eq!(parse_inet_addrs(out), vec!["192.168.137.1/24", "192.168.140.1/24"]);
+        assert_eq!(
+            parse_inet_addrs(out),
+            vec!["192.168.137.1/24", "192.168.140.1/24"]
+        );
     }
 
     #[test]

@@ -213,7 +213,16 @@ pub fn is_our_qemu(pid: u32, dir: &Path) -> bool {
     is_qemu
         && args
             .iter()
-            .any(|a| String::from_utf8_lossy(a).contains(&needle))
+            .any(|a| path_after(&String::from_utf8_lossy(a), &needle).is_some())
+}
+
+/// What follows `prefix` in a QEMU argument that holds a path starting with
+/// it: the whole argument, or the part after `=` or `:` (`file=/p`,
+/// `file:/p`, `unix:/p`). `/data/` thus does not match `/srv/data/x`.
+fn path_after<'a>(arg: &'a str, prefix: &str) -> Option<&'a str> {
+    arg.match_indices(prefix)
+        .find(|(i, _)| *i == 0 || matches!(arg.as_bytes()[*i - 1], b'=' | b':'))
+        .map(|(i, _)| &arg[i + prefix.len()..])
 }
 
 /// Live QEMU processes whose argv mentions a path under `sandboxes_dir`: (pid, sandbox id).
@@ -236,7 +245,7 @@ pub fn find_qemus_under(sandboxes_dir: &Path) -> Vec<(u32, String)> {
             continue;
         }
         let id = args.find_map(|a| {
-            let rest = &a[a.find(&prefix)? + prefix.len()..];
+            let rest = path_after(a, &prefix)?;
             rest.split('/')
                 .next()
                 .filter(|id| !id.is_empty())
@@ -419,6 +428,30 @@ mod tests {
         });
         assert!(kvm.join(" ").contains("-accel kvm -cpu host"));
         assert!(kvm.iter().any(|x| x.ends_with("tsc=reliable foo=1")));
+    }
+
+    #[test]
+    fn paths_in_arguments() {
+        assert_eq!(
+            path_after("/d/sandboxes/a/qemu.pid", "/d/sandboxes/"),
+            Some("a/qemu.pid")
+        );
+        assert_eq!(
+            path_after(
+                "id=root,file=/d/sandboxes/a/disk.qcow2,format=qcow2",
+                "/d/sandboxes/"
+            ),
+            Some("a/disk.qcow2,format=qcow2")
+        );
+        assert_eq!(
+            path_after("file:/d/sandboxes/b/console.log", "/d/sandboxes/"),
+            Some("b/console.log")
+        );
+        assert_eq!(
+            path_after("file=/srv/d/sandboxes/a/disk.qcow2", "/d/sandboxes/"),
+            None
+        );
+        assert_eq!(path_after("-m", "/d/sandboxes/"), None);
     }
 
     #[test]

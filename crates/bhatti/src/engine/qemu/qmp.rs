@@ -167,7 +167,15 @@ impl Qmp {
             }
             pending.reply = Some(tx);
         }
-        writer.write_all(line.as_bytes()).await?;
+        if let Err(e) = writer.write_all(line.as_bytes()).await {
+            // QEMU is gone; the reader may not have seen the EOF yet.
+            return Err(match e.kind() {
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                    QmpError::Closed
+                }
+                _ => QmpError::Io(e),
+            });
+        }
         let reply = tokio::time::timeout(COMMAND_TIMEOUT, rx)
             .await
             .map_err(|_| QmpError::Timeout(command.to_string()))?;

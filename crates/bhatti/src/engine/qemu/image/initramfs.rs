@@ -174,13 +174,15 @@ pub fn check_static(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 }
 
 /// Where to look for lohar when neither `--lohar` nor `BHATTI_LOHAR` is given:
-/// next to the running executable, then the workspace's static release build
+/// `lohar-static` or `lohar` next to the running executable, then the workspace's static release build
 /// (relative to the executable inside `target/`, and to this crate's source).
 pub fn lohar_candidates() -> Vec<PathBuf> {
     let rel = Path::new(LOHAR_TARGET).join("release/lohar");
     let mut c = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
+            // scripts/build.sh installs it as target/<profile>/lohar-static.
+            c.push(dir.join("lohar-static"));
             c.push(dir.join("lohar"));
             // target/<profile>/bhatti and target/<profile>/deps/<test>.
             for up in dir.ancestors().skip(1).take(2) {

@@ -23,13 +23,13 @@
 //! This is blocking code (it runs apt, mmdebstrap, mke2fs): call it from
 //! `tokio::task::spawn_blocking`. It needs root (mmdebstrap's root mode).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use cache::{clean_stale_tmp, lock, read_current, remove_any, write_current, WorkDir};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod cache;
 mod elf;
 pub mod initramfs;
 pub mod kernel;
@@ -255,10 +255,7 @@ pub fn build_images(
             } else {
                 progress.start(Step::Initramfs);
                 let mods = read_module_order(&kernel_dir)?;
-                let work = tempfile::Builder::new()
-                    .prefix(".tmp-initramfs-work-")
-                    .tempdir_in(dir)
-                    .map_err(|e| ImageError::io(dir, e))?;
+                let work = WorkDir::new(dir, ".tmp-initramfs-work-")?;
                 let (lohar, warning) = initramfs::strip_debug(&lohar, work.path());
                 if let Some(w) = warning {
                     progress.note(&w);
@@ -328,10 +325,7 @@ fn build_kernel(
 ) -> Result<(), ImageError> {
     require_root()?;
     progress.start(Step::Kernel);
-    let work = tempfile::Builder::new()
-        .prefix(".tmp-kernel-work-")
-        .tempdir_in(dir)
-        .map_err(|e| ImageError::io(dir, e))?;
+    let work = WorkDir::new(dir, ".tmp-kernel-work-")?;
     let staging = dir.join(format!(
         ".tmp-{}",
         kdir.file_name()
@@ -391,10 +385,7 @@ fn build_rootfs(
 ) -> Result<(), ImageError> {
     require_root()?;
     progress.start(Step::Debootstrap);
-    let work = tempfile::Builder::new()
-        .prefix(".tmp-rootfs-work-")
-        .tempdir_in(dir)
-        .map_err(|e| ImageError::io(dir, e))?;
+    let work = WorkDir::new(dir, ".tmp-rootfs-work-")?;
     let sources = rootfs::host_sources(Path::new("/etc/apt"), rootfs::SUITE);
     let sources_file = match &sources {
         Some(text) => {
@@ -444,61 +435,6 @@ fn build_rootfs(
     Ok(())
 }
 
-/// Takes the builder lock, telling the user when another builder holds it.
-fn lock(dir: &Path, progress: &dyn Progress) -> Result<Flock<File>, ImageError> {
-    let path = dir.join(".lock");
-    let open = || {
-        File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-    };
-    let file = open().map_err(|e| ImageError::io(&path, e))?;
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(l),
-        Err((file, _)) => {
-            progress.note(&format!(
-                "waiting for another image build ({} is locked)",
-                path.display()
-            ));
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, e)| ImageError::io(&path, std::io::Error::from(e)))
-        }
-    }
-}
-
-/// Leftovers of interrupted builds; safe to remove while we hold the lock.
-fn clean_stale_tmp(dir: &Path) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        if e.file_name().to_string_lossy().starts_with(".tmp-") {
-            remove_any(&e.path());
-        }
-    }
-}
-
-fn remove_any(p: &Path) {
-    // Best effort: a leftover only costs disk space and is retried next build.
-    let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
-}
-
-fn read_current(dir: &Path) -> Option<ImagePaths> {
-    let text = std::fs::read_to_string(dir.join("current.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn write_current(dir: &Path, paths: &ImagePaths) -> Result<(), ImageError> {
-    let p = dir.join("current.json");
-    let tmp = dir.join(".tmp-current.json");
-    let json = serde_json::to_string_pretty(paths)
-        .map_err(|e| ImageError::io(&p, std::io::Error::other(e)))?;
-    std::fs::write(&tmp, json + "\n").map_err(|e| ImageError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &p).map_err(|e| ImageError::io(&p, e))
-}
-
 fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
@@ -539,17 +475,5 @@ mod tests {
     fn hash_separates_parts() {
         assert_ne!(hash_hex(&[b"ab", b"c"]), hash_hex(&[b"a", b"bc"]));
         assert_eq!(hash_hex(&[b"x"]).len(), 16);
-    }
-
-    #[test]
-    fn current_roundtrip() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = ImagePaths {
-            kernel: "/i/k".into(),
-            initramfs: "/i/i".into(),
-            rootfs: "/i/r".into(),
-        };
-        write_current(dir.path(), &p).expect("write");
-        assert_eq!(read_current(dir.path()), Some(p));
     }
 }

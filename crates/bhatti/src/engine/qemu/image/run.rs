@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
@@ -62,11 +63,26 @@ pub fn run_checked(cmd: &mut Command, what: &str) -> Result<String, RunError> {
 
 /// Runs `cmd`, handing every line it prints (stdout or stderr) to `on_line`
 /// as it comes; on failure the error carries the last lines.
+///
+/// The child gets SIGTERM if the calling thread dies first, so a killed
+/// builder does not leave a long build (mmdebstrap, with its mounts) running
+/// unsupervised; mmdebstrap cleans up its mounts on SIGTERM.
 pub fn run_streaming(
     cmd: &mut Command,
     what: &str,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), RunError> {
+    // SAFETY: the closure runs between fork and exec and only calls prctl,
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
