@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite: system packages, build, guest images, then every test.
+# The whole test suite: system packages, the static guest agent, the guest
+# images (built once, cached in /var/lib/bhatti/images), then every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" != 0 ]; then
+  echo "test: the suite boots VMs and creates network namespaces; run it as root" >&2
+  exit 1
+fi
+
 bash scripts/setup.sh
+
+echo "test: building the static lohar"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p lohar --target x86_64-unknown-linux-gnu
+export BHATTI_LOHAR="$PWD/target/x86_64-unknown-linux-gnu/release/lohar"
+
+echo "test: guest images"
+cargo build -p bhatti --bins
+target/debug/bhatti image build
+
 cargo nextest run --workspace --all-features --no-fail-fast "$@"

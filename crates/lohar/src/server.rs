@@ -4,7 +4,7 @@
 //! serve it.
 
 use std::io;
-use std::net::{Shutdown, TcpListener};
+use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -137,6 +137,7 @@ impl Drop for Slot {
 fn refuse_busy(conn: &Stream) {
     let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
     let _ = wire::send(conn, &Message::Error("too many connections".into()));
+    conn.close_gracefully();
 }
 
 fn handle(agent: &Arc<Agent>, conn: Stream, channel: Channel) {
@@ -146,7 +147,7 @@ fn handle(agent: &Arc<Agent>, conn: Stream, channel: Channel) {
         let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
         let _ = wire::send(&conn, &Message::Error(msg));
     }
-    let _ = conn.shutdown(Shutdown::Both);
+    conn.close_gracefully();
 }
 
 /// Constant-time comparison: the time taken does not depend on where the

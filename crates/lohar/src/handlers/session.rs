@@ -105,17 +105,18 @@ fn serve(
         return sent;
     }
 
-    let reader = {
-        let conn = conn.try_clone()?;
+    let reader = conn.try_clone().and_then(|conn| {
         let session = session.clone();
         let agent = agent.clone();
         std::thread::Builder::new()
             .name("tty-input".into())
             .stack_size(128 * 1024)
             .spawn(move || read_input(&agent, &conn, &session, id))
-    };
-    let reader = match reader {
-        Ok(r) => r,
+    });
+    // Not joined: the input thread ends on its own once the socket is shut
+    // down, but may first sit in a write to a terminal nobody reads.
+    match reader {
+        Ok(_detached) => {}
         Err(e) => {
             session.detach(id);
             return Err(e.into());
@@ -126,7 +127,6 @@ fn serve(
     session.detach(id);
     // Wakes the input thread if the client is still connected.
     let _ = conn.shutdown(Shutdown::Both);
-    let _ = reader.join();
     Ok(())
 }
 

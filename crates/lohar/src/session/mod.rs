@@ -245,7 +245,9 @@ impl Session {
                 (Some(d), _) => Some(d.saturating_duration_since(Instant::now())),
                 (None, w) => w,
             };
-            let timeout = wait.map_or(-1, |d| (d.as_millis() as i32).saturating_add(1));
+            // Rounded up, so we never wake just before the deadline; clamped for
+            // absurd idle limits.
+            let timeout = wait.map_or(-1, |d| d.as_millis().min(i32::MAX as u128 - 1) as i32 + 1);
             let mut fds = [
                 libc::pollfd {
                     fd: if master_open { master.as_raw_fd() } else { -1 },
