@@ -5,13 +5,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 
 use crate::api::router::{router, AppState};
 use crate::config::DaemonConfig;
-use crate::engine::qemu::accel::AccelMode;
 use crate::engine::qemu::image::{ensure_images, LogProgress};
 use crate::engine::qemu::network::Subnet;
 use crate::engine::qemu::{QemuConfig, QemuEngine};
+use crate::proxy::public::PublicConfig;
 use crate::secrets::SecretCipher;
 use crate::service::Service;
 use crate::store::Store;
@@ -32,20 +33,53 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let engine = Arc::new(QemuEngine::new(qemu_config(&cfg, images)?).await?);
     tracing::info!(accel = ?engine.accel(), netns = %cfg.netns, "engine ready");
 
-    let service = Arc::new(Service::new(store, engine, cipher, cfg.subnet));
+    let service = Arc::new(
+        Service::new(store, engine, cipher, cfg.subnet)
+            .with_public_urls(cfg.public_url_scheme.as_str(), &cfg.domain),
+    );
     service
         .recover()
         .await
         .context("recovering sandboxes from the store")?;
 
-    let app = router(AppState { service });
+    let public = tokio::net::TcpListener::bind(cfg.public_listen)
+        .await
+        .with_context(|| format!("listening on {} (public_listen)", cfg.public_listen))?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let public_cfg = PublicConfig {
+        domain: cfg.domain.clone(),
+        scheme: cfg.public_url_scheme.as_str(),
+        rate_per_alias: cfg.public_rate_per_alias,
+        rate_global: cfg.public_rate_global,
+    };
+    let public_task = tokio::spawn(crate::proxy::public::serve(
+        public,
+        service.clone(),
+        public_cfg,
+        stopped(stop_rx),
+    ));
+    tracing::info!(public_listen = %cfg.public_listen, domain = %cfg.domain, "public proxy listening");
+
+    let app = router(AppState { service });
     tracing::info!(listen = %cfg.listen, "bhatti API listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // Streamed answers (exec, files, the proxy) write headers and body
+    // separately: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY");
+        }
+    });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    let _ = stop_tx.send(true);
+    let _ = public_task.await;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }
@@ -55,11 +89,7 @@ fn qemu_config(
     images: crate::engine::qemu::image::ImagePaths,
 ) -> anyhow::Result<QemuConfig> {
     let mut q = QemuConfig::new(&cfg.data_dir, images);
-    q.accel = match cfg.accel {
-        crate::config::Accel::Auto => AccelMode::Auto,
-        crate::config::Accel::Kvm => AccelMode::Kvm,
-        crate::config::Accel::Tcg => AccelMode::Tcg,
-    };
+    q.accel = cfg.accel;
     q.netns = cfg.netns.clone();
     q.bridge = cfg.bridge.clone();
     q.subnet = Subnet::new(cfg.subnet.network(), cfg.subnet.prefix()).context("subnet")?;
@@ -73,6 +103,11 @@ fn require_root() -> anyhow::Result<()> {
         anyhow::bail!("bhatti serve needs root: it starts VMs, creates TAP devices and a network namespace (run it with sudo)");
     }
     Ok(())
+}
+
+/// Completes once `rx` turns true (or its sender is gone).
+async fn stopped(mut rx: tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 async fn shutdown_signal() {

@@ -13,9 +13,14 @@ use crate::api::types::{CreateSandboxRequest, Health, PatchSandboxRequest, Sandb
 use crate::config::Ipv4Subnet;
 use crate::engine::agent_client::{AgentClient, AgentError};
 use crate::engine::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
+use crate::proxy::ProxyState;
 use crate::secrets::{validate_secret_name, SecretCipher, SecretsError};
 use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
 use crate::store::{Store, StoreError, User};
+
+mod ports;
+mod proxy;
+mod publish;
 
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
@@ -55,6 +60,11 @@ pub struct Service {
     cipher: Arc<SecretCipher>,
     subnet: Ipv4Subnet,
     started: Instant,
+    /// Route cache and upstream connections of the proxies.
+    proxy: Arc<ProxyState>,
+    /// Published URLs are `<url_scheme>://<alias>.<domain>`.
+    domain: String,
+    url_scheme: String,
 }
 
 impl Service {
@@ -70,7 +80,22 @@ impl Service {
             cipher,
             subnet,
             started: Instant::now(),
+            proxy: Arc::new(ProxyState::default()),
+            domain: "localhost".into(),
+            url_scheme: "https".into(),
         }
+    }
+
+    /// Published URLs become `<scheme>://<alias>.<domain>`.
+    pub fn with_public_urls(mut self, scheme: &str, domain: &str) -> Self {
+        self.url_scheme = scheme.to_string();
+        self.domain = domain.to_string();
+        self
+    }
+
+    /// State shared by the public and the authenticated proxy.
+    pub fn proxy_state(&self) -> &ProxyState {
+        &self.proxy
     }
 
     pub fn store(&self) -> &Store {
@@ -215,6 +240,8 @@ impl Service {
         self.store
             .call(move |s| s.set_sandbox_status(&sid, SandboxStatus::Destroying))
             .await?;
+        // Its URLs stop working now, not when a cache entry expires.
+        self.proxy.forget_sandbox(&rec.id);
         match self.engine.destroy(&rec.id).await {
             Ok(()) | Err(EngineError::NotFound(_)) => {}
             Err(e) => {
@@ -225,6 +252,7 @@ impl Service {
         }
         let sid = rec.id.clone();
         self.store.call(move |s| s.delete_sandbox(&sid)).await?;
+        self.proxy.forget_sandbox(&rec.id);
         tracing::info!(sandbox = %rec.id, name = %rec.name, "sandbox destroyed");
         Ok(())
     }
@@ -246,6 +274,16 @@ impl Service {
     /// A client of the sandbox's agent; the sandbox must be running.
     pub async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
         let rec = self.find(user, id).await?;
+        self.require_running(&rec)?;
+        let sid = rec.id.clone();
+        // Best effort: activity bookkeeping must never fail a request.
+        let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
+        Ok(self.agent_of(&rec))
+    }
+
+    /// The sandbox can serve requests now. (Thermal states will wake a
+    /// warm or cold sandbox here.)
+    fn require_running(&self, rec: &SandboxRecord) -> Result<()> {
         match rec.status {
             SandboxStatus::Running => {}
             SandboxStatus::Creating => {
@@ -261,16 +299,17 @@ impl Service {
                 )))
             }
         }
-        let sid = rec.id.clone();
-        // Best effort: activity bookkeeping must never fail a request.
-        let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
-        Ok(self.engine.agent(
+        Ok(())
+    }
+
+    fn agent_of(&self, rec: &SandboxRecord) -> AgentClient {
+        self.engine.agent(
             &rec.id,
             &VmRuntime {
                 ip: rec.ip,
-                token: rec.token,
+                token: rec.token.clone(),
             },
-        ))
+        )
     }
 
     pub async fn set_secret(&self, user: &User, name: &str, value: &str) -> Result<SecretInfo> {

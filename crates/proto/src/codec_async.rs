@@ -23,14 +23,12 @@ pub async fn read_frame<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Fram
         let len = frame::payload_len_of([head[0], head[1], head[2], head[3]])?;
         match FrameType::from_byte(head[4]) {
             Some(kind) => {
-                let mut payload = vec![0u8; len];
-                r.read_exact(&mut payload).await.map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        FrameError::Truncated
-                    } else {
-                        FrameError::Io(e)
-                    }
-                })?;
+                // read_to_end fills spare capacity without zeroing it first.
+                let mut payload = Vec::with_capacity(len);
+                let got = (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+                if got != len {
+                    return Err(FrameError::Truncated);
+                }
                 return Ok(Frame { kind, payload });
             }
             None => {

@@ -8,7 +8,9 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::handlers::{exec, files, health, sandboxes, secrets, sessions, shell};
+use super::handlers::{
+    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, shell,
+};
 use crate::service::Service;
 
 /// Largest JSON request body (exec stdin travels base64-encoded in it).
@@ -38,6 +40,16 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// axum's catch-all `{*path}` is an ordinary `{path}` parameter in OpenAPI.
+fn openapi_paths(mut api: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let paths = std::mem::take(&mut api.paths.paths);
+    api.paths.paths = paths
+        .into_iter()
+        .map(|(p, item)| (p.replace("{*", "{"), item))
+        .collect();
+    api
+}
+
 /// Every route of the API, with `/openapi.json` describing them.
 pub fn router(state: AppState) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -55,11 +67,21 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sessions::list))
         .routes(routes!(sessions::kill))
         .routes(routes!(shell::shell))
+        .routes(routes!(publish::publish, publish::list))
+        .routes(routes!(publish::unpublish))
+        .routes(routes!(ports::list))
+        .routes(routes!(proxy::root))
+        .routes(routes!(proxy::path))
+        // `{*path}` does not match an empty rest: `/proxy/{port}/` is the same as no path.
+        .route(
+            "/sandboxes/{id}/proxy/{port}/",
+            axum::routing::any(proxy::root),
+        )
         .routes(routes!(secrets::set, secrets::list))
         .routes(routes!(secrets::delete))
         .with_state(state)
         .split_for_parts();
-    let api = Arc::new(api);
+    let api = Arc::new(openapi_paths(api));
     router
         .route(
             "/openapi.json",

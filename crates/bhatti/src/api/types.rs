@@ -191,3 +191,33 @@ impl From<bhatti_proto::FileInfo> for FileEntry {
         }
     }
 }
+
+/// `POST /sandboxes/{id}/publish`. The port is signed so that bad values get a clear 400.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct PublishRequest {
+    /// 1-65535.
+    pub port: i64,
+    /// A DNS label, unique across all users; `<sandbox-name>-<6 random>` when absent.
+    pub alias: Option<String>,
+}
+
+/// A published port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PublishedPort {
+    pub id: i64,
+    pub sandbox_id: String,
+    pub port: u16,
+    pub alias: String,
+    /// `<public_url_scheme>://<alias>.<domain>`.
+    pub url: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// A TCP port listening inside a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ListeningPort {
+    pub port: u16,
+    /// The address it is bound to, e.g. `0.0.0.0`, `127.0.0.1`, `::`.
+    pub address: String,
+}

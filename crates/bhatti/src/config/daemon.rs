@@ -11,16 +11,8 @@ use super::{
     DEFAULT_IMAGES_DIR,
 };
 
-/// Hardware acceleration for QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// KVM when it can really run a guest, TCG otherwise.
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
+/// Hardware acceleration for QEMU: the engine's own setting type.
+pub use crate::engine::qemu::accel::AccelMode as Accel;
 
 /// Scheme of published URLs (`<scheme>://<alias>.<domain>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -11,12 +11,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bhatti_proto::codec_async::{read_frame, write_frame};
+use bhatti_proto::frame::{self, HEADER_LEN};
 use bhatti_proto::{
     ActivityInfo, ExecKill, ExecRequest, FileInfo, FileLsRequest, FileReadRequest,
     FileReadResponse, FileStatRequest, FileWriteRequest, FrameError, FrameType, FwdRequest,
     Message, SessionInfo, MAX_PAYLOAD_LEN,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
+
+/// Read buffer of a streaming operation: small frames (output chunks, EXIT)
+/// come out of one read instead of two.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Which of the agent's two listeners to reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +121,6 @@ struct Conn {
 }
 
 impl Conn {
-    async fn send(&mut self, msg: &Message) -> Result<(), AgentError> {
-        write_frame(&mut self.stream, msg.kind(), &msg.payload()).await?;
-        Ok(())
-    }
-
     async fn recv(&mut self) -> Result<Message, AgentError> {
         recv_from(&mut self.stream).await
     }
@@ -141,23 +143,44 @@ impl AgentClient {
         }
     }
 
-    async fn connect(&self, channel: Channel) -> Result<Conn, AgentError> {
-        let stream = self
+    /// Dials `channel` and sends AUTH and `frames` in a single write: one
+    /// syscall instead of several, and nothing left to write that could race
+    /// with the agent closing the connection after a fast operation.
+    async fn open(
+        &self,
+        channel: Channel,
+        frames: &[(FrameType, &[u8])],
+    ) -> Result<Conn, AgentError> {
+        let mut stream = self
             .dialer
             .dial(channel)
             .await
             .map_err(AgentError::Connect)?;
-        let mut conn = Conn { stream };
+        let len: usize = frames.iter().map(|(_, p)| HEADER_LEN + p.len()).sum();
+        let mut buf = Vec::with_capacity(HEADER_LEN + self.token.len() + len);
         if !self.token.is_empty() {
-            conn.send(&Message::Auth(self.token.to_vec())).await?;
+            frame::encode_into(&mut buf, FrameType::Auth, &self.token)?;
         }
-        Ok(conn)
+        for (kind, payload) in frames {
+            frame::encode_into(&mut buf, *kind, payload)?;
+        }
+        if let Err(e) = stream.write_all(&buf).await {
+            // The agent may already have answered and closed (a refused AUTH,
+            // a command that exited without reading its stdin): what it said
+            // is still there to read.
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) {
+                return Err(FrameError::Io(e).into());
+            }
+        }
+        Ok(Conn { stream })
     }
 
     async fn request(&self, msg: &Message) -> Result<Conn, AgentError> {
-        let mut conn = self.connect(Channel::Control).await?;
-        conn.send(msg).await?;
-        Ok(conn)
+        self.open(Channel::Control, &[(msg.kind(), &msg.payload())])
+            .await
     }
 
     /// Last activity and session counts; also the cheapest "is it alive" probe.
@@ -169,10 +192,34 @@ impl AgentClient {
         }
     }
 
-    /// Starts a piped command or a TTY session; see [`ExecStream`].
+    /// Starts a piped command or a TTY session with stdin left open; see [`ExecStream`].
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
+        self.start_exec(req, None).await
+    }
+
+    /// Starts a piped command, feeds it `input` and closes its stdin, all in
+    /// the same write as the request.
+    pub async fn exec_with_input(
+        &self,
+        req: ExecRequest,
+        input: &[u8],
+    ) -> Result<ExecStream, AgentError> {
+        self.start_exec(req, Some(input)).await
+    }
+
+    async fn start_exec(
+        &self,
+        req: ExecRequest,
+        input: Option<&[u8]>,
+    ) -> Result<ExecStream, AgentError> {
         let tty = req.tty;
-        let mut c = self.request(&Message::ExecReq(req)).await?;
+        let req = Message::ExecReq(req).payload();
+        let mut frames: Vec<(FrameType, &[u8])> = vec![(FrameType::ExecReq, &req)];
+        if let Some(input) = input {
+            frames.extend(input.chunks(MAX_PAYLOAD_LEN).map(|c| (FrameType::Stdin, c)));
+            frames.push((FrameType::Stdin, &[]));
+        }
+        let mut c = self.open(Channel::Control, &frames).await?;
         let session = if tty {
             match c.recv().await? {
                 Message::SessionInfo(s) => Some(s),
@@ -184,19 +231,16 @@ impl AgentClient {
         let (reader, writer) = tokio::io::split(c.stream);
         Ok(ExecStream {
             session,
-            reader: ExecReader { inner: reader },
+            reader: ExecReader {
+                inner: BufReader::with_capacity(READ_BUFFER, reader),
+            },
             writer: ExecWriter { inner: writer },
         })
     }
 
     /// Runs a piped command to completion and collects its output.
     pub async fn exec_buffered(&self, req: ExecRequest) -> Result<ExecOutput, AgentError> {
-        let ExecStream {
-            mut reader,
-            mut writer,
-            ..
-        } = self.exec(req).await?;
-        writer.close_stdin().await?;
+        let mut reader = self.exec_with_input(req, &[]).await?.reader;
         let mut out = ExecOutput::default();
         loop {
             match reader.next().await? {
@@ -341,8 +385,10 @@ impl AgentClient {
 
     /// A raw byte stream to `127.0.0.1:port` inside the guest.
     pub async fn forward(&self, port: u16) -> Result<BoxStream, AgentError> {
-        let mut c = self.connect(Channel::Forward).await?;
-        c.send(&Message::FwdReq(FwdRequest { port })).await?;
+        let req = Message::FwdReq(FwdRequest { port }).payload();
+        let mut c = self
+            .open(Channel::Forward, &[(FrameType::FwdReq, &req)])
+            .await?;
         match c.recv().await? {
             Message::FwdResp(r) if r.is_ok() => Ok(c.stream),
             Message::FwdResp(r) => Err(AgentError::Remote(
@@ -365,7 +411,7 @@ pub struct ExecStream {
 
 /// Output side of an exec.
 pub struct ExecReader {
-    inner: ReadHalf<BoxStream>,
+    inner: BufReader<ReadHalf<BoxStream>>,
 }
 
 impl ExecReader {

@@ -39,6 +39,11 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts a daemon whose namespace and data dir are unique to this process.
     pub fn start(tag: &str) -> TestDaemon {
+        Self::start_with(tag, "")
+    }
+
+    /// Like [`start`](Self::start), with more config lines (YAML) appended.
+    pub fn start_with(tag: &str, extra_yaml: &str) -> TestDaemon {
         require_root();
         let data_dir = tempfile::Builder::new()
             .prefix(&format!("bhatti-{tag}-"))
@@ -52,7 +57,7 @@ impl TestDaemon {
             "listen: 127.0.0.1:{port}\npublic_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n",
             data_dir.path().display(),
             images_dir().display()
-        );
+        ) + extra_yaml;
         std::fs::write(&config, yaml).expect("write config");
         let mut d = TestDaemon {
             url: format!("http://127.0.0.1:{port}"),

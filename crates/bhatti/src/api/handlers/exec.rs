@@ -52,11 +52,9 @@ pub async fn exec(
         cwd: body.cwd.filter(|c| !c.is_empty()),
         ..Default::default()
     };
-    let mut stream = agent.exec(req).await?;
-    if let Some(data) = stdin {
-        stream.writer.stdin(&data).await?;
-    }
-    stream.writer.close_stdin().await?;
+    let stream = agent
+        .exec_with_input(req, stdin.as_deref().unwrap_or_default())
+        .await?;
     let timeout = body.timeout.filter(|t| *t > 0).map(Duration::from_secs);
 
     let wants_stream = headers

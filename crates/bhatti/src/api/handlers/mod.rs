@@ -3,6 +3,9 @@
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod ports;
+pub mod proxy;
+pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
 pub mod sessions;

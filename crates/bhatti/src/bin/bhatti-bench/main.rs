@@ -7,7 +7,9 @@
 //! ```
 
 mod agent;
+mod proxy;
 mod stats;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -22,6 +24,10 @@ struct Args {
 enum Target {
     /// The lohar agent in test mode over Unix sockets (no VM).
     Agent(agent::AgentArgs),
+    /// Real VMs through the QEMU engine (needs root and the guest images).
+    Vm(vm::VmArgs),
+    /// The public proxy against the same request made inside the guest.
+    Proxy(proxy::ProxyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +39,8 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match args.target {
             Target::Agent(a) => agent::run(a).await,
+            Target::Vm(a) => vm::run(a).await,
+            Target::Proxy(a) => proxy::run(a).await,
         }
     })
 }

@@ -1,0 +1,202 @@
+//! Bench of real VMs through the QEMU engine: bare boot, create-to-ready,
+//! exec round trips, destroy, and host RAM per idle VM.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bhatti::engine::qemu::accel::{self, AccelMode};
+use bhatti::engine::qemu::image::{self, ImagePaths};
+use bhatti::engine::qemu::network::Subnet;
+use bhatti::engine::qemu::{process, QemuConfig, QemuEngine};
+use bhatti::engine::{Engine, SandboxSpec};
+use bhatti_proto::ExecRequest;
+
+use crate::stats::{fmt, Samples};
+
+#[derive(Debug, clap::Args)]
+pub struct VmArgs {
+    /// Guest images [default: /var/lib/bhatti/images].
+    #[arg(long)]
+    images_dir: Option<PathBuf>,
+    /// VMs booted one after another for the create/destroy timings.
+    #[arg(long, default_value_t = 5)]
+    boots: usize,
+    /// exec round trips measured inside one VM.
+    #[arg(long, default_value_t = 300)]
+    execs: usize,
+    /// Guest memory in MB.
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+}
+
+pub async fn run(args: VmArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the VM bench needs root (namespaces, TAPs)"
+    );
+    let dir = args
+        .images_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(image::DEFAULT_IMAGES_DIR));
+    let images =
+        tokio::task::spawn_blocking(move || image::ensure_images(&dir, &image::LogProgress))
+            .await??;
+    let accel = accel::resolve(AccelMode::Auto)?;
+    println!(
+        "VM bench: accel {accel:?}, {} MB guests, kernel {}",
+        args.memory,
+        images.kernel.display()
+    );
+
+    let bare = bare_boot(&images, accel, args.memory, args.boots).await?;
+    bare.print(None);
+
+    let data = tempfile::Builder::new()
+        .prefix("bhbench")
+        .tempdir_in("/tmp")?;
+    let mut cfg = QemuConfig::new(data.path(), images);
+    cfg.netns = format!("bhbench-{}", std::process::id());
+    cfg.bridge = "brbench0".into();
+    cfg.subnet = Subnet::parse("192.168.170.0/24")?;
+    cfg.egress = false;
+    let engine = QemuEngine::new(cfg.clone()).await?;
+    let result = measure(&engine, &args, &bare).await;
+    let _ = engine.sweep(&[]).await;
+    drop(engine);
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &cfg.netns])
+        .status();
+    result
+}
+
+fn spec(i: usize, memory_mb: u32) -> SandboxSpec {
+    SandboxSpec {
+        id: format!("sb_bench{i:04}"),
+        name: format!("bench{i}"),
+        cpus: 1,
+        memory_mb,
+        ip: std::net::Ipv4Addr::new(192, 168, 170, 10 + i as u8),
+        token: format!("bench-token-{i}"),
+        env: Default::default(),
+        init: None,
+    }
+}
+
+async fn measure(engine: &QemuEngine, args: &VmArgs, bare: &Samples) -> anyhow::Result<()> {
+    let (mut create, mut destroy) = (Vec::new(), Vec::new());
+    let wall = Instant::now();
+    for i in 0..args.boots {
+        let s = spec(i, args.memory);
+        let t = Instant::now();
+        engine.create(&s).await?;
+        create.push(t.elapsed());
+        let t = Instant::now();
+        engine.destroy(&s.id).await?;
+        destroy.push(t.elapsed());
+    }
+    let create = Samples::from_parts("create to ready (agent answers)", create, wall.elapsed());
+    create.print(None);
+    println!(
+        "{:<34} {:.2}x the bare kernel+initramfs boot (p50)",
+        "  create / bare boot",
+        create.p50().as_secs_f64() / bare.p50().as_secs_f64()
+    );
+    Samples::from_parts("destroy", destroy, wall.elapsed()).print(None);
+
+    // A VM kept for exec round trips and RAM.
+    let s = spec(100, args.memory);
+    let rt = engine.create(&s).await?;
+    let agent = engine.agent(&s.id, &rt);
+    Samples::sequential("exec true in the VM", args.execs, || async {
+        let o = agent.exec_buffered(ExecRequest::command(["true"])).await?;
+        anyhow::ensure!(o.exit_code == 0);
+        Ok(())
+    })
+    .await?
+    .print(None);
+    Samples::sequential("ACTIVITY round trip to the VM", args.execs, || async {
+        agent.activity().await?;
+        Ok(())
+    })
+    .await?
+    .print(None);
+    // Idle for a while so free-page reporting has returned what boot touched.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    if let Some(pid) = engine.pid(&s.id) {
+        let rss = rss_kib(pid).unwrap_or(0);
+        println!(
+            "{:<34} {} MiB RSS of QEMU for an idle {} MB guest",
+            "host RAM per idle VM",
+            rss / 1024,
+            args.memory
+        );
+    }
+    engine.destroy(&s.id).await?;
+    Ok(())
+}
+
+/// Time from QEMU start until the kernel hands over to userspace: the same
+/// kernel and initramfs with an init that does not exist, so the kernel
+/// panics right where `/init` would start and QEMU exits (`-no-reboot`).
+async fn bare_boot(
+    images: &ImagePaths,
+    accel: accel::Accel,
+    memory: u32,
+    n: usize,
+) -> anyhow::Result<Samples> {
+    let cmdline = process::kernel_cmdline(accel::host_tsc_khz(), "rdinit=/bench-no-such-init");
+    let mut times = Vec::new();
+    let wall = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        let st = tokio::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm",
+                "-accel",
+                accel.qemu_arg(),
+                "-m",
+                &memory.to_string(),
+                "-smp",
+                "1",
+            ])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                "null",
+            ])
+            .arg("-kernel")
+            .arg(&images.kernel)
+            .arg("-initrd")
+            .arg(&images.initramfs)
+            .args(["-append", &cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(st.code().is_some(), "bare QEMU was killed");
+        times.push(t.elapsed());
+    }
+    let s = Samples::from_parts("bare kernel+initramfs boot", times, wall.elapsed());
+    println!(
+        "{:<34} (QEMU start to the kernel starting init; {} runs, p50 {})",
+        "",
+        n,
+        fmt(s.p50())
+    );
+    Ok(s)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}

@@ -1,0 +1,288 @@
+//! The public listener: `Host: <alias>.<domain>` → the published port of a
+//! sandbox, without authentication, rate limited per alias and globally.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::rate_limit::RateLimiter;
+use super::relay::{relay, Forwarded};
+use super::ProxyError;
+use crate::service::{Service, ServiceError};
+
+/// A client must send its request headers within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the public listener needs from the daemon config.
+#[derive(Debug, Clone)]
+pub struct PublicConfig {
+    /// Published hosts are `<alias>.<domain>`.
+    pub domain: String,
+    /// `http` or `https`: what clients use in front of us (for X-Forwarded-Proto).
+    pub scheme: &'static str,
+    /// Requests per second per alias; 0 = unlimited.
+    pub rate_per_alias: u32,
+    /// Requests per second in total; 0 = unlimited.
+    pub rate_global: u32,
+}
+
+struct State {
+    service: Arc<Service>,
+    domain_suffix: String,
+    scheme: &'static str,
+    limiter: RateLimiter,
+}
+
+/// Serves the public proxy on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<Service>,
+    cfg: PublicConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let state = Arc::new(State {
+        service,
+        domain_suffix: format!(".{}", cfg.domain.trim_end_matches('.').to_ascii_lowercase()),
+        scheme: cfg.scheme,
+        limiter: RateLimiter::new(cfg.rate_per_alias, cfg.rate_global),
+    });
+    let sweeper = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(15));
+            loop {
+                tick.tick().await;
+                state.service.proxy_state().pool.sweep();
+            }
+        })
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "public proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "public proxy connection ended");
+            }
+        });
+    }
+    sweeper.abort();
+}
+
+async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let Some(alias) = alias_of(&req, &state.domain_suffix) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "No app is published at this address.",
+        );
+    };
+    if !state.limiter.allow_global() {
+        return too_many();
+    }
+    let route = match state.service.public_route(&alias).await {
+        Ok(r) => r,
+        Err(ServiceError::NotFound(_)) => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "No app is published at this address.",
+            )
+        }
+        Err(ServiceError::Unavailable(m)) => {
+            return page(StatusCode::SERVICE_UNAVAILABLE, "Sandbox not ready", &m)
+        }
+        Err(e) => {
+            tracing::warn!(%alias, error = %e, "public proxy: route lookup failed");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "This app cannot be reached right now.",
+            );
+        }
+    };
+    if !state.limiter.allow_alias(&route.alias) {
+        return too_many();
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let fwd = Forwarded {
+        client: Some(peer),
+        proto: state.scheme,
+        host: None,
+        strip_authorization: false,
+    };
+    match relay(
+        &state.service.proxy_state().pool,
+        &route.target,
+        req,
+        &path,
+        &fwd,
+    )
+    .await
+    {
+        Ok(resp) => resp,
+        Err(e) => error_page(&e),
+    }
+}
+
+/// The alias a request is for: its Host (port stripped, any case) must be
+/// exactly one label followed by `.<domain>`.
+fn alias_of<B>(req: &Request<B>, domain_suffix: &str) -> Option<String> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().host().map(str::to_string))?;
+    alias_from_host(&host, domain_suffix)
+}
+
+fn alias_from_host(host: &str, domain_suffix: &str) -> Option<String> {
+    let host = host.trim();
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let alias = name.strip_suffix(domain_suffix)?;
+    let valid =
+        !alias.is_empty() && !alias.contains('.') && crate::store::validate_alias(alias).is_ok();
+    valid.then(|| alias.to_string())
+}
+
+/// A small HTML page for errors of the public proxy.
+fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {title}</title></head>\n<body><h1>{code} {title}</h1>\n<p>{text}</p>\n<hr><p>bhatti</p></body></html>\n",
+        code = status.as_u16(),
+        title = escape(title),
+        text = escape(text),
+    );
+    let mut resp = Response::new(Body::from(html));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn too_many() -> Response<Body> {
+    let mut resp = page(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests",
+        "This app gets more requests than it may; try again in a moment.",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+fn error_page(e: &ProxyError) -> Response<Body> {
+    match e {
+        ProxyError::NotListening { port } => page(
+            e.status(),
+            "Bad gateway",
+            &format!(
+                "The app is not listening on port {port}. Start it inside the sandbox (listening on 0.0.0.0 or 127.0.0.1:{port}) and reload."
+            ),
+        ),
+        ProxyError::TooLarge => page(e.status(), "Payload too large", &e.to_string()),
+        ProxyError::Unreachable(_) => page(
+            e.status(),
+            "Unavailable",
+            "The sandbox cannot be reached right now.",
+        ),
+        ProxyError::Upstream { .. } => page(e.status(), "Bad gateway", &e.to_string()),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_to_aliases() {
+        let d = ".bhatti.test";
+        assert_eq!(
+            alias_from_host("my-app.bhatti.test", d).as_deref(),
+            Some("my-app")
+        );
+        assert_eq!(
+            alias_from_host("My-App.Bhatti.Test:8081", d).as_deref(),
+            Some("my-app")
+        );
+        assert_eq!(
+            alias_from_host("my-app.bhatti.test.", d).as_deref(),
+            Some("my-app")
+        );
+        for bad in [
+            "bhatti.test",
+            ".bhatti.test",
+            "a.b.bhatti.test",
+            "my-app.other.test",
+            "my-appbhatti.test",
+            "-x.bhatti.test",
+            "127.0.0.1:8081",
+            "[::1]:8081",
+            "",
+        ] {
+            assert_eq!(alias_from_host(bad, d), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn error_pages_say_what_happened() {
+        let r = error_page(&ProxyError::NotListening { port: 3000 });
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            error_page(&ProxyError::TooLarge).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        assert_eq!(too_many().headers()[header::RETRY_AFTER], "1");
+        assert!(escape("<a&b>").contains("&lt;a&amp;b&gt;"));
+    }
+}
