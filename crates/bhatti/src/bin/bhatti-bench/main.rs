@@ -7,6 +7,8 @@
 //! ```
 
 mod agent;
+mod api;
+mod daemon;
 mod proxy;
 mod stats;
 mod vm;
@@ -24,6 +26,8 @@ struct Args {
 enum Target {
     /// The lohar agent in test mode over Unix sockets (no VM).
     Agent(agent::AgentArgs),
+    /// The HTTP API of a daemon of its own (needs root and the guest images).
+    Api(api::ApiArgs),
     /// Real VMs through the QEMU engine (needs root and the guest images).
     Vm(vm::VmArgs),
     /// The public proxy against the same request made inside the guest.
@@ -39,6 +43,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match args.target {
             Target::Agent(a) => agent::run(a).await,
+            Target::Api(a) => api::run(a).await,
             Target::Vm(a) => vm::run(a).await,
             Target::Proxy(a) => proxy::run(a).await,
         }

@@ -7,7 +7,6 @@
 //! inside the daemon's namespace; the sandbox has no egress.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,6 +16,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+use crate::daemon::{Api, Daemon};
 use crate::stats::{fmt, Samples};
 
 /// The app: keep-alive HTTP/1.1, a 3-byte body.
@@ -102,7 +102,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             args.domain.clone(),
         ),
         _ => {
-            let d = Daemon::start(&args)?;
+            let d = Daemon::start("proxy", args.bhatti.as_deref(), &args.images_dir)?;
             let (u, t, p) = (d.url.clone(), d.token.clone(), d.public.clone());
             (Some(d), u, t, p, "bhatti.bench".to_string())
         }
@@ -295,166 +295,5 @@ impl Conn {
         anyhow::ensure!(resp.status() == 200, "proxy answered {}", resp.status());
         resp.into_body().collect().await?;
         Ok(())
-    }
-}
-
-struct Api {
-    http: reqwest::Client,
-    url: String,
-    token: String,
-}
-
-impl Api {
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.token)
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let mut r = self.req(method.clone(), path);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.with_context(|| format!("{method} {path}"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        anyhow::ensure!(status.is_success(), "{method} {path}: {status} {text}");
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn put_file(&self, sandbox: &str, path: &str, text: &str) -> anyhow::Result<()> {
-        let r = self
-            .req(
-                reqwest::Method::PUT,
-                &format!("/sandboxes/{sandbox}/files?path={path}"),
-            )
-            .body(text.to_string())
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "writing {path}: {}", r.status());
-        Ok(())
-    }
-
-    /// Buffered exec; its stdout, or an error with stderr.
-    async fn exec(&self, sandbox: &str, cmd: &[&str]) -> anyhow::Result<String> {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/sandboxes/{sandbox}/exec"),
-                Some(json!({ "cmd": cmd })),
-            )
-            .await?;
-        anyhow::ensure!(
-            v["exit_code"] == 0,
-            "{cmd:?} failed: {}",
-            v["stderr"].as_str().unwrap_or("")
-        );
-        Ok(v["stdout"].as_str().unwrap_or("").to_string())
-    }
-}
-
-/// A daemon of our own on loopback ports, torn down on drop.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    netns: String,
-    url: String,
-    public: String,
-    token: String,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-impl Daemon {
-    fn start(args: &ProxyArgs) -> anyhow::Result<Daemon> {
-        anyhow::ensure!(
-            nix::unistd::geteuid().is_root(),
-            "starting a daemon needs root (or pass --url/--token of a running one)"
-        );
-        let bin = match &args.bhatti {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?.with_file_name("bhatti"),
-        };
-        let dir = tempfile::Builder::new()
-            .prefix("bhbench-proxy")
-            .tempdir_in("/tmp")?;
-        let (port, public_port) = (free_port()?, free_port()?);
-        let netns = format!("bhbp-{}", std::process::id());
-        let config = dir.path().join("config.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen: 127.0.0.1:{port}\npublic_listen: 127.0.0.1:{public_port}\ndomain: bhatti.bench\n\
-                 public_url_scheme: http\npublic_rate_per_alias: 0\npublic_rate_global: 0\n\
-                 data_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbenchp0\n\
-                 subnet: 192.168.171.0/24\negress: false\n",
-                dir.path().display(),
-                args.images_dir.display()
-            ),
-        )?;
-        let out = Command::new(&bin)
-            .args(["user", "create", "--name", "bench", "--data-dir"])
-            .arg(dir.path())
-            .output()
-            .with_context(|| format!("running {}", bin.display()))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "user create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .find(|w| w.starts_with("bht_"))
-            .context("API key in `user create` output")?
-            .to_string();
-        let log = std::fs::File::create(dir.path().join("daemon.log"))?;
-        let child = Command::new(&bin)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let d = Daemon {
-            child,
-            dir,
-            netns,
-            url: format!("http://127.0.0.1:{port}"),
-            public: format!("127.0.0.1:{public_port}"),
-            token,
-        };
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "daemon did not listen; log:\n{}",
-                std::fs::read_to_string(d.dir.path().join("daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(d)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
     }
 }

@@ -12,6 +12,7 @@ use bhatti::engine::qemu::{process, QemuConfig, QemuEngine};
 use bhatti::engine::{Engine, SandboxSpec};
 use bhatti_proto::ExecRequest;
 
+use crate::daemon::rss_kib;
 use crate::stats::{fmt, Samples};
 
 #[derive(Debug, clap::Args)]
@@ -190,13 +191,4 @@ async fn bare_boot(
         fmt(s.p50())
     );
     Ok(s)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
 }
