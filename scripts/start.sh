@@ -40,7 +40,7 @@ export BHATTI_LOHAR="$PWD/target/release/lohar-static"
 "$BIN" image build --config "$CONFIG"
 
 CLI_CONFIG="$HOME/.bhatti/config.yaml"
-if ! "$BIN" user list --config "$CONFIG" --json | grep -q '"name": *"admin"'; then
+if [ ! -f "$DATA_DIR/state.db" ] || ! "$BIN" user list --config "$CONFIG" --json | grep -q '"name": *"admin"'; then
   key=$("$BIN" user create --config "$CONFIG" --name admin --max-sandboxes 20 --max-cpus 4 --max-memory 8192 | grep -o 'bht_[A-Za-z0-9]*' | head -n1)
   fresh_key=1
 else

@@ -172,6 +172,52 @@ fn cli_against_a_real_daemon() {
         text(&o.stderr)
     );
 
+    // Ctrl+C stops the remote command: SIGINT to the CLI, exit 130, nothing left running
+    let mut child = u
+        .cmd(&[
+            "exec",
+            "dev",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 4343",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("stdout"), &mut first)
+        .expect("output streams before the command ends");
+    assert_eq!(&first, b"started\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = child.wait().expect("wait exec");
+    assert_eq!(status.code(), Some(130));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = u.ok(&[
+            "exec",
+            "dev",
+            "--",
+            "sh",
+            "-c",
+            "pgrep -f 'slee[p] 4343' || true",
+        ]);
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "remote command still running after Ctrl+C: {left}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // files
     let o = u.run_stdin(&["file", "write", "dev", "/workspace/a.txt"], b"hi\n");
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -257,7 +303,7 @@ fn cli_against_a_real_daemon() {
     );
 
     // the shell, through a real terminal (tmux)
-    shell_in_tmux(&u, &d);
+    shell_in_tmux(&u);
 
     // destroy
     u.ok(&["destroy", "dev"]);
@@ -267,84 +313,89 @@ fn cli_against_a_real_daemon() {
     assert!(d.operator(&["user", "delete", "carol"]).status.success());
 }
 
-fn tmux(args: &[&str]) -> Output {
-    Command::new("tmux")
-        .args(["-L", "bhatti-test"])
-        .args(args)
-        .output()
-        .expect("tmux")
+/// A tmux server of our own: a fresh socket per use, so no earlier (maybe
+/// still exiting) server is ever reused.
+struct Tmux {
+    socket: String,
 }
 
-fn capture() -> String {
-    text(&tmux(&["capture-pane", "-p", "-t", "t", "-S", "-200"]).stdout)
-}
-
-fn wait_screen(what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = capture();
-        if s.contains(what) || Instant::now() > deadline {
-            return s;
+impl Tmux {
+    fn new(n: u32) -> Tmux {
+        Tmux {
+            socket: format!("bhatti-test-{}-{n}", std::process::id()),
         }
-        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux")
+    }
+
+    fn start(&self, cmd: &str) {
+        let o = self.run(&["new-session", "-d", "-s", "t", "-x", "120", "-y", "40", cmd]);
+        assert!(o.status.success(), "tmux: {}", text(&o.stderr));
+    }
+
+    fn keys(&self, keys: &str) {
+        self.run(&["send-keys", "-t", "t", keys]);
+    }
+
+    fn enter(&self, line: &str) {
+        self.run(&["send-keys", "-t", "t", line, "Enter"]);
+    }
+
+    fn wait_screen(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = text(
+                &self
+                    .run(&["capture-pane", "-p", "-t", "t", "-S", "-200"])
+                    .stdout,
+            );
+            if s.contains(what) || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 
-fn shell_in_tmux(u: &User, _d: &TestDaemon) {
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+fn shell_in_tmux(u: &User) {
     let home = u.home.path().to_string_lossy().into_owned();
     let cmd = format!("env HOME={home} {BIN} shell dev; echo shell-ended-$?; sleep 60");
-    let _ = tmux(&["kill-server"]);
-    let o = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "120",
-        "-y",
-        "40",
-        &cmd,
-    ]);
-    assert!(o.status.success(), "tmux: {}", text(&o.stderr));
-    wait_screen("$");
-    tmux(&[
-        "send-keys",
-        "-t",
-        "t",
-        "echo tmux-$((6*7)); stty size",
-        "Enter",
-    ]);
-    let s = wait_screen("tmux-42");
+    let t = Tmux::new(1);
+    t.start(&cmd);
+    t.wait_screen("$");
+    t.enter("echo tmux-$((6*7)); stty size");
+    let s = t.wait_screen("tmux-42");
     assert!(s.contains("tmux-42"), "command output on screen: {s}");
     assert!(
         s.contains("40 120") || s.contains("39 120"),
         "window size sent: {s}"
     );
     // Ctrl+\ detaches and says how to come back
-    tmux(&["send-keys", "-t", "t", "C-\\"]);
-    let s = wait_screen("shell-ended-0");
+    t.keys("C-\\");
+    let s = t.wait_screen("shell-ended-0");
     assert!(s.contains("bhatti shell"), "detach message: {s}");
-    let _ = tmux(&["kill-server"]);
+    drop(t);
     // again: same session, scrollback replayed
-    let o = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        "t",
-        "-x",
-        "120",
-        "-y",
-        "40",
-        &cmd,
-    ]);
-    assert!(o.status.success(), "tmux: {}", text(&o.stderr));
-    let s = wait_screen("tmux-42");
+    let t = Tmux::new(2);
+    t.start(&cmd);
+    let s = t.wait_screen("tmux-42");
     assert!(s.contains("tmux-42"), "reattach shows earlier output: {s}");
-    tmux(&["send-keys", "-t", "t", "exit 5", "Enter"]);
-    let s = wait_screen("shell-ended-5");
+    t.enter("exit 5");
+    let s = t.wait_screen("shell-ended-5");
     assert!(
         s.contains("shell-ended-5"),
         "remote exit code forwarded: {s}"
     );
-    let _ = tmux(&["kill-server"]);
 }
