@@ -10,7 +10,6 @@ use axum::serve::ListenerExt;
 use crate::api::router::{router, AppState};
 use crate::config::DaemonConfig;
 use crate::engine::qemu::image::{ensure_images, LogProgress};
-use crate::engine::qemu::network::Subnet;
 use crate::engine::qemu::{QemuConfig, QemuEngine};
 use crate::proxy::public::PublicConfig;
 use crate::secrets::SecretCipher;
@@ -92,7 +91,7 @@ fn qemu_config(
     q.accel = cfg.accel;
     q.netns = cfg.netns.clone();
     q.bridge = cfg.bridge.clone();
-    q.subnet = Subnet::new(cfg.subnet.network(), cfg.subnet.prefix()).context("subnet")?;
+    q.subnet = cfg.subnet;
     q.egress = cfg.egress;
     q.boot_timeout = Some(std::time::Duration::from_secs(cfg.boot_timeout_secs));
     Ok(q)

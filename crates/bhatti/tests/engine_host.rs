@@ -32,7 +32,7 @@ impl TestNet {
         let cfg = NetConfig {
             netns: format!("bhth-{tag}-{}", std::process::id()),
             bridge: "brtest0".into(),
-            subnet: Subnet::parse("192.168.137.0/24").expect("subnet"),
+            subnet: "192.168.137.0/24".parse::<Subnet>().expect("subnet"),
             egress: false,
         };
         network::ensure_base(&cfg).expect("ensure_base");
@@ -98,7 +98,7 @@ fn network_setup_is_idempotent_and_stays_in_its_namespace() {
 
     // A changed subnet replaces the gateway address instead of adding one.
     let moved = NetConfig {
-        subnet: Subnet::parse("192.168.140.0/24").expect("subnet"),
+        subnet: "192.168.140.0/24".parse::<Subnet>().expect("subnet"),
         ..net.cfg.clone()
     };
     network::ensure_base(&moved).expect("ensure_base with a new subnet");

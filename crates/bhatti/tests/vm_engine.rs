@@ -67,7 +67,7 @@ impl TestEngine {
         let mut cfg = QemuConfig::new(data.path(), images);
         cfg.netns = format!("bhvm-{tag}-{}", std::process::id());
         cfg.bridge = format!("brvm{tag}");
-        cfg.subnet = Subnet::parse(subnet).expect("subnet");
+        cfg.subnet = subnet.parse::<Subnet>().expect("subnet");
         cfg.egress = false;
         cfg.accel = AccelMode::Auto;
         tweak(&mut cfg);

@@ -68,6 +68,12 @@ impl Ipv4Subnet {
         u32::from(ip) & Self::mask_of(self.prefix) == u32::from(self.network)
     }
 
+    /// Whether `ip` may be given to a guest (inside, and not the network,
+    /// gateway or broadcast address).
+    pub fn is_guest_addr(&self, ip: Ipv4Addr) -> bool {
+        self.contains(ip) && ip != self.network && ip != self.gateway() && ip != self.broadcast()
+    }
+
     /// Addresses that may be given to guests, lowest first (excludes the
     /// network, gateway and broadcast addresses).
     pub fn guest_hosts(&self) -> impl Iterator<Item = Ipv4Addr> {

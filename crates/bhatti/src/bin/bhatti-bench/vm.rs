@@ -59,7 +59,9 @@ pub async fn run(args: VmArgs) -> anyhow::Result<()> {
     let mut cfg = QemuConfig::new(data.path(), images);
     cfg.netns = format!("bhbench-{}", std::process::id());
     cfg.bridge = "brbench0".into();
-    cfg.subnet = Subnet::parse("192.168.170.0/24")?;
+    cfg.subnet = "192.168.170.0/24"
+        .parse::<Subnet>()
+        .map_err(anyhow::Error::msg)?;
     cfg.egress = false;
     let engine = QemuEngine::new(cfg.clone()).await?;
     let result = measure(&engine, &args, &bare).await;

@@ -69,7 +69,7 @@ impl QemuEngine {
         BootConfig {
             hostname: spec.name.clone(),
             token: spec.token.clone(),
-            ip: format!("{}/{}", spec.ip, self.net.subnet.prefix),
+            ip: format!("{}/{}", spec.ip, self.net.subnet.prefix()),
             gateway: self.net.subnet.gateway().to_string(),
             dns: self.cfg.dns.clone(),
             env: spec.env.clone(),

@@ -72,10 +72,8 @@ impl QemuConfig {
             accel: AccelMode::Auto,
             netns: "bhatti".into(),
             bridge: "brbhatti0".into(),
-            subnet: Subnet {
-                network: Ipv4Addr::new(192, 168, 137, 0),
-                prefix: 24,
-            },
+            subnet: Subnet::new(Ipv4Addr::new(192, 168, 137, 0), 24)
+                .expect("the default subnet is valid"),
             egress: true,
             dns: vec!["1.1.1.1".into(), "8.8.8.8".into()],
             boot_timeout: None,
@@ -296,7 +294,7 @@ impl QemuEngine {
 #[async_trait::async_trait]
 impl Engine for QemuEngine {
     fn subnet(&self) -> (Ipv4Addr, u8) {
-        (self.net.subnet.network, self.net.subnet.prefix)
+        (self.net.subnet.network(), self.net.subnet.prefix())
     }
 
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError> {

@@ -6,7 +6,6 @@
 //! Everything is done with the `ip` and `nft` commands and is idempotent:
 //! calling a function twice leaves the same state as calling it once.
 
-use std::fmt;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -39,68 +38,8 @@ pub enum NetworkError {
     Invalid(String),
 }
 
-/// An IPv4 subnet such as 192.168.137.0/24.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Subnet {
-    /// Network address (host bits zero).
-    pub network: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Subnet {
-    /// Parses `a.b.c.d/n` (host bits are cleared); the prefix must leave room for guests.
-    pub fn parse(s: &str) -> Result<Subnet, NetworkError> {
-        let bad = || {
-            NetworkError::Invalid(format!(
-                "subnet {s:?} is not of the form a.b.c.d/n with 8 <= n <= 29"
-            ))
-        };
-        let (addr, prefix) = s.trim().split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        Subnet::new(addr, prefix).ok_or_else(bad)
-    }
-
-    /// The subnet containing `addr`, or `None` for a prefix outside 8..=29.
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Option<Subnet> {
-        if !(8..=29).contains(&prefix) {
-            return None;
-        }
-        let mask = u32::MAX << (32 - prefix);
-        Some(Subnet {
-            network: Ipv4Addr::from(u32::from(addr) & mask),
-            prefix,
-        })
-    }
-
-    fn mask(&self) -> u32 {
-        u32::MAX << (32 - self.prefix)
-    }
-
-    /// The bridge's address: the first host address.
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 1)
-    }
-
-    pub fn broadcast(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) | !self.mask())
-    }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == u32::from(self.network)
-    }
-
-    /// Whether `ip` may be given to a guest (inside, not network, gateway or broadcast).
-    pub fn is_guest_addr(&self, ip: Ipv4Addr) -> bool {
-        self.contains(ip) && ip != self.network && ip != self.gateway() && ip != self.broadcast()
-    }
-}
-
-impl fmt::Display for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix)
-    }
-}
+/// The sandbox subnet: one type for the config, the store and the engine.
+pub use crate::config::Ipv4Subnet as Subnet;
 
 /// The daemon's network: which namespace, bridge and subnet, and whether guests get egress.
 #[derive(Debug, Clone)]
@@ -275,7 +214,7 @@ pub fn ensure_base(cfg: &NetConfig) -> Result<(), NetworkError> {
     if !link_exists_in(&cfg.netns, br) {
         ip_in(&cfg.netns, &["link", "add", br, "type", "bridge"])?;
     }
-    let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix);
+    let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix());
     ip_in(&cfg.netns, &["addr", "replace", &gw, "dev", br])?;
     // A changed subnet leaves the old gateway address behind: remove it.
     let addrs = ip_in(&cfg.netns, &["-4", "-o", "addr", "show", "dev", br])?;
@@ -590,26 +529,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subnet_math() {
-        let s = Subnet::parse("192.168.137.77/24").expect("parse");
-        assert_eq!(s.network, Ipv4Addr::new(192, 168, 137, 0));
-        assert_eq!(s.gateway(), Ipv4Addr::new(192, 168, 137, 1));
-        assert_eq!(s.broadcast(), Ipv4Addr::new(192, 168, 137, 255));
-        assert_eq!(s.to_string(), "192.168.137.0/24");
-        assert!(s.is_guest_addr(Ipv4Addr::new(192, 168, 137, 2)));
-        assert!(!s.is_guest_addr(Ipv4Addr::new(192, 168, 137, 1)));
-        assert!(!s.is_guest_addr(Ipv4Addr::new(192, 168, 137, 255)));
-        assert!(!s.is_guest_addr(Ipv4Addr::new(192, 168, 138, 2)));
-        assert!(Subnet::parse("10.0.0.0/30").is_err());
-        assert!(Subnet::parse("10.0.0.0").is_err());
-        assert!(Subnet::parse("x/24").is_err());
-        assert_eq!(
-            Subnet::parse("10.1.2.3/29").expect("parse").broadcast(),
-            Ipv4Addr::new(10, 1, 2, 7)
-        );
-    }
-
-    #[test]
     fn names() {
         let t = tap_name("some-very-long-sandbox-identifier-1234");
         assert_eq!(t.len(), 15);
@@ -628,7 +547,7 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        let subnet = Subnet::parse("192.168.137.0/24").expect("parse");
+        let subnet = "192.168.137.0/24".parse::<Subnet>().expect("parse");
         let ok = NetConfig {
             netns: "bhatti".into(),
             bridge: "brbhatti0".into(),
@@ -674,7 +593,7 @@ mod tests {
 
     #[test]
     fn ruleset_without_egress_has_no_nat() {
-        let subnet = Subnet::parse("192.168.137.0/24").expect("parse");
+        let subnet = "192.168.137.0/24".parse::<Subnet>().expect("parse");
         let cfg = NetConfig {
             netns: "n".into(),
             bridge: "br0".into(),
