@@ -22,36 +22,7 @@ pub fn send_raw(w: &Stream, kind: FrameType, payload: &[u8]) -> Result<(), Frame
     bhatti_proto::codec::write_frame(&mut w, kind, payload)
 }
 
-/// Reads one frame into `buf` (reused across calls, so a 50 MiB upload does
-/// not allocate per frame). Unknown types are skipped, as for every reader.
-pub fn read_frame_into<R: Read + ?Sized>(
-    r: &mut R,
-    buf: &mut Vec<u8>,
-) -> Result<FrameType, FrameError> {
-    loop {
-        let mut head = [0u8; HEADER_LEN];
-        let mut got = 0;
-        while got < HEADER_LEN {
-            match r.read(&mut head[got..]) {
-                Ok(0) if got == 0 => return Err(FrameError::Eof),
-                Ok(0) => return Err(FrameError::Truncated),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let len = frame::payload_len_of([head[0], head[1], head[2], head[3]])?;
-        buf.clear();
-        buf.resize(len, 0);
-        r.read_exact(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-            _ => FrameError::Io(e),
-        })?;
-        if let Some(kind) = FrameType::from_byte(head[4]) {
-            return Ok(kind);
-        }
-    }
-}
+pub use bhatti_proto::codec::read_frame_into;
 
 /// A reader that fails with `TimedOut` once `deadline` has passed, however
 /// the peer spreads its bytes over time (a slow-loris cannot extend it).

@@ -7,15 +7,27 @@ use crate::frame::{self, Frame, FrameError, FrameType, HEADER_LEN};
 /// Reads the next frame whose type the protocol knows; frames of unknown
 /// types are read and dropped, as the protocol asks of every reader.
 pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Frame, FrameError> {
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
+    Ok(Frame { kind, payload })
+}
+
+/// Like [`read_frame`], but into `buf`, which is reused across calls so a
+/// long stream of frames (a 50 MiB upload) does not allocate per frame.
+pub fn read_frame_into<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<FrameType, FrameError> {
     loop {
         let mut head = [0u8; HEADER_LEN];
         read_header(r, &mut head)?;
         let len = frame::payload_len_of([head[0], head[1], head[2], head[3]])?;
         match FrameType::from_byte(head[4]) {
             Some(kind) => {
-                let mut payload = vec![0u8; len];
-                r.read_exact(&mut payload).map_err(truncated)?;
-                return Ok(Frame { kind, payload });
+                buf.clear();
+                buf.resize(len, 0);
+                r.read_exact(buf).map_err(truncated)?;
+                return Ok(kind);
             }
             None => {
                 let skipped = io::copy(&mut r.take(len as u64), &mut io::sink())?;

@@ -72,11 +72,16 @@ pub async fn read(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert("x-file-size", HeaderValue::from(info.size));
-    if let Ok(v) = HeaderValue::from_str(&info.mode) {
+    size_and_mode(h, info.size, &info.mode);
+    Ok(resp)
+}
+
+/// `X-File-Size` (the total size, whatever part was sent) and `X-File-Mode`.
+fn size_and_mode(h: &mut axum::http::HeaderMap, size: u64, mode: &str) {
+    h.insert("x-file-size", HeaderValue::from(size));
+    if let Ok(v) = HeaderValue::from_str(mode) {
         h.insert("x-file-mode", v);
     }
-    Ok(resp)
 }
 
 #[utoipa::path(head, path = "/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "sandbox id or name"), FilesQuery),
@@ -92,10 +97,7 @@ pub async fn stat(
     let info = agent.stat(&path).await?;
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
-    h.insert("x-file-size", HeaderValue::from(info.size));
-    if let Ok(v) = HeaderValue::from_str(&info.mode) {
-        h.insert("x-file-mode", v);
-    }
+    size_and_mode(h, info.size, &info.mode);
     h.insert(
         "x-file-isdir",
         HeaderValue::from_static(if info.is_dir { "true" } else { "false" }),
