@@ -308,6 +308,22 @@ async fn vms_boot_isolated_adopt_and_leave_nothing_behind() {
     let pid_a = t.engine.pid("vm-a").expect("pid a");
     let pid_b = t.engine.pid("vm-b").expect("pid b");
     let pid_c = t2.engine.pid("vm-c").expect("pid c");
+    // QEMU gave up root once its devices were open.
+    let status = std::fs::read_to_string(format!("/proc/{pid_a}/status")).expect("qemu status");
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "QEMU still runs as root: {uid_line}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Seccomp:") && l.ends_with('2')),
+        "QEMU runs without a seccomp filter"
+    );
     eprintln!(
         "idle QEMU RSS: a {} MiB, b {} MiB, c {} MiB (guest memory {} MiB)",
         rss_kib(pid_a) / 1024,
