@@ -16,6 +16,9 @@ use crate::secrets::SecretCipher;
 use crate::service::Service;
 use crate::store::Store;
 
+/// How often running sandboxes are checked for a VM that died.
+const VM_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the daemon until it is told to stop.
 pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let loaded = DaemonConfig::load(config_flag)?;
@@ -40,6 +43,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
         .recover()
         .await
         .context("recovering sandboxes from the store")?;
+    tokio::spawn(service.clone().watch_vms(VM_WATCH_INTERVAL));
 
     let public = tokio::net::TcpListener::bind(cfg.public_listen)
         .await

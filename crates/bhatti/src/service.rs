@@ -390,6 +390,44 @@ impl Service {
         Ok(())
     }
 
+    /// Marks running sandboxes whose VM has died as `error`, so that lists
+    /// and requests tell the truth instead of timing out on a dead guest.
+    pub async fn watch_vms(self: Arc<Self>, every: std::time::Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let all = match self.store.call(|s| s.list_all_sandboxes()).await {
+                Ok(all) => all,
+                Err(e) => {
+                    tracing::warn!(error = %e, "VM watch: cannot list sandboxes");
+                    continue;
+                }
+            };
+            for rec in all
+                .into_iter()
+                .filter(|r| r.status == SandboxStatus::Running)
+            {
+                if let VmState::Dead(reason) = self.engine.state(&rec.id) {
+                    tracing::warn!(sandbox = %rec.id, name = %rec.name, %reason, "VM died; marking the sandbox as error");
+                    self.proxy.forget_sandbox(&rec.id);
+                    let sid = rec.id.clone();
+                    // Only a sandbox still marked running: a concurrent destroy wins.
+                    let _ = self
+                        .store
+                        .call(move |s| {
+                            s.set_sandbox_status_if(
+                                &sid,
+                                SandboxStatus::Running,
+                                SandboxStatus::Error,
+                            )
+                        })
+                        .await;
+                }
+            }
+        }
+    }
+
     async fn find(&self, user: &User, id: &str) -> Result<SandboxRecord> {
         let (uid, key) = (user.id, id.to_string());
         self.store

@@ -757,9 +757,40 @@ async fn api_scenario() {
         );
     }
 
+    // --- a VM that dies is reported honestly, and can still be destroyed
+    let worker_id = c.1["id"].as_str().unwrap().to_string();
+    let pids = common::pids_matching(&d.data_dir.path().join("sandboxes").join(&worker_id));
+    assert_eq!(pids.len(), 1, "one QEMU for worker");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = status_of(alice.get("/sandboxes/worker").await).await;
+        if v["status"] == "error" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a dead VM still shows as {}",
+            v["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (s, v) = status_of(
+        alice
+            .post("/sandboxes/worker/exec", json!({"cmd": ["true"]}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 503, "{v}");
+    assert!(err_text(&v).contains("not running"), "{v}");
+
     // --- destroy: 204, then gone everywhere
     let qemu_before = d.qemu_pids().len();
-    assert_eq!(qemu_before, 3);
+    assert_eq!(qemu_before, 2, "dev and web2 still run");
     for sb in [dev_id.as_str(), "web2", "worker"] {
         let (s, v) = status_of(alice.delete(&format!("/sandboxes/{sb}")).await).await;
         assert_eq!(s, 204, "{v}");

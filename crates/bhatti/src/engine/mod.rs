@@ -87,6 +87,9 @@ pub trait Engine: Send + Sync {
     async fn destroy(&self, id: &str) -> Result<(), EngineError>;
     /// Re-attaches to a VM left running by an earlier daemon, or reports it dead.
     async fn adopt(&self, id: &str, rt: &VmRuntime) -> VmState;
+    /// Whether the VM is still there; cheap (no guest round trip), for
+    /// periodic checks of running sandboxes.
+    fn state(&self, id: &str) -> VmState;
     /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`.
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;
     /// A client of the VM's agent.

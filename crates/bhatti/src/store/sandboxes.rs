@@ -392,6 +392,21 @@ impl Store {
         Ok(())
     }
 
+    /// Moves a sandbox from `from` to `to`; returns whether it was in `from`
+    /// (a compare-and-set, so a concurrent change of status wins).
+    pub fn set_sandbox_status_if(
+        &self,
+        id: &str,
+        from: SandboxStatus,
+        to: SandboxStatus,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET status = ?1, updated_at = ?2 WHERE id = ?3 AND status = ?4",
+            params![to.as_str(), fmt_ts(now()), id, from.as_str()],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Records activity now (idle timers count from `last_active_at`).
     pub fn touch_sandbox(&self, id: &str) -> Result<(), StoreError> {
         let n = self.conn().execute(

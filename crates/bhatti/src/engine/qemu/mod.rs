@@ -388,6 +388,18 @@ impl Engine for QemuEngine {
         .await
     }
 
+    fn state(&self, id: &str) -> VmState {
+        let files = VmFiles::new(self.sandbox_dir(id));
+        match process::read_pidfile(&files.pidfile) {
+            Some(pid) if process::is_our_qemu(pid, &files.dir) => VmState::Running,
+            Some(pid) => VmState::Dead(format!(
+                "the VM's QEMU process (pid {pid}) has exited; last console lines:\n{}",
+                process::console_tail(&files.console, 5)
+            )),
+            None => VmState::Dead("the VM is not running (no QEMU pidfile)".into()),
+        }
+    }
+
     async fn adopt(&self, id: &str, rt: &VmRuntime) -> VmState {
         if check_id(id).is_err() {
             return VmState::Dead(format!("invalid sandbox id {id:?}"));
