@@ -124,6 +124,21 @@ async fn measure(engine: &QemuEngine, args: &VmArgs, bare: &Samples) -> anyhow::
     })
     .await?
     .print(None);
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    agent
+        .write_file_bytes("/tmp/bench-1m.bin", None, &mib)
+        .await?;
+    Samples::sequential("read 1 MiB from the VM", 50, || async {
+        let req = bhatti_proto::FileReadRequest {
+            path: "/tmp/bench-1m.bin".into(),
+            ..Default::default()
+        };
+        let (_, d) = agent.read_file_all(req).await?;
+        anyhow::ensure!(d.len() == 1 << 20);
+        Ok(())
+    })
+    .await?
+    .print(Some(1 << 20));
     // Idle for a while so free-page reporting has returned what boot touched.
     tokio::time::sleep(Duration::from_secs(8)).await;
     if let Some(pid) = engine.pid(&s.id) {
