@@ -385,21 +385,7 @@ pub fn add_tap(cfg: &NetConfig, tap: &str, ip: Ipv4Addr, mac: &str) -> Result<()
     ip_in(ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
     ip_in(ns, &["link", "set", tap, "master", &cfg.bridge])?;
     ip_in(ns, &["link", "set", tap, "up"])?;
-    ip_in(
-        ns,
-        &[
-            "neigh",
-            "replace",
-            &ip.to_string(),
-            "lladdr",
-            mac,
-            "dev",
-            &cfg.bridge,
-            "nud",
-            "permanent",
-        ],
-    )?;
-    Ok(())
+    ensure_neighbour(cfg, ip, mac)
 }
 
 /// (Re-)adds the guest's permanent neighbour entry.
