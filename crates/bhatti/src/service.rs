@@ -3,7 +3,8 @@
 //! Handlers call one method here per request; each method reads top to
 //! bottom: check input, consult the store, drive the engine, record the result.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rand::Rng;
@@ -21,6 +22,7 @@ use crate::store::{Store, StoreError, User};
 mod ports;
 mod proxy;
 mod publish;
+mod thermal;
 
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
@@ -39,8 +41,9 @@ pub enum ServiceError {
     /// The sandbox exists but cannot serve the request now.
     #[error("{0}")]
     Unavailable(String),
+    /// The sandbox's status does not allow the operation.
     #[error("{0}")]
-    NotImplemented(String),
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -65,6 +68,8 @@ pub struct Service {
     /// Published URLs are `<url_scheme>://<alias>.<domain>`.
     domain: String,
     url_scheme: String,
+    /// One lock per sandbox for stop, start, wake-up and destroy.
+    thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Service {
@@ -83,6 +88,7 @@ impl Service {
             proxy: Arc::new(ProxyState::default()),
             domain: "localhost".into(),
             url_scheme: "https".into(),
+            thermal_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -117,6 +123,7 @@ impl Service {
             status: "ok".into(),
             sandboxes: n as u64,
             uptime: format_uptime(self.started.elapsed().as_secs()),
+            version: env!("CARGO_PKG_VERSION").to_string(),
         })
     }
 
@@ -236,6 +243,8 @@ impl Service {
     /// Stops the VM, removes everything it had, then forgets the sandbox.
     pub async fn destroy_sandbox(&self, user: &User, id: &str) -> Result<()> {
         let rec = self.find(user, id).await?;
+        // Not in the middle of a stop or start.
+        let _lock = self.thermal_lock(&rec.id).lock_owned().await;
         let sid = rec.id.clone();
         self.store
             .call(move |s| s.set_sandbox_status(&sid, SandboxStatus::Destroying))
@@ -253,27 +262,15 @@ impl Service {
         let sid = rec.id.clone();
         self.store.call(move |s| s.delete_sandbox(&sid)).await?;
         self.proxy.forget_sandbox(&rec.id);
+        self.drop_thermal_lock(&rec.id);
         tracing::info!(sandbox = %rec.id, name = %rec.name, "sandbox destroyed");
         Ok(())
     }
 
-    pub async fn stop_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
-        self.find(user, id).await?;
-        Err(ServiceError::NotImplemented(
-            "stopping a sandbox (saving it to disk) is not available yet".into(),
-        ))
-    }
-
-    pub async fn start_sandbox(&self, user: &User, id: &str) -> Result<Sandbox> {
-        self.find(user, id).await?;
-        Err(ServiceError::NotImplemented(
-            "starting a stopped sandbox is not available yet".into(),
-        ))
-    }
-
-    /// A client of the sandbox's agent; the sandbox must be running.
+    /// A client of the sandbox's agent; a stopped sandbox is started first.
     pub async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
         let rec = self.find(user, id).await?;
+        let rec = self.wake(rec).await?;
         self.require_running(&rec)?;
         let sid = rec.id.clone();
         // Best effort: activity bookkeeping must never fail a request.
@@ -281,8 +278,7 @@ impl Service {
         Ok(self.agent_of(&rec))
     }
 
-    /// The sandbox can serve requests now. (Thermal states will wake a
-    /// warm or cold sandbox here.)
+    /// The sandbox can serve requests now (after [`wake`](Self::wake)).
     fn require_running(&self, rec: &SandboxRecord) -> Result<()> {
         match rec.status {
             SandboxStatus::Running => {}
@@ -372,6 +368,9 @@ impl Service {
                 }
                 _ => match self.engine.adopt(&rec.id, &rt).await {
                     VmState::Running => SandboxStatus::Running,
+                    // Saved to disk (also when a crash interrupted the stop).
+                    VmState::Stopped if rec.status == SandboxStatus::Cold => SandboxStatus::Cold,
+                    VmState::Stopped => SandboxStatus::Stopped,
                     VmState::Dead(reason) => {
                         tracing::warn!(sandbox = %rec.id, name = %rec.name, %reason, "VM is gone; marking the sandbox as error");
                         SandboxStatus::Error

@@ -654,14 +654,15 @@ async fn api_scenario() {
     );
     slow.await.unwrap();
 
-    // --- stop/start are declared but not available yet
+    // --- starting a running sandbox changes nothing (stop/start: tests/thermal.rs)
     let (s, v) = status_of(
         alice
-            .post(&format!("/sandboxes/{dev_id}/stop"), json!({}))
+            .post(&format!("/sandboxes/{dev_id}/start"), json!({}))
             .await,
     )
     .await;
-    assert_eq!(s, 501, "{v}");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], "running", "{v}");
 
     // --- openapi
     let (s, v) = status_of(

@@ -84,6 +84,8 @@ fn cli_against_a_real_daemon() {
         v.contains("bhatti v") && v.contains(&d.url) && v.contains("ok"),
         "{v}"
     );
+    let server = format!("server: v{}", env!("CARGO_PKG_VERSION"));
+    assert!(v.contains(&server), "the server's version is shown: {v}");
 
     // a wrong key says what to do
     let o = u.run(&["list", "--token", "bht_nope"]);

@@ -487,3 +487,72 @@ async fn boot_failures_are_clear_and_leave_nothing_behind() {
         "hung QEMU left running"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_saves_to_disk_and_start_restores() {
+    require_root();
+    let images = images().await;
+    let mut t = TestEngine::new("s", "192.168.137.0/24", images, |_| {}).await;
+    let base_rules = t.ruleset();
+    let ip = Ipv4Addr::new(192, 168, 137, 40);
+    let rt = t.engine.create(&spec("vm-s", ip)).await.expect("create");
+    let ag = t.engine.agent("vm-s", &rt);
+    sh_ok(
+        &ag,
+        "echo in-memory > /dev/shm/marker; setsid -f sleep 1000",
+    )
+    .await;
+    let sleeper = sh_ok(&ag, "pgrep -x sleep").await;
+    let pid = t.engine.pid("vm-s").expect("pid");
+
+    let s = Instant::now();
+    t.engine.stop("vm-s").await.expect("stop");
+    let stop_took = s.elapsed();
+    assert!(!process::pid_alive(pid), "QEMU still runs after stop");
+    assert_eq!(t.engine.state("vm-s"), VmState::Stopped);
+    let state_file = t.engine.sandbox_dir("vm-s").join("vm.state");
+    let size = std::fs::metadata(&state_file).expect("state file").len();
+    t.engine.stop("vm-s").await.expect("stop is idempotent");
+
+    // A restarted daemon finds it stopped.
+    let restarted = QemuEngine::new(t.cfg.clone())
+        .await
+        .expect("engine after restart");
+    drop(std::mem::replace(&mut t.engine, restarted));
+    assert_eq!(t.engine.adopt("vm-s", &rt).await, VmState::Stopped);
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = Instant::now();
+    t.engine.start("vm-s", &rt).await.expect("start");
+    let start_took = s.elapsed();
+    eprintln!(
+        "stop {stop_took:?}, start {start_took:?}, state file {} MiB",
+        size / (1024 * 1024)
+    );
+    assert!(!state_file.exists(), "state file kept after restore");
+    let ag = t.engine.agent("vm-s", &rt);
+    assert_eq!(sh_ok(&ag, "cat /dev/shm/marker").await, "in-memory");
+    assert_eq!(sh_ok(&ag, "pgrep -x sleep").await, sleeper);
+    let guest: i64 = sh_ok(&ag, "date +%s").await.parse().expect("date");
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!(
+        (guest - host).abs() <= 1,
+        "guest clock {guest}, host {host}"
+    );
+    t.engine
+        .start("vm-s", &rt)
+        .await
+        .expect("start is idempotent");
+
+    // Destroy while stopped: nothing stays.
+    let pid = t.engine.pid("vm-s").expect("pid after restore");
+    t.engine.stop("vm-s").await.expect("second stop");
+    t.engine
+        .destroy("vm-s")
+        .await
+        .expect("destroy a stopped VM");
+    assert_gone(&t, "vm-s", ip, pid, &base_rules);
+}

@@ -94,6 +94,8 @@ pub struct Health {
     pub status: String,
     pub sandboxes: u64,
     pub uptime: String,
+    /// The daemon's version (an addition to the original shape; `bhatti version` shows it).
+    pub version: String,
 }
 
 /// `POST /secrets`.

@@ -41,6 +41,8 @@ pub struct VmRuntime {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
     Running,
+    /// Saved to disk, no process: [`Engine::start`] restores it.
+    Stopped,
     /// The VM is gone; the string says why (for an honest status).
     Dead(String),
 }
@@ -85,10 +87,17 @@ pub trait Engine: Send + Sync {
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError>;
     /// Stops the VM and removes everything it had on the host (process, overlay, TAP, files).
     async fn destroy(&self, id: &str) -> Result<(), EngineError>;
-    /// Re-attaches to a VM left running by an earlier daemon, or reports it dead.
+    /// Saves a running VM to disk and ends its process, freeing its RAM; its
+    /// disk and network stay. Stopping a stopped VM succeeds.
+    async fn stop(&self, id: &str) -> Result<(), EngineError>;
+    /// Restores a stopped VM (processes, sessions and listeners as they were)
+    /// and waits until its agent answers. Starting a running VM succeeds.
+    async fn start(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError>;
+    /// Re-attaches to a VM left running by an earlier daemon, or reports it
+    /// stopped or dead.
     async fn adopt(&self, id: &str, rt: &VmRuntime) -> VmState;
-    /// Whether the VM is still there; cheap (no guest round trip), for
-    /// periodic checks of running sandboxes.
+    /// Whether the VM is still there (running or stopped); cheap (no guest
+    /// round trip), for periodic checks of running sandboxes.
     fn state(&self, id: &str) -> VmState;
     /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`.
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;

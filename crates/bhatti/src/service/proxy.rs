@@ -13,6 +13,7 @@ impl Service {
     /// A port of one of the user's running sandboxes, for the authenticated proxy.
     pub async fn proxy_target(&self, user: &User, id: &str, port: u16) -> Result<Target> {
         let rec = self.find(user, id).await?;
+        let rec = self.wake(rec).await?;
         self.require_running(&rec)?;
         let sid = rec.id.clone();
         // Best effort: activity bookkeeping must never fail a request.
@@ -29,7 +30,7 @@ impl Service {
     pub async fn public_route(&self, alias: &str) -> Result<Arc<Route>> {
         let alias = alias.to_ascii_lowercase();
         // A cached route belongs to a running sandbox: every status change
-        // away from running (destroy; later stop and thermal states) forgets it.
+        // away from running (destroy, stop) forgets it.
         if let Some(route) = self.proxy.routes.get(&alias) {
             self.note_activity(&route);
             return Ok(route);
@@ -53,6 +54,7 @@ impl Service {
             .call(move |s| s.get_sandbox(&sid))
             .await
             .map_err(not_found)?;
+        let rec = self.wake(rec).await?;
         self.require_running(&rec)?;
         let route = Arc::new(Route::new(
             rule.alias,

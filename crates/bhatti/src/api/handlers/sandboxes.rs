@@ -62,7 +62,7 @@ pub async fn destroy(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/stop", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
-    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn stop(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -72,7 +72,7 @@ pub async fn stop(
 }
 
 #[utoipa::path(post, path = "/sandboxes/{id}/start", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
-    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 501, body = ErrorBody)))]
+    responses((status = 200, body = Sandbox), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

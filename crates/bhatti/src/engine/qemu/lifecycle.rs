@@ -280,7 +280,7 @@ pub(super) struct CreateGuard<'a> {
 
 impl Drop for CreateGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.engine.creating.lock() {
+        if let Ok(mut c) = self.engine.busy.lock() {
             c.remove(&self.id);
         }
         if !self.armed {

@@ -4,7 +4,8 @@
 //! daemon's network namespace, with everything it owns in one directory:
 //! `<data_dir>/sandboxes/<id>/{disk.qcow2, config.json, console.log,
 //! qmp.sock, qemu.pid, vm.json}` plus a TAP `bt-<hash>` on the bridge.
-//! QEMU outlives the daemon; a restarted daemon adopts it again.
+//! QEMU outlives the daemon; a restarted daemon adopts it again. A stopped
+//! VM has no process, and its state in `vm.state` (see [`snapshot`]).
 
 pub mod accel;
 pub mod config_drive;
@@ -15,6 +16,7 @@ pub mod netns_dialer;
 pub mod network;
 pub mod process;
 pub mod qmp;
+mod snapshot;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -117,8 +119,8 @@ pub struct QemuEngine {
     boot_timeout: Duration,
     sockets: NetnsSockets,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
-    /// Ids with a create in progress.
-    creating: Mutex<HashSet<String>>,
+    /// Ids with a create, stop or start in progress.
+    busy: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for QemuEngine {
@@ -210,7 +212,7 @@ impl QemuEngine {
             boot_timeout,
             sockets,
             vms: Mutex::new(HashMap::new()),
-            creating: Mutex::new(HashSet::new()),
+            busy: Mutex::new(HashSet::new()),
         })
     }
 
@@ -236,6 +238,23 @@ impl QemuEngine {
 
     fn vm(&self, id: &str) -> Option<Arc<Vm>> {
         self.vms.lock().ok()?.get(id).cloned()
+    }
+
+    /// Marks `id` busy until the guard drops; refuses a second operation at once.
+    fn reserve(&self, id: &str) -> Result<Busy<'_>, EngineError> {
+        let mut busy = self
+            .busy
+            .lock()
+            .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
+        if !busy.insert(id.to_string()) {
+            return Err(EngineError::Other(format!(
+                "another operation on VM {id} is in progress"
+            )));
+        }
+        Ok(Busy {
+            engine: self,
+            id: id.to_string(),
+        })
     }
 
     /// The VM's QMP connection, reconnecting if it was lost.
@@ -291,6 +310,20 @@ impl QemuEngine {
     }
 }
 
+/// An id reserved by [`QemuEngine::reserve`].
+struct Busy<'a> {
+    engine: &'a QemuEngine,
+    id: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.engine.busy.lock() {
+            b.remove(&self.id);
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Engine for QemuEngine {
     fn subnet(&self) -> (Ipv4Addr, u8) {
@@ -300,11 +333,11 @@ impl Engine for QemuEngine {
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError> {
         self.check_spec(spec)?;
         {
-            let mut creating = self
-                .creating
+            let mut busy = self
+                .busy
                 .lock()
                 .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
-            if self.vm(&spec.id).is_some() || !creating.insert(spec.id.clone()) {
+            if self.vm(&spec.id).is_some() || !busy.insert(spec.id.clone()) {
                 return Err(EngineError::Other(format!(
                     "a VM with id {} already exists",
                     spec.id
@@ -388,10 +421,19 @@ impl Engine for QemuEngine {
         .await
     }
 
+    async fn stop(&self, id: &str) -> Result<(), EngineError> {
+        self.save_to_disk(id).await
+    }
+
+    async fn start(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError> {
+        self.restore_from_disk(id, rt).await
+    }
+
     fn state(&self, id: &str) -> VmState {
         let files = VmFiles::new(self.sandbox_dir(id));
         match process::read_pidfile(&files.pidfile) {
             Some(pid) if process::is_our_qemu(pid, &files.dir) => VmState::Running,
+            _ if files.state.is_file() => VmState::Stopped,
             Some(pid) => VmState::Dead(format!(
                 "the VM's QEMU process (pid {pid}) has exited; last console lines:\n{}",
                 process::console_tail(&files.console, 5)
@@ -405,6 +447,20 @@ impl Engine for QemuEngine {
             return VmState::Dead(format!("invalid sandbox id {id:?}"));
         }
         let files = VmFiles::new(self.sandbox_dir(id));
+        if files.state.is_file() {
+            // A stop or start interrupted by a crash may have left a QEMU
+            // behind; with the state on disk it never ran the guest since.
+            if let Some(pid) = process::read_pidfile(&files.pidfile)
+                .filter(|p| process::is_our_qemu(*p, &files.dir))
+            {
+                tracing::warn!(id, pid, "killing the QEMU of a VM saved to disk");
+                process::kill(pid);
+                process::wait_exit(pid, QUIT_GRACE).await;
+            }
+            let _ = std::fs::remove_file(&files.pidfile);
+            let _ = std::fs::remove_file(snapshot::partial_state(&files));
+            return VmState::Stopped;
+        }
         let Some(pid) = process::read_pidfile(&files.pidfile) else {
             return VmState::Dead(
                 "the VM is not running (no QEMU pidfile; the host may have rebooted)".into(),
@@ -452,6 +508,13 @@ impl Engine for QemuEngine {
                 ))
             }
         };
+        // A save interrupted by a crash left the vCPUs stopped: carry on.
+        let partial = snapshot::partial_state(&files);
+        if partial.exists() {
+            tracing::warn!(id, "resuming a VM whose save to disk was interrupted");
+            let _ = qmp.cont().await;
+            let _ = std::fs::remove_file(&partial);
+        }
         match qmp.query_status().await {
             Ok(s) if matches!(s.status.as_str(), "running" | "paused" | "suspended") => {}
             Ok(s) => return VmState::Dead(format!("QEMU (pid {pid}) is in state {:?}", s.status)),

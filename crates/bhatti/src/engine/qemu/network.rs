@@ -388,6 +388,16 @@ pub fn add_tap(cfg: &NetConfig, tap: &str, ip: Ipv4Addr, mac: &str) -> Result<()
     ensure_neighbour(cfg, ip, mac)
 }
 
+/// Makes sure the TAP exists on the bridge (it outlives QEMU, not a host
+/// reboot) and the guest's neighbour entry is in place.
+pub fn ensure_tap(cfg: &NetConfig, tap: &str, ip: Ipv4Addr, mac: &str) -> Result<(), NetworkError> {
+    if link_exists_in(&cfg.netns, tap) {
+        ensure_neighbour(cfg, ip, mac)
+    } else {
+        add_tap(cfg, tap, ip, mac)
+    }
+}
+
 /// (Re-)adds the guest's permanent neighbour entry.
 pub fn ensure_neighbour(cfg: &NetConfig, ip: Ipv4Addr, mac: &str) -> Result<(), NetworkError> {
     ip_in(

@@ -33,6 +33,8 @@ pub struct VmFiles {
     pub pidfile: PathBuf,
     /// What the engine needs to find and restart the VM (argv, TAP, MAC).
     pub meta: PathBuf,
+    /// The VM's saved state while it is stopped (QEMU's migration stream).
+    pub state: PathBuf,
 }
 
 impl VmFiles {
@@ -44,6 +46,7 @@ impl VmFiles {
             qmp: dir.join("qmp.sock"),
             pidfile: dir.join("qemu.pid"),
             meta: dir.join("vm.json"),
+            state: dir.join("vm.state"),
             dir,
         }
     }
@@ -123,10 +126,13 @@ pub fn qemu_argv(s: &LaunchSpec<'_>) -> Vec<String> {
     push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
     push(&["-kernel", &p(s.kernel), "-initrd", &p(s.initramfs)]);
     push(&["-append", &kernel_cmdline(s.tsc_khz, s.extra_cmdline)]);
+    // `auto-read-only=off`: keep the overlay's read-write descriptor for the
+    // whole run. With the default (on), saving to disk drops write access,
+    // and QEMU reopens the file by name, which `nobody` cannot.
     push(&[
         "-drive",
         &format!(
-            "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap",
+            "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap,auto-read-only=off",
             p(&f.overlay)
         ),
     ]);
@@ -423,6 +429,8 @@ mod tests {
         assert!(joined.contains("-netdev tap,id=n0,ifname=bt-0123456789ab,script=no,downscript=no"));
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=02:b4:c0:a8:89:05"));
         assert!(joined.contains("virtio-balloon-device,free-page-reporting=on"));
+        // Saving to disk needs the overlay's read-write descriptor kept open.
+        assert!(joined.contains("detect-zeroes=unmap,auto-read-only=off"));
         assert!(joined.contains(
             "-fw_cfg name=opt/bhatti/config,file=/var/lib/bhatti/sandboxes/sb1/config.json"
         ));

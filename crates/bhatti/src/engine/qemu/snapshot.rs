@@ -1,0 +1,375 @@
+//! Stop and start: a VM saved to disk with QEMU's migration, its process
+//! ended (RAM freed), and later restored from that file with everything the
+//! guest had running: processes, TTY sessions, listeners.
+//!
+//! The daemon opens the state file itself and hands QEMU the descriptor over
+//! QMP (`getfd`, then `fd:` URIs): QEMU runs as `nobody` and cannot open
+//! anything in the root-only sandbox dir, and 7.2 has no `file:` URI.
+//! Zero pages cost nothing in the stream: a fresh 512 MiB guest is ~100 MiB.
+//!
+//! Invariant: while `vm.state` exists the guest has not run since it was
+//! saved (start removes the file before resuming the guest). So a QEMU found
+//! next to a state file (a crash mid-stop or mid-start) may be killed, and
+//! the file restored, without the guest's memory and disk disagreeing.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bhatti_proto::ExecRequest;
+
+use super::lifecycle::read_meta;
+use super::netns_dialer::NetnsDialer;
+use super::process::{self, NotReady, VmFiles};
+use super::qmp::{Migration, Qmp, QmpError};
+use super::{blocking, check_id, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES};
+use crate::engine::{EngineError, VmRuntime};
+
+/// Name of the state file's descriptor inside QEMU.
+const FD_NAME: &str = "bhatti-state";
+/// Migration speed cap while saving: effectively none (see [`Qmp::set_migrate_max_bandwidth`]).
+const SAVE_BANDWIDTH: u64 = 1 << 40;
+/// How long saving or loading a VM's state may take.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// The `-drive` option without which QEMU cannot save the VM (see `process::qemu_argv`).
+const DRIVE_OPTION: &str = "auto-read-only=off";
+/// Interval of `query-migrate` polls (one costs well under a millisecond).
+const POLL: Duration = Duration::from_millis(5);
+
+/// The state file while it is being written; renamed once complete.
+pub(super) fn partial_state(files: &VmFiles) -> PathBuf {
+    files.dir.join("vm.state.tmp")
+}
+
+fn save_err(e: QmpError) -> EngineError {
+    EngineError::Other(format!("saving the VM to disk failed: {e}"))
+}
+
+impl QemuEngine {
+    /// [`Engine::stop`](crate::engine::Engine::stop): the VM's state goes to
+    /// `vm.state`, then QEMU quits. On failure the VM keeps running.
+    pub(super) async fn save_to_disk(&self, id: &str) -> Result<(), EngineError> {
+        check_id(id)?;
+        let files = VmFiles::new(self.sandbox_dir(id));
+        let Some(vm) = self.vm(id) else {
+            return if files.state.is_file() {
+                Ok(())
+            } else {
+                Err(EngineError::NotFound(id.to_string()))
+            };
+        };
+        if read_meta(&files.meta).is_some_and(|m| !m.argv.iter().any(|a| a.contains(DRIVE_OPTION)))
+        {
+            return Err(EngineError::Other(format!(
+                "VM {id} was started by an older bhatti whose QEMU options do not allow \
+                 saving it to disk; it keeps running (recreate the sandbox to be able to stop it)"
+            )));
+        }
+        let _busy = self.reserve(id)?;
+        let started = Instant::now();
+        let qmp = self.qmp_of(id).await?;
+        let tmp = partial_state(&files);
+        let saved = match self.write_state(&qmp, vm.pid, &tmp).await {
+            Ok(m) => std::fs::rename(&tmp, &files.state)
+                .map(|()| m)
+                .map_err(EngineError::from),
+            Err(e) => Err(e),
+        };
+        let migration = match saved {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                // Undo the `stop`: the guest carries on as if nothing happened.
+                if let Err(ce) = qmp.cont().await {
+                    tracing::warn!(id, error = %ce, "cannot resume the VM after a failed save");
+                }
+                return Err(e);
+            }
+        };
+        let saved_in = started.elapsed();
+        // From here on the VM is stopped, whatever happens to its process.
+        if let Ok(mut vms) = self.vms.lock() {
+            vms.remove(id);
+        }
+        self.stop_qemu(Some(&vm), &files).await;
+        // QEMU (as nobody) cannot remove these itself.
+        let _ = std::fs::remove_file(&files.pidfile);
+        let _ = std::fs::remove_file(&files.qmp);
+        let size = std::fs::metadata(&files.state)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        tracing::info!(
+            id,
+            state_mib = size / (1024 * 1024),
+            ram_mib = migration.bytes.unwrap_or(0) / (1024 * 1024),
+            save_ms = saved_in.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "VM saved to disk"
+        );
+        Ok(())
+    }
+
+    /// Stops the vCPUs and migrates the VM into a new file at `path`.
+    async fn write_state(
+        &self,
+        qmp: &Qmp,
+        pid: u32,
+        path: &Path,
+    ) -> Result<Migration, EngineError> {
+        qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
+            .await
+            .map_err(save_err)?;
+        let p = path.to_path_buf();
+        let file = blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+        })
+        .await??;
+        qmp.stop().await.map_err(save_err)?;
+        qmp.getfd(FD_NAME, file.as_fd()).await.map_err(save_err)?;
+        qmp.migrate(&format!("fd:{FD_NAME}"))
+            .await
+            .map_err(save_err)?;
+        let m = match wait_migration(qmp, pid, "saving").await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = qmp.execute("migrate_cancel", None).await;
+                return Err(e);
+            }
+        };
+        blocking(move || file.sync_all()).await??;
+        Ok(m)
+    }
+
+    /// [`Engine::start`](crate::engine::Engine::start): QEMU with the VM's
+    /// own argv plus `-incoming defer` loads `vm.state`, then the guest runs
+    /// on and gets the current time.
+    pub(super) async fn restore_from_disk(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+    ) -> Result<(), EngineError> {
+        check_id(id)?;
+        if let Some(vm) = self.vm(id) {
+            if process::is_our_qemu(vm.pid, &vm.files.dir) {
+                return Ok(());
+            }
+        }
+        let files = VmFiles::new(self.sandbox_dir(id));
+        if !files.state.is_file() {
+            return Err(EngineError::Other(format!(
+                "sandbox {id} has no saved state to start from"
+            )));
+        }
+        let meta = read_meta(&files.meta).ok_or_else(|| {
+            EngineError::Other(format!(
+                "{} is missing or unreadable; the VM cannot be restored",
+                files.meta.display()
+            ))
+        })?;
+        let _busy = self.reserve(id)?;
+        let started = Instant::now();
+
+        // Exclusive use of overlay and TAP: no other QEMU of this sandbox may
+        // run. One next to a state file never ran the guest since (see above).
+        let dir = self.sandboxes_dir.clone();
+        let stale: Vec<u32> = blocking(move || process::find_qemus_under(&dir))
+            .await?
+            .into_iter()
+            .filter(|(_, i)| i == id)
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in stale {
+            tracing::warn!(
+                id,
+                pid,
+                "killing a stale QEMU of a stopped VM before restoring it"
+            );
+            process::kill(pid);
+            if !process::wait_exit(pid, Duration::from_secs(5)).await {
+                return Err(EngineError::Other(format!(
+                    "a QEMU (pid {pid}) of sandbox {id} does not exit; cannot restore"
+                )));
+            }
+        }
+
+        let (net, tap, mac, ip) = (self.net.clone(), meta.tap.clone(), meta.mac.clone(), rt.ip);
+        blocking(move || {
+            if !network::base_present(&net) {
+                network::ensure_base(&net)?;
+            }
+            network::ensure_tap(&net, &tap, ip, &mac)
+        })
+        .await?
+        .map_err(net_err)?;
+
+        let _ = std::fs::remove_file(&files.pidfile);
+        let mut argv = meta.argv.clone();
+        argv.extend(["-incoming".to_string(), "defer".to_string()]);
+        let pid = process::launch(&meta.qemu, &self.net.netns, &argv, &files.pidfile)
+            .await
+            .map_err(|e| EngineError::Boot {
+                reason: format!("cannot start QEMU to restore the VM: {e}"),
+                console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+            })?;
+        let launched = started.elapsed();
+        let qmp = match self.load_state(&files, pid).await {
+            Ok(q) => q,
+            Err(e) => {
+                // The state file stays: the VM is still stopped and can be started again.
+                process::kill(pid);
+                process::wait_exit(pid, Duration::from_secs(5)).await;
+                let _ = std::fs::remove_file(&files.pidfile);
+                return Err(e);
+            }
+        };
+        let loaded = started.elapsed();
+
+        // The guest runs from here on and its disk moves ahead of the saved
+        // memory: that state must never be loaded again.
+        std::fs::remove_file(&files.state)?;
+        let qmp = Arc::new(qmp);
+        let vm = Arc::new(Vm {
+            files: files.clone(),
+            pid,
+            ip: rt.ip,
+            tap: meta.tap.clone(),
+            qmp: tokio::sync::Mutex::new(Some(qmp.clone())),
+        });
+        if let Ok(mut vms) = self.vms.lock() {
+            vms.insert(id.to_string(), vm);
+        }
+        qmp.cont().await.map_err(|e| EngineError::Boot {
+            reason: format!("the restored VM does not resume: {e}"),
+            console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+        })?;
+
+        let dialer = NetnsDialer::new(self.sockets.clone(), rt.ip);
+        match process::wait_ready(&dialer, rt.token.as_bytes(), pid, self.boot_timeout).await {
+            Ok(()) => {}
+            Err(NotReady::Died) => {
+                return Err(EngineError::Boot {
+                    reason: format!("QEMU (pid {pid}) exited right after the VM was restored"),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+            Err(NotReady::Timeout(last)) => {
+                return Err(EngineError::Timeout {
+                    secs: self.boot_timeout.as_secs(),
+                    reason: format!(
+                        "the restored VM's agent never answered (last attempt: {last})"
+                    ),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+        }
+        let ready = started.elapsed();
+        // The guest's clock stood still while it was on disk.
+        if let Err(e) = set_guest_clock(&crate::engine::Engine::agent(self, id, rt)).await {
+            tracing::warn!(id, error = %e, "cannot set the restored guest's clock");
+        }
+        tracing::info!(
+            id,
+            pid,
+            launch_ms = launched.as_millis() as u64,
+            load_ms = (loaded - launched).as_millis() as u64,
+            agent_ms = (ready - loaded).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "VM restored from disk"
+        );
+        Ok(())
+    }
+
+    /// Loads `vm.state` into the QEMU `pid`, started with `-incoming defer`.
+    async fn load_state(&self, files: &VmFiles, pid: u32) -> Result<Qmp, EngineError> {
+        let boot_err = |reason: String| EngineError::Boot {
+            reason,
+            console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+        };
+        let qmp = Qmp::connect_retry(&files.qmp, Duration::from_secs(5))
+            .await
+            .map_err(|e| boot_err(e.to_string()))?;
+        let p = files.state.clone();
+        let file = blocking(move || std::fs::File::open(p)).await??;
+        let load_err = |e: QmpError| boot_err(format!("loading the saved VM failed: {e}"));
+        qmp.getfd(FD_NAME, file.as_fd()).await.map_err(load_err)?;
+        qmp.migrate_incoming(&format!("fd:{FD_NAME}"))
+            .await
+            .map_err(load_err)?;
+        wait_migration(&qmp, pid, "loading")
+            .await
+            .map_err(|e| boot_err(e.to_string()))?;
+        Ok(qmp)
+    }
+}
+
+/// Polls `query-migrate` until the migration completed, failed, QEMU died
+/// or [`MIGRATION_TIMEOUT`] passed.
+async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<Migration, EngineError> {
+    let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let m = match qmp.query_migrate().await {
+            Ok(m) => m,
+            Err(_) if !process::pid_alive(pid) => {
+                return Err(EngineError::Other(format!(
+                    "QEMU (pid {pid}) exited while {what} the VM's state"
+                )))
+            }
+            Err(e) => {
+                return Err(EngineError::Other(format!(
+                    "{what} the VM's state: QEMU does not report progress: {e}"
+                )))
+            }
+        };
+        match m.status.as_str() {
+            "completed" => return Ok(m),
+            "failed" | "cancelled" => {
+                return Err(EngineError::Other(format!(
+                    "{what} the VM's state failed: {}",
+                    m.error.as_deref().unwrap_or("QEMU gives no reason")
+                )))
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(EngineError::Other(format!(
+                "{what} the VM's state did not finish within {} s (status {})",
+                MIGRATION_TIMEOUT.as_secs(),
+                m.status
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sets the guest's wall clock to the host's (`date` through passwordless sudo).
+async fn set_guest_clock(agent: &crate::engine::agent_client::AgentClient) -> Result<(), String> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let at = format!("{}.{:03}", now.as_secs(), now.subsec_millis());
+    // sudo alone can take a second under TCG, so the time is not set as sent:
+    // the guest's uptime is read before sudo starts and again inside it, and
+    // the difference is added to the host's time.
+    let outer = r#"u0=$(cut -d' ' -f1 /proc/uptime); exec sudo -n /bin/sh -c "$2" sh "$1" "$u0""#;
+    let inner = r#"u=$(cut -d' ' -f1 /proc/uptime); date -u -s "@$(awk -v x="$1" -v u0="$2" -v u="$u" 'BEGIN { printf "%.3f", x + u - u0 }')" >/dev/null"#;
+    let req = ExecRequest::command(["sh", "-c", outer, "sh", at.as_str(), inner]);
+    let out = tokio::time::timeout(Duration::from_secs(10), agent.exec_buffered(req))
+        .await
+        .map_err(|_| "`date -s` did not finish within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    if out.exit_code != 0 {
+        return Err(format!(
+            "`date -s` exited with {}: {}",
+            out.exit_code,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
