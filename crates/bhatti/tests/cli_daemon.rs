@@ -307,6 +307,16 @@ fn cli_against_a_real_daemon() {
     // the shell, through a real terminal (tmux)
     shell_in_tmux(&u);
 
+    // stop frees the VM; the next command wakes it, files intact
+    assert_eq!(u.ok(&["stop", "dev"]).trim(), "sandbox dev is stopped");
+    assert!(d.qemu_pids().is_empty(), "no QEMU while stopped");
+    assert!(
+        u.ok(&["ls"]).contains("stopped"),
+        "list shows it stopped without waking it"
+    );
+    assert_eq!(u.ok(&["file", "read", "dev", "/workspace/a.txt"]), "hi\n");
+    assert_eq!(u.ok(&["start", "dev"]).trim(), "sandbox dev is running");
+
     // destroy
     u.ok(&["destroy", "dev"]);
     let j: serde_json::Value = serde_json::from_str(&u.ok(&["ls", "--json"])).unwrap();

@@ -24,6 +24,7 @@ pub mod serve;
 pub mod setup;
 pub mod shell;
 pub mod terminal;
+pub mod thermal;
 pub mod tls;
 pub mod unpublish;
 pub mod user;
@@ -69,6 +70,10 @@ pub enum Command {
     /// Destroy a sandbox: its VM, disk, sessions and published ports.
     #[command(visible_alias = "rm")]
     Destroy(destroy::DestroyArgs),
+    /// Save a sandbox to disk and free its memory (any later command wakes it).
+    Stop(thermal::ThermalArgs),
+    /// Restore a stopped sandbox.
+    Start(thermal::ThermalArgs),
     /// Run a command in a sandbox; everything after `--` is the command.
     Exec(exec::ExecArgs),
     /// Interactive terminal inside a sandbox (Ctrl+\ detaches).
@@ -115,6 +120,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Create(args) => with_client(global, |c| create::run(c, args)),
         Command::List => with_client(global, list::run),
         Command::Destroy(args) => with_client(global, |c| destroy::run(c, args)),
+        Command::Stop(args) => {
+            with_client(global, |c| thermal::run(c, args, thermal::Action::Stop))
+        }
+        Command::Start(args) => {
+            with_client(global, |c| thermal::run(c, args, thermal::Action::Start))
+        }
         Command::Exec(args) => with_client(global, |c| exec::run(c, args)),
         Command::Shell(args) => with_client(global, |c| shell::run(c, args)),
         Command::Ps(args) => with_client(global, |c| ps::run(c, args)),
