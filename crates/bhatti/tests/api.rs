@@ -8,12 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Api, TestDaemon};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 const SECRET_VALUE: &str = "sk-live-7f3a9c1e5b2d4068";
 
@@ -516,7 +514,7 @@ async fn api_scenario() {
         .expect("init session listed")
         .clone();
     assert_eq!(init["tty"], true);
-    let text = ws_collect(
+    let text = common::ws_collect(
         &d.url,
         &alice_key,
         &dev_id,
@@ -538,7 +536,7 @@ async fn api_scenario() {
     assert_eq!(s, 404);
 
     // --- WebSocket shell: type, read, resize, close, reconnect and see the scrollback
-    let text = ws_collect(
+    let text = common::ws_collect(
         &d.url,
         &alice_key,
         &dev_id,
@@ -549,7 +547,7 @@ async fn api_scenario() {
     .await;
     assert!(text.contains("ws-42"), "{text:?}");
     assert!(text.contains("33 99"), "resize seen by stty: {text:?}");
-    let text = ws_collect(&d.url, &alice_key, &dev_id, "", None, "ws-42").await;
+    let text = common::ws_collect(&d.url, &alice_key, &dev_id, "", None, "ws-42").await;
     assert!(
         text.contains("ws-42"),
         "reattach replays scrollback: {text:?}"
@@ -801,59 +799,6 @@ async fn api_scenario() {
     assert!(d.qemu_pids().is_empty(), "no QEMU left after destroy");
     let (_, v) = status_of(anon.get(format!("{}/health", d.url)).send().await.unwrap()).await;
     assert_eq!(v["sandboxes"], 0);
-}
-
-/// What to type into a shell: a line, an optional resize (rows, cols), another line.
-type Typing<'a> = (&'a str, Option<(u16, u16)>, &'a str);
-
-/// Opens the shell WebSocket, optionally types, resizes and types again, and
-/// collects output until `until` shows up (or 30 s pass); then closes (detach).
-async fn ws_collect(
-    base: &str,
-    key: &str,
-    sandbox: &str,
-    query: &str,
-    script: Option<Typing<'_>>,
-    until: &str,
-) -> String {
-    let url = format!(
-        "{}/sandboxes/{sandbox}/ws?{query}",
-        base.replacen("http://", "ws://", 1)
-    );
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect");
-    if let Some((first, resize, second)) = script {
-        ws.send(Ws::Binary(first.as_bytes().to_vec().into()))
-            .await
-            .unwrap();
-        if let Some((rows, cols)) = resize {
-            ws.send(Ws::Text(
-                json!({"type": "resize", "rows": rows, "cols": cols})
-                    .to_string()
-                    .into(),
-            ))
-            .await
-            .unwrap();
-        }
-        ws.send(Ws::Binary(second.as_bytes().to_vec().into()))
-            .await
-            .unwrap();
-    }
-    let mut text = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !text.contains(until) && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
-            Ok(Some(Ok(Ws::Binary(b)))) => text.push_str(&String::from_utf8_lossy(&b)),
-            Ok(Some(Ok(_))) | Err(_) => {}
-            Ok(None) | Ok(Some(Err(_))) => break,
-        }
-    }
-    let _ = ws.close(None).await;
-    text
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

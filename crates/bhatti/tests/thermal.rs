@@ -10,11 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{pids_matching, Api, TestDaemon};
-use futures_util::{SinkExt, StreamExt};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message as Ws;
 
 async fn status_of(r: reqwest::Response) -> (StatusCode, Value) {
     let s = r.status();
@@ -63,34 +60,7 @@ fn guest_clock_ok(guest: &str) {
 /// Opens the shell WebSocket (reattaching the caller's detached shell),
 /// optionally types a line, and collects output until `until` shows up.
 async fn shell(d: &TestDaemon, key: &str, id: &str, typing: Option<&str>, until: &str) -> String {
-    let url = format!(
-        "{}/sandboxes/{id}/ws",
-        d.url.replacen("http://", "ws://", 1)
-    );
-    let mut req = url.into_client_request().expect("ws request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("header"),
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect");
-    if let Some(line) = typing {
-        ws.send(Ws::Binary(line.as_bytes().to_vec().into()))
-            .await
-            .expect("ws send");
-    }
-    let mut text = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !text.contains(until) && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
-            Ok(Some(Ok(Ws::Binary(b)))) => text.push_str(&String::from_utf8_lossy(&b)),
-            Ok(Some(Ok(_))) | Err(_) => {}
-            Ok(None) | Ok(Some(Err(_))) => break,
-        }
-    }
-    let _ = ws.close(None).await;
-    text
+    common::ws_collect(&d.url, key, id, "", typing.map(|l| (l, None, "")), until).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

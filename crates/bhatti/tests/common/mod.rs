@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 
 /// Where the guest images are; `scripts/test.sh` builds them before the suite.
@@ -296,4 +300,59 @@ impl Api {
             v["stderr"].as_str().unwrap_or("").to_string(),
         )
     }
+}
+
+/// What to type into a shell: a line, an optional resize (rows, cols), another line.
+pub type Typing<'a> = (&'a str, Option<(u16, u16)>, &'a str);
+
+/// Opens the shell WebSocket, optionally types, resizes and types again, and
+/// collects output until `until` shows up (or 30 s pass); then closes (detach).
+pub async fn ws_collect(
+    base: &str,
+    key: &str,
+    sandbox: &str,
+    query: &str,
+    script: Option<Typing<'_>>,
+    until: &str,
+) -> String {
+    let url = format!(
+        "{}/sandboxes/{sandbox}/ws?{query}",
+        base.replacen("http://", "ws://", 1)
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("ws connect");
+    if let Some((first, resize, second)) = script {
+        ws.send(Ws::Binary(first.as_bytes().to_vec().into()))
+            .await
+            .unwrap();
+        if let Some((rows, cols)) = resize {
+            ws.send(Ws::Text(
+                serde_json::json!({"type": "resize", "rows": rows, "cols": cols})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
+        }
+        if !second.is_empty() {
+            ws.send(Ws::Binary(second.as_bytes().to_vec().into()))
+                .await
+                .unwrap();
+        }
+    }
+    let mut text = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text.contains(until) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
+            Ok(Some(Ok(Ws::Binary(b)))) => text.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(_))) | Err(_) => {}
+            Ok(None) | Ok(Some(Err(_))) => break,
+        }
+    }
+    let _ = ws.close(None).await;
+    text
 }
