@@ -382,11 +382,7 @@ impl Store {
 
     /// Sets the status (and `updated_at`).
     pub fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE sandboxes SET status = ?1, updated_at = ?2 WHERE id = ?3",
-            params![status.as_str(), fmt_ts(now()), id],
-        )?;
-        if n == 0 {
+        if self.update_status(id, None, status)? == 0 {
             return Err(not_found(id));
         }
         Ok(())
@@ -400,11 +396,20 @@ impl Store {
         from: SandboxStatus,
         to: SandboxStatus,
     ) -> Result<bool, StoreError> {
-        let n = self.conn().execute(
-            "UPDATE sandboxes SET status = ?1, updated_at = ?2 WHERE id = ?3 AND status = ?4",
-            params![to.as_str(), fmt_ts(now()), id, from.as_str()],
-        )?;
-        Ok(n == 1)
+        Ok(self.update_status(id, Some(from), to)? == 1)
+    }
+
+    /// The rows changed by setting `id`'s status to `to` (only from `from`, if given).
+    fn update_status(
+        &self,
+        id: &str,
+        from: Option<SandboxStatus>,
+        to: SandboxStatus,
+    ) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE sandboxes SET status = ?1, updated_at = ?2 WHERE id = ?3 AND (?4 IS NULL OR status = ?4)",
+            params![to.as_str(), fmt_ts(now()), id, from.map(|f| f.as_str())],
+        )?)
     }
 
     /// Records activity now (idle timers count from `last_active_at`).

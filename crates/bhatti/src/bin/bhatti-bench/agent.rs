@@ -164,34 +164,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     .print(Some(64 << 20));
 
     // 10 tasks running `true` back to back.
-    let per_task = n / 2;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..10 {
-        let c = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut times = Vec::with_capacity(per_task);
-            for _ in 0..per_task {
-                let t = Instant::now();
-                let o = c.exec_buffered(ExecRequest::command(["true"])).await?;
-                anyhow::ensure!(o.exit_code == 0);
-                times.push(t.elapsed());
-            }
-            Ok::<_, anyhow::Error>(times)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    let wall = start.elapsed();
-    let conc = Samples::from_parts("exec true x10 concurrent", all, wall);
+    let c = client.clone();
+    let conc = Samples::concurrent("exec true x10 concurrent", 10, n / 2, move |_| {
+        let c = c.clone();
+        async move {
+            let o = c.exec_buffered(ExecRequest::command(["true"])).await?;
+            anyhow::ensure!(o.exit_code == 0);
+            Ok(())
+        }
+    })
+    .await?;
     conc.print(None);
     println!(
         "{:<34} {:.0} execs/s in {}",
         "  concurrent throughput",
-        (per_task * 10) as f64 / wall.as_secs_f64(),
-        fmt(wall)
+        conc.len() as f64 / conc.wall().as_secs_f64(),
+        fmt(conc.wall())
     );
     Ok(())
 }

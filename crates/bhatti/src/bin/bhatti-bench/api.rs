@@ -119,30 +119,20 @@ async fn measure(args: &ApiArgs, api: &Api, pid: u32) -> anyhow::Result<()> {
             }
         })
     };
-    let per = args.n / 10;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..10 {
-        let api = api.clone();
-        let sb = format!("bench-{}", c % args.sandboxes.clamp(1, 5));
-        tasks.push(tokio::spawn(async move {
-            let mut times = Vec::with_capacity(per);
-            for _ in 0..per {
-                let t = Instant::now();
-                api.exec(&sb, &["true"]).await?;
-                times.push(t.elapsed());
-            }
-            Ok::<_, anyhow::Error>(times)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    let wall = start.elapsed();
+    let api2 = api.clone();
+    let spread = args.sandboxes.clamp(1, 5);
+    let load = Samples::concurrent("POST exec true, 10 clients", 10, args.n / 10, move |task| {
+        let api = api2.clone();
+        async move {
+            api.exec(&format!("bench-{}", task % spread), &["true"])
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
     done.store(true, Ordering::Relaxed);
     sampler.await?;
-    Samples::from_parts("POST exec true, 10 clients", all, wall).print(None);
+    load.print(None);
     println!(
         "daemon RSS: idle {} MiB, with {} sandboxes {} MiB, peak under exec load {} MiB",
         idle_rss / 1024,

@@ -33,6 +33,51 @@ impl Samples {
         })
     }
 
+    /// Runs `tasks` tasks, each calling `op(task)` `per_task` times back to
+    /// back, and times every call; the wall time covers them all.
+    pub async fn concurrent<F, Fut>(
+        name: &str,
+        tasks: usize,
+        per_task: usize,
+        op: F,
+    ) -> anyhow::Result<Samples>
+    where
+        F: Fn(usize) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+    {
+        let start = Instant::now();
+        let mut handles = Vec::with_capacity(tasks);
+        for task in 0..tasks {
+            let op = op.clone();
+            handles.push(tokio::spawn(async move {
+                let mut times = Vec::with_capacity(per_task);
+                for _ in 0..per_task {
+                    let t = Instant::now();
+                    op(task).await?;
+                    times.push(t.elapsed());
+                }
+                Ok::<_, anyhow::Error>(times)
+            }));
+        }
+        let mut times = Vec::with_capacity(tasks * per_task);
+        for h in handles {
+            times.extend(h.await??);
+        }
+        Ok(Samples {
+            name: name.to_string(),
+            times,
+            wall: start.elapsed(),
+        })
+    }
+
+    pub fn wall(&self) -> Duration {
+        self.wall
+    }
+
+    pub fn len(&self) -> usize {
+        self.times.len()
+    }
+
     pub fn from_parts(name: &str, times: Vec<Duration>, wall: Duration) -> Samples {
         Samples {
             name: name.to_string(),
