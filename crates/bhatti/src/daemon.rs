@@ -25,6 +25,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     tracing::info!("{}", loaded.notice());
     let cfg = loaded.config;
     require_root()?;
+    require_prerequisites(&cfg)?;
 
     let store = Store::open(&cfg.data_dir)?;
     let cipher = Arc::new(SecretCipher::load_or_create(&cfg.data_dir)?);
@@ -106,6 +107,24 @@ fn require_root() -> anyhow::Result<()> {
         anyhow::bail!("bhatti serve needs root: it starts VMs, creates TAP devices and a network namespace (run it with sudo)");
     }
     Ok(())
+}
+
+/// Refuses to start, in one line, when a tool the engine runs is missing:
+/// better than a daemon that fails at its first create.
+fn require_prerequisites(cfg: &DaemonConfig) -> anyhow::Result<()> {
+    use crate::engine::qemu::prereq;
+    let checks = prereq::check_all(&prereq::Host {
+        accel: cfg.accel,
+        data_dir: &cfg.data_dir,
+        images_dir: &cfg.images_dir,
+    });
+    for c in checks.iter().filter(|c| !c.ok && !c.required) {
+        tracing::warn!("{}: {} (fix: {})", c.name, c.detail, c.fix);
+    }
+    match prereq::missing_line(&checks) {
+        Some(line) => anyhow::bail!("missing prerequisites: {line}; `bhatti doctor` lists them all"),
+        None => Ok(()),
+    }
 }
 
 /// Completes once `rx` turns true (or its sender is gone).

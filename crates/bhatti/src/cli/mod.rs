@@ -12,6 +12,7 @@ pub mod client;
 pub mod completion;
 pub mod create;
 pub mod destroy;
+pub mod doctor;
 pub mod exec;
 pub mod file;
 pub mod image;
@@ -98,6 +99,10 @@ pub enum Command {
     Setup,
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completion(completion::CompletionArgs),
+    /// Check this host's prerequisites for `bhatti serve` (accelerator, QEMU,
+    /// qemu-img, nft, network namespaces, images, free disk) and print the fix
+    /// for each one missing.
+    Doctor(doctor::DoctorArgs),
     /// Build or inspect the guest images (kernel, initramfs, rootfs).
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -113,6 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Image(cmd) => image::run(cmd),
+        Command::Doctor(args) => doctor::run(args, cli.json),
         Command::User(args) => user::run(args, cli.json),
         Command::Completion(args) => completion::run(args),
         Command::Version => block_on(version::run(global)),

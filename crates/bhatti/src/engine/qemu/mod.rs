@@ -12,6 +12,7 @@ pub mod config_drive;
 pub mod disks;
 pub mod image;
 mod lifecycle;
+pub mod prereq;
 pub mod netns_dialer;
 pub mod network;
 pub mod process;
