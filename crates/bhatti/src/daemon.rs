@@ -38,7 +38,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
 
     let service = Arc::new(
         Service::new(store, engine, cipher, cfg.subnet)
-            .with_public_urls(cfg.public_url_scheme.as_str(), &cfg.domain),
+            .with_public_urls(cfg.public_scheme(), &cfg.public_url_host_suffix()),
     );
     service
         .recover()
@@ -55,7 +55,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let public_cfg = PublicConfig {
         domain: cfg.domain.clone(),
-        scheme: cfg.public_url_scheme.as_str(),
+        scheme: cfg.public_scheme(),
         rate_per_alias: cfg.public_rate_per_alias,
         rate_global: cfg.public_rate_global,
     };
@@ -122,7 +122,9 @@ fn require_prerequisites(cfg: &DaemonConfig) -> anyhow::Result<()> {
         tracing::warn!("{}: {} (fix: {})", c.name, c.detail, c.fix);
     }
     match prereq::missing_line(&checks) {
-        Some(line) => anyhow::bail!("missing prerequisites: {line}; `bhatti doctor` lists them all"),
+        Some(line) => {
+            anyhow::bail!("missing prerequisites: {line}; `bhatti doctor` lists them all")
+        }
         None => Ok(()),
     }
 }

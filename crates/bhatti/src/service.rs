@@ -19,10 +19,15 @@ use crate::secrets::{validate_secret_name, SecretCipher, SecretsError};
 use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
 use crate::store::{Store, StoreError, User};
 
+pub mod exec;
 mod ports;
 mod proxy;
 mod publish;
 mod thermal;
+
+/// How often a long-lived connection (shell, exec WebSocket) re-checks its
+/// API key: `bhatti user rotate-key` works on the database directly.
+pub const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
@@ -65,7 +70,8 @@ pub struct Service {
     started: Instant,
     /// Route cache and upstream connections of the proxies.
     proxy: Arc<ProxyState>,
-    /// Published URLs are `<url_scheme>://<alias>.<domain>`.
+    /// Published URLs are `<url_scheme>://<alias>.<domain>`; `domain` may
+    /// carry a `:port` (see `DaemonConfig::public_url_host_suffix`).
     domain: String,
     url_scheme: String,
     /// One lock per sandbox for stop, start, wake-up and destroy.
@@ -92,7 +98,7 @@ impl Service {
         }
     }
 
-    /// Published URLs become `<scheme>://<alias>.<domain>`.
+    /// Published URLs become `<scheme>://<alias>.<domain>` (`domain` may end in `:port`).
     pub fn with_public_urls(mut self, scheme: &str, domain: &str) -> Self {
         self.url_scheme = scheme.to_string();
         self.domain = domain.to_string();
@@ -114,6 +120,21 @@ impl Service {
         match self.store.call(move |s| s.authenticate(&key)).await? {
             Some(user) => Ok(user),
             None => Err(ServiceError::Unauthorized),
+        }
+    }
+
+    /// Completes once `key` no longer authenticates (rotated, or its user
+    /// deleted), checked every [`KEY_RECHECK`]: open WebSockets end then. A
+    /// store that cannot be read does not count as a revocation.
+    pub async fn key_revoked(&self, key: &str) {
+        loop {
+            tokio::time::sleep(KEY_RECHECK).await;
+            if matches!(
+                self.authenticate(key).await,
+                Err(ServiceError::Unauthorized)
+            ) {
+                return;
+            }
         }
     }
 

@@ -39,7 +39,10 @@ fn serve_refuses_without_qemu_and_names_the_packages() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing prerequisites"), "{err}");
-    assert!(err.contains("qemu-img") && err.contains("qemu-utils"), "{err}");
+    assert!(
+        err.contains("qemu-img") && err.contains("qemu-utils"),
+        "{err}"
+    );
     assert!(err.contains("qemu-system-x86_64"), "{err}");
     // Refused before anything was built or created.
     assert!(!dir.path().join("images").exists());

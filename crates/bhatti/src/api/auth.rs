@@ -26,6 +26,24 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
+/// The API key a request carried (after [`AuthUser`] accepted it): long-lived
+/// connections use it to notice the key being rotated or its user deleted.
+pub struct ApiKey(pub String);
+
+impl FromRequestParts<AppState> for ApiKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        bearer(parts)
+            .or_else(|| query_token(parts))
+            .map(ApiKey)
+            .ok_or_else(|| ApiError::unauthorized("missing API key"))
+    }
+}
+
 fn bearer(parts: &Parts) -> Option<String> {
     let value = parts
         .headers

@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(sandboxes::stop))
         .routes(routes!(sandboxes::start))
         .routes(routes!(exec::exec))
+        .routes(routes!(exec::exec_ws))
         .routes(routes!(files::read, files::stat, files::write))
         .routes(routes!(sessions::list))
         .routes(routes!(sessions::kill))

@@ -44,10 +44,36 @@ pub struct ExecBody {
     pub cmd: Vec<String>,
     pub env: Option<BTreeMap<String, String>>,
     pub cwd: Option<String>,
-    /// Seconds; the command is killed when it runs longer.
-    pub timeout: Option<u64>,
-    /// Bytes fed to the command's stdin, base64 (the CLI forwards piped stdin this way).
+    /// Seconds; the command's process group is killed when it runs longer.
+    /// Absent or 0: 300 s; at most 86,400 (24 h). `timeout` is an alias.
+    #[serde(alias = "timeout")]
+    pub timeout_sec: Option<u64>,
+    /// Bytes fed to the command's stdin, base64. For stdin that streams as
+    /// it arrives, use the exec WebSocket (`GET /sandboxes/{id}/exec/ws`).
     pub stdin_b64: Option<String>,
+}
+
+/// First message of the exec WebSocket (`GET /sandboxes/{id}/exec/ws`):
+/// the command. After it, binary messages are stdin bytes and a text
+/// `{"type":"eof"}` closes stdin; the server sends [`ExecEvent`]s as text.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecWsStart {
+    pub cmd: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// As in [`ExecBody`].
+    #[serde(default, alias = "timeout", skip_serializing_if = "Option::is_none")]
+    pub timeout_sec: Option<u64>,
+}
+
+/// Control messages a client sends on the exec WebSocket after the start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ExecWsControl {
+    /// Close the command's stdin.
+    Eof,
 }
 
 /// Buffered exec result. Output that is not UTF-8 comes base64-encoded in `*_b64` instead.
@@ -62,6 +88,10 @@ pub struct ExecResult {
     pub stderr_b64: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub timed_out: bool,
+    /// Output past 16 MiB per stream was dropped; stream the exec
+    /// (`Accept: application/x-ndjson`) to get all of it.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub truncated: bool,
 }
 
 /// One line of a streamed (NDJSON) exec.
@@ -82,10 +112,29 @@ pub enum ExecEvent {
     },
     Exit {
         exit_code: i32,
+        /// The deadline (`timeout_sec`) killed the command.
+        #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+        timed_out: bool,
     },
+    /// The exec failed before an exit code; the text is in both `data` and
+    /// `message` (clients of either dialect read one of them).
     Error {
+        #[serde(default)]
+        data: String,
+        #[serde(default)]
         message: String,
     },
+}
+
+impl ExecEvent {
+    /// An error event carrying `text` in both fields.
+    pub fn error(text: impl Into<String>) -> Self {
+        let text = text.into();
+        ExecEvent::Error {
+            data: text.clone(),
+            message: text,
+        }
+    }
 }
 
 /// `GET /health`.

@@ -21,6 +21,10 @@ use super::GlobalArgs;
 /// How long to wait for a TCP (and TLS) connection to the API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A WebSocket to the API (shell, exec).
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// What a request is about, to explain a 404.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
@@ -304,6 +308,41 @@ impl ApiClient {
     }
 
     /// A plain request without the API key (for `/health`).
+    /// Opens a WebSocket to `url` with bearer auth; an HTTP refusal becomes
+    /// the same message as for a plain request.
+    pub async fn websocket(&self, url: Url, target: Target<'_>) -> anyhow::Result<WsStream> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{header as ws_header, HeaderValue};
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("cannot open a WebSocket to {url}"))?;
+        if let Some(t) = self.token() {
+            let value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
+                anyhow!("the API key contains characters that cannot be sent in a header")
+            })?;
+            req.headers_mut().insert(ws_header::AUTHORIZATION, value);
+        }
+        let connector = self.tls().map(tokio_tungstenite::Connector::Rustls);
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(WsError::Http(resp)) => {
+                let status =
+                    StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+                let body = resp.body().clone().unwrap_or_default();
+                Err(self.status_error(status, &body, target, url.path()).await)
+            }
+            Err(WsError::Io(e)) => Err(self.unreachable(&e.to_string())),
+            Err(WsError::Url(e)) => Err(anyhow!("cannot open a WebSocket to {url}: {e}")),
+            Err(e) => Err(anyhow!(
+                "cannot open a WebSocket to {} via {}: {e}",
+                url.path(),
+                self.api_url()
+            )),
+        }
+    }
+
     pub fn request_unauthenticated(&self, method: Method, segments: &[&str]) -> RequestBuilder {
         self.http.request(method, self.url(segments))
     }

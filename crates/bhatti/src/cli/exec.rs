@@ -1,21 +1,30 @@
 //! `bhatti exec <sandbox> -- <cmd...>`: runs a command, streaming its output.
 //!
-//! The request asks for NDJSON; each event's bytes (`data`, or `data_b64`
-//! when a chunk is not UTF-8) go to the matching fd as they arrive, byte for
-//! byte. The remote exit code becomes ours. Piped stdin is sent along as
-//! `stdin_b64`. Ctrl+C drops the connection, which makes the server kill the
-//! command; we then exit 130.
+//! Output arrives as exec events (`data`, or `data_b64` when a chunk is not
+//! UTF-8) and goes to the matching fd as it arrives, byte for byte. The
+//! remote exit code becomes ours.
+//!
+//! Stdin: when ours is a pipe or a file (and `--no-stdin` is not given) the
+//! command runs over the exec WebSocket and stdin streams to it as it
+//! arrives, a few 64 KiB chunks in flight at most, so neither side holds the
+//! whole input and a command that never reads its stdin is not held up by
+//! it (`sleep 60 | bhatti exec dev -- echo hi` returns at once). A terminal
+//! is never read: the command gets EOF. Without stdin the request is a plain
+//! POST with NDJSON output. Ctrl+C drops the connection, which makes the
+//! server kill the command; we then exit 130.
 
-use std::io::{self, IsTerminal, Read, Write};
+use std::collections::BTreeMap;
+use std::io::{self, IsTerminal, Write};
 
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use reqwest::Method;
 use serde::Serialize;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::api::types::ExecEvent;
+use crate::api::types::{ExecEvent, ExecWsControl, ExecWsStart};
 
 use super::client::{ApiClient, Target};
 use super::Ctx;
@@ -26,11 +35,25 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 pub const EXIT_BROKEN_PIPE: i32 = 141;
 /// An NDJSON line longer than this is not a line from bhatti.
 const MAX_LINE: usize = 64 * 1024 * 1024;
+/// Stdin is sent in chunks of at most this many bytes.
+const STDIN_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     /// Sandbox name or ID
     pub sandbox: String,
+    /// Working directory inside the sandbox [default: /workspace]
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<String>,
+    /// Set an environment variable for the command (repeatable)
+    #[arg(long, short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Kill the command after this many seconds [default: 300; at most 86400]
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Never send our stdin to the command, even when it is a pipe or a file
+    #[arg(long)]
+    pub no_stdin: bool,
     /// The command and its arguments: everything after `--`
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -41,7 +64,11 @@ pub struct ExecArgs {
 pub struct ExecBody<'a> {
     pub cmd: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stdin_b64: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_sec: Option<u64>,
 }
 
 /// How a streamed exec ended.
@@ -53,15 +80,54 @@ pub enum Outcome {
     BrokenPipe,
 }
 
+/// `KEY=VALUE` pairs into a map; a pair without `=` or with an empty key is an error.
+fn parse_env(pairs: &[String]) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut env = BTreeMap::new();
+    for p in pairs {
+        match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => {
+                env.insert(k.to_string(), v.to_string());
+            }
+            _ => bail!("--env takes KEY=VALUE, got {p:?}"),
+        }
+    }
+    Ok(Some(env))
+}
+
 pub async fn run(ctx: Ctx, args: ExecArgs) -> anyhow::Result<i32> {
-    let stdin_b64 = read_piped_stdin()?;
     let body = ExecBody {
         cmd: &args.cmd,
-        stdin_b64,
+        env: parse_env(&args.env)?,
+        cwd: args.cwd.clone(),
+        timeout_sec: args.timeout,
     };
+    // `--json`: wait, then print {exit_code, stdout, stderr} (stdin is not sent).
+    if ctx.json {
+        let result: serde_json::Value = ctx
+            .client
+            .post_json(
+                &["sandboxes", &args.sandbox, "exec"],
+                &body,
+                Target::Sandbox(&args.sandbox),
+            )
+            .await?;
+        super::output::print_json(&result)?;
+        return Ok(result["exit_code"].as_i64().unwrap_or(1) as i32);
+    }
+    let streams_stdin = !args.no_stdin && !io::stdin().is_terminal();
     let (mut out, mut err) = (io::stdout(), io::stderr());
+    let outcome = async {
+        if streams_stdin {
+            exec_with_stdin(&ctx.client, &args.sandbox, &body, &mut out, &mut err).await
+        } else {
+            exec_to(&ctx.client, &args.sandbox, &body, &mut out, &mut err).await
+        }
+    };
     tokio::select! {
-        r = exec_to(&ctx.client, &args.sandbox, &body, &mut out, &mut err) => {
+        r = outcome => {
             match r? {
                 Outcome::Exited(code) => Ok(code),
                 Outcome::BrokenPipe => Ok(EXIT_BROKEN_PIPE),
@@ -73,19 +139,57 @@ pub async fn run(ctx: Ctx, args: ExecArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// All of stdin, base64, when it is not a terminal (a pipe or a file);
-/// `None` for a terminal or empty input.
-fn read_piped_stdin() -> anyhow::Result<Option<String>> {
-    let stdin = io::stdin();
-    if stdin.is_terminal() {
-        return Ok(None);
+/// Runs `body` over the exec WebSocket, streaming our stdin to it.
+pub async fn exec_with_stdin(
+    client: &ApiClient,
+    sandbox: &str,
+    body: &ExecBody<'_>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> anyhow::Result<Outcome> {
+    let url = client.ws_url(&["sandboxes", sandbox, "exec", "ws"]);
+    let mut ws = client.websocket(url, Target::Sandbox(sandbox)).await?;
+    let start = ExecWsStart {
+        cmd: body.cmd.to_vec(),
+        env: body.env.clone(),
+        cwd: body.cwd.clone(),
+        timeout_sec: body.timeout_sec,
+    };
+    let lost = |e| anyhow!("lost the connection to the exec: {e}");
+    ws.send(WsMessage::Text(serde_json::to_string(&start)?.into()))
+        .await
+        .map_err(lost)?;
+    let mut stdin = Some(super::terminal::spawn_stdin_reader(STDIN_CHUNK)?);
+    loop {
+        tokio::select! {
+            chunk = async {
+                match stdin.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let msg = match chunk {
+                    Some(b) => WsMessage::Binary(b.into()),
+                    None => {
+                        stdin = None;
+                        WsMessage::Text(serde_json::to_string(&ExecWsControl::Eof)?.into())
+                    }
+                };
+                // The command may have exited already; its exit event is still to come.
+                let _ = ws.send(msg).await;
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(WsMessage::Text(t))) => {
+                    if let Some(outcome) = handle_line(t.as_bytes(), out, err)? {
+                        return Ok(outcome);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(lost(e)),
+                None => bail!("the connection ended before the command finished (no exit code received)"),
+            }
+        }
     }
-    let mut buf = Vec::new();
-    stdin
-        .lock()
-        .read_to_end(&mut buf)
-        .context("cannot read stdin")?;
-    Ok((!buf.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(&buf)))
 }
 
 /// Runs `body` in `sandbox` and relays its output to `out`/`err`.
@@ -170,8 +274,21 @@ fn handle_line(
     let (data, data_b64, to_out) = match event {
         ExecEvent::Stdout { data, data_b64 } => (data, data_b64, true),
         ExecEvent::Stderr { data, data_b64 } => (data, data_b64, false),
-        ExecEvent::Exit { exit_code } => return Ok(Some(Outcome::Exited(exit_code))),
-        ExecEvent::Error { message } => bail!("exec failed: {message}"),
+        ExecEvent::Exit {
+            exit_code,
+            timed_out,
+        } => {
+            if timed_out {
+                let _ = writeln!(err, "bhatti: the command timed out and was killed");
+            }
+            return Ok(Some(Outcome::Exited(exit_code)));
+        }
+        ExecEvent::Error { data, message } => {
+            bail!(
+                "exec failed: {}",
+                if data.is_empty() { message } else { data }
+            )
+        }
     };
     let bytes = match (data_b64, data) {
         (Some(b64), _) => base64::engine::general_purpose::STANDARD

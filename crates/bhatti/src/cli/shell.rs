@@ -10,17 +10,12 @@
 //! When stdin is not a terminal the bytes are forwarded as they are (no raw
 //! mode), so `printf 'echo hi; exit 3\n' | bhatti shell dev` works too.
 
-use std::fs::File;
-use std::io::{self, IsTerminal, Read, Write};
-use std::os::fd::AsFd;
+use std::io::{self, IsTerminal, Write};
 
 use anyhow::{anyhow, Context};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::client::{ApiClient, Target};
@@ -96,8 +91,7 @@ fn window_size() -> Option<(u16, u16)> {
         .map(|(c, r)| (r, c))
 }
 
-type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use super::client::WsStream;
 
 /// Opens the shell WebSocket (`?session=&rows=&cols=`, bearer auth).
 /// Public so that tests can drive a real shell without a terminal.
@@ -118,40 +112,13 @@ pub async fn connect(
             q.append_pair("cols", &cols.to_string());
         }
     }
-    let mut req = url
-        .as_str()
-        .into_client_request()
-        .with_context(|| format!("cannot open a WebSocket to {url}"))?;
-    if let Some(t) = client.token() {
-        let value = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| {
-            anyhow!("the API key contains characters that cannot be sent in a header")
-        })?;
-        req.headers_mut().insert(header::AUTHORIZATION, value);
-    }
-    let connector = client.tls().map(tokio_tungstenite::Connector::Rustls);
-    match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(WsError::Http(resp)) => {
-            let status = reqwest::StatusCode::from_u16(resp.status().as_u16())
-                .unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
-            let body = resp.body().clone().unwrap_or_default();
-            Err(client
-                .status_error(status, &body, Target::Sandbox(sandbox), url.path())
-                .await)
-        }
-        Err(WsError::Io(e)) => Err(client.unreachable(&e.to_string())),
-        Err(WsError::Url(e)) => Err(anyhow!("cannot open a WebSocket to {url}: {e}")),
-        Err(e) => Err(anyhow!(
-            "cannot open the shell in {sandbox} via {}: {e}",
-            client.api_url()
-        )),
-    }
+    client.websocket(url, Target::Sandbox(sandbox)).await
 }
 
 /// Bridges stdin/stdout and SIGWINCH to the socket until the shell exits or
 /// the user detaches.
 async fn relay(mut ws: WsStream) -> anyhow::Result<End> {
-    let mut stdin_rx = spawn_stdin_reader()?;
+    let mut stdin_rx = super::terminal::spawn_stdin_reader(8192)?;
     let mut stdin_open = true;
     let mut winch =
         signal(SignalKind::window_change()).context("cannot watch window size changes")?;
@@ -213,34 +180,6 @@ pub fn split_detach(bytes: &[u8]) -> (&[u8], bool) {
 
 /// Reads stdin on a plain thread (a blocking read cannot be cancelled; the
 /// thread ends with the process) and hands the chunks over.
-fn spawn_stdin_reader() -> anyhow::Result<mpsc::Receiver<Vec<u8>>> {
-    let fd = io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .context("cannot use stdin")?;
-    let mut input = File::from(fd);
-    let (tx, rx) = mpsc::channel(16);
-    std::thread::Builder::new()
-        .name("shell-stdin".into())
-        .spawn(move || {
-            let mut buf = [0u8; 8192];
-            loop {
-                match input.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
-                }
-            }
-        })
-        .context("cannot start the stdin reader")?;
-    Ok(rx)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,3 +85,37 @@ fn read_hidden_keys() -> anyhow::Result<Option<String>> {
         }
     }
 }
+
+/// Reads stdin on a thread of its own (a blocking read of a pipe must not
+/// hold up the async runtime, nor its shutdown) in chunks of up to
+/// `chunk` bytes. The channel holds a few chunks, so memory stays bounded
+/// whatever the size of the input; it closes at EOF or on a read error.
+pub fn spawn_stdin_reader(chunk: usize) -> anyhow::Result<tokio::sync::mpsc::Receiver<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let fd = io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot use stdin")?;
+    let mut input = std::fs::File::from(fd);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; chunk];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .context("cannot start the stdin reader")?;
+    Ok(rx)
+}

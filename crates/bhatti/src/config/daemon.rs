@@ -18,14 +18,20 @@ pub use crate::engine::qemu::accel::AccelMode as Accel;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UrlScheme {
-    Http,
+    /// `http` with the public listener's port for the domain `localhost`
+    /// (a local install: nothing terminates TLS in front of the plain-HTTP
+    /// public listener, and browsers resolve `*.localhost` to loopback);
+    /// `https` for any other domain (a TLS terminator is expected in front).
     #[default]
+    Auto,
+    Http,
     Https,
 }
 
 impl UrlScheme {
     pub fn as_str(self) -> &'static str {
         match self {
+            UrlScheme::Auto => "auto",
             UrlScheme::Http => "http",
             UrlScheme::Https => "https",
         }
@@ -67,7 +73,7 @@ pub struct DaemonConfig {
     pub public_listen: SocketAddr,
     /// Published URLs are `<alias>.<domain>`. Default `localhost`.
     pub domain: String,
-    /// Scheme of published URLs: `https` (default) or `http`.
+    /// Scheme of published URLs: `auto` (default), `https` or `http`.
     pub public_url_scheme: UrlScheme,
     /// Seconds without activity before a running VM is paused (warm); 0 = never.
     /// Default 300.
@@ -96,7 +102,7 @@ impl Default for DaemonConfig {
             egress: true,
             public_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             domain: "localhost".to_string(),
-            public_url_scheme: UrlScheme::Https,
+            public_url_scheme: UrlScheme::Auto,
             idle_warm_secs: 300,
             idle_cold_secs: 1800,
             boot_timeout_secs: 60,
@@ -334,13 +340,34 @@ impl DaemonConfig {
         self.data_dir.join("state.db")
     }
 
-    /// Base URL of a published alias, e.g. `https://my-app.localhost`.
+    /// The scheme published URLs use, with `auto` resolved.
+    pub fn public_scheme(&self) -> &'static str {
+        match self.public_url_scheme {
+            UrlScheme::Auto if self.domain == "localhost" => "http",
+            UrlScheme::Auto => "https",
+            s => s.as_str(),
+        }
+    }
+
+    /// What follows `<alias>.` in a published URL: the domain, plus the
+    /// public listener's port when the URL points straight at it.
+    pub fn public_url_host_suffix(&self) -> String {
+        let direct = self.public_url_scheme == UrlScheme::Auto && self.domain == "localhost";
+        match self.public_listen.port() {
+            80 => self.domain.clone(),
+            port if direct => format!("{}:{port}", self.domain),
+            _ => self.domain.clone(),
+        }
+    }
+
+    /// Base URL of a published alias, e.g. `http://my-app.localhost:8081` on
+    /// a local install, `https://my-app.example.com` behind a TLS terminator.
     pub fn public_url(&self, alias: &str) -> String {
         format!(
             "{}://{}.{}",
-            self.public_url_scheme.as_str(),
+            self.public_scheme(),
             alias,
-            self.domain
+            self.public_url_host_suffix()
         )
     }
 }
@@ -420,8 +447,19 @@ mod tests {
         assert_eq!(c.netns, "bhatti");
         assert!(c.egress);
         assert_eq!(c.domain, "localhost");
-        assert_eq!(c.public_url_scheme, UrlScheme::Https);
-        assert_eq!(c.public_url("app"), "https://app.localhost");
+        assert_eq!(c.public_url_scheme, UrlScheme::Auto);
+        // A local install: the plain-HTTP public listener itself.
+        assert_eq!(c.public_url("app"), "http://app.localhost:8081");
+        let other = DaemonConfig {
+            domain: "sb.example.com".into(),
+            ..DaemonConfig::default()
+        };
+        assert_eq!(other.public_url("app"), "https://app.sb.example.com");
+        let forced = DaemonConfig {
+            public_url_scheme: UrlScheme::Https,
+            ..DaemonConfig::default()
+        };
+        assert_eq!(forced.public_url("app"), "https://app.localhost");
         assert_eq!(c.state_db_path(), PathBuf::from("/var/lib/bhatti/state.db"));
     }
 

@@ -356,3 +356,8 @@ pub async fn ws_collect(
     let _ = ws.close(None).await;
     text
 }
+
+/// A WebSocket to the test daemon.
+#[allow(dead_code)]
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

@@ -1,30 +1,39 @@
-//! `POST /sandboxes/{id}/exec`: buffered JSON, or NDJSON streamed as it happens.
+//! Exec routes: `POST /sandboxes/{id}/exec` (buffered JSON, or NDJSON
+//! streamed as it happens) and `GET /sandboxes/{id}/exec/ws` (stdin streamed
+//! in, output streamed out). Each only translates between its framing and
+//! [`Service::exec`](crate::service::Service::exec).
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
-use bhatti_proto::ExecRequest;
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
-use crate::api::auth::AuthUser;
+use crate::api::auth::{ApiKey, AuthUser};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{ExecBody, ExecEvent, ExecResult};
-use crate::engine::agent_client::{ExecEvent as AgentEvent, ExecStream};
+use crate::api::types::{ExecBody, ExecEvent, ExecResult, ExecWsControl, ExecWsStart};
+use crate::service::exec::{ExecSpec, ExecUpdate, Stdin};
+use crate::service::Service;
+use crate::store::User;
 
 const NDJSON: &str = "application/x-ndjson";
-/// Streamed lines buffered between the agent and a slow client.
-const STREAM_BUFFER: usize = 64;
+/// The exec WebSocket's first message (the command) must come this soon.
+const WS_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stdin chunks queued between the WebSocket and the command.
+const WS_STDIN_BUFFER: usize = 8;
 
 #[utoipa::path(post, path = "/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "sandbox id or name")), request_body = ExecBody,
-    responses((status = 200, body = ExecResult, description = "buffered; with `Accept: application/x-ndjson` one ExecEvent per line"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ExecResult, description = "buffered; with `Accept: application/x-ndjson` one ExecEvent per line"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn exec(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -32,162 +41,177 @@ pub async fn exec(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ExecBody>,
 ) -> Result<Response, ApiError> {
-    if body.cmd.is_empty() || body.cmd[0].is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid field `cmd`: must name a command",
-        ));
-    }
+    let spec = ExecSpec::new(body.cmd, body.env, body.cwd, body.timeout_sec)?;
     let stdin = match &body.stdin_b64 {
-        Some(s) => Some(
+        Some(s) => Stdin::Bytes(
             base64::engine::general_purpose::STANDARD
                 .decode(s)
                 .map_err(|e| ApiError::bad_request(format!("invalid field `stdin_b64`: {e}")))?,
         ),
-        None => None,
+        None => Stdin::Closed,
     };
-    let agent = state.service.agent(&user, &id).await?;
-    let req = ExecRequest {
-        argv: body.cmd,
-        env: body.env,
-        cwd: body.cwd.filter(|c| !c.is_empty()),
-        ..Default::default()
-    };
-    let stream = agent
-        .exec_with_input(req, stdin.as_deref().unwrap_or_default())
-        .await?;
-    let timeout = body.timeout.filter(|t| *t > 0).map(Duration::from_secs);
-
     let wants_stream = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains(NDJSON));
     if wants_stream {
-        Ok(streamed(stream, timeout))
+        let updates = state.service.exec(&user, &id, spec, stdin).await?;
+        Ok(ndjson(updates))
     } else {
-        Ok(Json(buffered(stream, timeout).await?).into_response())
+        let result = state.service.exec_buffered(&user, &id, spec, stdin).await?;
+        Ok(Json(result).into_response())
     }
 }
 
-async fn buffered(
-    mut stream: ExecStream,
-    timeout: Option<Duration>,
-) -> Result<ExecResult, ApiError> {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut timed_out = false;
-    let code = loop {
-        let next = match deadline {
-            Some(d) if !timed_out => match tokio::time::timeout_at(d, stream.reader.next()).await {
-                Ok(ev) => ev,
-                Err(_) => {
-                    timed_out = true;
-                    stream.writer.kill().await?;
-                    continue;
-                }
-            },
-            _ => stream.reader.next().await,
-        };
-        match next? {
-            AgentEvent::Stdout(b) => out.extend_from_slice(&b),
-            AgentEvent::Stderr(b) => err.extend_from_slice(&b),
-            AgentEvent::Exit(c) => break c,
-        }
-    };
-    let (stdout, stdout_b64) = text_or_b64(out);
-    let (stderr, stderr_b64) = text_or_b64(err);
-    Ok(ExecResult {
-        exit_code: code,
-        stdout,
-        stderr,
-        stdout_b64,
-        stderr_b64,
-        timed_out,
-    })
-}
-
-fn text_or_b64(bytes: Vec<u8>) -> (String, Option<String>) {
-    match String::from_utf8(bytes) {
-        Ok(s) => (s, None),
-        Err(e) => {
-            let b = e.into_bytes();
-            (
-                String::from_utf8_lossy(&b).into_owned(),
-                Some(base64::engine::general_purpose::STANDARD.encode(&b)),
-            )
-        }
-    }
-}
-
-fn chunk_fields(b: Vec<u8>) -> (Option<String>, Option<String>) {
-    match String::from_utf8(b) {
+/// The API event for one update.
+fn event_of(update: ExecUpdate) -> ExecEvent {
+    let chunk = |b: Vec<u8>| match String::from_utf8(b) {
         Ok(s) => (Some(s), None),
         Err(e) => (
             None,
             Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes())),
         ),
+    };
+    match update {
+        ExecUpdate::Stdout(b) => {
+            let (data, data_b64) = chunk(b);
+            ExecEvent::Stdout { data, data_b64 }
+        }
+        ExecUpdate::Stderr(b) => {
+            let (data, data_b64) = chunk(b);
+            ExecEvent::Stderr { data, data_b64 }
+        }
+        ExecUpdate::Exit { code, timed_out } => ExecEvent::Exit {
+            exit_code: code,
+            timed_out,
+        },
+        ExecUpdate::Failed(e) => ExecEvent::error(e.to_string()),
     }
 }
 
-/// Relays agent events as NDJSON lines. When the client goes away the
-/// channel closes, the agent connection is dropped and lohar kills the
-/// command's process group.
-fn streamed(mut stream: ExecStream, timeout: Option<Duration>) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(STREAM_BUFFER);
-    tokio::spawn(async move {
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let mut killed = false;
-        loop {
-            let next = tokio::select! {
-                _ = tx.closed() => return,
-                _ = sleep_until_opt(deadline), if !killed => {
-                    killed = true;
-                    let _ = stream.writer.kill().await;
-                    continue;
-                }
-                ev = stream.reader.next() => ev,
-            };
-            let (event, last) = match next {
-                Ok(AgentEvent::Stdout(b)) => {
-                    let (data, data_b64) = chunk_fields(b);
-                    (ExecEvent::Stdout { data, data_b64 }, false)
-                }
-                Ok(AgentEvent::Stderr(b)) => {
-                    let (data, data_b64) = chunk_fields(b);
-                    (ExecEvent::Stderr { data, data_b64 }, false)
-                }
-                Ok(AgentEvent::Exit(exit_code)) => (ExecEvent::Exit { exit_code }, true),
-                Err(e) => (
-                    ExecEvent::Error {
-                        message: e.to_string(),
-                    },
-                    true,
-                ),
-            };
-            let mut line = serde_json::to_vec(&event).unwrap_or_default();
-            line.push(b'\n');
-            if tx.send(Ok(Bytes::from(line))).await.is_err() || last {
-                return;
-            }
-        }
+/// Relays updates as NDJSON lines. When the client goes away the body
+/// stream is dropped, and with it the receiver: the command is killed.
+fn ndjson(updates: mpsc::Receiver<ExecUpdate>) -> Response {
+    let lines = futures_util::stream::unfold(updates, |mut rx| async move {
+        let update = rx.recv().await?;
+        let mut line = serde_json::to_vec(&event_of(update)).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(Bytes::from(line)), rx))
     });
-    let body = Body::from_stream(tokio_stream_from(rx));
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, NDJSON)
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
+        .body(Body::from_stream(lines))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+#[utoipa::path(get, path = "/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 101, description = "WebSocket: first message an ExecWsStart (text JSON); then binary messages are stdin, a text {\"type\":\"eof\"} closes stdin, closing the socket kills; the server sends ExecEvent text messages, the last an exit or error event"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn exec_ws(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiKey(key): ApiKey,
+    Path(id): Path<String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // Another user's sandbox is a 404 whatever the request (no wake here:
+    // the command is not known yet).
+    state.service.get_sandbox(&user, &id).await?;
+    let ws = ws
+        .map_err(|e| ApiError::bad_request(format!("this route needs a WebSocket upgrade: {e}")))?;
+    let service = state.service.clone();
+    Ok(ws.on_upgrade(move |socket| async move {
+        tokio::select! {
+            _ = ws_session(socket, &service, &user, &id) => {}
+            // Dropping the session closes the socket and kills the command.
+            _ = service.key_revoked(&key) => {}
+        }
+    }))
+}
+
+async fn ws_session(mut socket: WebSocket, service: &Service, user: &User, id: &str) {
+    let start = match tokio::time::timeout(WS_START_TIMEOUT, socket.recv()).await {
+        Ok(Some(Ok(WsMessage::Text(t)))) => serde_json::from_str::<ExecWsStart>(&t)
+            .map_err(|e| format!("invalid start message: {e}")),
+        Ok(_) => Err("the first message must be the command as JSON text".into()),
+        Err(_) => Err(format!(
+            "no start message within {}s",
+            WS_START_TIMEOUT.as_secs()
+        )),
+    };
+    let spec = start
+        .and_then(|s| ExecSpec::new(s.cmd, s.env, s.cwd, s.timeout_sec).map_err(|e| e.to_string()));
+    let spec = match spec {
+        Ok(s) => s,
+        Err(e) => return ws_finish(&mut socket, ExecEvent::error(e)).await,
+    };
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(WS_STDIN_BUFFER);
+    let mut updates = match service.exec(user, id, spec, Stdin::Stream(stdin_rx)).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            let e: ApiError = e.into();
+            return ws_finish(&mut socket, ExecEvent::error(e.message)).await;
+        }
+    };
+    let mut stdin_tx = Some(stdin_tx);
+    // A stdin chunk waiting for room: the socket is not read meanwhile, so a
+    // command that does not read its stdin slows its client, not the daemon.
+    let mut pending: Option<Bytes> = None;
+    loop {
+        let reserve = stdin_tx.clone().filter(|_| pending.is_some());
+        tokio::select! {
+            update = updates.recv() => {
+                let Some(update) = update else { return };
+                let last = matches!(update, ExecUpdate::Exit { .. } | ExecUpdate::Failed(_));
+                let event = event_of(update);
+                if last {
+                    return ws_finish(&mut socket, event).await;
+                }
+                let text = serde_json::to_string(&event).unwrap_or_default();
+                if socket.send(WsMessage::Text(text.into())).await.is_err() {
+                    return;
+                }
+            }
+            permit = async move {
+                match reserve {
+                    Some(tx) => tx.reserve_owned().await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                match (permit, pending.take()) {
+                    (Some(p), Some(chunk)) => {
+                        p.send(chunk);
+                    }
+                    // The command no longer takes stdin: drop what is left.
+                    _ => stdin_tx = None,
+                }
+            }
+            msg = socket.recv(), if pending.is_none() => match msg {
+                Some(Ok(WsMessage::Binary(b))) if !b.is_empty() => {
+                    if stdin_tx.is_some() {
+                        pending = Some(b);
+                    }
+                }
+                Some(Ok(WsMessage::Binary(_))) => {}
+                Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ExecWsControl>(&t) {
+                    Ok(ExecWsControl::Eof) => {
+                        // Dropping the sender closes the command's stdin.
+                        stdin_tx = None;
+                    }
+                    Err(_) => {}
+                },
+                Some(Ok(WsMessage::Ping(_))) | Some(Ok(WsMessage::Pong(_))) => {}
+                // The client left: dropping `updates` kills the command.
+                _ => return,
+            }
+        }
     }
 }
 
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+async fn ws_finish(socket: &mut WebSocket, event: ExecEvent) {
+    let text = serde_json::to_string(&event).unwrap_or_default();
+    let _ = socket.send(WsMessage::Text(text.into())).await;
+    let _ = socket.send(WsMessage::Close(None)).await;
 }

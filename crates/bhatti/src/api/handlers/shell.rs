@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bhatti_proto::ExecRequest;
 
-use crate::api::auth::AuthUser;
+use crate::api::auth::{ApiKey, AuthUser};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
 use crate::api::types::{ShellControl, ShellQuery};
@@ -24,6 +24,7 @@ pub const SHELL_ARGV: [&str; 2] = ["/bin/bash", "-l"];
 pub async fn shell(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    ApiKey(key): ApiKey,
     Path(id): Path<String>,
     Query(q): Query<ShellQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -33,7 +34,14 @@ pub async fn shell(
     let ws = ws
         .map_err(|e| ApiError::bad_request(format!("this route needs a WebSocket upgrade: {e}")))?;
     let stream = open_session(&agent, &q).await?;
-    Ok(ws.on_upgrade(move |socket| relay(socket, stream)))
+    let service = state.service.clone();
+    Ok(ws.on_upgrade(move |socket| async move {
+        tokio::select! {
+            _ = relay(socket, stream) => {}
+            // Dropping the relay closes the socket and detaches the session.
+            _ = service.key_revoked(&key) => {}
+        }
+    }))
 }
 
 /// Attaches to the requested session, else to the newest detached login

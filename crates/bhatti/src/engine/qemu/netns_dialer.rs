@@ -126,6 +126,31 @@ impl NetnsSockets {
     }
 }
 
+/// Keep-alive probes after this long without traffic on an agent connection.
+const KEEPALIVE_IDLE_SECS: u32 = 3;
+/// Between unanswered probes.
+const KEEPALIVE_INTERVAL_SECS: u32 = 1;
+/// Unanswered probes before the connection counts as dead.
+const KEEPALIVE_PROBES: u32 = 3;
+/// Sent data unacknowledged for this long also ends the connection.
+const USER_TIMEOUT_MS: u32 = 8_000;
+
+/// A guest whose QEMU died sends no RST: its TAP is simply gone, and a call
+/// waiting on its agent would wait forever (measured: an exec of `sleep 100`
+/// never answered after a guest kernel panic). Keep-alive probes and a user
+/// timeout end such a connection with ETIMEDOUT after ~6 s of silence; a live
+/// guest, even one busy under TCG, answers probes from its kernel.
+fn set_dead_peer_deadlines(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let fd = std::os::fd::AsFd::as_fd(stream);
+    setsockopt(&fd, sockopt::KeepAlive, &true)?;
+    setsockopt(&fd, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS)?;
+    setsockopt(&fd, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS)?;
+    setsockopt(&fd, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+    setsockopt(&fd, sockopt::TcpUserTimeout, &USER_TIMEOUT_MS)?;
+    Ok(())
+}
+
 /// Reaches one guest's agent at `ip:1024` / `ip:1025` from inside the namespace.
 #[derive(Debug, Clone)]
 pub struct NetnsDialer {
@@ -149,6 +174,7 @@ impl Dialer for NetnsDialer {
         let addr = SocketAddrV4::new(self.ip, port);
         Box::pin(async move {
             let stream = sockets.connect(addr).await?;
+            set_dead_peer_deadlines(&stream)?;
             Ok(Box::new(stream) as Box<dyn AgentStream>)
         })
     }

@@ -99,11 +99,7 @@ fn accelerator(mode: AccelMode) -> Check {
             format!("accel is kvm but {r}"),
             "set `accel: auto` or `accel: tcg` in the daemon config".to_string(),
         ),
-        (AccelMode::Kvm, Some(r)) => (
-            true,
-            format!("kvm forced although {r}"),
-            String::new(),
-        ),
+        (AccelMode::Kvm, Some(r)) => (true, format!("kvm forced although {r}"), String::new()),
     };
     Check {
         name: "accelerator",
@@ -217,7 +213,7 @@ fn free_disk(data_dir: &Path) -> Check {
         .unwrap_or(Path::new("/"));
     match nix::sys::statvfs::statvfs(probe) {
         Ok(s) => {
-            let free = s.blocks_available() as u64 * s.fragment_size() as u64;
+            let free = s.blocks_available().saturating_mul(s.fragment_size());
             let ok = free >= MIN_FREE_DISK_BYTES;
             Check {
                 name: "free disk",
