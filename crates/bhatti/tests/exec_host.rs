@@ -292,6 +292,76 @@ async fn exec_stdin_limits_and_dead_guests() {
     let v: Value = r.json().await.expect("json");
     assert!(v["error"].as_str().unwrap_or("").contains("64 MiB"), "{v}");
 
+    // --- detach: answers at once with a pid; the output lands in the file,
+    // and the command keeps running after the exec returned.
+    let r = api
+        .post(
+            "/sandboxes/ex/exec",
+            json!({"cmd": ["sh", "-c", "echo started; python3 -m http.server 3005 --bind 0.0.0.0"],
+                   "detach": true, "output_file": "/tmp/web.log"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.headers()
+            .get("x-bhatti-version")
+            .and_then(|v| v.to_str().ok()),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    let v: Value = r.json().await.expect("json");
+    assert!(v["pid"].as_u64().unwrap_or(0) > 1, "{v}");
+    assert_eq!(v["output_file"], "/tmp/web.log");
+    let r = api
+        .post(
+            "/sandboxes/ex/exec",
+            json!({"cmd": ["true"], "detach": true, "output_file": "rel.log"}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+
+    // --- ports carry container_port and a proxy URL that works.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        let ports: Value = api
+            .get("/sandboxes/ex/ports")
+            .await
+            .json()
+            .await
+            .expect("json");
+        if let Some(p) = ports
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["port"] == 3005))
+        {
+            break p.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "port 3005 never listened: {ports}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(port["container_port"], 3005);
+    let proxy_url = port["proxy_url"].as_str().expect("proxy_url").to_string();
+    assert!(
+        proxy_url.ends_with("/sandboxes/ex/proxy/3005/"),
+        "{proxy_url}"
+    );
+    let r = api
+        .http
+        .get(&proxy_url)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("proxy");
+    assert_eq!(r.status(), 200);
+    let (_, log, _) = api.exec("ex", &["cat", "/tmp/web.log"]).await;
+    assert!(log.starts_with("started\n"), "{log:?}");
+    let o = cli(&d, &key, &["ports", "ex"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("3005"));
+
     // --- a rotated key ends open WebSockets of that key.
     let mut ws = ws_exec(&d, &key, "ex").await;
     ws.send(Ws::Text(json!({"cmd": ["sleep", "60"]}).to_string().into()))

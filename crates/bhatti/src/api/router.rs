@@ -16,6 +16,9 @@ use crate::service::Service;
 /// Largest JSON request body (exec stdin travels base64-encoded in it).
 pub const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
 
+/// Response header carrying the server version (`0.1.0`).
+pub const VERSION_HEADER: &str = "x-bhatti-version";
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -90,4 +93,14 @@ pub fn router(state: AppState) -> Router {
         )
         // JSON bodies carry exec stdin (base64); file uploads stream and are capped in their handler.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::map_response(version_header))
+}
+
+/// Every answer names the server's version, so clients can adapt to it.
+async fn version_header(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(
+        VERSION_HEADER,
+        axum::http::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    resp
 }

@@ -51,6 +51,24 @@ pub struct ExecBody {
     /// Bytes fed to the command's stdin, base64. For stdin that streams as
     /// it arrives, use the exec WebSocket (`GET /sandboxes/{id}/exec/ws`).
     pub stdin_b64: Option<String>,
+    /// Start the command in a session of its own and answer at once (202,
+    /// [`ExecDetached`]); its stdout and stderr go to `output_file`. No
+    /// timeout applies.
+    #[serde(default)]
+    pub detach: bool,
+    /// Absolute path in the sandbox for a detached command's output
+    /// (created or truncated). Default `/tmp/bhatti-exec-<random>.log`.
+    pub output_file: Option<String>,
+}
+
+/// Answer to a detached exec (`detach: true`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecDetached {
+    pub detached: bool,
+    /// Process id of the command in the sandbox (it leads its own session).
+    pub pid: u32,
+    /// Where its stdout and stderr go; read it with the files API.
+    pub output_file: String,
 }
 
 /// First message of the exec WebSocket (`GET /sandboxes/{id}/exec/ws`):
@@ -271,4 +289,11 @@ pub struct ListeningPort {
     pub port: u16,
     /// The address it is bound to, e.g. `0.0.0.0`, `127.0.0.1`, `::`.
     pub address: String,
+    /// The same as `port` (the reference API's name for it).
+    #[serde(default)]
+    pub container_port: u16,
+    /// The authenticated proxy URL that reaches this port:
+    /// `<api>/sandboxes/<id>/proxy/<port>/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_url: Option<String>,
 }

@@ -18,6 +18,7 @@ pub mod file;
 pub mod image;
 pub mod list;
 pub mod output;
+pub mod ports;
 pub mod ps;
 pub mod publish;
 pub mod secret;
@@ -80,6 +81,8 @@ pub enum Command {
     /// Interactive terminal inside a sandbox (Ctrl+\ detaches).
     #[command(visible_alias = "sh")]
     Shell(shell::ShellArgs),
+    /// List the TCP ports listening inside a sandbox.
+    Ports(ports::PortsArgs),
     /// List the sessions (shells, init script) in a sandbox.
     Ps(ps::PsArgs),
     /// Read, write and list files in a sandbox.
@@ -135,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Exec(args) => with_client(global, |c| exec::run(c, args)),
         Command::Shell(args) => with_client(global, |c| shell::run(c, args)),
         Command::Ps(args) => with_client(global, |c| ps::run(c, args)),
+        Command::Ports(args) => with_client(global, |c| ports::run(c, args)),
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),

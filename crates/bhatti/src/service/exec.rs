@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Result, Service, ServiceError};
-use crate::api::types::ExecResult;
+use crate::api::types::{ExecDetached, ExecResult};
 use crate::engine::agent_client::{AgentError, ExecEvent, ExecReader, ExecWriter};
 use crate::store::User;
 
@@ -182,6 +182,74 @@ impl Service {
             first = false;
         }
     }
+}
+
+/// Starts a command detached from its caller: its own session (`setsid`),
+/// stdin `/dev/null`, output to the file; the shell prints its pid.
+const DETACH_SCRIPT: &str = r#"setsid "$@" >"$BHATTI_OUTPUT_FILE" 2>&1 </dev/null & echo $!"#;
+
+impl Service {
+    /// Starts `spec` detached and answers with its pid at once; its output
+    /// goes to `output_file` (absolute; default a new file under `/tmp`).
+    ///
+    /// Errors: `Invalid` for a relative output path; the agent's refusal (a
+    /// bad cwd…); `Unavailable` when the shell did not print a pid.
+    pub async fn exec_detached(
+        &self,
+        user: &User,
+        id: &str,
+        spec: ExecSpec,
+        output_file: Option<String>,
+    ) -> Result<ExecDetached> {
+        let output_file = match output_file.filter(|p| !p.is_empty()) {
+            Some(p) if !p.starts_with('/') => {
+                return Err(ServiceError::Invalid(format!(
+                    "invalid field `output_file`: {p:?} must be an absolute path"
+                )))
+            }
+            Some(p) => p,
+            None => format!("/tmp/bhatti-exec-{}.log", random_suffix()),
+        };
+        let mut env = spec.env.unwrap_or_default();
+        env.insert("BHATTI_OUTPUT_FILE".into(), output_file.clone());
+        let mut argv = vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            DETACH_SCRIPT.to_string(),
+            "bhatti-detach".to_string(),
+        ];
+        argv.extend(spec.cmd);
+        let launcher = ExecSpec {
+            cmd: argv,
+            env: Some(env),
+            cwd: spec.cwd,
+            timeout: Duration::from_secs(30),
+        };
+        let out = self
+            .exec_buffered(user, id, launcher, Stdin::Closed)
+            .await?;
+        let pid = out.stdout.trim().parse::<u32>().map_err(|_| {
+            ServiceError::Unavailable(format!(
+                "could not start the detached command (exit {}): {}",
+                out.exit_code,
+                out.stderr.trim()
+            ))
+        })?;
+        Ok(ExecDetached {
+            detached: true,
+            pid,
+            output_file,
+        })
+    }
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(10)
+        .map(|c| char::from(c).to_ascii_lowercase())
+        .collect()
 }
 
 /// Appends what fits under the cap; `true` when something was dropped.

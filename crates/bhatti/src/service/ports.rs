@@ -61,7 +61,12 @@ pub fn parse_proc_net_tcp(text: &str) -> Vec<ListeningPort> {
         }
     }
     seen.into_iter()
-        .map(|(port, address)| ListeningPort { port, address })
+        .map(|(port, address)| ListeningPort {
+            port,
+            address,
+            container_port: port,
+            proxy_url: None,
+        })
         .collect()
 }
 

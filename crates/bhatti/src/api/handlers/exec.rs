@@ -21,7 +21,9 @@ use crate::api::auth::{ApiKey, AuthUser};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{ExecBody, ExecEvent, ExecResult, ExecWsControl, ExecWsStart};
+use crate::api::types::{
+    ExecBody, ExecDetached, ExecEvent, ExecResult, ExecWsControl, ExecWsStart,
+};
 use crate::service::exec::{ExecSpec, ExecUpdate, Stdin};
 use crate::service::Service;
 use crate::store::User;
@@ -33,7 +35,7 @@ const WS_START_TIMEOUT: Duration = Duration::from_secs(10);
 const WS_STDIN_BUFFER: usize = 8;
 
 #[utoipa::path(post, path = "/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "sandbox id or name")), request_body = ExecBody,
-    responses((status = 200, body = ExecResult, description = "buffered; with `Accept: application/x-ndjson` one ExecEvent per line"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
+    responses((status = 200, body = ExecResult, description = "buffered; with `Accept: application/x-ndjson` one ExecEvent per line"), (status = 202, body = ExecDetached, description = "`detach: true`: started, output going to `output_file`"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody)))]
 pub async fn exec(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -42,6 +44,13 @@ pub async fn exec(
     ApiJson(body): ApiJson<ExecBody>,
 ) -> Result<Response, ApiError> {
     let spec = ExecSpec::new(body.cmd, body.env, body.cwd, body.timeout_sec)?;
+    if body.detach {
+        let started = state
+            .service
+            .exec_detached(&user, &id, spec, body.output_file)
+            .await?;
+        return Ok((StatusCode::ACCEPTED, Json(started)).into_response());
+    }
     let stdin = match &body.stdin_b64 {
         Some(s) => Stdin::Bytes(
             base64::engine::general_purpose::STANDARD

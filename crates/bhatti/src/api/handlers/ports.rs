@@ -1,6 +1,7 @@
 //! `GET /sandboxes/{id}/ports`: TCP ports listening inside a sandbox.
 
 use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
 use axum::Json;
 
 use crate::api::auth::AuthUser;
@@ -14,6 +15,24 @@ pub async fn list(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<Vec<ListeningPort>>, ApiError> {
-    Ok(Json(state.service.listening_ports(&user, &id).await?))
+    let mut ports = state.service.listening_ports(&user, &id).await?;
+    // The URL the caller reached us by: right behind a reverse proxy too.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https")
+        .unwrap_or("http");
+    for p in &mut ports {
+        p.proxy_url = Some(format!(
+            "{scheme}://{host}/sandboxes/{id}/proxy/{}/",
+            p.port
+        ));
+    }
+    Ok(Json(ports))
 }
