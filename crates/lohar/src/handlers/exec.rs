@@ -18,7 +18,7 @@ use bhatti_proto::{ExecRequest, Message};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use super::{refuse, HandlerError};
+use super::HandlerError;
 use crate::reaper::ExitWatch;
 use crate::server::Agent;
 use crate::spawn;
@@ -39,7 +39,7 @@ const FINAL_DRAIN_MAX: usize = 1024 * 1024;
 
 /// EXEC_REQ without `tty`.
 pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
-    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref()).or_else(refuse)?;
+    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref())?;
     let _running = agent.activity.piped_guard();
     let (mut child, watch) = match spawn::piped(
         &agent.cfg,
@@ -56,7 +56,7 @@ pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), Handler
                 wire::send(conn, &Message::Exit(code))?;
                 return Ok(());
             }
-            None => return refuse(e),
+            None => return Err(e.into()),
         },
     };
     let pgid = Pid::from_raw(child.id() as i32);

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bhatti_proto::frame::{FrameType, MAX_PAYLOAD_LEN};
-use bhatti_proto::{ExecKill, ExecRequest, Message};
+use bhatti_proto::{ErrorCode, ExecKill, ExecRequest, Message};
 use nix::sys::signal::Signal;
 
-use super::{refuse, HandlerError};
+use super::HandlerError;
 use crate::server::Agent;
 use crate::session::{Out, Session, SessionError, Spec};
 use crate::spawn;
@@ -19,12 +19,19 @@ use crate::wire;
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn refused(e: SessionError) -> HandlerError {
-    HandlerError::Refused(e.to_string())
+    let code = match &e {
+        SessionError::NotFound => ErrorCode::NotFound,
+        SessionError::Exists(_) => ErrorCode::Exists,
+        SessionError::Full | SessionError::Busy => ErrorCode::Busy,
+        SessionError::Spawn(_) => ErrorCode::Invalid,
+        SessionError::Io(_) => ErrorCode::Internal,
+    };
+    HandlerError::Refused(code, e.to_string())
 }
 
 /// EXEC_REQ with `tty`: a new session, attached to this connection.
 pub fn create(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
-    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref()).or_else(refuse)?;
+    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref())?;
     agent.activity.touch();
     let spec = Spec {
         id: None,
