@@ -32,7 +32,8 @@ const OUT_HIGH_WATER: usize = 1024 * 1024;
 /// Stop reading client frames while this much waits for the child's stdin.
 const IN_HIGH_WATER: usize = 1024 * 1024;
 /// After the child exits, how long background processes that inherited
-/// its pipes may keep them open before EXIT is sent anyway.
+/// its pipes may keep them open before EXIT is sent anyway (their later
+/// output is read and dropped by [`crate::leftover`]).
 const EXIT_DRAIN: Duration = Duration::from_millis(50);
 /// In the final drain, at most this much is read from each pipe.
 const FINAL_DRAIN_MAX: usize = 1024 * 1024;
@@ -287,8 +288,11 @@ impl Relay<'_> {
                     n => taken += n,
                 }
             }
-            // Background processes keep running; they just lose the pipe.
-            self.pipes[i] = None;
+            // Background processes still hold the pipe: keep reading it
+            // (and dropping the bytes) so they neither get SIGPIPE nor block.
+            if let Some(p) = self.pipes[i].take() {
+                crate::leftover::adopt(p);
+            }
         }
         self.stdin = None;
         self.push_frame(FrameType::Exit, &code.to_be_bytes());

@@ -53,10 +53,11 @@ pub fn create(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(),
         }
         Err(e) => return Err(refused(e)),
     };
-    serve(agent, conn, &session, false)
+    serve(agent, conn, &session, false, None)
 }
 
-/// EXEC_REQ with `session_id`: attach to a running (or exited) session.
+/// EXEC_REQ with `session_id`: attach to a running (or exited) session,
+/// applying the request's `rows`/`cols` if it has both.
 pub fn attach(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
     let id = req.session_id.unwrap_or_default();
     let session = agent
@@ -64,7 +65,11 @@ pub fn attach(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(),
         .get(&id)
         .ok_or_else(|| refused(SessionError::NotFound))?;
     agent.activity.touch();
-    serve(agent, conn, &session, req.if_detached)
+    let size = match (req.rows, req.cols) {
+        (Some(r), Some(c)) if r > 0 && c > 0 => Some((r, c)),
+        _ => None,
+    };
+    serve(agent, conn, &session, req.if_detached, size)
 }
 
 /// EXEC_LIST_REQ.
@@ -93,9 +98,15 @@ fn serve(
     conn: &Stream,
     session: &Arc<Session>,
     if_detached: bool,
+    size: Option<(u16, u16)>,
 ) -> Result<(), HandlerError> {
     let id = agent.sessions.attach_id();
     let att = session.attach(conn, id, if_detached).map_err(refused)?;
+    // The new client's window, not the previous one's: the terminal is
+    // resized (its foreground group gets SIGWINCH) as the client attaches.
+    if let Some((rows, cols)) = size {
+        session.resize(rows, cols);
+    }
     conn.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
     let sent = (|| {
         wire::send(conn, &Message::SessionInfo(att.info.clone()))?;
