@@ -163,6 +163,16 @@ pub fn command(
     Ok(cmd)
 }
 
+/// `struct sigaction` as the rt_sigaction system call takes it (x86_64 and
+/// aarch64 layout: handler, flags, restorer, 64-bit mask).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
 /// Runs in every child between fork and exec (async-signal-safe calls
 /// only) and undoes what the agent changed for itself, so a command sees
 /// what it would see started from a login shell:
@@ -187,12 +197,23 @@ fn reset_child(terminal: Terminal) -> io::Result<()> {
         if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        for sig in 1..libc::SIGRTMAX() {
+        // The kernel's own call: libc's wrapper refuses the real-time
+        // signals it reserves for itself, which may still be ignored.
+        let dfl = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for sig in 1..=64 {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                // Fails (harmlessly) for the few numbers libc reserves.
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    &dfl as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    std::mem::size_of::<u64>(),
+                );
             }
         }
         // Best effort: older kernels lack close_range, and std's own

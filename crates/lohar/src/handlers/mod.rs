@@ -35,8 +35,10 @@ pub fn refuse<T>(code: ErrorCode, msg: impl std::fmt::Display) -> Result<T, Hand
 /// Refuses because of an I/O error on `path`: "open /x/y: no such file or
 /// directory", with the code the error kind maps to.
 pub fn refuse_io<T>(op: &str, path: &str, e: &std::io::Error) -> Result<T, HandlerError> {
-    refuse(
-        ErrorCode::of_io(e.kind()),
-        format!("{op} {path}: {}", io_phrase(e)),
-    )
+    // ELOOP has no stable ErrorKind yet; a loop of links is the request's fault.
+    let code = match e.raw_os_error() {
+        Some(libc::ELOOP) => ErrorCode::Invalid,
+        _ => ErrorCode::of_io(e.kind()),
+    };
+    refuse(code, format!("{op} {path}: {}", io_phrase(e)))
 }
