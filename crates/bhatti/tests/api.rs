@@ -503,6 +503,100 @@ async fn api_scenario() {
     let (code, _, _) = alice.exec(&dev_id, &["rm", "/workspace/big.bin"]).await;
     assert_eq!(code, 0);
 
+    // --- agent refusals keep their kind: the agent's code decides the status
+    // A large write refused up front is the agent's 400, not a 503 "Broken pipe".
+    let (s, v) = status_of(
+        alice
+            .req(Method::PUT, &format!("{files}?path=/workspace"))
+            .body(vec![0u8; 20_000_000])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, err_text(&v)),
+        (
+            StatusCode::BAD_REQUEST,
+            "write /workspace: is a directory".into()
+        )
+    );
+    // A full disk is a 507, also for writes past the agent's buffers.
+    let (code, _, err) = alice
+        .exec(
+            &dev_id,
+            &[
+                "sudo",
+                "-n",
+                "sh",
+                "-c",
+                "mkdir -p /mnt/small && mount -t tmpfs -o size=1m tmpfs /mnt/small && chmod 777 /mnt/small",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (s, v) = status_of(
+        alice
+            .req(Method::PUT, &format!("{files}?path=/mnt/small/big"))
+            .body(vec![1u8; 9_000_000])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, err_text(&v)),
+        (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "write /mnt/small/big: no space left on device".into()
+        )
+    );
+    // Not a directory: 400 with the POSIX phrase and no "(os error N)".
+    let (s, v) = status_of(
+        alice
+            .get(&format!("{files}?path=/workspace/dir/a.txt/x"))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (s, err_text(&v)),
+        (
+            StatusCode::BAD_REQUEST,
+            "open /workspace/dir/a.txt/x: not a directory".into()
+        )
+    );
+    // Words in a path do not change the status: this is a directory (400).
+    let (code, _, _) = alice
+        .exec(&dev_id, &["mkdir", "-p", "/workspace/not found"])
+        .await;
+    assert_eq!(code, 0);
+    let (s, v) = status_of(
+        alice
+            .get(&format!("{files}?path=/workspace/not%20found"))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    // A cwd that is missing or cannot be entered: 400 naming the cwd.
+    for (cwd, why) in [
+        ("/no/such/dir", "no such file or directory"),
+        ("/root", "permission denied"),
+    ] {
+        let (s, v) = status_of(
+            alice
+                .post(
+                    &format!("/sandboxes/{dev_id}/exec"),
+                    json!({"cmd": ["pwd"], "cwd": cwd}),
+                )
+                .await,
+        )
+        .await;
+        assert_eq!(
+            (s, err_text(&v)),
+            (StatusCode::BAD_REQUEST, format!("cwd {cwd}: {why}"))
+        );
+    }
+
     // --- sessions: the init script's session, its output attachable
     let (s, v) = status_of(alice.get(&format!("/sandboxes/{dev_id}/sessions")).await).await;
     assert_eq!(s, 200);

@@ -556,3 +556,172 @@ async fn stop_saves_to_disk_and_start_restores() {
         .expect("destroy a stopped VM");
     assert_gone(&t, "vm-s", ip, pid, &base_rules);
 }
+
+/// Output of a TTY session until EXIT; returns the exit code.
+async fn tty_exit_code(reader: &mut bhatti::engine::agent_client::ExecReader) -> i32 {
+    use bhatti::engine::agent_client::ExecEvent;
+    loop {
+        match reader.next().await.expect("tty output") {
+            ExecEvent::Exit(c) => return c,
+            ExecEvent::Stdout(_) | ExecEvent::Stderr(_) => {}
+        }
+    }
+}
+
+/// Faults users hit in the guest (issue 9), one VM for all checks: the
+/// signal state children inherit, background jobs after EXIT, IPv6-only
+/// listeners, writes through symlinks and refused large writes over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_faults_stay_fixed() {
+    use bhatti::engine::agent_client::AgentError;
+    use bhatti_proto::ErrorCode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("g", "192.168.137.0/24", images, |_| {}).await;
+    let ip = Ipv4Addr::new(192, 168, 137, 40);
+    let rt = t.engine.create(&spec("vm-g", ip)).await.expect("create");
+    let ag = t.engine.agent("vm-g", &rt);
+
+    // Signals: no blocked or ignored signal is inherited from PID 1.
+    assert_eq!(
+        sh_ok(&ag, "grep -E '^Sig(Blk|Ign)' /proc/self/status").await,
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000"
+    );
+    let out = sh(&ag, "sh -c 'kill -TERM $$; echo still-here'").await;
+    assert_eq!((out.exit_code, out.stdout.len()), (143, 0), "{out:?}");
+    assert_eq!(
+        sh_ok(&ag, "sleep 100 & p=$!; kill $p; wait $p; echo rc=$?").await,
+        "rc=143"
+    );
+    // Ctrl+C on a TTY interrupts the foreground program.
+    let mut s = ag
+        .exec(ExecRequest {
+            tty: true,
+            ..ExecRequest::command(["sleep", "100"])
+        })
+        .await
+        .expect("tty");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.writer.stdin(&[0x03]).await.expect("ctrl-c");
+    let code = tokio::time::timeout(Duration::from_secs(10), tty_exit_code(&mut s.reader))
+        .await
+        .expect("Ctrl+C did not interrupt sleep");
+    assert_eq!(code, 130);
+
+    // Background jobs outlive the exec, and may keep writing.
+    let t0 = Instant::now();
+    sh_ok(
+        &ag,
+        "rm -f /tmp/x; sh -c '(sleep 2; echo late; touch /tmp/x) &'",
+    )
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "exec waited for its job"
+    );
+    sh_ok(
+        &ag,
+        "cd /tmp && python3 -m http.server 3001 & \
+         for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/3001) 2>/dev/null && break; sleep 0.1; done",
+    )
+    .await;
+    // The server logs every request to the exec's (long gone) stderr.
+    let fetch = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:3001/').status)\"";
+    assert_eq!(sh_ok(&ag, fetch).await, "200");
+    assert_eq!(
+        sh_ok(&ag, fetch).await,
+        "200",
+        "the server died writing its log"
+    );
+    assert_eq!(
+        sh_ok(
+            &ag,
+            "for i in $(seq 50); do [ -e /tmp/x ] && break; sleep 0.1; done; ls /tmp/x"
+        )
+        .await,
+        "/tmp/x"
+    );
+
+    // A port bound only to ::1 is forwarded.
+    sh_ok(
+        &ag,
+        "cd /tmp && (python3 -m http.server 3008 --bind ::1 >/dev/null 2>&1 &); \
+         for i in $(seq 100); do (exec 3<>/dev/tcp/::1/3008) 2>/dev/null && break; sleep 0.1; done",
+    )
+    .await;
+    let mut fwd = ag.forward(3008).await.expect("forward to [::1]:3008");
+    fwd.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .expect("send");
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), fwd.read_to_end(&mut resp))
+        .await
+        .expect("response in time")
+        .expect("read");
+    assert!(
+        resp.starts_with(b"HTTP/1.0 200"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+
+    // A write through a symlink replaces the target, not the link.
+    sh_ok(
+        &ag,
+        "cd /workspace && echo old > real.txt && ln -sf real.txt link.txt",
+    )
+    .await;
+    ag.write_file_bytes("/workspace/link.txt", None, b"new\n")
+        .await
+        .expect("write through link");
+    assert_eq!(
+        sh_ok(
+            &ag,
+            "cd /workspace && cat real.txt && test -L link.txt && echo still-a-link"
+        )
+        .await,
+        "new\nstill-a-link"
+    );
+
+    // A large write refused up front answers with the agent's refusal,
+    // not with the broken pipe of the unsent rest (TCP here).
+    let big = vec![0u8; 20_000_000];
+    match ag.write_file_bytes("/workspace", None, &big).await {
+        Err(AgentError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::IsADirectory);
+            assert_eq!(message, "write /workspace: is a directory");
+        }
+        other => panic!("expected the agent's refusal, got {other:?}"),
+    }
+    // The same on a full disk, for a write bigger than the disk.
+    sh_ok(
+        &ag,
+        "sudo -n mkdir -p /mnt/small && sudo -n mount -t tmpfs -o size=1m tmpfs /mnt/small \
+         && sudo -n chmod 777 /mnt/small",
+    )
+    .await;
+    let nine = vec![7u8; 9_000_000];
+    match ag.write_file_bytes("/mnt/small/big", None, &nine).await {
+        Err(AgentError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::NoSpace, "{message}");
+            assert_eq!(message, "write /mnt/small/big: no space left on device");
+        }
+        other => panic!("expected no_space, got {other:?}"),
+    }
+    assert_eq!(sh_ok(&ag, "ls -A /mnt/small").await, "", "temp file left");
+
+    // A cwd the user cannot enter is the request's fault and names the cwd.
+    let mut req = ExecRequest::command(["pwd"]);
+    req.cwd = Some("/root".into());
+    match ag.exec_buffered(req).await {
+        Err(AgentError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::Invalid);
+            assert_eq!(message, "cwd /root: permission denied");
+        }
+        other => panic!("expected a refused cwd, got {other:?}"),
+    }
+    // The agent is still fine after all that.
+    assert_eq!(sh_ok(&ag, "echo ok").await, "ok");
+    t.engine.destroy("vm-g").await.expect("destroy");
+}

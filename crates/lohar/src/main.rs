@@ -9,6 +9,7 @@ mod activity;
 mod config;
 mod handlers;
 mod init;
+mod leftover;
 mod reaper;
 mod server;
 mod session;

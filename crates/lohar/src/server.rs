@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bhatti_proto::frame::FrameType;
-use bhatti_proto::{codec, ExecRequest, Frame, FrameError, Message, AUTH_DEADLINE, AUTH_REQUIRED};
+use bhatti_proto::{
+    codec, ErrorCode, ExecRequest, Frame, FrameError, Message, AUTH_DEADLINE, AUTH_REQUIRED,
+};
 
 use crate::acceptors::Acceptors;
 use crate::activity::Activity;
@@ -136,16 +138,16 @@ impl Drop for Slot {
 
 fn refuse_busy(conn: &Stream) {
     let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
-    let _ = wire::send(conn, &Message::Error("too many connections".into()));
+    let _ = wire::send_error(conn, ErrorCode::Busy, "too many connections");
     conn.close_gracefully();
 }
 
 fn handle(agent: &Arc<Agent>, conn: Stream, channel: Channel) {
     let result = serve_conn(agent, &conn, channel);
-    if let Err(HandlerError::Refused(msg)) = result {
+    if let Err(HandlerError::Refused(code, msg)) = result {
         let _ = conn.set_nonblocking(false);
         let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
-        let _ = wire::send(&conn, &Message::Error(msg));
+        let _ = wire::send_error(&conn, code, &msg);
     }
     conn.close_gracefully();
 }
@@ -172,10 +174,10 @@ fn bad_frame(e: FrameError) -> HandlerError {
     match e {
         FrameError::Eof => HandlerError::Disconnected(e),
         FrameError::Io(ref io) if io.kind() == io::ErrorKind::TimedOut => {
-            HandlerError::Refused("no request received in time".into())
+            HandlerError::Refused(ErrorCode::Invalid, "no request received in time".into())
         }
         FrameError::Io(_) => HandlerError::Disconnected(e),
-        other => HandlerError::Refused(format!("bad frame: {other}")),
+        other => HandlerError::Refused(ErrorCode::Invalid, format!("bad frame: {other}")),
     }
 }
 
@@ -184,7 +186,12 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
     if let Some(token) = &agent.cfg.token {
         match read_first(conn, start + AUTH_DEADLINE) {
             Ok(f) if f.kind == FrameType::Auth && token_matches(&f.payload, token) => {}
-            _ => return Err(HandlerError::Refused(AUTH_REQUIRED.into())),
+            _ => {
+                return Err(HandlerError::Refused(
+                    ErrorCode::PermissionDenied,
+                    AUTH_REQUIRED.into(),
+                ))
+            }
         }
     }
     let mut first = read_first(conn, start + REQUEST_DEADLINE).map_err(bad_frame)?;
@@ -193,8 +200,8 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
         first = read_first(conn, start + REQUEST_DEADLINE).map_err(bad_frame)?;
     }
     conn.set_read_timeout(None)?;
-    let msg =
-        Message::decode(&first).map_err(|e| HandlerError::Refused(format!("bad request: {e}")))?;
+    let msg = Message::decode(&first)
+        .map_err(|e| HandlerError::Refused(ErrorCode::Invalid, format!("bad request: {e}")))?;
     match (channel, msg) {
         (Channel::Forward, Message::FwdReq(req)) => handlers::forward::handle(agent, conn, req),
         (Channel::Control, Message::ExecReq(req)) => exec(agent, conn, req),
@@ -205,10 +212,10 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
         (Channel::Control, Message::FileWriteReq(req)) => handlers::files::write(agent, conn, req),
         (Channel::Control, Message::FileStatReq(req)) => handlers::files::stat(agent, conn, req),
         (Channel::Control, Message::FileLsReq(req)) => handlers::files::ls(agent, conn, req),
-        (_, other) => Err(HandlerError::Refused(format!(
-            "unexpected frame type 0x{:02x}",
-            other.kind() as u8
-        ))),
+        (_, other) => Err(HandlerError::Refused(
+            ErrorCode::Invalid,
+            format!("unexpected frame type 0x{:02x}", other.kind() as u8),
+        )),
     }
 }
 
@@ -217,7 +224,10 @@ fn exec(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(), Handl
         return handlers::session::attach(agent, conn, req);
     }
     if req.argv.is_empty() || req.argv[0].is_empty() {
-        return Err(HandlerError::Refused("empty argv".into()));
+        return Err(HandlerError::Refused(
+            ErrorCode::Invalid,
+            "empty argv".into(),
+        ));
     }
     if req.tty {
         handlers::session::create(agent, conn, req)

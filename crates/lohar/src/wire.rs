@@ -6,13 +6,23 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use bhatti_proto::frame::{self, FrameError, FrameType, HEADER_LEN};
-use bhatti_proto::{Frame, Message};
+use bhatti_proto::{ErrorCode, Frame, Message};
 
 use crate::stream::Stream;
 
 /// Writes one message as one frame.
 pub fn send(mut w: &Stream, msg: &Message) -> Result<(), FrameError> {
     w.write_all(&msg.to_bytes()?)?;
+    Ok(())
+}
+
+/// Writes ERROR_CODE and ERROR in one write: the code first, so a reader
+/// that knows it has it when the ERROR arrives, and a reader that does not
+/// skips it.
+pub fn send_error(mut w: &Stream, code: ErrorCode, msg: &str) -> Result<(), FrameError> {
+    let mut buf = Message::ErrorCode(code).to_bytes()?;
+    buf.extend_from_slice(&Message::Error(msg.to_string()).to_bytes()?);
+    w.write_all(&buf)?;
     Ok(())
 }
 

@@ -189,7 +189,13 @@ fn slow_token_is_refused_after_the_deadline() {
     let mut buf = Vec::new();
     let _ = slow.s.read_to_end(&mut buf);
     let elapsed = t.elapsed();
-    let msg = bhatti_proto::codec::read_frame(&mut &buf[..]).expect("an ERROR frame");
+    let mut r = &buf[..];
+    let code = bhatti_proto::codec::read_frame(&mut r).expect("an ERROR_CODE frame");
+    assert_eq!(
+        Message::decode(&code).unwrap(),
+        Message::ErrorCode(bhatti_proto::ErrorCode::PermissionDenied)
+    );
+    let msg = bhatti_proto::codec::read_frame(&mut r).expect("an ERROR frame");
     assert_eq!(
         Message::decode(&msg).unwrap(),
         Message::Error(AUTH_REQUIRED.into())

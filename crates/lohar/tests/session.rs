@@ -279,7 +279,9 @@ fn session_registry_is_capped() {
         c.send(&Message::ExecReq(tty(&["sleep", "60"])));
         match c.recv_msg() {
             Message::SessionInfo(i) => ids.push(i.session_id),
-            Message::Error(e) => {
+            Message::ErrorCode(code) => {
+                assert_eq!(code, bhatti_proto::ErrorCode::Busy);
+                let e = c.expect_error_only();
                 assert!(e.contains("too many sessions"), "{e}");
                 break;
             }

@@ -63,6 +63,8 @@ frame_types! {
     Error = 0x06,
     /// host→guest, kill the operation.
     Kill = 0x07,
+    /// guest→host JSON `{"code"}`, sent right before the ERROR it qualifies.
+    ErrorCode = 0x08,
     /// host→guest JSON ExecRequest.
     ExecReq = 0x10,
     /// host→guest token bytes.
@@ -164,7 +166,8 @@ mod tests {
                 assert_eq!(t as u8, b);
             }
         }
-        assert_eq!(FrameType::from_byte(0x08), None);
+        assert_eq!(FrameType::from_byte(0x08), Some(FrameType::ErrorCode));
+        assert_eq!(FrameType::from_byte(0x09), None);
         assert_eq!(FrameType::from_byte(0x00), None);
     }
 

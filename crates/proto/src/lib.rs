@@ -12,6 +12,7 @@ pub mod boot;
 pub mod codec;
 #[cfg(feature = "tokio")]
 pub mod codec_async;
+pub mod error;
 pub mod exec;
 pub mod forward;
 pub mod frame;
@@ -20,6 +21,7 @@ pub mod message;
 
 pub use activity::ActivityInfo;
 pub use boot::BootConfig;
+pub use error::{io_phrase, ErrorCode, ErrorCodeInfo};
 pub use exec::{ExecKill, ExecRequest, SessionInfo};
 pub use forward::{FwdRequest, FwdResponse};
 pub use frame::{Frame, FrameError, FrameType, HEADER_LEN, MAX_FRAME_LEN, MAX_PAYLOAD_LEN};

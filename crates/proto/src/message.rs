@@ -4,6 +4,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::activity::ActivityInfo;
+use crate::error::{ErrorCode, ErrorCodeInfo};
 use crate::exec::{ExecKill, ExecRequest, SessionInfo};
 use crate::forward::{FwdRequest, FwdResponse};
 use crate::frame::{Frame, FrameError, FrameType};
@@ -36,10 +37,15 @@ pub enum Message {
     Stdin(Vec<u8>),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     Exit(i32),
     Error(String),
     Kill,
+    /// The machine code of the ERROR frame that follows.
+    ErrorCode(ErrorCode),
     ExecReq(ExecRequest),
     Auth(Vec<u8>),
     FwdReq(FwdRequest),
@@ -89,6 +95,7 @@ impl Message {
             Exit(_) => FrameType::Exit,
             Error(_) => FrameType::Error,
             Kill => FrameType::Kill,
+            ErrorCode(_) => FrameType::ErrorCode,
             ExecReq(_) => FrameType::ExecReq,
             Auth(_) => FrameType::Auth,
             FwdReq(_) => FrameType::FwdReq,
@@ -122,6 +129,7 @@ impl Message {
             Exit(code) => code.to_be_bytes().to_vec(),
             Error(msg) => msg.as_bytes().to_vec(),
             Kill | ExecListReq | ActivityReq => Vec::new(),
+            ErrorCode(code) => json(&ErrorCodeInfo { code: *code }),
             ExecReq(v) => json(v),
             FwdReq(v) => json(v),
             FwdResp(v) => json(v),
@@ -173,6 +181,7 @@ impl Message {
                 Message::Error(String::from_utf8(p.to_vec()).map_err(|_| DecodeError::Utf8)?)
             }
             FrameType::Kill => Message::Kill,
+            FrameType::ErrorCode => Message::ErrorCode(from_json::<ErrorCodeInfo>(k, p)?.code),
             FrameType::ExecReq => Message::ExecReq(from_json(k, p)?),
             FrameType::Auth => Message::Auth(p.to_vec()),
             FrameType::FwdReq => Message::FwdReq(from_json(k, p)?),
@@ -299,6 +308,26 @@ mod tests {
     }
 
     #[test]
+    fn golden_error_code_frame() {
+        assert_eq!(
+            Message::ErrorCode(ErrorCode::NotADirectory)
+                .to_bytes()
+                .unwrap(),
+            [&[0, 0, 0, 27, 0x08][..], br#"{"code":"not_a_directory"}"#].concat()
+        );
+        assert_eq!(
+            Message::ErrorCode(ErrorCode::NoSpace).payload(),
+            br#"{"code":"no_space"}"#
+        );
+        // A newer agent's code this build does not know is still an error.
+        let f = Frame::new(FrameType::ErrorCode, br#"{"code":"new_kind"}"#.to_vec());
+        assert_eq!(
+            Message::decode(&f).unwrap(),
+            Message::ErrorCode(ErrorCode::Internal)
+        );
+    }
+
+    #[test]
     fn minimal_json_from_other_implementations_decodes() {
         let f = Frame::new(
             FrameType::ExecReq,
@@ -334,6 +363,7 @@ mod tests {
         round(Message::Stderr(b"e".to_vec()));
         round(Message::Error("boom".into()));
         round(Message::Kill);
+        round(Message::ErrorCode(ErrorCode::NotFound));
         round(Message::Auth(b"tok".to_vec()));
         round(Message::FwdReq(FwdRequest { port: 65535 }));
         round(Message::ExecListReq);

@@ -73,17 +73,24 @@ impl From<crate::engine::agent_client::AgentError> for ApiError {
     fn from(e: crate::engine::agent_client::AgentError) -> Self {
         use crate::engine::agent_client::AgentError;
         match e {
-            // The agent's own refusals are about the request (bad path, bad cwd…).
-            AgentError::Remote(msg) if is_not_found(&msg) => ApiError::not_found(msg),
-            AgentError::Remote(msg) => ApiError::bad_request(msg),
+            AgentError::Remote { code, message } => ApiError::new(status_of(code), message),
             other => ApiError::unavailable(format!("sandbox agent unavailable: {other}")),
         }
     }
 }
 
-fn is_not_found(msg: &str) -> bool {
-    let m = msg.to_ascii_lowercase();
-    m.contains("no such file") || m.contains("not found") || m.contains("does not exist")
+/// The HTTP status of each agent error code: the one place they are mapped.
+pub fn status_of(code: crate::engine::agent_client::ErrorCode) -> StatusCode {
+    use crate::engine::agent_client::ErrorCode as C;
+    match code {
+        C::NotFound => StatusCode::NOT_FOUND,
+        C::Invalid | C::NotADirectory | C::IsADirectory => StatusCode::BAD_REQUEST,
+        C::PermissionDenied => StatusCode::FORBIDDEN,
+        C::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        C::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        C::Busy | C::Exists => StatusCode::CONFLICT,
+        C::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
 }
 
 impl From<crate::service::ServiceError> for ApiError {
@@ -113,6 +120,34 @@ impl From<crate::service::ServiceError> for ApiError {
                 EngineError::NotFound(m) => ApiError::not_found(m),
                 other => ApiError::unavailable(other.to_string()),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::agent_client::AgentError;
+    use crate::engine::agent_client::ErrorCode as C;
+
+    #[test]
+    fn agent_codes_map_to_statuses_not_message_text() {
+        for (code, status) in [
+            (C::NotFound, 404),
+            (C::Invalid, 400),
+            (C::NotADirectory, 400),
+            (C::IsADirectory, 400),
+            (C::PermissionDenied, 403),
+            (C::TooLarge, 413),
+            (C::NoSpace, 507),
+            (C::Busy, 409),
+            (C::Exists, 409),
+            (C::Internal, 500),
+        ] {
+            // The text says "not found", the code decides.
+            let e: ApiError = AgentError::remote(code, "/srv/not found/x").into();
+            assert_eq!(e.status.as_u16(), status, "{code}");
+            assert_eq!(e.message, "/srv/not found/x");
         }
     }
 }

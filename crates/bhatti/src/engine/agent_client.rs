@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bhatti_proto::codec_async::{read_frame, write_frame};
 use bhatti_proto::frame::{self, HEADER_LEN};
+pub use bhatti_proto::ErrorCode;
 use bhatti_proto::{
     ActivityInfo, ExecKill, ExecRequest, FileInfo, FileLsRequest, FileReadRequest,
     FileReadResponse, FileStatRequest, FileWriteRequest, FrameError, FrameType, FwdRequest,
@@ -20,6 +21,9 @@ use bhatti_proto::{
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
+
+/// How long to wait for the agent's refusal after an upload broke off.
+const REFUSAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Read buffer of a streaming operation: small frames (output chunks, EXIT)
 /// come out of one read instead of two.
@@ -75,9 +79,10 @@ pub enum AgentError {
     /// The agent could not be reached.
     #[error("cannot reach the sandbox agent: {0}")]
     Connect(io::Error),
-    /// The agent answered with an ERROR frame.
-    #[error("{0}")]
-    Remote(String),
+    /// The agent refused: its ERROR frame, with the machine code of the
+    /// ERROR_CODE frame before it (`Invalid` from an agent that sends none).
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
     /// The agent sent something the protocol does not allow here.
     #[error("agent protocol error: {0}")]
     Protocol(String),
@@ -87,6 +92,14 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// A refusal with a code.
+    pub fn remote(code: ErrorCode, message: impl Into<String>) -> Self {
+        AgentError::Remote {
+            code,
+            message: message.into(),
+        }
+    }
+
     fn unexpected(what: &str, got: &Message) -> Self {
         AgentError::Protocol(format!("expected {what}, got {:?}", got.kind()))
     }
@@ -126,12 +139,21 @@ impl Conn {
     }
 }
 
+/// The next message; ERROR (with the code of a preceding ERROR_CODE)
+/// becomes [`AgentError::Remote`].
 async fn recv_from<R: AsyncRead + Unpin + ?Sized>(r: &mut R) -> Result<Message, AgentError> {
-    let frame = read_frame(r).await?;
-    match Message::decode(&frame) {
-        Ok(Message::Error(e)) => Err(AgentError::Remote(e)),
-        Ok(m) => Ok(m),
-        Err(e) => Err(AgentError::Protocol(e.to_string())),
+    let mut code = None;
+    loop {
+        let frame = read_frame(r).await?;
+        match Message::decode(&frame) {
+            Ok(Message::ErrorCode(c)) => code = Some(c),
+            Ok(Message::Error(e)) => {
+                // Before codes existed every refusal was about the request.
+                return Err(AgentError::remote(code.unwrap_or(ErrorCode::Invalid), e));
+            }
+            Ok(m) => return Ok(m),
+            Err(e) => return Err(AgentError::Protocol(e.to_string())),
+        }
     }
 }
 
@@ -309,6 +331,12 @@ impl AgentClient {
     }
 
     /// Writes `size` bytes from `body` atomically to `path`.
+    ///
+    /// The agent may refuse before it has the whole body (a directory, a
+    /// full disk): its answer is read while the body is being sent, and a
+    /// refusal ends the upload at once and is returned as
+    /// [`AgentError::Remote`], never as the broken pipe the unsent rest
+    /// would cause.
     pub async fn write_file<R: AsyncRead + Unpin>(
         &self,
         path: &str,
@@ -318,32 +346,54 @@ impl AgentClient {
     ) -> Result<(), AgentError> {
         let size_i =
             i64::try_from(size).map_err(|_| AgentError::Protocol("file too large".into()))?;
-        let mut c = self
+        let c = self
             .request(&Message::FileWriteReq(FileWriteRequest {
                 path: path.to_string(),
                 mode,
                 size: size_i,
             }))
             .await?;
-        let mut buf = vec![0u8; (256 * 1024).min(MAX_PAYLOAD_LEN)];
-        let mut left = size;
-        while left > 0 {
-            let want = (left as usize).min(buf.len());
-            let n = body
-                .read(&mut buf[..want])
-                .await
-                .map_err(|e| AgentError::Protocol(format!("reading upload: {e}")))?;
-            if n == 0 {
-                return Err(AgentError::Protocol(format!(
-                    "upload ended {left} bytes short"
-                )));
+        let (mut rd, mut wr) = tokio::io::split(c.stream);
+        let reply = recv_from(&mut rd);
+        tokio::pin!(reply);
+        let send = async {
+            let mut buf = vec![0u8; (256 * 1024).min(MAX_PAYLOAD_LEN)];
+            let mut left = size;
+            while left > 0 {
+                let want = (left as usize).min(buf.len());
+                let n = body
+                    .read(&mut buf[..want])
+                    .await
+                    .map_err(|e| AgentError::Protocol(format!("reading upload: {e}")))?;
+                if n == 0 {
+                    return Err(AgentError::Protocol(format!(
+                        "upload ended {left} bytes short"
+                    )));
+                }
+                write_frame(&mut wr, FrameType::Stdin, &buf[..n]).await?;
+                left -= n as u64;
             }
-            write_frame(&mut c.stream, FrameType::Stdin, &buf[..n]).await?;
-            left -= n as u64;
-        }
-        match c.recv().await? {
+            Ok(())
+        };
+        let answer = tokio::select! {
+            // Only a refusal can come before the whole body is sent.
+            early = &mut reply => early,
+            sent = send => match sent {
+                Ok(()) => reply.await,
+                // The connection broke while sending: if the agent refused,
+                // its answer is waiting to be read, and it is the real cause.
+                Err(AgentError::Frame(e)) => {
+                    match tokio::time::timeout(REFUSAL_WAIT, reply).await {
+                        Ok(Err(remote @ AgentError::Remote { .. })) => Err(remote),
+                        _ => Err(AgentError::Frame(e)),
+                    }
+                }
+                Err(other) => Err(other),
+            },
+        };
+        match answer? {
             Message::FileWriteResp(r) if r.status == "ok" => Ok(()),
-            Message::FileWriteResp(r) => Err(AgentError::Remote(r.status)),
+            Message::FileWriteResp(r) => Err(AgentError::remote(ErrorCode::Internal, r.status)),
             m => Err(AgentError::unexpected("FILE_WRITE_RESP", &m)),
         }
     }
@@ -391,7 +441,8 @@ impl AgentClient {
             .await?;
         match c.recv().await? {
             Message::FwdResp(r) if r.is_ok() => Ok(c.stream),
-            Message::FwdResp(r) => Err(AgentError::Remote(
+            Message::FwdResp(r) => Err(AgentError::remote(
+                ErrorCode::NotFound,
                 r.message
                     .unwrap_or_else(|| format!("port {port} is not reachable")),
             )),
@@ -487,9 +538,10 @@ impl FileStream {
                 self.done = true;
                 Ok(None)
             }
-            Message::Exit(c) => Err(AgentError::Remote(format!(
-                "file read ended with status {c}"
-            ))),
+            Message::Exit(c) => Err(AgentError::remote(
+                ErrorCode::Internal,
+                format!("file read ended with status {c}"),
+            )),
             m => Err(AgentError::unexpected("file data", &m)),
         }
     }

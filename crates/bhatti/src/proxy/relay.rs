@@ -183,7 +183,7 @@ async fn connect(target: &Target) -> Result<SendRequest<UpstreamBody>, ProxyErro
         .forward(target.port)
         .await
         .map_err(|e| match e {
-            AgentError::Remote(_) => ProxyError::NotListening { port: target.port },
+            AgentError::Remote { .. } => ProxyError::NotListening { port: target.port },
             other => ProxyError::Unreachable(other.to_string()),
         })?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()

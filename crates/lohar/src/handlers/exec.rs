@@ -18,7 +18,7 @@ use bhatti_proto::{ExecRequest, Message};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use super::{refuse, HandlerError};
+use super::HandlerError;
 use crate::reaper::ExitWatch;
 use crate::server::Agent;
 use crate::spawn;
@@ -32,14 +32,15 @@ const OUT_HIGH_WATER: usize = 1024 * 1024;
 /// Stop reading client frames while this much waits for the child's stdin.
 const IN_HIGH_WATER: usize = 1024 * 1024;
 /// After the child exits, how long background processes that inherited
-/// its pipes may keep them open before EXIT is sent anyway.
+/// its pipes may keep them open before EXIT is sent anyway (their later
+/// output is read and dropped by [`crate::leftover`]).
 const EXIT_DRAIN: Duration = Duration::from_millis(50);
 /// In the final drain, at most this much is read from each pipe.
 const FINAL_DRAIN_MAX: usize = 1024 * 1024;
 
 /// EXEC_REQ without `tty`.
 pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
-    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref()).or_else(refuse)?;
+    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref())?;
     let _running = agent.activity.piped_guard();
     let (mut child, watch) = match spawn::piped(
         &agent.cfg,
@@ -56,7 +57,7 @@ pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), Handler
                 wire::send(conn, &Message::Exit(code))?;
                 return Ok(());
             }
-            None => return refuse(e),
+            None => return Err(e.into()),
         },
     };
     let pgid = Pid::from_raw(child.id() as i32);
@@ -287,8 +288,11 @@ impl Relay<'_> {
                     n => taken += n,
                 }
             }
-            // Background processes keep running; they just lose the pipe.
-            self.pipes[i] = None;
+            // Background processes still hold the pipe: keep reading it
+            // (and dropping the bytes) so they neither get SIGPIPE nor block.
+            if let Some(p) = self.pipes[i].take() {
+                crate::leftover::adopt(p);
+            }
         }
         self.stdin = None;
         self.push_frame(FrameType::Exit, &code.to_be_bytes());

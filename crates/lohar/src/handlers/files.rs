@@ -13,21 +13,24 @@ use std::time::Duration;
 use bhatti_proto::frame::{self as pframe, FrameType, HEADER_LEN, MAX_PAYLOAD_LEN};
 use bhatti_proto::fs::{mode_string, parse_mode};
 use bhatti_proto::{
-    FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
-    FileWriteResponse, Message, MAX_LS_ENTRIES,
+    ErrorCode, FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest,
+    FileWriteRequest, FileWriteResponse, Message, MAX_LS_ENTRIES,
 };
 
-use super::{refuse, HandlerError};
+use super::{refuse, refuse_io, HandlerError};
 use crate::server::Agent;
 use crate::stream::Stream;
 use crate::wire;
 
 /// An upload that stalls this long between frames is abandoned.
 const UPLOAD_STALL: Duration = Duration::from_secs(60);
-
-fn describe(path: &str, e: &io::Error) -> String {
-    format!("{path}: {e}")
-}
+/// After refusing an upload, how long the rest of its body is read and
+/// discarded at most (so that the refusal is not lost to a TCP reset).
+const REFUSED_DRAIN: Duration = Duration::from_secs(30);
+/// While draining a refused upload, a stall this long ends the drain.
+const REFUSED_DRAIN_STALL: Duration = Duration::from_secs(5);
+/// Most symlinks followed from a written path to its final target.
+const MAX_SYMLINK_HOPS: usize = 40;
 
 /// FILE_READ_REQ.
 pub fn read(agent: &Agent, conn: &Stream, req: FileReadRequest) -> Result<(), HandlerError> {
@@ -40,16 +43,22 @@ pub fn read(agent: &Agent, conn: &Stream, req: FileReadRequest) -> Result<(), Ha
         .open(&path)
     {
         Ok(f) => f,
-        Err(e) => return refuse(describe(&req.path, &e)),
+        Err(e) => return refuse_io("open", &req.path, &e),
     };
     let meta = file
         .metadata()
-        .or_else(|e| refuse(describe(&req.path, &e)))?;
+        .or_else(|e| refuse_io("stat", &req.path, &e))?;
     if meta.is_dir() {
-        return refuse(format!("{}: is a directory", req.path));
+        return refuse(
+            ErrorCode::IsADirectory,
+            format!("read {}: is a directory", req.path),
+        );
     }
     if !meta.is_file() {
-        return refuse(format!("{}: not a regular file", req.path));
+        return refuse(
+            ErrorCode::Invalid,
+            format!("read {}: not a regular file", req.path),
+        );
     }
     wire::send(
         conn,
@@ -211,29 +220,118 @@ impl Drop for TempFile {
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// FILE_WRITE_REQ: exactly `size` bytes of STDIN frames into a temp file
-/// beside the target, fsync, chmod/chown, rename over the target. Readers
-/// see the old or the new file, never a part; a broken upload leaves the
-/// old file and no temp file.
+/// beside the final target (a symlink is followed, as a shell's `>` would),
+/// fsync, chmod/chown, rename over the target. Readers see the old or the
+/// new file, never a part; a broken upload leaves the old file and no temp
+/// file.
+///
+/// A refusal for the target's sake (a directory, no space, no permission)
+/// can come before the body is read: the ERROR is sent at once, then the
+/// rest of the declared body is read and discarded (bounded in time) so
+/// the client can finish sending and read the refusal instead of failing
+/// on a reset connection.
 pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), HandlerError> {
     agent.activity.touch();
-    let Ok(mut left) = u64::try_from(req.size) else {
-        return refuse(format!("invalid size {}: must not be negative", req.size));
+    let Ok(size) = u64::try_from(req.size) else {
+        return refuse(
+            ErrorCode::Invalid,
+            format!("invalid size {}: must not be negative", req.size),
+        );
     };
+    let mut left = size;
+    match receive(agent, conn, &req, &mut left) {
+        Err(Upload::Target(HandlerError::Refused(code, msg))) if left > 0 => {
+            // The temp file is gone by now (dropped in `receive`).
+            wire::send_error(conn, code, &msg)?;
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+            discard_upload(conn, left);
+            Ok(())
+        }
+        Err(Upload::Target(e) | Upload::Stream(e)) => Err(e),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Why an upload failed: because of its target (the client may still be
+/// sending the body) or because of the stream itself.
+enum Upload {
+    Target(HandlerError),
+    Stream(HandlerError),
+}
+
+impl From<bhatti_proto::FrameError> for Upload {
+    fn from(e: bhatti_proto::FrameError) -> Self {
+        Upload::Stream(e.into())
+    }
+}
+
+impl From<io::Error> for Upload {
+    fn from(e: io::Error) -> Self {
+        Upload::Stream(e.into())
+    }
+}
+
+fn target_err<T>(r: Result<T, HandlerError>) -> Result<T, Upload> {
+    r.map_err(Upload::Target)
+}
+
+fn stream_err<T>(r: Result<T, HandlerError>) -> Result<T, Upload> {
+    r.map_err(Upload::Stream)
+}
+
+/// The path a write to `path` lands on: `path` itself, or the end of the
+/// chain of symlinks it starts (which need not exist yet).
+fn final_target(path: &Path) -> io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..MAX_SYMLINK_HOPS {
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// Receives the body into a temp file and renames it over the target;
+/// `left` counts the body bytes not yet read.
+fn receive(
+    agent: &Agent,
+    conn: &Stream,
+    req: &FileWriteRequest,
+    left: &mut u64,
+) -> Result<(), Upload> {
     let mode = match req.mode.as_deref() {
-        Some(m) => Some(
-            parse_mode(m).ok_or_else(|| HandlerError::Refused(format!("invalid mode {m:?}")))?,
-        ),
+        Some(m) => Some(parse_mode(m).ok_or_else(|| {
+            Upload::Target(HandlerError::Refused(
+                ErrorCode::Invalid,
+                format!("invalid mode {m:?}"),
+            ))
+        })?),
         None => None,
     };
-    let path = agent.cfg.resolve(&req.path);
+    let p = &req.path;
+    let path =
+        target_err(final_target(&agent.cfg.resolve(p)).or_else(|e| refuse_io("write", p, &e)))?;
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return refuse(format!("{}: not a file path", req.path));
+        return target_err(refuse(
+            ErrorCode::Invalid,
+            format!("write {p}: not a file path"),
+        ));
     };
     let existing = fs::metadata(&path).ok();
     if existing.as_ref().is_some_and(|m| m.is_dir()) {
-        return refuse(format!("{}: is a directory", req.path));
+        return target_err(refuse(
+            ErrorCode::IsADirectory,
+            format!("write {p}: is a directory"),
+        ));
     }
-    create_dirs(dir, agent.cfg.file_owner).or_else(|e| refuse(describe(&req.path, &e)))?;
+    target_err(create_dirs(dir, agent.cfg.file_owner).or_else(|e| refuse_io("write", p, &e)))?;
     let tmp = TempFile {
         path: dir.join(format!(
             ".{}.lohar-{}-{}.tmp",
@@ -250,40 +348,49 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
         .open(&tmp.path)
     {
         Ok(f) => f,
-        Err(e) => return refuse(describe(&req.path, &e)),
+        Err(e) => return target_err(refuse_io("write", p, &e)),
     };
 
     conn.set_read_timeout(Some(UPLOAD_STALL))?;
     let mut buf = Vec::new();
     let mut r = conn;
-    while left > 0 {
+    while *left > 0 {
         match wire::read_frame_into(&mut r, &mut buf)? {
             FrameType::Stdin if buf.is_empty() => {
-                return refuse(format!(
-                    "upload ended after {} of {} bytes",
-                    req.size as u64 - left,
-                    req.size
+                return stream_err(refuse(
+                    ErrorCode::Invalid,
+                    format!(
+                        "upload ended after {} of {} bytes",
+                        req.size as u64 - *left,
+                        req.size
+                    ),
                 ));
             }
             FrameType::Stdin => {
-                if buf.len() as u64 > left {
-                    return refuse(format!(
-                        "upload is longer than its size of {} bytes",
-                        req.size
+                if buf.len() as u64 > *left {
+                    return stream_err(refuse(
+                        ErrorCode::Invalid,
+                        format!("upload is longer than its size of {} bytes", req.size),
                     ));
                 }
-                file.write_all(&buf)
-                    .or_else(|e| refuse(describe(&req.path, &e)))?;
-                left -= buf.len() as u64;
+                *left -= buf.len() as u64;
+                if let Err(e) = file.write_all(&buf) {
+                    return target_err(refuse_io("write", p, &e));
+                }
             }
-            FrameType::Kill => return refuse("upload cancelled"),
-            other => return refuse(format!("unexpected frame {other:?} during upload")),
+            FrameType::Kill => return stream_err(refuse(ErrorCode::Invalid, "upload cancelled")),
+            other => {
+                return stream_err(refuse(
+                    ErrorCode::Invalid,
+                    format!("unexpected frame {other:?} during upload"),
+                ))
+            }
         }
     }
 
     let mode = mode.unwrap_or_else(|| existing.as_ref().map_or(0o644, |m| m.mode() & 0o7777));
     let tmp_path = tmp.path.clone();
-    let finish = move || -> io::Result<()> {
+    let finish = || -> io::Result<()> {
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         if let Some(owner) = agent.cfg.file_owner {
             // A replaced file keeps its owner; a new one belongs to the user.
@@ -296,11 +403,28 @@ pub fn write(agent: &Agent, conn: &Stream, req: FileWriteRequest) -> Result<(), 
         drop(file);
         fs::rename(&tmp_path, &path)
     };
-    finish().or_else(|e| refuse(describe(&req.path, &e)))?;
+    target_err(finish().or_else(|e| refuse_io("write", p, &e)))?;
     let mut tmp = tmp;
     tmp.keep = true;
     wire::send(conn, &Message::FileWriteResp(FileWriteResponse::ok()))?;
     Ok(())
+}
+
+/// Reads and drops up to `left` bytes of a refused upload's STDIN frames,
+/// until the client stops, cancels, stalls, or the time is up.
+fn discard_upload(conn: &Stream, mut left: u64) {
+    let deadline = std::time::Instant::now() + REFUSED_DRAIN;
+    let _ = conn.set_read_timeout(Some(REFUSED_DRAIN_STALL));
+    let mut buf = Vec::new();
+    let mut r = conn;
+    while left > 0 && std::time::Instant::now() < deadline {
+        match wire::read_frame_into(&mut r, &mut buf) {
+            Ok(FrameType::Stdin) if !buf.is_empty() => {
+                left = left.saturating_sub(buf.len() as u64);
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Creates `dir` and its missing parents, owned by `owner` if given.
@@ -345,7 +469,7 @@ fn info(name: String, m: &fs::Metadata) -> FileInfo {
 pub fn stat(agent: &Agent, conn: &Stream, req: FileStatRequest) -> Result<(), HandlerError> {
     agent.activity.touch();
     let path = agent.cfg.resolve(&req.path);
-    let meta = fs::metadata(&path).or_else(|e| refuse(describe(&req.path, &e)))?;
+    let meta = fs::metadata(&path).or_else(|e| refuse_io("stat", &req.path, &e))?;
     let name = path
         .file_name()
         .map_or_else(|| req.path.clone(), |n| n.to_string_lossy().into_owned());
@@ -357,7 +481,7 @@ pub fn stat(agent: &Agent, conn: &Stream, req: FileStatRequest) -> Result<(), Ha
 pub fn ls(agent: &Agent, conn: &Stream, req: FileLsRequest) -> Result<(), HandlerError> {
     agent.activity.touch();
     let path = agent.cfg.resolve(&req.path);
-    let dir = fs::read_dir(&path).or_else(|e| refuse(describe(&req.path, &e)))?;
+    let dir = fs::read_dir(&path).or_else(|e| refuse_io("ls", &req.path, &e))?;
     let mut out = Vec::new();
     for entry in dir.flatten().take(MAX_LS_ENTRIES) {
         let name = entry.file_name().to_string_lossy().into_owned();

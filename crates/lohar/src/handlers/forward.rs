@@ -1,11 +1,12 @@
-//! The forward channel: FWD_REQ dials 127.0.0.1:port inside the guest, then
-//! the connection becomes a raw byte relay in both directions.
+//! The forward channel: FWD_REQ dials 127.0.0.1:port (or [::1]:port) inside
+//! the guest, then the connection becomes a raw byte relay in both
+//! directions.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use bhatti_proto::{FwdRequest, FwdResponse, Message};
+use bhatti_proto::{io_phrase, FwdRequest, FwdResponse, Message};
 
 use super::HandlerError;
 use crate::server::Agent;
@@ -19,17 +20,10 @@ const RELAY_BUF: usize = 64 * 1024;
 /// A forwarded connection counts as activity: someone uses the sandbox.
 pub fn handle(agent: &Agent, conn: &Stream, req: FwdRequest) -> Result<(), HandlerError> {
     agent.activity.touch();
-    let addr = SocketAddr::from(([127, 0, 0, 1], req.port));
-    let target = match TcpStream::connect_timeout(&addr, DIAL_TIMEOUT) {
+    let target = match dial_loopback(req.port) {
         Ok(t) => t,
         Err(e) => {
-            wire::send(
-                conn,
-                &Message::FwdResp(FwdResponse::error(format!(
-                    "dial 127.0.0.1:{}: {e}",
-                    req.port
-                ))),
-            )?;
+            wire::send(conn, &Message::FwdResp(FwdResponse::error(e)))?;
             return Ok(());
         }
     };
@@ -37,6 +31,25 @@ pub fn handle(agent: &Agent, conn: &Stream, req: FwdRequest) -> Result<(), Handl
     wire::send(conn, &Message::FwdResp(FwdResponse::ok()))?;
     relay(conn, target)?;
     Ok(())
+}
+
+/// Dials `port` on IPv4 loopback, then on IPv6 loopback: a server bound
+/// to `localhost` may listen on `::1` only (the guest resolves `localhost`
+/// to `::1` first), and the port list shows both families.
+fn dial_loopback(port: u16) -> Result<TcpStream, String> {
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let e4 = match TcpStream::connect_timeout(&v4, DIAL_TIMEOUT) {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    TcpStream::connect_timeout(&v6, DIAL_TIMEOUT).map_err(|e6| {
+        format!(
+            "dial {v4}: {}; dial {v6}: {}",
+            io_phrase(&e4),
+            io_phrase(&e6)
+        )
+    })
 }
 
 /// Copies both ways until both directions end; an end of stream on one

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bhatti_proto::frame::{FrameType, MAX_PAYLOAD_LEN};
-use bhatti_proto::{ExecKill, ExecRequest, Message};
+use bhatti_proto::{ErrorCode, ExecKill, ExecRequest, Message};
 use nix::sys::signal::Signal;
 
-use super::{refuse, HandlerError};
+use super::HandlerError;
 use crate::server::Agent;
 use crate::session::{Out, Session, SessionError, Spec};
 use crate::spawn;
@@ -19,12 +19,19 @@ use crate::wire;
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn refused(e: SessionError) -> HandlerError {
-    HandlerError::Refused(e.to_string())
+    let code = match &e {
+        SessionError::NotFound => ErrorCode::NotFound,
+        SessionError::Exists(_) => ErrorCode::Exists,
+        SessionError::Full | SessionError::Busy => ErrorCode::Busy,
+        SessionError::Spawn(_) => ErrorCode::Invalid,
+        SessionError::Io(_) => ErrorCode::Internal,
+    };
+    HandlerError::Refused(code, e.to_string())
 }
 
 /// EXEC_REQ with `tty`: a new session, attached to this connection.
 pub fn create(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
-    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref()).or_else(refuse)?;
+    let cwd = spawn::resolve_cwd(&agent.cfg, req.cwd.as_deref())?;
     agent.activity.touch();
     let spec = Spec {
         id: None,
@@ -46,10 +53,11 @@ pub fn create(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(),
         }
         Err(e) => return Err(refused(e)),
     };
-    serve(agent, conn, &session, false)
+    serve(agent, conn, &session, false, None)
 }
 
-/// EXEC_REQ with `session_id`: attach to a running (or exited) session.
+/// EXEC_REQ with `session_id`: attach to a running (or exited) session,
+/// applying the request's `rows`/`cols` if it has both.
 pub fn attach(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(), HandlerError> {
     let id = req.session_id.unwrap_or_default();
     let session = agent
@@ -57,7 +65,11 @@ pub fn attach(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(),
         .get(&id)
         .ok_or_else(|| refused(SessionError::NotFound))?;
     agent.activity.touch();
-    serve(agent, conn, &session, req.if_detached)
+    let size = match (req.rows, req.cols) {
+        (Some(r), Some(c)) if r > 0 && c > 0 => Some((r, c)),
+        _ => None,
+    };
+    serve(agent, conn, &session, req.if_detached, size)
 }
 
 /// EXEC_LIST_REQ.
@@ -86,9 +98,15 @@ fn serve(
     conn: &Stream,
     session: &Arc<Session>,
     if_detached: bool,
+    size: Option<(u16, u16)>,
 ) -> Result<(), HandlerError> {
     let id = agent.sessions.attach_id();
     let att = session.attach(conn, id, if_detached).map_err(refused)?;
+    // The new client's window, not the previous one's: the terminal is
+    // resized (its foreground group gets SIGWINCH) as the client attaches.
+    if let Some((rows, cols)) = size {
+        session.resize(rows, cols);
+    }
     conn.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
     let sent = (|| {
         wire::send(conn, &Message::SessionInfo(att.info.clone()))?;

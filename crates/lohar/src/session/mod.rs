@@ -440,15 +440,10 @@ fn start_on_pty(
     spec: &Spec<'_>,
 ) -> Result<(File, u32, Arc<ExitWatch>), SessionError> {
     let (master, slave) = pty::open(spec.rows, spec.cols)?;
-    let mut cmd = spawn::command(cfg, spec.argv, spec.env, spec.cwd)?;
+    let mut cmd = spawn::command(cfg, spec.argv, spec.env, spec.cwd, spawn::Terminal::Pty)?;
     cmd.stdin(slave.try_clone()?)
         .stdout(slave.try_clone()?)
         .stderr(slave);
-    // SAFETY: the closure only calls async-signal-safe functions
-    // (setsid, ioctl), as required between fork and exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, pty::become_session_leader);
-    }
     // `cmd` holds the slave copies; it is consumed (and they are closed)
     // here, so the master sees EOF once the process side closes them.
     let (child, watch) = spawn::start(reaper, cmd, &spec.argv[0])?;

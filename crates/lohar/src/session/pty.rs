@@ -41,19 +41,3 @@ pub fn set_winsize(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
     }
     Ok(())
 }
-
-/// Makes fd 0 (the PTY slave) the controlling terminal of a new session.
-/// Runs in the forked child before exec: only async-signal-safe calls.
-pub fn become_session_leader() -> io::Result<()> {
-    // SAFETY: setsid and ioctl are async-signal-safe and take no pointers
-    // we own.
-    unsafe {
-        if libc::setsid() < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}

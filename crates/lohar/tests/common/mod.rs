@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bhatti_proto::codec::{read_frame, write_frame};
 use bhatti_proto::frame::FrameType;
-use bhatti_proto::{ExecKill, ExecRequest, Frame, FrameError, Message, SessionInfo};
+use bhatti_proto::{ErrorCode, ExecKill, ExecRequest, Frame, FrameError, Message, SessionInfo};
 
 /// Every read in the tests gives up after this: a hang fails, never wedges.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(15);
@@ -229,6 +229,8 @@ pub struct Output {
     pub stderr: Vec<u8>,
     pub code: Option<i32>,
     pub error: Option<String>,
+    /// The ERROR_CODE that came before the ERROR.
+    pub error_code: Option<ErrorCode>,
     /// Every frame type in arrival order (STDOUT/STDERR/EXIT/ERROR).
     pub kinds: Vec<FrameType>,
     /// (stream, bytes) in arrival order.
@@ -280,11 +282,28 @@ impl Conn {
         Message::decode(&self.recv()).unwrap()
     }
 
-    /// The next frame must be an ERROR; returns its message.
+    /// The next frames must be ERROR_CODE and ERROR; returns the message.
     pub fn expect_error(&mut self) -> String {
+        self.expect_coded_error().1
+    }
+
+    /// The next frame must be an ERROR (its ERROR_CODE already read).
+    pub fn expect_error_only(&mut self) -> String {
         match self.recv_msg() {
             Message::Error(e) => e,
             other => panic!("expected ERROR, got {other:?}"),
+        }
+    }
+
+    /// The next frames must be ERROR_CODE and ERROR; returns both.
+    pub fn expect_coded_error(&mut self) -> (ErrorCode, String) {
+        let code = match self.recv_msg() {
+            Message::ErrorCode(c) => c,
+            other => panic!("expected ERROR_CODE, got {other:?}"),
+        };
+        match self.recv_msg() {
+            Message::Error(e) => (code, e),
+            other => panic!("expected ERROR after ERROR_CODE, got {other:?}"),
         }
     }
 
@@ -326,6 +345,10 @@ impl Conn {
                     o.error = Some(String::from_utf8_lossy(&f.payload).into_owned());
                     return o;
                 }
+                FrameType::ErrorCode => match Message::decode(&f) {
+                    Ok(Message::ErrorCode(c)) => o.error_code = Some(c),
+                    other => panic!("bad ERROR_CODE frame: {other:?}"),
+                },
                 other => panic!("unexpected frame {other:?} in exec output"),
             }
         }

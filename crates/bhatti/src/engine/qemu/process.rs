@@ -334,9 +334,15 @@ pub async fn probe_agent(dialer: &dyn Dialer, token: &[u8]) -> Result<ActivityIn
         write_frame(&mut s, FrameType::ActivityReq, &[])
             .await
             .map_err(|e| format!("send ACTIVITY_REQ: {e}"))?;
-        let frame = read_frame(&mut s)
+        let mut frame = read_frame(&mut s)
             .await
             .map_err(|e| format!("read reply: {e}"))?;
+        if frame.kind == FrameType::ErrorCode {
+            // The ERROR it qualifies follows; its message says enough here.
+            frame = read_frame(&mut s)
+                .await
+                .map_err(|e| format!("read reply: {e}"))?;
+        }
         match Message::decode(&frame).map_err(|e| e.to_string())? {
             Message::ActivityResp(a) => Ok(a),
             Message::Error(m) => Err(format!("agent answered ERROR: {m}")),
