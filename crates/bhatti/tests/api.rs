@@ -258,8 +258,23 @@ async fn api_scenario() {
         .exec(&dev_id, &["sh", "-c", "echo out; echo err >&2; exit 3"])
         .await;
     assert_eq!((code, out.as_str(), err.as_str()), (3, "out\n", "err\n"));
-    let (code, _, _) = alice.exec(&dev_id, &["no-such-command"]).await;
+    let (code, _, err) = alice.exec(&dev_id, &["no-such-command"]).await;
     assert_eq!(code, 127);
+    assert!(
+        err.contains("no-such-command") && err.contains("not found"),
+        "{err}"
+    );
+    // The same locale and PATH as the reference agent gives every child.
+    let (_, out, _) = alice
+        .exec(
+            &dev_id,
+            &["sh", "-c", "echo $LANG; echo $PATH; locale 2>&1 >/dev/null"],
+        )
+        .await;
+    assert_eq!(
+        out,
+        "en_US.UTF-8\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    );
     let (s, v) = status_of(
         alice
             .post(&format!("/sandboxes/{dev_id}/exec"), json!({"cmd": []}))

@@ -11,6 +11,9 @@ use bhatti_proto::{BootConfig, CONTROL_PORT, FORWARD_PORT};
 pub const GUEST_UID: u32 = 1000;
 pub const GUEST_GID: u32 = 1000;
 
+/// Every child's default locale; the rootfs generates it (see the image
+/// builder's rootfs recipe).
+const DEFAULT_LANG: &str = "en_US.UTF-8";
 const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How the agent runs its children and whom it lets in.
@@ -56,7 +59,7 @@ impl AgentConfig {
             ("PATH", STD_PATH),
             ("HOME", "/home/lohar"),
             ("TERM", "xterm-256color"),
-            ("LANG", "C.UTF-8"),
+            ("LANG", DEFAULT_LANG),
             ("USER", "lohar"),
         ];
         let cfg = AgentConfig {
@@ -95,12 +98,11 @@ impl AgentConfig {
             None => BTreeMap::new(),
         };
         let mut default_env = BTreeMap::new();
-        default_env.insert(
-            "PATH".into(),
-            var("PATH").unwrap_or_else(|| STD_PATH.into()),
-        );
+        // The same PATH and LANG as inside a VM, whatever the agent's own
+        // environment: the reference agent's test suite relies on it.
+        default_env.insert("PATH".into(), STD_PATH.into());
         default_env.insert("TERM".into(), "xterm-256color".into());
-        default_env.insert("LANG".into(), "C.UTF-8".into());
+        default_env.insert("LANG".into(), DEFAULT_LANG.into());
         for k in ["HOME", "USER"] {
             if let Some(v) = var(k) {
                 default_env.insert(k.into(), v);

@@ -19,17 +19,14 @@ fn exit_codes_and_signals() {
 }
 
 #[test]
-fn missing_command_is_127_with_a_message() {
+fn missing_command_is_an_error_frame_naming_it() {
     let a = Agent::start();
     let o = a.exec(&["definitely-not-a-command-xyz", "arg"]);
-    assert_eq!(o.code, Some(127), "{o:?}");
-    assert!(
-        o.err().contains("definitely-not-a-command-xyz"),
-        "stderr: {}",
-        o.err()
-    );
-    assert!(o.err().contains("not found"), "stderr: {}", o.err());
-    assert!(o.error.is_none());
+    assert_eq!(o.code, None, "no EXIT: {o:?}");
+    let e = o.error.as_deref().unwrap_or_default();
+    assert!(e.contains("definitely-not-a-command-xyz"), "error: {e}");
+    assert!(e.contains("not found"), "error: {e}");
+    assert_eq!(o.error_code, Some(bhatti_proto::ErrorCode::NotFound));
     // The agent keeps serving.
     assert_eq!(a.exec(&["true"]).code, Some(0));
 }

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{Result, Service, ServiceError};
 use crate::api::types::{ExecDetached, ExecResult};
-use crate::engine::agent_client::{AgentError, ExecEvent, ExecReader, ExecWriter};
+use crate::engine::agent_client::{AgentError, ErrorCode, ExecEvent, ExecReader, ExecWriter};
 use crate::store::User;
 
 /// Deadline of an exec that names none (seconds): long builds fit, a hung
@@ -28,6 +28,8 @@ pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 /// the rest is read and dropped, and the result says `truncated`. Measured
 /// before the cap: 4 s of `yes` took the daemon to 940 MB.
 pub const MAX_BUFFERED_OUTPUT: usize = 16 << 20;
+/// Exit code of a command that does not exist, as a shell reports it.
+pub const EXIT_NOT_FOUND: i32 = 127;
 /// Updates queued between the agent and a slow consumer.
 const UPDATE_BUFFER: usize = 64;
 /// How long a KILL may take to be written after the deadline before the
@@ -308,6 +310,20 @@ async fn drive(
             Ok(ExecEvent::Stdout(b)) => ExecUpdate::Stdout(b),
             Ok(ExecEvent::Stderr(b)) => ExecUpdate::Stderr(b),
             Ok(ExecEvent::Exit(code)) => break Some(ExecUpdate::Exit { code, timed_out }),
+            // The agent refuses a program that does not exist; users expect
+            // what a shell does: the message on stderr and exit 127.
+            Err(AgentError::Remote {
+                code: ErrorCode::NotFound,
+                message,
+            }) => {
+                let _ = tx
+                    .send(ExecUpdate::Stderr(format!("{message}\n").into_bytes()))
+                    .await;
+                break Some(ExecUpdate::Exit {
+                    code: EXIT_NOT_FOUND,
+                    timed_out,
+                });
+            }
             Err(e) => break Some(ExecUpdate::Failed(e)),
         };
         if tx.send(update).await.is_err() {

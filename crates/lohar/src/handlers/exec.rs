@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bhatti_proto::frame::{self, FrameType, HEADER_LEN};
-use bhatti_proto::{ExecRequest, Message};
+use bhatti_proto::{ErrorCode, ExecRequest, Message};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -50,8 +50,14 @@ pub fn run(agent: &Agent, conn: &Stream, req: ExecRequest) -> Result<(), Handler
         cwd.as_deref(),
     ) {
         Ok(c) => c,
+        // A program that does not exist is an ERROR (code not_found), as the
+        // reference agent's client tests expect; the host turns it into
+        // exit 127 with the message on stderr.
+        Err(e @ spawn::SpawnError::NotFound(_)) => {
+            return Err(HandlerError::Refused(ErrorCode::NotFound, e.to_string()))
+        }
         Err(e) => match e.exit_code() {
-            // Like a shell: a message on stderr and 127 (or 126).
+            // Exists but cannot run: like a shell, a message on stderr and 126.
             Some(code) => {
                 wire::send(conn, &Message::Stderr(format!("lohar: {e}\n").into_bytes()))?;
                 wire::send(conn, &Message::Exit(code))?;

@@ -150,6 +150,31 @@ pub async fn write(
     let agent = state.service.agent(&user, &id).await?;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let mut reader = tokio_util::io::StreamReader::new(stream);
-    agent.write_file(&path, mode, len, &mut reader).await?;
+    if let Err(e) = agent.write_file(&path, mode, len, &mut reader).await {
+        drain_upload(&mut reader).await;
+        return Err(e.into());
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Longest a refused upload's rest is read (and dropped) before answering.
+const DRAIN_TOTAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// A client that sends nothing for this long is not waited for.
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what is left of a refused upload (at most 100 MiB, as
+/// the length was checked), so that the client, still sending, reads our
+/// answer instead of a reset connection (seen under load: a 20 MB write
+/// refused early reached the client as "connection reset" instead of 400).
+async fn drain_upload<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(DRAIN_TOTAL, async {
+        while let Ok(Ok(n)) = tokio::time::timeout(DRAIN_IDLE, reader.read(&mut buf)).await {
+            if n == 0 {
+                return;
+            }
+        }
+    })
+    .await;
 }

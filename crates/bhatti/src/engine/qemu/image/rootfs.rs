@@ -45,6 +45,7 @@ pub const PACKAGES: &[&str] = &[
     "vim-tiny",
     "nano",
     "tzdata",
+    "locales",
 ];
 
 /// The unprivileged user commands run as.
@@ -72,6 +73,9 @@ chown {uid}:{uid} "$r/workspace"
 echo {host} > "$r/etc/hostname"
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n' > "$r/etc/hosts"
 : > "$r/etc/fstab"
+echo 'en_US.UTF-8 UTF-8' > "$r/etc/locale.gen"
+chroot "$r" locale-gen
+echo 'LANG=en_US.UTF-8' > "$r/etc/default/locale"
 rm -f "$r/etc/resolv.conf"
 : > "$r/etc/resolv.conf"
 "#,
