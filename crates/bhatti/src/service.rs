@@ -252,6 +252,7 @@ impl Service {
         let patch = SandboxPatch {
             name: req.name,
             keep_hot: req.keep_hot,
+            ..Default::default()
         };
         Ok(view(
             &self

@@ -22,11 +22,13 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+pub mod labels;
 mod publish;
 mod sandboxes;
 mod secrets;
 mod users;
 
+pub use labels::Labels;
 pub use publish::{generate_alias, validate_alias, PublishRule};
 pub use sandboxes::{
     generate_sandbox_id, generate_sandbox_token, validate_sandbox_name, NewSandbox, SandboxPatch,
@@ -44,10 +46,16 @@ pub const DB_FILE: &str = "state.db";
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema migrations, in order; migration `i` brings `user_version` to `i + 1`.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "001_initial",
-    include_str!("../../migrations/001_initial.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "001_initial",
+        include_str!("../../migrations/001_initial.sql"),
+    ),
+    (
+        "002_labels",
+        include_str!("../../migrations/002_labels.sql"),
+    ),
+];
 
 /// Errors of the store. The API maps them: `NotFound` → 404,
 /// `Conflict` → 409, `LimitExceeded` → 422, `Invalid` → 400,

@@ -13,6 +13,7 @@ use rand::Rng;
 use rusqlite::{params, OptionalExtension, Row};
 use time::OffsetDateTime;
 
+use super::labels::{self, Labels};
 use super::users::is_valid_name;
 use super::{conversion_err, fmt_ts, is_unique_violation, now, ts_col, Store, StoreError};
 use crate::config::Ipv4Subnet;
@@ -91,6 +92,8 @@ pub struct SandboxRecord {
     /// Names of the user's secrets injected as environment variables.
     pub secrets: Vec<String>,
     pub init: Option<String>,
+    /// The owner's labels (see `store::labels`).
+    pub labels: Labels,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub last_active_at: OffsetDateTime,
@@ -111,6 +114,7 @@ pub struct NewSandbox {
     pub env: BTreeMap<String, String>,
     pub secrets: Vec<String>,
     pub init: Option<String>,
+    pub labels: Labels,
 }
 
 impl NewSandbox {
@@ -127,6 +131,7 @@ impl NewSandbox {
             env: BTreeMap::new(),
             secrets: Vec::new(),
             init: None,
+            labels: Labels::new(),
         }
     }
 }
@@ -136,6 +141,10 @@ impl NewSandbox {
 pub struct SandboxPatch {
     pub name: Option<String>,
     pub keep_hot: Option<bool>,
+    /// Labels to add or change.
+    pub labels_set: Labels,
+    /// Label keys to remove (after `labels_set` is applied).
+    pub labels_delete: Vec<String>,
 }
 
 /// `sb_` + 12 random lowercase hex characters.
@@ -162,13 +171,14 @@ pub fn validate_sandbox_name(name: &str) -> Result<(), StoreError> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, user_id, name, status, ip, cpus, memory_mb, keep_hot, token, \
-     env, secrets, init, created_at, updated_at, last_active_at";
+     env, secrets, init, labels, created_at, updated_at, last_active_at";
 
 fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let status: String = row.get("status")?;
     let ip: String = row.get("ip")?;
     let env: String = row.get("env")?;
     let secrets: String = row.get("secrets")?;
+    let labels: String = row.get("labels")?;
     Ok(SandboxRecord {
         id: row.get("id")?,
         user_id: row.get("user_id")?,
@@ -186,6 +196,8 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         secrets: serde_json::from_str(&secrets)
             .map_err(|e| conversion_err(format!("bad sandbox secrets: {e}")))?,
         init: row.get("init")?,
+        labels: serde_json::from_str(&labels)
+            .map_err(|e| conversion_err(format!("bad sandbox labels: {e}")))?,
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,
         last_active_at: ts_col(row, "last_active_at")?,
@@ -220,8 +232,10 @@ impl Store {
                 "cpus and memory_mb must be at least 1".into(),
             ));
         }
+        labels::validate(&new.labels)?;
         let env = json(&new.env)?;
         let secrets = json(&new.secrets)?;
+        let labels = json(&new.labels)?;
         let at = now();
         let ip = self.write_tx(|tx| {
             let user: Option<(String, u32)> = tx
@@ -268,8 +282,8 @@ impl Store {
                 .ok_or_else(|| StoreError::SubnetFull(subnet.to_string()))?;
             tx.execute(
                 "INSERT INTO sandboxes (id, user_id, name, status, ip, cpus, memory_mb, keep_hot,
-                     token, env, secrets, init, created_at, updated_at, last_active_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?13)",
+                     token, env, secrets, init, labels, created_at, updated_at, last_active_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?14, ?13, ?13, ?13)",
                 params![
                     new.id,
                     new.user_id,
@@ -284,6 +298,7 @@ impl Store {
                     secrets,
                     new.init,
                     fmt_ts(at),
+                    labels,
                 ],
             )
             .map_err(|e| {
@@ -308,6 +323,7 @@ impl Store {
             env: new.env.clone(),
             secrets: new.secrets.clone(),
             init: new.init.clone(),
+            labels: new.labels.clone(),
             created_at: at,
             updated_at: at,
             last_active_at: at,
@@ -435,6 +451,14 @@ impl Store {
         if let Some(name) = &patch.name {
             validate_sandbox_name(name)?;
         }
+        patch
+            .labels_set
+            .iter()
+            .try_for_each(|(k, v)| labels::validate_pair(k, v))?;
+        patch
+            .labels_delete
+            .iter()
+            .try_for_each(|k| labels::validate_key(k))?;
         let id = self.write_tx(|tx| {
             let id: String = tx
                 .query_row(
@@ -465,6 +489,23 @@ impl Store {
                 tx.execute(
                     "UPDATE sandboxes SET keep_hot = ?1, updated_at = ?2 WHERE id = ?3",
                     params![keep_hot, at, id],
+                )?;
+            }
+            if !patch.labels_set.is_empty() || !patch.labels_delete.is_empty() {
+                let text: String =
+                    tx.query_row("SELECT labels FROM sandboxes WHERE id = ?1", [&id], |r| {
+                        r.get(0)
+                    })?;
+                let mut have: Labels = serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Invalid(format!("stored labels: {e}")))?;
+                have.extend(patch.labels_set.clone());
+                for k in &patch.labels_delete {
+                    have.remove(k);
+                }
+                labels::validate(&have)?;
+                tx.execute(
+                    "UPDATE sandboxes SET labels = ?1, updated_at = ?2 WHERE id = ?3",
+                    params![json(&have)?, at, id],
                 )?;
             }
             Ok(id)
@@ -663,6 +704,7 @@ mod tests {
                 &SandboxPatch {
                     name: Some("other".into()),
                     keep_hot: None,
+                    ..Default::default()
                 },
             )
             .expect_err("clash");
@@ -674,6 +716,7 @@ mod tests {
                 &SandboxPatch {
                     name: Some("renamed".into()),
                     keep_hot: Some(true),
+                    ..Default::default()
                 },
             )
             .expect("update");
@@ -685,6 +728,7 @@ mod tests {
             &SandboxPatch {
                 name: Some("renamed".into()),
                 keep_hot: None,
+                ..Default::default()
             },
         )
         .expect("same name");
@@ -714,5 +758,36 @@ mod tests {
             assert_eq!(st.as_str().parse::<SandboxStatus>(), Ok(st));
         }
         assert!("bogus".parse::<SandboxStatus>().is_err());
+    }
+
+    #[test]
+    fn labels_roundtrip_edit_and_limits() {
+        let (_d, s) = temp_store();
+        let a = user(&s, "alice", 5);
+        let mut new = NewSandbox::new(a, "lab");
+        new.labels.insert("team".into(), "ml".into());
+        let r = s.create_sandbox(&new, &subnet()).expect("create");
+        assert_eq!(s.get_sandbox(&r.id).expect("get").labels, new.labels);
+        let patch = SandboxPatch {
+            labels_set: [("env".to_string(), "dev".to_string())].into(),
+            labels_delete: vec!["team".into()],
+            ..Default::default()
+        };
+        let up = s.update_sandbox(a, "lab", &patch).expect("edit");
+        assert_eq!(up.labels, Labels::from([("env".into(), "dev".into())]));
+        // Past the limit: refused, nothing changed.
+        let patch = SandboxPatch {
+            labels_set: (0..16).map(|i| (format!("k{i}"), "v".into())).collect(),
+            ..Default::default()
+        };
+        let e = s.update_sandbox(a, "lab", &patch).expect_err("17 labels");
+        assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+        assert_eq!(s.get_sandbox(&r.id).expect("get").labels.len(), 1);
+        let mut bad = NewSandbox::new(a, "bad");
+        bad.labels.insert("-x".into(), "v".into());
+        assert!(matches!(
+            s.create_sandbox(&bad, &subnet()),
+            Err(StoreError::Invalid(_))
+        ));
     }
 }
