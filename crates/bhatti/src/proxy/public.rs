@@ -62,6 +62,7 @@ pub async fn serve(
             loop {
                 tick.tick().await;
                 state.service.proxy_state().pool.sweep();
+                state.limiter.forget_idle();
             }
         })
     };
