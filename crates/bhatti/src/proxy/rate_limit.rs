@@ -20,13 +20,20 @@ use governor::Quota;
 /// cannot grow it without bound.
 const MAX_KEYS: usize = 10_000;
 
+/// governor's limiter for one budget, timed by `C`.
+type Direct<C> =
+    governor::RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+/// governor's limiter for a budget per key, timed by `C`.
+type Keyed<K, C> =
+    governor::RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
 fn quota(rate: u32) -> Option<Quota> {
     NonZeroU32::new(rate).map(Quota::per_second)
 }
 
 /// One budget of `rate` requests per second shared by every caller.
 pub struct Limit<C: Clock = DefaultClock> {
-    limiter: Option<governor::RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>>,
+    limiter: Option<Direct<C>>,
 }
 
 impl Limit {
@@ -52,8 +59,7 @@ impl<C: Clock> Limit<C> {
 
 /// A budget of `rate` requests per second for each key.
 pub struct KeyedLimit<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
-    limiter:
-        Option<governor::RateLimiter<K, DefaultKeyedStateStore<K>, C, NoOpMiddleware<C::Instant>>>,
+    limiter: Option<Keyed<K, C>>,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimit<K> {
