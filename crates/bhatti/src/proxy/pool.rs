@@ -47,7 +47,8 @@ impl Agents {
         self.by_sandbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The pool host of `target`'s sandbox, remembering its agent.
+    /// The pool host of `target`'s sandbox, remembering its agent (the
+    /// latest one: new connections use it).
     fn host_of(&self, target: &Target) -> String {
         let mut map = self.lock();
         let entry = map.entry(target.sandbox_id.clone()).or_insert_with(|| {
@@ -56,6 +57,7 @@ impl Agents {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (generation, target.agent.clone())
         });
+        entry.1 = target.agent.clone();
         format!("{}.{}", target.sandbox_id, entry.0)
     }
 
