@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bhatti::engine::agent_client::{AgentClient, UnixDialer};
-use bhatti::proxy::relay::UpstreamBody;
+use bhatti::proxy::relay::{relay, Forwarded, UpstreamBody};
 use bhatti::proxy::{ProxyError, Target, UpstreamPool};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -218,5 +218,75 @@ async fn errors_say_what_failed() {
     match peer(&pool, &t).await {
         Err(ProxyError::Unreachable(_)) => {}
         other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+/// One request through the relay both proxies use; the app's answer.
+async fn one(pool: &UpstreamPool, target: &Target) -> String {
+    let req = Request::new(Empty::<Bytes>::new());
+    let resp = relay(pool, target, req, "/", &Forwarded::default())
+        .await
+        .expect("relay");
+    assert_eq!(resp.status(), 200);
+    let b = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(b.to_vec()).expect("utf-8")
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+/// Relay + pool overhead on loopback, sequential and 8 at once, with the
+/// number of upstream connections that served them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "timing, by hand: cargo test --release -p bhatti --test proxy_pool -- --ignored --nocapture"]
+async fn relay_timing() {
+    let agent = Agent::start();
+    let port = peer_port_app().await;
+    let pool = Arc::new(UpstreamPool::default());
+    let target = agent.target("sb_0123456789ab", port);
+    for _ in 0..500 {
+        one(&pool, &target).await;
+    }
+    for round in 0..3 {
+        let n = 5000;
+        let mut times = Vec::with_capacity(n);
+        let mut peers = std::collections::HashSet::new();
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let t = Instant::now();
+            peers.insert(one(&pool, &target).await);
+            times.push(t.elapsed());
+        }
+        let wall = t0.elapsed();
+        println!(
+            "TIMING round {round} sequential n={n} p50={:?} p99={:?} req/s={:.0} upstream conns={}",
+            pct(&mut times, 50.0),
+            pct(&mut times, 99.0),
+            n as f64 / wall.as_secs_f64(),
+            peers.len()
+        );
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (pool, target) = (pool.clone(), target.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut peers = std::collections::HashSet::new();
+                for _ in 0..1000 {
+                    peers.insert(one(&pool, &target).await);
+                }
+                peers
+            }));
+        }
+        let mut peers = std::collections::HashSet::new();
+        for t in tasks {
+            peers.extend(t.await.expect("task"));
+        }
+        println!(
+            "TIMING round {round} 8 concurrent n=8000 req/s={:.0} upstream conns={}",
+            8000.0 / t0.elapsed().as_secs_f64(),
+            peers.len()
+        );
     }
 }
