@@ -52,7 +52,7 @@ impl ProxyState {
 }
 
 /// Why a request could not be relayed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     /// Nothing accepts connections on the port inside the guest.
     #[error("the app is not listening on port {port} in the sandbox")]

@@ -61,7 +61,7 @@ pub async fn serve(
             let mut tick = tokio::time::interval(Duration::from_secs(15));
             loop {
                 tick.tick().await;
-                state.service.proxy_state().pool.sweep();
+                state.limiter.forget_idle();
             }
         })
     };

@@ -16,11 +16,9 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use super::{ProxyError, Target, UpstreamPool, MAX_REQUEST_BODY};
-use crate::engine::agent_client::AgentError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -109,7 +107,7 @@ where
     *up.version_mut() = Version::HTTP_11;
     *up.headers_mut() = headers;
 
-    let (mut resp, sender) = send(pool, target, up).await.map_err(|e| {
+    let mut resp = pool.send(target, up).await.map_err(|e| {
         if exceeded.load(Ordering::Relaxed) {
             ProxyError::TooLarge
         } else {
@@ -118,8 +116,8 @@ where
     })?;
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        // The connection now belongs to the upgraded protocol: never pooled.
-        drop(sender);
+        // The connection now belongs to the upgraded protocol: the pool
+        // never hands it out again.
         let Some(client_upgrade) = client_upgrade else {
             return Err(ProxyError::Upstream {
                 port: target.port,
@@ -145,65 +143,9 @@ where
         return Ok(Response::from_parts(parts, Body::empty()));
     }
 
-    pool.put(&target.sandbox_id, target.port, sender);
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
-}
-
-/// Sends on an idle pooled connection when one is ready, else on a new one.
-async fn send(
-    pool: &UpstreamPool,
-    target: &Target,
-    req: Request<UpstreamBody>,
-) -> Result<(Response<hyper::body::Incoming>, SendRequest<UpstreamBody>), ProxyError> {
-    let mut req = req;
-    if let Some(mut sender) = pool.take(&target.sandbox_id, target.port) {
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, sender)),
-            Err(mut e) => match e.take_message() {
-                // Never written: the connection closed meanwhile; use a new one.
-                Some(back) => req = back,
-                None => return Err(upstream_error(target.port, e.into_error())),
-            },
-        }
-    }
-    let mut sender = connect(target).await?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| upstream_error(target.port, e))?;
-    Ok((resp, sender))
-}
-
-/// A new HTTP/1.1 connection to the guest port through the agent.
-async fn connect(target: &Target) -> Result<SendRequest<UpstreamBody>, ProxyError> {
-    let stream = target
-        .agent
-        .forward(target.port)
-        .await
-        .map_err(|e| match e {
-            AgentError::Remote { .. } => ProxyError::NotListening { port: target.port },
-            other => ProxyError::Unreachable(other.to_string()),
-        })?;
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| upstream_error(target.port, e))?;
-    let port = target.port;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(port, error = %e, "upstream connection ended");
-        }
-    });
-    Ok(sender)
-}
-
-fn upstream_error(port: u16, e: hyper::Error) -> ProxyError {
-    ProxyError::Upstream {
-        port,
-        detail: e.to_string(),
-    }
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

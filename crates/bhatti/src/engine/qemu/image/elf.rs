@@ -1,131 +1,63 @@
-//! Just enough ELF64 (little-endian) reading for the image builder: named
-//! sections (a module's `.modinfo`), program headers (is a binary static?)
-//! and notes (does a `vmlinux` carry the PVH entry note QEMU needs?).
+//! The few ELF questions the image builder asks, answered with the `object`
+//! crate: a named section (a module's `.modinfo`), whether a binary names a
+//! dynamic loader (`PT_INTERP`), and whether a `vmlinux` carries the PVH
+//! entry note QEMU needs.
+
+use object::elf::{FileHeader64, NoteType, ProgramHeader64, PT_INTERP};
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, SectionTable};
+use object::LittleEndian;
 
 /// Why a byte string is not an ELF file we can read.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("not a readable ELF64 little-endian file: {0}")]
-pub struct ElfError(&'static str);
+pub struct ElfError(#[from] object::read::Error);
 
-const PT_INTERP: u32 = 3;
-const PT_NOTE: u32 = 4;
+const LE: LittleEndian = LittleEndian;
 
-/// A parsed view over the bytes of an ELF64 LE file.
+/// A parsed view over the bytes of an ELF64 little-endian file.
 pub struct Elf<'a> {
     data: &'a [u8],
-    phoff: usize,
-    phentsize: usize,
-    phnum: usize,
-    shoff: usize,
-    shentsize: usize,
-    shnum: usize,
-    shstrndx: usize,
-}
-
-fn u16_at(d: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(d.get(off..off + 2)?.try_into().ok()?))
-}
-
-fn u32_at(d: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(d.get(off..off + 4)?.try_into().ok()?))
-}
-
-fn u64_at(d: &[u8], off: usize) -> Option<usize> {
-    let v = u64::from_le_bytes(d.get(off..off + 8)?.try_into().ok()?);
-    usize::try_from(v).ok()
+    segments: &'a [ProgramHeader64<LittleEndian>],
+    sections: SectionTable<'a, FileHeader64<LittleEndian>>,
 }
 
 impl<'a> Elf<'a> {
+    /// Checks the file header and reads the program and section header
+    /// tables; fails on anything else than a well-formed ELF64 LE file.
     pub fn parse(data: &'a [u8]) -> Result<Self, ElfError> {
-        if data.get(..4) != Some(b"\x7fELF") {
-            return Err(ElfError("no ELF magic"));
-        }
-        if data.get(4) != Some(&2) || data.get(5) != Some(&1) {
-            return Err(ElfError("not 64-bit little-endian"));
-        }
-        let short = ElfError("truncated header");
+        let header = FileHeader64::<LittleEndian>::parse(data)?;
+        // The typed parse accepts either byte order; this asks for ours.
+        header.endian()?;
         Ok(Elf {
             data,
-            phoff: u64_at(data, 0x20).ok_or(short.clone())?,
-            shoff: u64_at(data, 0x28).ok_or(short.clone())?,
-            phentsize: usize::from(u16_at(data, 0x36).ok_or(short.clone())?),
-            phnum: usize::from(u16_at(data, 0x38).ok_or(short.clone())?),
-            shentsize: usize::from(u16_at(data, 0x3a).ok_or(short.clone())?),
-            shnum: usize::from(u16_at(data, 0x3c).ok_or(short.clone())?),
-            shstrndx: usize::from(u16_at(data, 0x3e).ok_or(short)?),
-        })
-    }
-
-    /// (type, offset, filesz) of every program header.
-    fn program_headers(&self) -> impl Iterator<Item = (u32, usize, usize)> + '_ {
-        (0..self.phnum).filter_map(move |i| {
-            let base = self.phoff.checked_add(i.checked_mul(self.phentsize)?)?;
-            Some((
-                u32_at(self.data, base)?,
-                u64_at(self.data, base + 0x08)?,
-                u64_at(self.data, base + 0x20)?,
-            ))
+            segments: header.program_headers(LE, data)?,
+            sections: header.sections(LE, data)?,
         })
     }
 
     /// True when the file names a dynamic loader (so it cannot run as /init
     /// in an initramfs that has no libc).
     pub fn has_interpreter(&self) -> bool {
-        self.program_headers().any(|(t, _, _)| t == PT_INTERP)
+        self.segments.iter().any(|p| p.p_type(LE) == PT_INTERP)
     }
 
-    /// Contents of the section called `name`, if present.
+    /// Contents of the section called `name`, if present and inside the file.
     pub fn section(&self, name: &str) -> Option<&'a [u8]> {
-        let sh = |i: usize| -> Option<(usize, usize, usize)> {
-            let base = self.shoff.checked_add(i.checked_mul(self.shentsize)?)?;
-            let name_off = u32_at(self.data, base)? as usize;
-            let off = u64_at(self.data, base + 0x18)?;
-            let size = u64_at(self.data, base + 0x20)?;
-            Some((name_off, off, size))
-        };
-        let (_, str_off, str_size) = sh(self.shstrndx)?;
-        let strtab = self.data.get(str_off..str_off.checked_add(str_size)?)?;
-        (0..self.shnum).find_map(|i| {
-            let (name_off, off, size) = sh(i)?;
-            let rest = strtab.get(name_off..)?;
-            let end = rest.iter().position(|&b| b == 0)?;
-            if &rest[..end] != name.as_bytes() {
-                return None;
-            }
-            self.data.get(off..off.checked_add(size)?)
-        })
+        let (_, sh) = self.sections.section_by_name(LE, name.as_bytes())?;
+        sh.data(LE, self.data).ok()
     }
 
     /// Does any PT_NOTE segment hold a note with this owner name and type?
+    /// A malformed note ends the walk of its segment.
     pub fn has_note(&self, owner: &str, note_type: u32) -> bool {
-        self.program_headers()
-            .filter(|&(t, _, _)| t == PT_NOTE)
-            .any(|(_, off, size)| {
-                let Some(seg) = off
-                    .checked_add(size)
-                    .and_then(|end| self.data.get(off..end))
-                else {
-                    return false;
-                };
-                notes(seg).any(|(name, t)| t == note_type && name == owner.as_bytes())
-            })
+        self.segments.iter().any(|p| {
+            let Ok(Some(mut notes)) = p.notes(LE, self.data) else {
+                return false;
+            };
+            std::iter::from_fn(|| notes.next().ok().flatten())
+                .any(|n| n.n_type(LE) == NoteType(note_type) && n.name() == owner.as_bytes())
+        })
     }
-}
-
-/// (owner name without NUL, type) of each note in a note segment.
-fn notes(mut seg: &[u8]) -> impl Iterator<Item = (&[u8], u32)> {
-    std::iter::from_fn(move || {
-        let namesz = u32_at(seg, 0)? as usize;
-        let descsz = u32_at(seg, 4)? as usize;
-        let ntype = u32_at(seg, 8)?;
-        let name_end = 12usize.checked_add(namesz)?;
-        let name = seg.get(12..name_end)?;
-        let name = name.strip_suffix(b"\0").unwrap_or(name);
-        let desc_start = name_end.checked_add(3)? & !3;
-        let next = desc_start.checked_add(descsz)?.checked_add(3)? & !3;
-        seg = seg.get(next..).unwrap_or(&[]);
-        Some((name, ntype))
-    })
 }
 
 #[cfg(test)]
@@ -149,17 +81,98 @@ mod tests {
         // Built for the host gnu target without crt-static: dynamic.
         assert!(elf.has_interpreter());
         assert!(!elf.has_note("nobody", 0));
+        // Every gnu binary carries the GNU build-id note (NT_GNU_BUILD_ID = 3)
+        // or at least the ABI tag (NT_GNU_ABI_TAG = 1).
+        assert!(elf.has_note("GNU", 3) || elf.has_note("GNU", 1));
+    }
+
+    /// A minimal ELF64 LE file: header, one PT_NOTE segment holding a Xen
+    /// note of type 18 (the PVH entry), no sections.
+    fn elf_with_note(owner: &[u8], note_type: u32) -> Vec<u8> {
+        let mut note = Vec::new();
+        let namesz = u32::try_from(owner.len() + 1).expect("short name");
+        note.extend_from_slice(&namesz.to_le_bytes());
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&note_type.to_le_bytes());
+        note.extend_from_slice(owner);
+        note.push(0);
+        while note.len() % 4 != 0 {
+            note.push(0);
+        }
+        note.extend_from_slice(&[1, 2, 3, 4]);
+
+        let (ehsize, phentsize) = (64u16, 56u16);
+        let note_off = u64::from(ehsize + phentsize);
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0");
+        f.extend_from_slice(&[0; 8]);
+        f.extend_from_slice(&2u16.to_le_bytes()); // e_type: EXEC
+        f.extend_from_slice(&62u16.to_le_bytes()); // e_machine: x86-64
+        f.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        f.extend_from_slice(&0u64.to_le_bytes()); // e_entry
+        f.extend_from_slice(&u64::from(ehsize).to_le_bytes()); // e_phoff
+        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for v in [ehsize, phentsize, 1, 64, 0, 0] {
+            f.extend_from_slice(&v.to_le_bytes());
+        }
+        f.extend_from_slice(&4u32.to_le_bytes()); // p_type: PT_NOTE
+        f.extend_from_slice(&4u32.to_le_bytes()); // p_flags
+        f.extend_from_slice(&note_off.to_le_bytes()); // p_offset
+        f.extend_from_slice(&[0; 16]); // p_vaddr, p_paddr
+        let len = note.len() as u64;
+        f.extend_from_slice(&len.to_le_bytes()); // p_filesz
+        f.extend_from_slice(&len.to_le_bytes()); // p_memsz
+        f.extend_from_slice(&4u64.to_le_bytes()); // p_align
+        f.extend_from_slice(&note);
+        f
     }
 
     #[test]
-    fn parses_notes() {
-        let mut seg = Vec::new();
-        seg.extend_from_slice(&4u32.to_le_bytes());
-        seg.extend_from_slice(&4u32.to_le_bytes());
-        seg.extend_from_slice(&18u32.to_le_bytes());
-        seg.extend_from_slice(b"Xen\0");
-        seg.extend_from_slice(&[1, 2, 3, 4]);
-        let all: Vec<_> = notes(&seg).collect();
-        assert_eq!(all, vec![(&b"Xen"[..], 18)]);
+    fn finds_the_pvh_note() {
+        let f = elf_with_note(b"Xen", 18);
+        let elf = Elf::parse(&f).expect("parse");
+        assert!(elf.has_note("Xen", 18));
+        assert!(!elf.has_note("Xen", 17));
+        assert!(!elf.has_note("GNU", 18));
+        assert!(!elf.has_interpreter());
+        assert!(elf.section(".modinfo").is_none());
+    }
+
+    #[test]
+    fn big_endian_is_refused() {
+        let mut f = elf_with_note(b"Xen", 18);
+        f[5] = 2; // EI_DATA: ELFDATA2MSB
+        assert!(Elf::parse(&f).is_err());
+    }
+
+    /// The real kernel artifact of the shared image cache, when one was built:
+    /// the PVH note of its vmlinux, and `.modinfo` dependencies as `modinfo
+    /// -F depends` gives them for Debian's 6.1 cloud kernel.
+    #[test]
+    fn reads_the_built_kernel_artifact() {
+        let images = std::path::Path::new(super::super::DEFAULT_IMAGES_DIR);
+        let Some(kdir) = std::fs::read_dir(images).ok().and_then(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.join("vmlinux").is_file() && p.join("modules").is_dir())
+        }) else {
+            eprintln!("no kernel artifact in {}; skipping", images.display());
+            return;
+        };
+        let vmlinux = std::fs::read(kdir.join("vmlinux")).expect("read vmlinux");
+        let elf = Elf::parse(&vmlinux).expect("parse vmlinux");
+        assert!(elf.has_note("Xen", 18), "PVH entry note");
+        assert!(!elf.has_interpreter());
+        let deps = |name: &str| {
+            let ko = std::fs::read(kdir.join("modules").join(name)).expect("read module");
+            super::super::modules::module_depends(&ko).expect("modinfo")
+        };
+        assert_eq!(
+            deps("virtio_net.ko"),
+            ["virtio_ring", "virtio", "net_failover"]
+        );
+        assert_eq!(deps("net_failover.ko"), ["failover"]);
+        assert!(deps("virtio_ring.ko").is_empty());
     }
 }

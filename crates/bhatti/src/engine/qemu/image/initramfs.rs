@@ -2,14 +2,16 @@
 //! every kernel reads it) holding `/init` = the static lohar binary, the
 //! kernel modules and their load order.
 //!
-//! The archive is written here directly rather than with `cpio(1)`: it needs
-//! a `/dev/console` node (without one the kernel starts `/init` with no
-//! stdio) and byte-identical output for identical input.
+//! Written with the `cpio` crate rather than `cpio(1)`: the archive needs a
+//! `/dev/console` node (without one the kernel starts `/init` with no stdio),
+//! which `cpio -o` only copies from a real node on disk, and byte-identical
+//! output for identical input (no mtimes, owners or inode numbers of the host).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use bhatti_proto::boot::{INITRAMFS_MODULES_DIR, INITRAMFS_MODULES_ORDER};
+use cpio::newc::{Builder, ModeFileType};
 
 use super::elf::Elf;
 use super::modules::Module;
@@ -23,80 +25,59 @@ pub const LOHAR_TARGET: &str = "x86_64-unknown-linux-gnu";
 pub const LOHAR_BUILD_HINT: &str = "RUSTFLAGS=\"-C target-feature=+crt-static\" \
      cargo build --release -p lohar --target x86_64-unknown-linux-gnu";
 
-const S_IFDIR: u32 = 0o040_000;
-const S_IFREG: u32 = 0o100_000;
-const S_IFCHR: u32 = 0o020_000;
+/// Name of the entry that ends a newc archive.
+const TRAILER: &str = "TRAILER!!!";
 
-/// A newc ("070701") cpio archive writer.
+/// A newc archive being written: every entry owned by root with mtime 0 and
+/// inode numbers counted from 1 in the order written, so the same input
+/// always gives the same bytes.
 struct Cpio<W: Write> {
     out: W,
     ino: u32,
-    written: u64,
 }
 
 impl<W: Write> Cpio<W> {
     fn new(out: W) -> Self {
-        Cpio {
-            out,
-            ino: 1,
-            written: 0,
-        }
+        Cpio { out, ino: 1 }
     }
 
-    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.out.write_all(bytes)?;
-        self.written += bytes.len() as u64;
+    fn entry(&mut self, entry: Builder, data: &[u8]) -> std::io::Result<()> {
+        let size =
+            u32::try_from(data.len()).map_err(|_| std::io::Error::other("file over 4 GiB"))?;
+        let mut w = entry.ino(self.ino).write(&mut self.out, size);
+        w.write_all(data)?;
+        w.finish()?;
+        self.ino += 1;
         Ok(())
     }
 
-    fn pad4(&mut self) -> std::io::Result<()> {
-        let pad = (4 - (self.written % 4) as usize) % 4;
-        self.put(&[0u8; 3][..pad])
-    }
-
-    fn entry(
-        &mut self,
-        name: &str,
-        mode: u32,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) -> std::io::Result<()> {
-        let name = name.trim_start_matches('/');
-        let size =
-            u32::try_from(data.len()).map_err(|_| std::io::Error::other("file over 4 GiB"))?;
-        let namesize =
-            u32::try_from(name.len() + 1).map_err(|_| std::io::Error::other("name too long"))?;
-        let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
-        let fields = [
-            self.ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0,
-        ];
-        self.ino += 1;
-        let mut header = String::from("070701");
-        for f in fields {
-            header.push_str(&format!("{f:08x}"));
-        }
-        self.put(header.as_bytes())?;
-        self.put(name.as_bytes())?;
-        self.put(&[0])?;
-        self.pad4()?;
-        self.put(data)?;
-        self.pad4()
+    fn builder(name: &str, kind: ModeFileType, perm: u32) -> Builder {
+        Builder::new(name.trim_start_matches('/'))
+            .mode(perm)
+            .set_mode_file_type(kind)
     }
 
     fn dir(&mut self, name: &str) -> std::io::Result<()> {
-        self.entry(name, S_IFDIR | 0o755, (0, 0), &[])
+        // A directory's own entry and its `..` in the parent.
+        let b = Self::builder(name, ModeFileType::Directory, 0o755).nlink(2);
+        self.entry(b, &[])
     }
 
     fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> std::io::Result<()> {
-        self.entry(name, S_IFREG | perm, (0, 0), data)
+        self.entry(Self::builder(name, ModeFileType::Regular, perm), data)
     }
 
     fn chardev(&mut self, name: &str, perm: u32, major: u32, minor: u32) -> std::io::Result<()> {
-        self.entry(name, S_IFCHR | perm, (major, minor), &[])
+        let b = Self::builder(name, ModeFileType::Char, perm)
+            .rdev_major(major)
+            .rdev_minor(minor);
+        self.entry(b, &[])
     }
 
     fn finish(mut self) -> std::io::Result<W> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[])?;
+        // Not `cpio::newc::trailer`, which numbers it 0: this keeps the bytes
+        // of archives written before the switch to the crate.
+        self.entry(Builder::new(TRAILER), &[])?;
         Ok(self.out)
     }
 }
@@ -252,6 +233,85 @@ mod tests {
         assert_eq!(&out[116..119], b"abc");
         assert!(text.contains("TRAILER!!!"));
         assert_eq!(out.len() % 4, 0);
+    }
+
+    /// The bytes of a small archive, fixed: the initramfs cache is keyed by
+    /// its inputs, so identical input must give identical output. The hash is
+    /// that of the hand-written writer this one replaced.
+    #[test]
+    fn output_is_stable() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut mods = Vec::new();
+        for (name, body) in [
+            ("virtio_ring", &b"ring"[..]),
+            ("virtio", b"virtio-module"),
+            ("net_failover", b"x"),
+        ] {
+            let path = dir.path().join(format!("{name}.ko"));
+            std::fs::write(&path, body).expect("write");
+            mods.push(Module {
+                name: name.into(),
+                path,
+            });
+        }
+        let img = dir.path().join("i.cpio");
+        write(&img, b"\x7fELF static lohar, 31 bytes long", &mods).expect("write");
+        let bytes = std::fs::read(&img).expect("read");
+        assert_eq!(bytes.len(), 1732);
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(&bytes)),
+            "8861792737026f51d197dc123d3dc56a4d199a40c6425f855ea5908bb3df6da0"
+        );
+    }
+
+    /// The initramfs of the shared image cache, when one was built: written
+    /// again from its own `/init` and modules, it comes out byte for byte.
+    #[test]
+    fn rewrites_the_cached_initramfs_identically() {
+        let images = Path::new(super::super::DEFAULT_IMAGES_DIR);
+        let Some(cached) = std::fs::read_dir(images).ok().and_then(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "cpio"))
+        }) else {
+            eprintln!("no initramfs in {}; skipping", images.display());
+            return;
+        };
+        let original = std::fs::read(&cached).expect("read cached initramfs");
+        let mut files = std::collections::HashMap::new();
+        let mut rest = &original[..];
+        loop {
+            let mut r = cpio::NewcReader::new(rest).expect("newc entry");
+            if r.entry().is_trailer() {
+                break;
+            }
+            let name = r.entry().name().to_string();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut r, &mut data).expect("entry data");
+            files.insert(name, data);
+            rest = r.finish().expect("next entry");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Archive names have no leading `/`.
+        let order = &files[INITRAMFS_MODULES_ORDER.trim_start_matches('/')];
+        let mods_dir = INITRAMFS_MODULES_DIR.trim_start_matches('/');
+        let order = String::from_utf8(order.clone()).expect("utf-8");
+        let mods: Vec<Module> = order
+            .lines()
+            .map(|f| {
+                let path = dir.path().join(f);
+                std::fs::write(&path, &files[&format!("{mods_dir}/{f}")]).expect("write module");
+                Module {
+                    name: f.trim_end_matches(".ko").into(),
+                    path,
+                }
+            })
+            .collect();
+        let again = dir.path().join("again.cpio");
+        write(&again, &files["init"], &mods).expect("write initramfs");
+        let again = std::fs::read(&again).expect("read");
+        assert!(again == original, "{} differs", cached.display());
     }
 
     #[test]
