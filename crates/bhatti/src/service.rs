@@ -61,6 +61,14 @@ pub enum ServiceError {
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
+/// What [`Service::create_sandbox`] did.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub sandbox: Sandbox,
+    /// False when a sandbox of that name already existed and is returned.
+    pub created: bool,
+}
+
 /// Everything the API needs, behind one handle.
 pub struct Service {
     store: Store,
@@ -76,6 +84,9 @@ pub struct Service {
     url_scheme: String,
     /// One lock per sandbox for stop, start, wake-up and destroy.
     thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per (user, name) being created: concurrent identical creates
+    /// make one sandbox.
+    create_locks: Mutex<HashMap<(i64, String), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Service {
@@ -95,6 +106,7 @@ impl Service {
             domain: "localhost".into(),
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
+            create_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -148,16 +160,61 @@ impl Service {
         })
     }
 
-    /// Validates, records, boots and returns a new sandbox. A VM that fails
-    /// to boot leaves no row, no IP and nothing on the host behind.
-    pub async fn create_sandbox(&self, user: &User, req: CreateSandboxRequest) -> Result<Sandbox> {
-        let name = match req.name {
+    /// Validates, records, boots and returns a new sandbox; `created` is
+    /// false when the caller already has a sandbox of that name, which is
+    /// returned as it is (a create retried after a timeout must not fail).
+    /// Concurrent creates of one name by one user wait for each other, so
+    /// they make one sandbox. A VM that fails to boot leaves no row, no IP
+    /// and nothing on the host behind.
+    ///
+    /// Errors: `Invalid` for bad fields and for cpus/memory over the user's
+    /// per-sandbox caps (named); the store's `LimitExceeded` over the user's
+    /// sandbox quota; engine failures.
+    pub async fn create_sandbox(&self, user: &User, req: CreateSandboxRequest) -> Result<Created> {
+        let name = match req.name.clone() {
             Some(n) => n,
             None => generate_name(),
         };
-        let cpus = positive("cpus", req.cpus.unwrap_or(1), 1)?.min(user.max_cpus);
-        let memory_mb = positive("memory_mb", req.memory_mb.unwrap_or(512), MIN_MEMORY_MB)?
-            .min(user.max_memory_mb);
+        let lock = {
+            let mut locks = self
+                .create_locks
+                .lock()
+                .map_err(|_| ServiceError::Unavailable("create locks poisoned".into()))?;
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry((user.id, name.clone())).or_default().clone()
+        };
+        let _one_at_a_time = lock.lock().await;
+        match self.find(user, &name).await {
+            Ok(rec) => {
+                return Ok(Created {
+                    sandbox: view(&rec),
+                    created: false,
+                })
+            }
+            Err(ServiceError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let sandbox = self.create_new(user, name, req).await?;
+        Ok(Created {
+            sandbox,
+            created: true,
+        })
+    }
+
+    async fn create_new(
+        &self,
+        user: &User,
+        name: String,
+        req: CreateSandboxRequest,
+    ) -> Result<Sandbox> {
+        let cpus = capped("cpus", req.cpus.unwrap_or(1), 1, user.max_cpus, "vCPUs")?;
+        let memory_mb = capped(
+            "memory_mb",
+            req.memory_mb.unwrap_or(512),
+            MIN_MEMORY_MB,
+            user.max_memory_mb,
+            "MB",
+        )?;
         let env = req.env.unwrap_or_default();
         for key in env.keys() {
             validate_secret_name(key)
@@ -479,6 +536,17 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
+/// `positive`, and at most the user's per-sandbox `cap` (named in the error).
+fn capped(field: &str, v: i64, min: i64, cap: u32, unit: &str) -> Result<u32> {
+    let v = positive(field, v, min)?;
+    if v > cap {
+        return Err(ServiceError::Invalid(format!(
+            "invalid field `{field}`: {v} is over your limit of {cap} {unit} per sandbox"
+        )));
+    }
+    Ok(v)
+}
+
 fn positive(field: &str, v: i64, min: i64) -> Result<u32> {
     if v < min {
         return Err(ServiceError::Invalid(format!(
@@ -535,5 +603,8 @@ mod tests {
         assert!(positive("cpus", -1, 1).is_err());
         assert_eq!(positive("cpus", 1, 1).unwrap(), 1);
         assert!(positive("memory_mb", 127, 128).is_err());
+        assert_eq!(capped("cpus", 4, 1, 4, "vCPUs").unwrap(), 4);
+        let e = capped("cpus", 5, 1, 4, "vCPUs").expect_err("over the cap");
+        assert!(e.to_string().contains("limit of 4 vCPUs"), "{e}");
     }
 }

@@ -114,12 +114,25 @@ async fn api_scenario() {
     assert_eq!(v[0]["name"], "API_KEY");
     assert!(!v.to_string().contains(SECRET_VALUE));
 
-    // --- three sandboxes, booted concurrently; cpus/memory clamped to alice's limits
+    // --- cpus/memory past alice's per-sandbox caps: a 400 naming the cap, nothing created
+    for (body, want) in [
+        (json!({"name": "big", "cpus": 3}), "limit of 2 vCPUs"),
+        (
+            json!({"name": "big", "memory_mb": 1025}),
+            "limit of 1024 MB",
+        ),
+    ] {
+        let (s, v) = status_of(alice.post("/sandboxes", body).await).await;
+        assert_eq!(s, 400, "{v}");
+        assert!(err_text(&v).contains(want), "{v}");
+    }
+
+    // --- three sandboxes, booted concurrently, at alice's caps
     let name63 = format!("d{}", "e".repeat(62));
     let create = |name: String, extra: Value| {
         let alice = alice.clone();
         async move {
-            let mut body = json!({"name": name, "cpus": 8, "memory_mb": 4096});
+            let mut body = json!({"name": name, "cpus": 2, "memory_mb": 1024});
             if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
                 b.extend(e.clone());
             }
@@ -139,8 +152,8 @@ async fn api_scenario() {
     for (s, v) in [&a, &b, &c] {
         assert_eq!(*s, 201, "create failed: {v}\nlog:\n{}", d.log());
         assert_eq!(v["status"], "running");
-        assert_eq!(v["cpus"], 2, "cpus clamped to the user's limit");
-        assert_eq!(v["memory_mb"], 1024, "memory clamped to the user's limit");
+        assert_eq!(v["cpus"], 2);
+        assert_eq!(v["memory_mb"], 1024);
         assert!(v["ip"].as_str().unwrap().starts_with("192.168.150."));
         assert!(v["created_at"].as_str().unwrap().contains('T'));
     }
@@ -154,22 +167,43 @@ async fn api_scenario() {
         .collect();
     assert_eq!(ips.len(), 3, "each sandbox has its own IP");
 
-    // over the sandbox cap (422) and name taken (409): refused before any VM boots
+    // over the sandbox quota: 429 naming the limit, before any VM boots
     let (s, v) = status_of(alice.post("/sandboxes", json!({"name": "fourth"})).await).await;
-    assert_eq!(s, 422, "{v}");
-    let (s, v) = status_of(
-        bob.post(
-            "/sandboxes",
-            json!({"name": "web", "cpus": 1, "memory_mb": 128}),
-        )
-        .await,
-    )
-    .await;
-    assert!(s == 201 || s == 503, "another user may reuse the name: {v}");
-    if s == 201 {
-        let (s, _) = status_of(bob.delete("/sandboxes/web").await).await;
-        assert_eq!(s, 204);
-    }
+    assert_eq!(s, 429, "{v}");
+    assert!(err_text(&v).contains("at most 3 sandboxes"), "{v}");
+    // creating a name that exists: that sandbox, 200, and a header saying so
+    let r = alice.post("/sandboxes", json!({"name": "web"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-bhatti-existed"], "true");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"], b.1["id"]);
+    // another user's "web" stays invisible: 5 identical concurrent creates
+    // by bob make one sandbox of his own (one 201, four 200s, one id)
+    let creates = (0..5).map(|_| {
+        let bob = bob.clone();
+        async move {
+            status_of(
+                bob.post(
+                    "/sandboxes",
+                    json!({"name": "web", "cpus": 1, "memory_mb": 128}),
+                )
+                .await,
+            )
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(creates).await;
+    let mut statuses: Vec<u16> = results.iter().map(|(s, _)| s.as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 200, 201], "{results:?}");
+    let ids: std::collections::HashSet<_> =
+        results.iter().map(|(_, v)| v["id"].to_string()).collect();
+    assert_eq!(ids.len(), 1, "{results:?}");
+    assert_ne!(results[0].1["id"], b.1["id"]);
+    let (_, v) = status_of(bob.get("/sandboxes").await).await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let (s, _) = status_of(bob.delete("/sandboxes/web").await).await;
+    assert_eq!(s, 204);
 
     // --- get/list by id and name
     for key in [dev_id.as_str(), name63.as_str()] {

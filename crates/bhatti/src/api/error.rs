@@ -111,7 +111,7 @@ impl From<crate::service::ServiceError> for ApiError {
             S::Store(s) => match s {
                 StoreError::NotFound(m) => ApiError::not_found(m),
                 StoreError::Conflict(m) => ApiError::conflict(m),
-                StoreError::LimitExceeded(m) => ApiError::unprocessable(m),
+                StoreError::LimitExceeded(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
                 StoreError::Invalid(m) => ApiError::bad_request(m),
                 StoreError::SubnetFull(_) => ApiError::unavailable(s.to_string()),
                 other => ApiError::internal(other.to_string()),

@@ -2,6 +2,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::api::auth::AuthUser;
@@ -11,15 +12,25 @@ use crate::api::router::AppState;
 use crate::api::types::{CreateSandboxRequest, PatchSandboxRequest, Sandbox};
 
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", request_body = CreateSandboxRequest,
-    responses((status = 201, body = Sandbox), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 201, body = Sandbox, description = "created"),
+        (status = 200, body = Sandbox, description = "the caller already has a sandbox of that name: returned as it is, with `X-Bhatti-Existed: true`"),
+        (status = 400, body = ErrorBody, description = "bad field, or cpus/memory over the caller's per-sandbox cap"),
+        (status = 429, body = ErrorBody, description = "over the caller's sandbox quota"), (status = 503, body = ErrorBody)))]
 pub async fn create(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     ApiJson(req): ApiJson<CreateSandboxRequest>,
-) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    let sb = state.service.create_sandbox(&user, req).await?;
-    Ok((StatusCode::CREATED, Json(sb)))
+) -> Result<Response, ApiError> {
+    let c = state.service.create_sandbox(&user, req).await?;
+    Ok(if c.created {
+        (StatusCode::CREATED, Json(c.sandbox)).into_response()
+    } else {
+        (StatusCode::OK, [(EXISTED_HEADER, "true")], Json(c.sandbox)).into_response()
+    })
 }
+
+/// Set on a create answered with a sandbox that already existed.
+pub const EXISTED_HEADER: &str = "x-bhatti-existed";
 
 #[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", responses((status = 200, body = [Sandbox])))]
 pub async fn list(
