@@ -61,6 +61,9 @@ pub enum ServiceError {
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
 
+/// A lock held across awaits, one per key of a map.
+type AsyncLock = Arc<tokio::sync::Mutex<()>>;
+
 /// What [`Service::create_sandbox`] did.
 #[derive(Debug, Clone)]
 pub struct Created {
@@ -86,7 +89,7 @@ pub struct Service {
     thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// One lock per (user, name) being created: concurrent identical creates
     /// make one sandbox.
-    create_locks: Mutex<HashMap<(i64, String), Arc<tokio::sync::Mutex<()>>>>,
+    create_locks: Mutex<HashMap<(i64, String), AsyncLock>>,
 }
 
 impl Service {
