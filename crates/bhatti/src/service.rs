@@ -252,6 +252,7 @@ impl Service {
         new.env = env;
         new.secrets = secret_names;
         new.init = req.init.filter(|s| !s.trim().is_empty());
+        new.labels = req.labels.unwrap_or_default();
         let subnet = self.subnet;
         let rec = self
             .store
@@ -287,13 +288,26 @@ impl Service {
         }))
     }
 
-    pub async fn list_sandboxes(&self, user: &User) -> Result<Vec<Sandbox>> {
+    /// The caller's sandboxes that carry every `key=value` of `labels`
+    /// (all of them for an empty filter).
+    ///
+    /// Errors: `Invalid` for a filter pair that breaks the label rules.
+    pub async fn list_sandboxes(
+        &self,
+        user: &User,
+        labels: &[(String, String)],
+    ) -> Result<Vec<Sandbox>> {
+        for (k, v) in labels {
+            crate::store::labels::validate_pair(k, v)
+                .map_err(|e| ServiceError::Invalid(format!("invalid label filter: {e}")))?;
+        }
         let uid = user.id;
         Ok(self
             .store
             .call(move |s| s.list_sandboxes(uid))
             .await?
             .iter()
+            .filter(|r| crate::store::labels::matches(&r.labels, labels))
             .map(view)
             .collect())
     }
@@ -312,7 +326,8 @@ impl Service {
         let patch = SandboxPatch {
             name: req.name,
             keep_hot: req.keep_hot,
-            ..Default::default()
+            labels_set: req.labels.unwrap_or_default(),
+            labels_delete: req.labels_delete.unwrap_or_default(),
         };
         Ok(view(
             &self
@@ -531,6 +546,7 @@ pub fn view(r: &SandboxRecord) -> Sandbox {
         cpus: r.cpus,
         memory_mb: r.memory_mb,
         keep_hot: r.keep_hot,
+        labels: r.labels.clone(),
         created_at: rfc3339(r.created_at),
     }
 }

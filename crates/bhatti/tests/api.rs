@@ -216,6 +216,67 @@ async fn api_scenario() {
     let (_, v) = status_of(alice.get("/sandboxes").await).await;
     assert_eq!(v.as_array().unwrap().len(), 3);
 
+    // --- labels: set, filter (AND), delete; rules at and past their limits
+    let r = alice
+        .req(Method::PATCH, "/sandboxes/web")
+        .json(&json!({"labels": {"team": "ml", "tier": "gpu"}}))
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = status_of(r).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["labels"], json!({"team": "ml", "tier": "gpu"}));
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, v) = status_of(alice.get("/sandboxes?label=team=ml").await).await;
+    assert_eq!(names(&v), ["web"]);
+    let (_, v) = status_of(alice.get("/sandboxes?label=team=ml&label=tier=cpu").await).await;
+    assert!(names(&v).is_empty(), "AND of both pairs: {v}");
+    let (s, v) = status_of(alice.get("/sandboxes?label=nope").await).await;
+    assert_eq!(s, 400, "{v}");
+    let sixteen: serde_json::Map<String, Value> =
+        (0..14).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let r = alice
+        .req(Method::PATCH, "/sandboxes/web")
+        .json(&json!({"labels": sixteen}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "16 labels are allowed");
+    let r = alice
+        .req(Method::PATCH, "/sandboxes/web")
+        .json(&json!({"labels": {"one-more": "v"}}))
+        .send()
+        .await
+        .unwrap();
+    let (s, v) = status_of(r).await;
+    assert_eq!(s, 400, "the 17th label: {v}");
+    assert!(err_text(&v).contains("at most 16"), "{v}");
+    let r = alice
+        .req(Method::PATCH, "/sandboxes/web")
+        .json(&json!({"labels": {"-bad": "v"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let keys: Vec<String> = (0..14)
+        .map(|i| format!("k{i}"))
+        .chain(["tier".into()])
+        .collect();
+    let r = alice
+        .req(Method::PATCH, "/sandboxes/web")
+        .json(&json!({"labels_delete": keys}))
+        .send()
+        .await
+        .unwrap();
+    let (_, v) = status_of(r).await;
+    assert_eq!(v["labels"], json!({"team": "ml"}));
+
     // --- tenant isolation: every sandbox route of bob on alice's sandbox is a 404
     let (_, v) = status_of(bob.get("/sandboxes").await).await;
     assert_eq!(

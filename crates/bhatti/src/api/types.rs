@@ -15,6 +15,10 @@ pub struct CreateSandboxRequest {
     pub init: Option<String>,
     pub secrets: Option<Vec<String>>,
     pub keep_hot: Option<bool>,
+    /// At most 16 `key: value` labels; keys 1-63 characters of
+    /// `a-z A-Z 0-9 . _ - /` starting with a letter or digit, values up to
+    /// 255 characters without control characters.
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 /// A sandbox as the API shows it.
@@ -27,6 +31,9 @@ pub struct Sandbox {
     pub cpus: u32,
     pub memory_mb: u32,
     pub keep_hot: bool,
+    /// The owner's labels (possibly empty).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -36,6 +43,10 @@ pub struct Sandbox {
 pub struct PatchSandboxRequest {
     pub keep_hot: Option<bool>,
     pub name: Option<String>,
+    /// Labels to add or change (others are kept).
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Label keys to remove.
+    pub labels_delete: Option<Vec<String>>,
 }
 
 /// `POST /sandboxes/{id}/exec`.

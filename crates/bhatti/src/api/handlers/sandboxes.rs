@@ -1,6 +1,6 @@
 //! Sandbox lifecycle routes.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -32,12 +32,26 @@ pub async fn create(
 /// Set on a create answered with a sandbox that already existed.
 pub const EXISTED_HEADER: &str = "x-bhatti-existed";
 
-#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes", responses((status = 200, body = [Sandbox])))]
+#[utoipa::path(get, path = "/sandboxes", tag = "sandboxes",
+    params(("label" = Option<Vec<String>>, Query, description = "`key=value`; repeat for AND: only sandboxes carrying every pair")),
+    responses((status = 200, body = [Sandbox]), (status = 400, body = ErrorBody)))]
 pub async fn list(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<Sandbox>>, ApiError> {
-    Ok(Json(state.service.list_sandboxes(&user).await?))
+    let mut filter = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if k == "label" {
+            let (key, value) = v.split_once('=').ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "invalid query parameter `label`: {v:?} is not key=value"
+                ))
+            })?;
+            filter.push((key.to_string(), value.to_string()));
+        }
+    }
+    Ok(Json(state.service.list_sandboxes(&user, &filter).await?))
 }
 
 #[utoipa::path(get, path = "/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
