@@ -32,6 +32,7 @@ use self::lifecycle::{read_meta, CreateGuard};
 use self::netns_dialer::{NetnsDialer, NetnsSockets};
 use self::network::{NetConfig, NetworkError, Subnet};
 use self::process::VmFiles;
+use self::qmp::commands::RunState;
 use self::qmp::Qmp;
 use super::agent_client::AgentClient;
 use super::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
@@ -301,7 +302,9 @@ impl QemuEngine {
             .query_status()
             .await
             .map_err(|e| EngineError::Other(e.to_string()))?
-            .status)
+            .status
+            .as_str()
+            .to_string())
     }
 
     /// The host pid of the VM's QEMU.
@@ -516,7 +519,11 @@ impl Engine for QemuEngine {
             let _ = std::fs::remove_file(&partial);
         }
         match qmp.query_status().await {
-            Ok(s) if matches!(s.status.as_str(), "running" | "paused" | "suspended") => {}
+            Ok(s)
+                if matches!(
+                    s.status,
+                    RunState::Running | RunState::Paused | RunState::Suspended
+                ) => {}
             Ok(s) => return VmState::Dead(format!("QEMU (pid {pid}) is in state {:?}", s.status)),
             Err(e) => {
                 return VmState::Dead(format!("QEMU (pid {pid}) does not report its state: {e}"))

@@ -23,7 +23,8 @@ use bhatti_proto::ExecRequest;
 use super::lifecycle::read_meta;
 use super::netns_dialer::NetnsDialer;
 use super::process::{self, NotReady, VmFiles};
-use super::qmp::{Migration, Qmp, QmpError};
+use super::qmp::commands::{MigrationInfo, MigrationStatus};
+use super::qmp::{Qmp, QmpError};
 use super::{blocking, check_id, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES};
 use crate::engine::{EngineError, VmRuntime};
 
@@ -103,7 +104,7 @@ impl QemuEngine {
         tracing::info!(
             id,
             state_mib = size / (1024 * 1024),
-            ram_mib = migration.bytes.unwrap_or(0) / (1024 * 1024),
+            ram_mib = migration.ram.map_or(0, |r| r.total) / (1024 * 1024),
             save_ms = saved_in.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "VM saved to disk"
@@ -117,7 +118,7 @@ impl QemuEngine {
         qmp: &Qmp,
         pid: u32,
         path: &Path,
-    ) -> Result<Migration, EngineError> {
+    ) -> Result<MigrationInfo, EngineError> {
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
             .await
             .map_err(save_err)?;
@@ -139,7 +140,7 @@ impl QemuEngine {
         let m = match wait_migration(qmp, pid, "saving").await {
             Ok(m) => m,
             Err(e) => {
-                let _ = qmp.execute("migrate_cancel", None).await;
+                let _ = qmp.migrate_cancel().await;
                 return Err(e);
             }
         };
@@ -311,7 +312,7 @@ impl QemuEngine {
 
 /// Polls `query-migrate` until the migration completed, failed, QEMU died
 /// or [`MIGRATION_TIMEOUT`] passed.
-async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<Migration, EngineError> {
+async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<MigrationInfo, EngineError> {
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     loop {
         let m = match qmp.query_migrate().await {
@@ -327,19 +328,19 @@ async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<Migration, En
                 )))
             }
         };
-        match m.status.as_str() {
-            "completed" => return Ok(m),
-            "failed" | "cancelled" => {
+        match m.status {
+            Some(MigrationStatus::Completed) => return Ok(m),
+            Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
                 return Err(EngineError::Other(format!(
                     "{what} the VM's state failed: {}",
-                    m.error.as_deref().unwrap_or("QEMU gives no reason")
+                    m.error_desc.as_deref().unwrap_or("QEMU gives no reason")
                 )))
             }
             _ => {}
         }
         if Instant::now() >= deadline {
             return Err(EngineError::Other(format!(
-                "{what} the VM's state did not finish within {} s (status {})",
+                "{what} the VM's state did not finish within {} s (status {:?})",
                 MIGRATION_TIMEOUT.as_secs(),
                 m.status
             )));
