@@ -192,6 +192,20 @@ impl AgentClient {
         }
     }
 
+    /// Sets the guest's wall clock to the host's (SET_TIME) and returns how
+    /// far the guest lagged, in milliseconds (negative: it was ahead). The
+    /// host's time is taken as late as possible, right before the send.
+    pub async fn set_time(&self) -> Result<i64, AgentError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut c = self.request(&Message::SetTime(now)).await?;
+        match c.recv().await? {
+            Message::SetTimeResp(before) => Ok(now.saturating_sub(before)),
+            m => Err(AgentError::unexpected("SET_TIME_RESP", &m)),
+        }
+    }
+
     /// Starts a piped command or a TTY session with stdin left open; see [`ExecStream`].
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
         self.start_exec(req, None).await

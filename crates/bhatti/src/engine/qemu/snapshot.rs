@@ -16,9 +16,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use bhatti_proto::ExecRequest;
+use std::time::{Duration, Instant};
 
 use super::lifecycle::read_meta;
 use super::netns_dialer::NetnsDialer;
@@ -272,8 +270,9 @@ impl QemuEngine {
         }
         let ready = started.elapsed();
         // The guest's clock stood still while it was on disk.
-        if let Err(e) = set_guest_clock(&crate::engine::Engine::agent(self, id, rt)).await {
-            tracing::warn!(id, error = %e, "cannot set the restored guest's clock");
+        match crate::engine::Engine::agent(self, id, rt).set_time().await {
+            Ok(lag_ms) => tracing::debug!(id, lag_ms, "restored guest's clock set"),
+            Err(e) => tracing::warn!(id, error = %e, "cannot set the restored guest's clock"),
         }
         tracing::info!(
             id,
@@ -347,30 +346,4 @@ async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<MigrationInfo
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Sets the guest's wall clock to the host's (`date` through passwordless sudo).
-async fn set_guest_clock(agent: &crate::engine::agent_client::AgentClient) -> Result<(), String> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let at = format!("{}.{:03}", now.as_secs(), now.subsec_millis());
-    // sudo alone can take a second under TCG, so the time is not set as sent:
-    // the guest's uptime is read before sudo starts and again inside it, and
-    // the difference is added to the host's time.
-    let outer = r#"u0=$(cut -d' ' -f1 /proc/uptime); exec sudo -n /bin/sh -c "$2" sh "$1" "$u0""#;
-    let inner = r#"u=$(cut -d' ' -f1 /proc/uptime); date -u -s "@$(awk -v x="$1" -v u0="$2" -v u="$u" 'BEGIN { printf "%.3f", x + u - u0 }')" >/dev/null"#;
-    let req = ExecRequest::command(["sh", "-c", outer, "sh", at.as_str(), inner]);
-    let out = tokio::time::timeout(Duration::from_secs(10), agent.exec_buffered(req))
-        .await
-        .map_err(|_| "`date -s` did not finish within 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    if out.exit_code != 0 {
-        return Err(format!(
-            "`date -s` exited with {}: {}",
-            out.exit_code,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
 }
