@@ -19,10 +19,17 @@ use crate::secrets::{validate_secret_name, SecretCipher, SecretsError};
 use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
 use crate::store::{Store, StoreError, User};
 
+mod idle;
 mod ports;
 mod proxy;
 mod publish;
 mod thermal;
+mod usage;
+
+pub use idle::MAX_SAVE_FAILURES;
+pub use proxy::{hold_until_sent, Routed};
+pub use thermal::{thermal_of, RESTORE_RETRY_AFTER_SECS};
+pub use usage::{InFlight, ThermalConfig};
 
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
@@ -52,6 +59,12 @@ pub enum ServiceError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// Too many cold restores run at once; the client should retry later.
+    #[error("{message}")]
+    Busy {
+        retry_after_secs: u64,
+        message: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
@@ -68,8 +81,10 @@ pub struct Service {
     /// Published URLs are `<url_scheme>://<alias>.<domain>`.
     domain: String,
     url_scheme: String,
-    /// One lock per sandbox for stop, start, wake-up and destroy.
+    /// One lock per sandbox for stop, start, pause, wake-up and destroy.
     thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Idle transitions: settings, use of each sandbox, restore permits.
+    thermal: thermal::Thermal,
 }
 
 impl Service {
@@ -89,6 +104,7 @@ impl Service {
             domain: "localhost".into(),
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
+            thermal: thermal::Thermal::new(ThermalConfig::disabled()),
         }
     }
 
@@ -228,16 +244,20 @@ impl Service {
         req: PatchSandboxRequest,
     ) -> Result<Sandbox> {
         let (uid, id) = (user.id, id.to_string());
+        let wake = req.keep_hot == Some(true);
         let patch = SandboxPatch {
             name: req.name,
             keep_hot: req.keep_hot,
         };
-        Ok(view(
-            &self
-                .store
-                .call(move |s| s.update_sandbox(uid, &id, &patch))
-                .await?,
-        ))
+        let rec = self
+            .store
+            .call(move |s| s.update_sandbox(uid, &id, &patch))
+            .await?;
+        if wake {
+            // keep_hot means hot now, not after the next request.
+            return Ok(view(&self.wake(rec, thermal::WakeMode::Wait).await?));
+        }
+        Ok(view(&rec))
     }
 
     /// Stops the VM, removes everything it had, then forgets the sandbox.
@@ -267,15 +287,20 @@ impl Service {
         Ok(())
     }
 
-    /// A client of the sandbox's agent; a stopped sandbox is started first.
+    /// A client of the sandbox's agent; a warm, cold or stopped sandbox is
+    /// woken first. The request counts as in flight (the sandbox stays hot)
+    /// while the client or any connection it opened lives.
     pub async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
         let rec = self.find(user, id).await?;
-        let rec = self.wake(rec).await?;
+        let hold = self.enter(&rec).await;
+        // The manager may have cooled it between the lookup and `enter`.
+        let rec = self.reload(&rec.id).await?;
+        let rec = self.wake(rec, thermal::WakeMode::Wait).await?;
         self.require_running(&rec)?;
         let sid = rec.id.clone();
         // Best effort: activity bookkeeping must never fail a request.
         let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
-        Ok(self.agent_of(&rec))
+        Ok(self.tracked_agent(&rec, hold))
     }
 
     /// The sandbox can serve requests now (after [`wake`](Self::wake)).
@@ -367,7 +392,19 @@ impl Service {
                     continue;
                 }
                 _ => match self.engine.adopt(&rec.id, &rt).await {
-                    VmState::Running => SandboxStatus::Running,
+                    // A paused VM is warm, whatever the store said (a crash
+                    // may have come between the pause and its record).
+                    VmState::Running => match self.engine.paused(&rec.id).await {
+                        Ok(true) => SandboxStatus::Warm,
+                        Ok(false) if rec.status == SandboxStatus::Warm => {
+                            // Resumed by a wake the crash cut short: set its clock.
+                            if let Err(e) = self.engine.resume(&rec.id, &rt).await {
+                                tracing::warn!(sandbox = %rec.id, error = %e, "cannot finish an interrupted wake");
+                            }
+                            SandboxStatus::Running
+                        }
+                        _ => SandboxStatus::Running,
+                    },
                     // Saved to disk (also when a crash interrupted the stop).
                     VmState::Stopped if rec.status == SandboxStatus::Cold => SandboxStatus::Cold,
                     VmState::Stopped => SandboxStatus::Stopped,
@@ -405,22 +442,17 @@ impl Service {
             };
             for rec in all
                 .into_iter()
-                .filter(|r| r.status == SandboxStatus::Running)
+                .filter(|r| matches!(r.status, SandboxStatus::Running | SandboxStatus::Warm))
             {
                 if let VmState::Dead(reason) = self.engine.state(&rec.id) {
                     tracing::warn!(sandbox = %rec.id, name = %rec.name, %reason, "VM died; marking the sandbox as error");
                     self.proxy.forget_sandbox(&rec.id);
                     let sid = rec.id.clone();
                     // Only a sandbox still marked running: a concurrent destroy wins.
+                    let from = rec.status;
                     let _ = self
                         .store
-                        .call(move |s| {
-                            s.set_sandbox_status_if(
-                                &sid,
-                                SandboxStatus::Running,
-                                SandboxStatus::Error,
-                            )
-                        })
+                        .call(move |s| s.set_sandbox_status_if(&sid, from, SandboxStatus::Error))
                         .await;
                 }
             }
@@ -449,6 +481,7 @@ pub fn view(r: &SandboxRecord) -> Sandbox {
         cpus: r.cpus,
         memory_mb: r.memory_mb,
         keep_hot: r.keep_hot,
+        thermal: thermal_of(r.status).map(str::to_string),
         created_at: rfc3339(r.created_at),
     }
 }

@@ -36,7 +36,10 @@ pub enum Message {
     Stdin(Vec<u8>),
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     Exit(i32),
     Error(String),
     Kill,

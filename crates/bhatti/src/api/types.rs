@@ -27,6 +27,12 @@ pub struct Sandbox {
     pub cpus: u32,
     pub memory_mb: u32,
     pub keep_hot: bool,
+    /// `hot` (running), `warm` (paused, RAM kept) or `cold` (saved to disk);
+    /// absent while creating or destroying and after an error. Reading it
+    /// never wakes the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub thermal: Option<String>,
     /// RFC 3339.
     pub created_at: String,
 }

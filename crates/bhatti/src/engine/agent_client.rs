@@ -143,6 +143,15 @@ impl AgentClient {
         }
     }
 
+    /// The same client, dialing through `wrap(dialer)` (e.g. to count the
+    /// connections it opens).
+    pub fn wrap_dialer(self, wrap: impl FnOnce(Arc<dyn Dialer>) -> Arc<dyn Dialer>) -> Self {
+        AgentClient {
+            dialer: wrap(self.dialer),
+            token: self.token,
+        }
+    }
+
     /// Dials `channel` and sends AUTH and `frames` in a single write: one
     /// syscall instead of several, and nothing left to write that could race
     /// with the agent closing the connection after a fast operation.

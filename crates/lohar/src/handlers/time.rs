@@ -14,7 +14,9 @@ use crate::wire;
 /// the clock is the host's, so it is only read.
 pub fn set(agent: &Agent, conn: &Stream, unix_ms: i64) -> Result<(), HandlerError> {
     if unix_ms <= 0 {
-        return refuse(format!("SET_TIME needs a positive unix time in ms, got {unix_ms}"));
+        return refuse(format!(
+            "SET_TIME needs a positive unix time in ms, got {unix_ms}"
+        ));
     }
     let before = clock::now_unix_ms();
     if agent.cfg.owns_clock {

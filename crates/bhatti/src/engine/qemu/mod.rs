@@ -428,6 +428,41 @@ impl Engine for QemuEngine {
         self.save_to_disk(id).await
     }
 
+    async fn pause(&self, id: &str) -> Result<(), EngineError> {
+        QemuEngine::pause(self, id).await
+    }
+
+    async fn resume(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError> {
+        let started = std::time::Instant::now();
+        QemuEngine::resume(self, id).await?;
+        let resumed = started.elapsed();
+        // The guest's clock stood still while paused.
+        let lag_ms = crate::engine::Engine::agent(self, id, rt)
+            .set_time()
+            .await
+            .map_err(|e| {
+                EngineError::Other(format!("cannot set the resumed guest's clock: {e}"))
+            })?;
+        tracing::debug!(
+            id,
+            cont_us = resumed.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            lag_ms,
+            "VM resumed"
+        );
+        Ok(())
+    }
+
+    async fn paused(&self, id: &str) -> Result<bool, EngineError> {
+        let s = self
+            .qmp_of(id)
+            .await?
+            .query_status()
+            .await
+            .map_err(|e| EngineError::Other(e.to_string()))?;
+        Ok(!s.running)
+    }
+
     async fn start(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError> {
         self.restore_from_disk(id, rt).await
     }
