@@ -354,3 +354,83 @@ async fn idle_sandboxes_cool_and_wake() {
     }
     assert!(d.qemu_pids().is_empty());
 }
+
+/// With `max_concurrent_restores: 1`, two public requests to two cold
+/// sandboxes at once: one restores, the other gets 503 with Retry-After
+/// (and succeeds when retried); API requests wait their turn instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restores_beyond_the_limit_get_503_on_the_public_proxy() {
+    let d = TestDaemon::start_with(
+        "restlim",
+        "idle_warm_secs: 0\nidle_cold_secs: 0\nmax_concurrent_restores: 1\n",
+    );
+    let key = d.create_user("erin", &[]);
+    let api = Api::new(&d.url, &key);
+    let http = reqwest::Client::new();
+    let mut hosts = Vec::new();
+    for name in ["one", "two"] {
+        let r = api.post("/sandboxes", json!({"name": name})).await;
+        assert_eq!(r.status(), 201);
+        let (code, _, err) = api
+            .exec(
+                name,
+                &[
+                    "bash",
+                    "-c",
+                    "cd /tmp && setsid -f python3 -m http.server 8000 >/dev/null 2>&1; \
+                     for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done",
+                ],
+            )
+            .await;
+        assert_eq!(code, 0, "{err}");
+        let r = api
+            .post(&format!("/sandboxes/{name}/publish"), json!({"port": 8000}))
+            .await;
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.expect("json");
+        hosts.push(format!(
+            "{}.bhatti.test",
+            v["alias"].as_str().expect("alias")
+        ));
+    }
+    let stop_all = || async {
+        for name in ["one", "two"] {
+            let r = api
+                .post(&format!("/sandboxes/{name}/stop"), json!({}))
+                .await;
+            assert_eq!(r.status(), 200);
+        }
+    };
+    stop_all().await;
+    let get = |host: String| {
+        let (http, addr) = (http.clone(), d.public_addr.clone());
+        async move {
+            http.get(format!("http://{addr}/"))
+                .header("Host", host)
+                .send()
+                .await
+                .expect("public GET")
+        }
+    };
+    let (a, b) = tokio::join!(get(hosts[0].clone()), get(hosts[1].clone()));
+    let mut statuses = vec![a.status().as_u16(), b.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, vec![200, 503], "one restore at a time");
+    let busy = if a.status() == 503 { &a } else { &b };
+    assert_eq!(
+        busy.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    for h in &hosts {
+        assert_eq!(get(h.clone()).await.status(), 200, "retry succeeds");
+    }
+    // The API queues instead.
+    stop_all().await;
+    let (x, y) = tokio::join!(
+        api.exec("one", &["echo", "1"]),
+        api.exec("two", &["echo", "2"])
+    );
+    assert_eq!((x.0, x.1.as_str(), y.0, y.1.as_str()), (0, "1\n", 0, "2\n"));
+}

@@ -115,6 +115,22 @@ pub struct AgentClient {
     token: Arc<Vec<u8>>,
 }
 
+/// A SET_TIME on its way; see [`AgentClient::send_time`].
+pub struct TimeSent {
+    conn: Conn,
+    sent_ms: i64,
+}
+
+impl TimeSent {
+    /// The agent's answer: how far the guest clock lagged, in ms.
+    pub async fn lag_ms(mut self) -> Result<i64, AgentError> {
+        match self.conn.recv().await? {
+            Message::SetTimeResp(before) => Ok(self.sent_ms.saturating_sub(before)),
+            m => Err(AgentError::unexpected("SET_TIME_RESP", &m)),
+        }
+    }
+}
+
 /// One connection, authenticated, ready for its request frame.
 struct Conn {
     stream: BoxStream,
@@ -205,14 +221,18 @@ impl AgentClient {
     /// far the guest lagged, in milliseconds (negative: it was ahead). The
     /// host's time is taken as late as possible, right before the send.
     pub async fn set_time(&self) -> Result<i64, AgentError> {
+        self.send_time().await?.lag_ms().await
+    }
+
+    /// Sends SET_TIME and returns once it is written, before the agent
+    /// answers; [`TimeSent::lag_ms`] waits for the answer. A request sent
+    /// after this returns reaches the agent after the clock frame.
+    pub async fn send_time(&self) -> Result<TimeSent, AgentError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let mut c = self.request(&Message::SetTime(now)).await?;
-        match c.recv().await? {
-            Message::SetTimeResp(before) => Ok(now.saturating_sub(before)),
-            m => Err(AgentError::unexpected("SET_TIME_RESP", &m)),
-        }
+        let conn = self.request(&Message::SetTime(now)).await?;
+        Ok(TimeSent { conn, sent_ms: now })
     }
 
     /// Starts a piped command or a TTY session with stdin left open; see [`ExecStream`].

@@ -104,14 +104,13 @@ impl Service {
             .call(move |s| s.find_publish_rule(&key))
             .await
             .map_err(not_found)?;
+        let hold = self.enter_id(&rule.sandbox_id).await;
         let rec = self.reload(&rule.sandbox_id).await.map_err(|e| match e {
             ServiceError::NotFound(_) => {
                 ServiceError::NotFound(format!("no app is published as {alias}"))
             }
             other => other,
         })?;
-        let hold = self.enter(&rec).await;
-        let rec = self.reload(&rec.id).await?;
         let rec = self.wake(rec, WakeMode::NoWait).await?;
         self.require_running(&rec)?;
         let route = Arc::new(Route::new(

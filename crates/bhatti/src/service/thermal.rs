@@ -95,8 +95,9 @@ impl Service {
         InFlight::new(usage)
     }
 
-    /// [`enter`](Self::enter) by id alone, for a sandbox whose usage entry
-    /// exists already (a cached route's).
+    /// [`enter`](Self::enter) by id alone (before the record is read). A
+    /// sandbox the table does not know yet starts with "used now", which
+    /// the request is anyway.
     pub(super) async fn enter_id(&self, id: &str) -> InFlight {
         let usage = self.thermal.usage.get(id, super::usage::now_ms());
         let _lock = self.thermal_lock(id).lock_owned().await;
@@ -213,8 +214,11 @@ impl Service {
             Ok(())
         })
         .await?;
-        // The public proxy's cached route must not reach a paused guest.
-        self.proxy.forget_sandbox(&rec.id);
+        // The public proxy's cached route must not reach a paused guest
+        // (its next request wakes it). Pooled upstream connections stay:
+        // TCP to a paused guest survives, and a new one costs the app an
+        // accept (a thread spawn for Python's server under TCG: ~30 ms).
+        self.proxy.routes.forget_sandbox(&rec.id);
         tracing::info!(sandbox = %rec.id, name = %rec.name, us = started.elapsed().as_micros() as u64, "sandbox warm (paused)");
         Ok(())
     }
@@ -384,4 +388,26 @@ pub(super) async fn detached(
 /// How long since `ms` (unix ms), never negative.
 pub(super) fn since_ms(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(super::usage::now_ms().saturating_sub(ms)).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thermal_labels() {
+        assert_eq!(thermal_of(SandboxStatus::Running), Some("hot"));
+        assert_eq!(thermal_of(SandboxStatus::Warm), Some("warm"));
+        assert_eq!(thermal_of(SandboxStatus::Cold), Some("cold"));
+        assert_eq!(thermal_of(SandboxStatus::Stopped), Some("cold"));
+        for s in [
+            SandboxStatus::Creating,
+            SandboxStatus::Error,
+            SandboxStatus::Destroying,
+        ] {
+            assert_eq!(thermal_of(s), None);
+        }
+        assert!(needs_wake(SandboxStatus::Warm) && needs_wake(SandboxStatus::Cold));
+        assert!(!needs_wake(SandboxStatus::Running));
+    }
 }

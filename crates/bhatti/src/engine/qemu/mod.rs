@@ -436,20 +436,32 @@ impl Engine for QemuEngine {
         let started = std::time::Instant::now();
         QemuEngine::resume(self, id).await?;
         let resumed = started.elapsed();
-        // The guest's clock stood still while paused.
-        let lag_ms = crate::engine::Engine::agent(self, id, rt)
-            .set_time()
+        // The guest's clock stood still while paused. The frame is on its
+        // way before any request after the wake is sent; its answer (a
+        // guest round trip) is not waited for.
+        let sent = crate::engine::Engine::agent(self, id, rt)
+            .send_time()
             .await
             .map_err(|e| {
                 EngineError::Other(format!("cannot set the resumed guest's clock: {e}"))
             })?;
-        tracing::debug!(
-            id,
-            cont_us = resumed.as_micros() as u64,
-            total_us = started.elapsed().as_micros() as u64,
-            lag_ms,
-            "VM resumed"
-        );
+        let total_us = started.elapsed().as_micros() as u64;
+        let id = id.to_string();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), sent.lag_ms()).await {
+                Ok(Ok(lag_ms)) => tracing::debug!(
+                    id,
+                    cont_us = resumed.as_micros() as u64,
+                    total_us,
+                    lag_ms,
+                    "VM resumed"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(id, error = %e, "the resumed guest did not set its clock")
+                }
+                Err(_) => tracing::warn!(id, "the resumed guest did not answer SET_TIME"),
+            }
+        });
         Ok(())
     }
 
