@@ -434,3 +434,70 @@ async fn restores_beyond_the_limit_get_503_on_the_public_proxy() {
     );
     assert_eq!((x.0, x.1.as_str(), y.0, y.1.as_str()), (0, "1\n", 0, "2\n"));
 }
+
+/// Makes a directory immutable (root cannot create files in it) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn new(dir: &std::path::Path) -> Immutable {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("chattr");
+        assert!(ok.success(), "chattr +i {}", dir.display());
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A save to disk that keeps failing (the sandbox dir is immutable): the
+/// sandbox comes back hot each time, is retried, and after 3 failures stays
+/// hot with a log line saying why; it serves all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_saves_leave_the_sandbox_hot() {
+    let d = TestDaemon::start_with("savefail", "idle_warm_secs: 1\nidle_cold_secs: 2\n");
+    let key = d.create_user("fay", &[]);
+    let api = Api::new(&d.url, &key);
+    let r = api.post("/sandboxes", json!({"name": "stuck"})).await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.expect("json");
+    let id = v["id"].as_str().expect("id").to_string();
+    let dir = d.data_dir.path().join("sandboxes").join(&id);
+    let (code, _, _) = api
+        .exec("stuck", &["sh", "-c", "echo kept > /dev/shm/x"])
+        .await;
+    assert_eq!(code, 0);
+    let guard = Immutable::new(&dir);
+
+    let t = Instant::now();
+    while !d.log().contains("failed 3 times") {
+        assert!(
+            t.elapsed() < WITHIN,
+            "no final save failure; log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let retries = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("will be retried") && l.contains(&id))
+        .count();
+    assert_eq!(retries, 2, "two retried failures before the last");
+    // It stays hot past both timeouts, with its memory intact.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = api.get("/sandboxes/stuck").await;
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["thermal"], "hot", "{v}");
+    let (code, out, _) = api.exec("stuck", &["cat", "/dev/shm/x"]).await;
+    assert_eq!((code, out.as_str()), (0, "kept\n"));
+    assert!(!dir.join("vm.state").exists());
+    drop(guard);
+    assert_eq!(api.delete("/sandboxes/stuck").await.status(), 204);
+}
