@@ -249,6 +249,62 @@ async fn idle_sandboxes_cool_and_wake() {
     assert_eq!((code, out.trim()), (0, "done"));
     assert!(t.elapsed() >= Duration::from_secs(5));
 
+    // --- a proxied response whose body takes longer than idle_warm_secs
+    // (the guest sees no activity meanwhile) is not paused under its client
+    let slow = r#"import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(6)
+        self.wfile.write(b"slow")
+    def log_message(self, *a):
+        pass
+HTTPServer(("127.0.0.1", 8001), H).serve_forever()
+"#;
+    let r = api
+        .req(
+            reqwest::Method::PUT,
+            "/sandboxes/idle/files?path=/tmp/slow.py",
+        )
+        .body(slow)
+        .send()
+        .await
+        .expect("PUT");
+    assert!(r.status().is_success());
+    let (code, _, err) = api
+        .exec(
+            "idle",
+            &[
+                "bash",
+                "-c",
+                "setsid -f python3 /tmp/slow.py >/dev/null 2>&1; \
+                 for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8001) 2>/dev/null && break; sleep 0.1; done",
+            ],
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let body = tokio::spawn({
+        let api = api.clone();
+        async move {
+            let r = api.get("/sandboxes/idle/proxy/8001/").await;
+            assert_eq!(r.status(), 200);
+            r.text().await.expect("body")
+        }
+    });
+    while !body.is_finished() {
+        assert_eq!(
+            cli.thermal("idle"),
+            "hot",
+            "paused under a proxied response"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(body.await.expect("join"), "slow");
+
     // --- hot → warm by itself; exec on warm: right output, processes ran on,
     // clock right
     let to_warm = cli.wait_thermal("idle", "warm");
