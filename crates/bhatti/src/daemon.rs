@@ -13,7 +13,7 @@ use crate::engine::qemu::image::{ensure_images, LogProgress};
 use crate::engine::qemu::{QemuConfig, QemuEngine};
 use crate::proxy::public::PublicConfig;
 use crate::secrets::SecretCipher;
-use crate::service::Service;
+use crate::service::{Service, ThermalConfig};
 use crate::store::Store;
 
 /// How often running sandboxes are checked for a VM that died.
@@ -38,13 +38,19 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
 
     let service = Arc::new(
         Service::new(store, engine, cipher, cfg.subnet)
-            .with_public_urls(cfg.public_scheme(), &cfg.public_url_host_suffix()),
+            .with_public_urls(cfg.public_scheme(), &cfg.public_url_host_suffix())
+            .with_thermal(ThermalConfig::from_secs(
+                cfg.idle_warm_secs,
+                cfg.idle_cold_secs,
+                cfg.max_concurrent_restores as usize,
+            )),
     );
     service
         .recover()
         .await
         .context("recovering sandboxes from the store")?;
     tokio::spawn(service.clone().watch_vms(VM_WATCH_INTERVAL));
+    tokio::spawn(service.clone().thermal_manager());
 
     let public = tokio::net::TcpListener::bind(cfg.public_listen)
         .await

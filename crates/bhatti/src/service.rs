@@ -20,10 +20,17 @@ use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
 use crate::store::{Store, StoreError, User};
 
 pub mod exec;
+mod idle;
 mod ports;
 mod proxy;
 mod publish;
 mod thermal;
+mod usage;
+
+pub use idle::MAX_SAVE_FAILURES;
+pub use proxy::{hold_until_sent, Routed};
+pub use thermal::{thermal_of, RESTORE_RETRY_AFTER_SECS};
+pub use usage::{InFlight, ThermalConfig};
 
 /// How often a long-lived connection (shell, exec WebSocket) re-checks its
 /// API key: `bhatti user rotate-key` works on the database directly.
@@ -57,6 +64,12 @@ pub enum ServiceError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// Too many cold restores run at once; the client should retry later.
+    #[error("{message}")]
+    Busy {
+        retry_after_secs: u64,
+        message: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
@@ -85,11 +98,13 @@ pub struct Service {
     /// carry a `:port` (see `DaemonConfig::public_url_host_suffix`).
     domain: String,
     url_scheme: String,
-    /// One lock per sandbox for stop, start, wake-up and destroy.
+    /// One lock per sandbox for stop, start, pause, wake-up and destroy.
     thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// One lock per (user, name) being created: concurrent identical creates
     /// make one sandbox.
     create_locks: Mutex<HashMap<(i64, String), AsyncLock>>,
+    /// Idle transitions: settings, use of each sandbox, restore permits.
+    thermal: thermal::Thermal,
 }
 
 impl Service {
@@ -110,6 +125,7 @@ impl Service {
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
             create_locks: Mutex::new(HashMap::new()),
+            thermal: thermal::Thermal::new(ThermalConfig::disabled()),
         }
     }
 
@@ -323,18 +339,22 @@ impl Service {
         req: PatchSandboxRequest,
     ) -> Result<Sandbox> {
         let (uid, id) = (user.id, id.to_string());
+        let wake = req.keep_hot == Some(true);
         let patch = SandboxPatch {
             name: req.name,
             keep_hot: req.keep_hot,
             labels_set: req.labels.unwrap_or_default(),
             labels_delete: req.labels_delete.unwrap_or_default(),
         };
-        Ok(view(
-            &self
-                .store
-                .call(move |s| s.update_sandbox(uid, &id, &patch))
-                .await?,
-        ))
+        let rec = self
+            .store
+            .call(move |s| s.update_sandbox(uid, &id, &patch))
+            .await?;
+        if wake {
+            // keep_hot means hot now, not after the next request.
+            return Ok(view(&self.wake(rec, thermal::WakeMode::Wait).await?));
+        }
+        Ok(view(&rec))
     }
 
     /// Stops the VM, removes everything it had, then forgets the sandbox.
@@ -364,15 +384,20 @@ impl Service {
         Ok(())
     }
 
-    /// A client of the sandbox's agent; a stopped sandbox is started first.
+    /// A client of the sandbox's agent; a warm, cold or stopped sandbox is
+    /// woken first. The request counts as in flight (the sandbox stays hot)
+    /// while the client or any connection it opened lives.
     pub async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
         let rec = self.find(user, id).await?;
-        let rec = self.wake(rec).await?;
+        let hold = self.enter(&rec).await;
+        // The manager may have cooled it between the lookup and `enter`.
+        let rec = self.reload(&rec.id).await?;
+        let rec = self.wake(rec, thermal::WakeMode::Wait).await?;
         self.require_running(&rec)?;
         let sid = rec.id.clone();
         // Best effort: activity bookkeeping must never fail a request.
         let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
-        Ok(self.agent_of(&rec))
+        Ok(self.tracked_agent(&rec, hold))
     }
 
     /// The sandbox can serve requests now (after [`wake`](Self::wake)).
@@ -464,7 +489,19 @@ impl Service {
                     continue;
                 }
                 _ => match self.engine.adopt(&rec.id, &rt).await {
-                    VmState::Running => SandboxStatus::Running,
+                    // A paused VM is warm, whatever the store said (a crash
+                    // may have come between the pause and its record).
+                    VmState::Running => match self.engine.paused(&rec.id).await {
+                        Ok(true) => SandboxStatus::Warm,
+                        Ok(false) if rec.status == SandboxStatus::Warm => {
+                            // Resumed by a wake the crash cut short: set its clock.
+                            if let Err(e) = self.engine.resume(&rec.id, &rt).await {
+                                tracing::warn!(sandbox = %rec.id, error = %e, "cannot finish an interrupted wake");
+                            }
+                            SandboxStatus::Running
+                        }
+                        _ => SandboxStatus::Running,
+                    },
                     // Saved to disk (also when a crash interrupted the stop).
                     VmState::Stopped if rec.status == SandboxStatus::Cold => SandboxStatus::Cold,
                     VmState::Stopped => SandboxStatus::Stopped,
@@ -502,22 +539,17 @@ impl Service {
             };
             for rec in all
                 .into_iter()
-                .filter(|r| r.status == SandboxStatus::Running)
+                .filter(|r| matches!(r.status, SandboxStatus::Running | SandboxStatus::Warm))
             {
                 if let VmState::Dead(reason) = self.engine.state(&rec.id) {
                     tracing::warn!(sandbox = %rec.id, name = %rec.name, %reason, "VM died; marking the sandbox as error");
                     self.proxy.forget_sandbox(&rec.id);
                     let sid = rec.id.clone();
                     // Only a sandbox still marked running: a concurrent destroy wins.
+                    let from = rec.status;
                     let _ = self
                         .store
-                        .call(move |s| {
-                            s.set_sandbox_status_if(
-                                &sid,
-                                SandboxStatus::Running,
-                                SandboxStatus::Error,
-                            )
-                        })
+                        .call(move |s| s.set_sandbox_status_if(&sid, from, SandboxStatus::Error))
                         .await;
                 }
             }
@@ -547,6 +579,7 @@ pub fn view(r: &SandboxRecord) -> Sandbox {
         memory_mb: r.memory_mb,
         keep_hot: r.keep_hot,
         labels: r.labels.clone(),
+        thermal: thermal_of(r.status).map(str::to_string),
         created_at: rfc3339(r.created_at),
     }
 }

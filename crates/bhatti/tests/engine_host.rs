@@ -203,7 +203,7 @@ async fn qmp_controls_a_qemu_in_the_namespace() {
     qmp.cont().await.expect("cont");
     assert!(qmp.query_status().await.expect("status").running);
     let bad = qmp
-        .execute("no-such-command", None)
+        .execute(&NoSuchCommand)
         .await
         .expect_err("unknown command");
     assert!(bad.to_string().contains("no-such-command"), "{bad}");
@@ -231,6 +231,16 @@ async fn qmp_controls_a_qemu_in_the_namespace() {
         Err(bhatti::engine::qemu::qmp::QmpError::Closed)
     ));
     drop(guard);
+}
+
+/// A command QEMU does not know, to see its refusal come back typed.
+#[derive(serde::Serialize)]
+struct NoSuchCommand;
+
+impl bhatti::engine::qemu::qmp::Command for NoSuchCommand {
+    const NAME: &'static str = "no-such-command";
+    const HAS_ARGUMENTS: bool = false;
+    type Returns = bhatti::engine::qemu::qmp::commands::Empty;
 }
 
 struct KillOnDrop(u32);

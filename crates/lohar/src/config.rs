@@ -33,6 +33,9 @@ pub struct AgentConfig {
     pub default_cwd: Option<PathBuf>,
     /// Script run as TTY session "init".
     pub init_script: Option<String>,
+    /// Whether SET_TIME sets CLOCK_REALTIME: in a VM the guest clock is
+    /// ours; in test mode it is the host's and must stay untouched.
+    pub owns_clock: bool,
 }
 
 /// Where the two protocols listen.
@@ -73,6 +76,7 @@ impl AgentConfig {
             file_owner: Some((GUEST_UID, GUEST_GID)),
             default_cwd: Some(PathBuf::from("/workspace")),
             init_script: boot.init.clone().filter(|s| !s.trim().is_empty()),
+            owns_clock: true,
         };
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
         (
@@ -116,6 +120,7 @@ impl AgentConfig {
             file_owner: None,
             default_cwd: None,
             init_script: var("LOHAR_INIT").filter(|s| !s.trim().is_empty()),
+            owns_clock: false,
         };
         Ok((
             cfg,

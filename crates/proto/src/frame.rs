@@ -85,6 +85,10 @@ frame_types! {
     ActivityReq = 0x40,
     /// guest→host JSON ActivityInfo.
     ActivityResp = 0x41,
+    /// host→guest i64 BE: the host's time in unix milliseconds, for CLOCK_REALTIME.
+    SetTime = 0x42,
+    /// guest→host i64 BE: the guest's time in unix milliseconds before it was set.
+    SetTimeResp = 0x43,
     /// host→guest JSON file read request.
     FileReadReq = 0x50,
     /// guest→host JSON `{"size","mode"}`.

@@ -56,6 +56,11 @@ pub enum Message {
     SessionInfo(SessionInfo),
     ActivityReq,
     ActivityResp(ActivityInfo),
+    /// The host's wall clock, unix milliseconds; the agent sets CLOCK_REALTIME to it.
+    SetTime(i64),
+    /// The guest's wall clock before SET_TIME took effect, unix milliseconds
+    /// (how far it lagged).
+    SetTimeResp(i64),
     FileReadReq(FileReadRequest),
     FileReadResp(FileReadResponse),
     FileWriteReq(FileWriteRequest),
@@ -106,6 +111,8 @@ impl Message {
             SessionInfo(_) => FrameType::SessionInfo,
             ActivityReq => FrameType::ActivityReq,
             ActivityResp(_) => FrameType::ActivityResp,
+            SetTime(_) => FrameType::SetTime,
+            SetTimeResp(_) => FrameType::SetTimeResp,
             FileReadReq(_) => FrameType::FileReadReq,
             FileReadResp(_) => FrameType::FileReadResp,
             FileWriteReq(_) => FrameType::FileWriteReq,
@@ -127,6 +134,7 @@ impl Message {
                 vec![r[0], r[1], c[0], c[1]]
             }
             Exit(code) => code.to_be_bytes().to_vec(),
+            SetTime(ms) | SetTimeResp(ms) => ms.to_be_bytes().to_vec(),
             Error(msg) => msg.as_bytes().to_vec(),
             Kill | ExecListReq | ActivityReq => Vec::new(),
             ErrorCode(code) => json(&ErrorCodeInfo { code: *code }),
@@ -192,6 +200,8 @@ impl Message {
             FrameType::SessionInfo => Message::SessionInfo(from_json(k, p)?),
             FrameType::ActivityReq => Message::ActivityReq,
             FrameType::ActivityResp => Message::ActivityResp(from_json(k, p)?),
+            FrameType::SetTime => Message::SetTime(i64::from_be_bytes(exact(k, p)?)),
+            FrameType::SetTimeResp => Message::SetTimeResp(i64::from_be_bytes(exact(k, p)?)),
             FrameType::FileReadReq => Message::FileReadReq(from_json(k, p)?),
             FrameType::FileReadResp => Message::FileReadResp(from_json(k, p)?),
             FrameType::FileWriteReq => Message::FileWriteReq(from_json(k, p)?),
@@ -241,6 +251,33 @@ mod tests {
         ));
         let long = Frame::new(FrameType::Exit, vec![0; 5]);
         assert!(Message::decode(&long).is_err());
+    }
+
+    #[test]
+    fn set_time_golden_bytes() {
+        // 2026-11-29T00:00:00.123Z
+        let ms: i64 = 1_795_910_400_123;
+        assert_eq!(
+            Message::SetTime(ms).to_bytes().unwrap(),
+            vec![0, 0, 0, 9, 0x42, 0, 0, 0x01, 0xa2, 0x24, 0x99, 0xf8, 0x7b]
+        );
+        assert_eq!(
+            Message::SetTimeResp(-1).to_bytes().unwrap(),
+            vec![0, 0, 0, 9, 0x43, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
+        for v in [0, 1, -1, i64::MIN, i64::MAX, ms] {
+            round(Message::SetTime(v));
+            round(Message::SetTimeResp(v));
+        }
+        let short = Frame::new(FrameType::SetTime, vec![0; 7]);
+        assert!(matches!(
+            Message::decode(&short),
+            Err(DecodeError::Length {
+                expected: 8,
+                got: 7,
+                ..
+            })
+        ));
     }
 
     #[test]

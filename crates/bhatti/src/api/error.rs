@@ -105,6 +105,7 @@ impl From<crate::service::ServiceError> for ApiError {
                 ApiError::unauthorized("invalid API key: check the key, or run `bhatti setup`")
             }
             S::Unavailable(m) => ApiError::unavailable(m),
+            S::Busy { message, .. } => ApiError::unavailable(message),
             S::Conflict(m) => ApiError::conflict(m),
             S::Agent(a) => a.into(),
             S::Secrets(s) => ApiError::internal(s.to_string()),

@@ -34,6 +34,12 @@ pub struct Sandbox {
     /// The owner's labels (possibly empty).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `hot` (running), `warm` (paused, RAM kept) or `cold` (saved to disk);
+    /// absent while creating or destroying and after an error. Reading it
+    /// never wakes the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub thermal: Option<String>,
     /// RFC 3339.
     pub created_at: String,
 }

@@ -29,6 +29,9 @@ pub struct CreateArgs {
     /// Init script (runs as attachable TTY session "init")
     #[arg(long, value_name = "SCRIPT")]
     pub init: Option<String>,
+    /// Never pause or save the sandbox when idle (see `bhatti edit`)
+    #[arg(long)]
+    pub keep_hot: bool,
 }
 
 /// The pairs of one `--env` value.
@@ -46,6 +49,8 @@ struct CreateBody<'a> {
     env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     init: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    keep_hot: bool,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -56,6 +61,7 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         memory_mb: args.memory,
         env,
         init: args.init.as_deref(),
+        keep_hot: args.keep_hot,
     };
     let spinner = spinner(args.name.as_deref());
     let result: anyhow::Result<Sandbox> = ctx

@@ -22,6 +22,7 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<i32> {
                 s.name.clone(),
                 s.id.clone(),
                 s.status.clone(),
+                s.thermal.clone().unwrap_or_else(|| "-".into()),
                 if s.ip.is_empty() {
                     "-".into()
                 } else {
@@ -34,7 +35,9 @@ pub async fn run(ctx: Ctx) -> anyhow::Result<i32> {
         })
         .collect();
     output::print_table(
-        &["NAME", "ID", "STATUS", "IP", "CPUS", "MEMORY", "CREATED"],
+        &[
+            "NAME", "ID", "STATUS", "THERMAL", "IP", "CPUS", "MEMORY", "CREATED",
+        ],
         &rows,
     )?;
     Ok(0)

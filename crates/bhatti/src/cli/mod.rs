@@ -13,6 +13,7 @@ pub mod completion;
 pub mod create;
 pub mod destroy;
 pub mod doctor;
+pub mod edit;
 pub mod exec;
 pub mod file;
 pub mod image;
@@ -76,6 +77,8 @@ pub enum Command {
     Stop(thermal::ThermalArgs),
     /// Restore a stopped sandbox.
     Start(thermal::ThermalArgs),
+    /// Change a sandbox: --keep-hot (never cool down when idle) or --allow-cold.
+    Edit(edit::EditArgs),
     /// Run a command in a sandbox; everything after `--` is the command.
     Exec(exec::ExecArgs),
     /// Interactive terminal inside a sandbox (Ctrl+\ detaches).
@@ -135,6 +138,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Start(args) => {
             with_client(global, |c| thermal::run(c, args, thermal::Action::Start))
         }
+        Command::Edit(args) => with_client(global, |c| edit::run(c, args)),
         Command::Exec(args) => with_client(global, |c| exec::run(c, args)),
         Command::Shell(args) => with_client(global, |c| shell::run(c, args)),
         Command::Ps(args) => with_client(global, |c| ps::run(c, args)),

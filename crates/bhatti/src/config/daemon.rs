@@ -78,9 +78,13 @@ pub struct DaemonConfig {
     /// Seconds without activity before a running VM is paused (warm); 0 = never.
     /// Default 300.
     pub idle_warm_secs: u64,
-    /// Seconds without activity before a VM is saved to disk (cold); 0 = never.
-    /// Default 1800.
+    /// Seconds a warm VM stays paused before it is saved to disk (cold), so
+    /// `idle_warm_secs + idle_cold_secs` after the last activity (with warm
+    /// off: after `idle_cold_secs`); 0 = never. Default 1800.
     pub idle_cold_secs: u64,
+    /// Cold restores (wake-ups from disk) that may run at once; beyond it the
+    /// public proxy answers 503 with Retry-After. Default 4.
+    pub max_concurrent_restores: u32,
     /// Seconds to wait for a booting (or restoring) guest's agent. Default 60.
     pub boot_timeout_secs: u64,
     /// Public proxy: requests per second allowed per alias; 0 = unlimited. Default 50.
@@ -105,6 +109,7 @@ impl Default for DaemonConfig {
             public_url_scheme: UrlScheme::Auto,
             idle_warm_secs: 300,
             idle_cold_secs: 1800,
+            max_concurrent_restores: 4,
             boot_timeout_secs: 60,
             public_rate_per_alias: 50,
             public_rate_global: 500,
@@ -267,6 +272,7 @@ impl DaemonConfig {
         "public_url_scheme",
         "idle_warm_secs",
         "idle_cold_secs",
+        "max_concurrent_restores",
         "boot_timeout_secs",
         "public_rate_per_alias",
         "public_rate_global",
@@ -320,16 +326,10 @@ impl DaemonConfig {
         if self.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs", "must be at least 1".into()));
         }
-        if self.idle_warm_secs != 0
-            && self.idle_cold_secs != 0
-            && self.idle_cold_secs < self.idle_warm_secs
-        {
+        if self.max_concurrent_restores == 0 {
             return Err(invalid(
-                "idle_cold_secs",
-                format!(
-                    "{} is shorter than idle_warm_secs ({})",
-                    self.idle_cold_secs, self.idle_warm_secs
-                ),
+                "max_concurrent_restores",
+                "must be at least 1".into(),
             ));
         }
         Ok(())
@@ -478,12 +478,14 @@ mod tests {
                  public_url_scheme: http\n\
                  idle_warm_secs: 10\n\
                  idle_cold_secs: 0\n\
+                 max_concurrent_restores: 2\n\
                  boot_timeout_secs: 5\n\
                  public_rate_per_alias: 0\n\
                  public_rate_global: 7\n";
         let c = DaemonConfig::from_yaml(y, &p()).expect("parses");
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.accel, Accel::Tcg);
+        assert_eq!(c.max_concurrent_restores, 2);
         assert_eq!(c.subnet.prefix(), 16);
         assert!(!c.egress);
         assert_eq!(c.public_url("x"), "http://x.sb.example.com");

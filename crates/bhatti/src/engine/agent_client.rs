@@ -128,6 +128,22 @@ pub struct AgentClient {
     token: Arc<Vec<u8>>,
 }
 
+/// A SET_TIME on its way; see [`AgentClient::send_time`].
+pub struct TimeSent {
+    conn: Conn,
+    sent_ms: i64,
+}
+
+impl TimeSent {
+    /// The agent's answer: how far the guest clock lagged, in ms.
+    pub async fn lag_ms(mut self) -> Result<i64, AgentError> {
+        match self.conn.recv().await? {
+            Message::SetTimeResp(before) => Ok(self.sent_ms.saturating_sub(before)),
+            m => Err(AgentError::unexpected("SET_TIME_RESP", &m)),
+        }
+    }
+}
+
 /// One connection, authenticated, ready for its request frame.
 struct Conn {
     stream: BoxStream,
@@ -162,6 +178,15 @@ impl AgentClient {
         AgentClient {
             dialer,
             token: Arc::new(token.into()),
+        }
+    }
+
+    /// The same client, dialing through `wrap(dialer)` (e.g. to count the
+    /// connections it opens).
+    pub fn wrap_dialer(self, wrap: impl FnOnce(Arc<dyn Dialer>) -> Arc<dyn Dialer>) -> Self {
+        AgentClient {
+            dialer: wrap(self.dialer),
+            token: self.token,
         }
     }
 
@@ -212,6 +237,24 @@ impl AgentClient {
             Message::ActivityResp(a) => Ok(a),
             m => Err(AgentError::unexpected("ACTIVITY_RESP", &m)),
         }
+    }
+
+    /// Sets the guest's wall clock to the host's (SET_TIME) and returns how
+    /// far the guest lagged, in milliseconds (negative: it was ahead). The
+    /// host's time is taken as late as possible, right before the send.
+    pub async fn set_time(&self) -> Result<i64, AgentError> {
+        self.send_time().await?.lag_ms().await
+    }
+
+    /// Sends SET_TIME and returns once it is written, before the agent
+    /// answers; [`TimeSent::lag_ms`] waits for the answer. A request sent
+    /// after this returns reaches the agent after the clock frame.
+    pub async fn send_time(&self) -> Result<TimeSent, AgentError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let conn = self.request(&Message::SetTime(now)).await?;
+        Ok(TimeSent { conn, sent_ms: now })
     }
 
     /// Starts a piped command or a TTY session with stdin left open; see [`ExecStream`].

@@ -93,6 +93,14 @@ pub trait Engine: Send + Sync {
     /// Restores a stopped VM (processes, sessions and listeners as they were)
     /// and waits until its agent answers. Starting a running VM succeeds.
     async fn start(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError>;
+    /// Stops a running VM's vCPUs (thermal state "warm"); RAM and process stay.
+    async fn pause(&self, id: &str) -> Result<(), EngineError>;
+    /// Resumes a paused VM and sets its wall clock (it stood still while
+    /// paused). Resuming a running VM succeeds.
+    async fn resume(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError>;
+    /// Whether a running VM's vCPUs are stopped (after a pause, or left so
+    /// by a daemon that died mid-transition).
+    async fn paused(&self, id: &str) -> Result<bool, EngineError>;
     /// Re-attaches to a VM left running by an earlier daemon, or reports it
     /// stopped or dead.
     async fn adopt(&self, id: &str, rt: &VmRuntime) -> VmState;

@@ -122,6 +122,17 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
         Err(ServiceError::Unavailable(m)) => {
             return page(StatusCode::SERVICE_UNAVAILABLE, "Sandbox not ready", &m)
         }
+        Err(ServiceError::Busy {
+            retry_after_secs,
+            message,
+        }) => {
+            let mut resp = page(StatusCode::SERVICE_UNAVAILABLE, "Waking up", &message);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(retry_after_secs),
+            );
+            return resp;
+        }
         Err(e) => {
             tracing::warn!(%alias, error = %e, "public proxy: route lookup failed");
             return page(
@@ -154,7 +165,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
     )
     .await
     {
-        Ok(resp) => resp,
+        Ok(resp) => route.hold_until_sent(resp),
         Err(e) => error_page(&e),
     }
 }

@@ -440,6 +440,17 @@ impl Store {
         Ok(())
     }
 
+    /// Sets `last_active_at` to `at`: the thermal manager persists the use
+    /// it saw, so a restarted daemon resumes its idle clocks instead of
+    /// starting them over.
+    pub fn set_last_active(&self, id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET last_active_at = ?1 WHERE id = ?2",
+            params![fmt_ts(at), id],
+        )?;
+        Ok(())
+    }
+
     /// Renames and/or changes `keep_hot` of one of the user's sandboxes
     /// (by id or name); `Conflict` on a name clash. Returns the new record.
     pub fn update_sandbox(

@@ -7,6 +7,7 @@ pub mod exec;
 pub mod files;
 pub mod forward;
 pub mod session;
+pub mod time;
 
 use bhatti_proto::{io_phrase, ErrorCode, FrameError};
 

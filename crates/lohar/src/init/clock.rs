@@ -23,6 +23,13 @@ pub fn set_wall_clock(unix_ms: i64) -> Result<(), String> {
     }
 }
 
+/// CLOCK_REALTIME now, in unix milliseconds.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Seconds since the guest kernel booted (CLOCK_BOOTTIME; needs no /proc).
 pub fn uptime_secs() -> Option<f64> {
     let mut ts = libc::timespec {

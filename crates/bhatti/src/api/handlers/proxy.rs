@@ -44,7 +44,7 @@ async fn proxy(
     req: Request,
 ) -> Result<Response, ApiError> {
     let port = parse_port(&port)?;
-    let target = state.service.proxy_target(&user, &id, port).await?;
+    let (target, hold) = state.service.proxy_target(&user, &id, port).await?;
     let client = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -65,5 +65,6 @@ async fn proxy(
         client,
     )
     .await
+    .map(|resp| crate::service::hold_until_sent(resp, hold))
     .map_err(|e| ApiError::new(e.status(), e.to_string()))
 }

@@ -90,6 +90,16 @@ impl Daemon {
     /// Starts `bhatti serve` (the binary next to this one unless `bhatti` is
     /// given) on loopback ports with its own data dir, namespace and subnet.
     pub fn start(tag: &str, bhatti: Option<&Path>, images_dir: &Path) -> anyhow::Result<Daemon> {
+        Self::start_with(tag, bhatti, images_dir, "")
+    }
+
+    /// [`start`](Self::start) with more config lines (YAML).
+    pub fn start_with(
+        tag: &str,
+        bhatti: Option<&Path>,
+        images_dir: &Path,
+        extra_yaml: &str,
+    ) -> anyhow::Result<Daemon> {
         anyhow::ensure!(
             nix::unistd::geteuid().is_root(),
             "starting a daemon needs root (or pass --url/--token of a running one)"
@@ -110,7 +120,7 @@ impl Daemon {
                 "listen: 127.0.0.1:{port}\npublic_listen: 127.0.0.1:{public_port}\ndomain: bhatti.bench\n\
                  public_url_scheme: http\npublic_rate_per_alias: 0\npublic_rate_global: 0\n\
                  data_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbench0\n\
-                 subnet: 192.168.171.0/24\negress: false\n",
+                 subnet: 192.168.171.0/24\negress: false\n{extra_yaml}",
                 dir.path().display(),
                 images_dir.display()
             ),
@@ -170,6 +180,11 @@ impl Daemon {
 impl Daemon {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The daemon's data dir (sandbox dirs live in `sandboxes/`).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 

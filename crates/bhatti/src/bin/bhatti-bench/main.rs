@@ -11,6 +11,7 @@ mod api;
 mod daemon;
 mod proxy;
 mod stats;
+mod thermal;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ enum Target {
     Vm(vm::VmArgs),
     /// The public proxy against the same request made inside the guest.
     Proxy(proxy::ProxyArgs),
+    /// Waking warm and cold sandboxes against hot ones; host RSS per state.
+    Thermal(thermal::ThermalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
             Target::Api(a) => api::run(a).await,
             Target::Vm(a) => vm::run(a).await,
             Target::Proxy(a) => proxy::run(a).await,
+            Target::Thermal(a) => thermal::run(a).await,
         }
     })
 }

@@ -20,7 +20,7 @@ use crate::daemon::{Api, Daemon};
 use crate::stats::{fmt, Samples};
 
 /// The app: keep-alive HTTP/1.1, a 3-byte body.
-const SERVER_PY: &str = r#"
+pub const SERVER_PY: &str = r#"
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class H(BaseHTTPRequestHandler):
@@ -271,12 +271,12 @@ async fn measure(
 }
 
 /// One keep-alive HTTP/1.1 connection to the public proxy.
-struct Conn {
+pub struct Conn {
     sender: SendRequest<Empty<Bytes>>,
 }
 
 impl Conn {
-    async fn open(addr: &str) -> anyhow::Result<Conn> {
+    pub async fn open(addr: &str) -> anyhow::Result<Conn> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -286,7 +286,7 @@ impl Conn {
         Ok(Conn { sender })
     }
 
-    async fn get(&mut self, host: &str) -> anyhow::Result<()> {
+    pub async fn get(&mut self, host: &str) -> anyhow::Result<()> {
         self.sender.ready().await?;
         let req = hyper::Request::get("/")
             .header(hyper::header::HOST, host)

@@ -33,6 +33,7 @@ use self::lifecycle::{read_meta, CreateGuard};
 use self::netns_dialer::{NetnsDialer, NetnsSockets};
 use self::network::{NetConfig, NetworkError, Subnet};
 use self::process::VmFiles;
+use self::qmp::commands::RunState;
 use self::qmp::Qmp;
 use super::agent_client::AgentClient;
 use super::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
@@ -302,7 +303,9 @@ impl QemuEngine {
             .query_status()
             .await
             .map_err(|e| EngineError::Other(e.to_string()))?
-            .status)
+            .status
+            .as_str()
+            .to_string())
     }
 
     /// The host pid of the VM's QEMU.
@@ -426,6 +429,53 @@ impl Engine for QemuEngine {
         self.save_to_disk(id).await
     }
 
+    async fn pause(&self, id: &str) -> Result<(), EngineError> {
+        QemuEngine::pause(self, id).await
+    }
+
+    async fn resume(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError> {
+        let started = std::time::Instant::now();
+        QemuEngine::resume(self, id).await?;
+        let resumed = started.elapsed();
+        // The guest's clock stood still while paused. The frame is on its
+        // way before any request after the wake is sent; its answer (a
+        // guest round trip) is not waited for.
+        let sent = crate::engine::Engine::agent(self, id, rt)
+            .send_time()
+            .await
+            .map_err(|e| {
+                EngineError::Other(format!("cannot set the resumed guest's clock: {e}"))
+            })?;
+        let total_us = started.elapsed().as_micros() as u64;
+        let id = id.to_string();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), sent.lag_ms()).await {
+                Ok(Ok(lag_ms)) => tracing::debug!(
+                    id,
+                    cont_us = resumed.as_micros() as u64,
+                    total_us,
+                    lag_ms,
+                    "VM resumed"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(id, error = %e, "the resumed guest did not set its clock")
+                }
+                Err(_) => tracing::warn!(id, "the resumed guest did not answer SET_TIME"),
+            }
+        });
+        Ok(())
+    }
+
+    async fn paused(&self, id: &str) -> Result<bool, EngineError> {
+        let s = self
+            .qmp_of(id)
+            .await?
+            .query_status()
+            .await
+            .map_err(|e| EngineError::Other(e.to_string()))?;
+        Ok(!s.running)
+    }
+
     async fn start(&self, id: &str, rt: &VmRuntime) -> Result<(), EngineError> {
         self.restore_from_disk(id, rt).await
     }
@@ -517,7 +567,11 @@ impl Engine for QemuEngine {
             let _ = std::fs::remove_file(&partial);
         }
         match qmp.query_status().await {
-            Ok(s) if matches!(s.status.as_str(), "running" | "paused" | "suspended") => {}
+            Ok(s)
+                if matches!(
+                    s.status,
+                    RunState::Running | RunState::Paused | RunState::Suspended
+                ) => {}
             Ok(s) => return VmState::Dead(format!("QEMU (pid {pid}) is in state {:?}", s.status)),
             Err(e) => {
                 return VmState::Dead(format!("QEMU (pid {pid}) does not report its state: {e}"))

@@ -4,6 +4,14 @@
 //! greeting until the first leaves), so the engine keeps one persistent
 //! [`Qmp`] per VM. Commands are serialized; a reader task drains the socket,
 //! hands each reply to the waiting command and logs asynchronous events.
+//!
+//! Typed messages, written here once (issue 18): every command we send is a
+//! type implementing [`Command`] (its wire name, arguments and reply type),
+//! every event we read is an [`Event`]; no call site builds JSON by hand.
+//! Not the `qapi` crate: its `qapi-qmp` types are generated from one, newer
+//! QEMU schema than the 7.2 we run (Debian 12), and its clients cannot pass a
+//! descriptor along with a command (SCM_RIGHTS for `getfd`), which the save
+//! to disk and the restore depend on. The dozen commands we use are small.
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -11,11 +19,242 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
+
+pub mod commands {
+    //! The QMP commands the engine sends, as QEMU 7.2's schema defines them.
+
+    use serde::{Deserialize, Serialize};
+
+    use super::Command;
+
+    /// Leaves capabilities negotiation mode (first command of a session).
+    #[derive(Debug, Serialize)]
+    pub struct QmpCapabilities;
+    /// Ends QEMU at once, without a guest shutdown.
+    #[derive(Debug, Serialize)]
+    pub struct Quit;
+    /// Stops all vCPUs.
+    #[derive(Debug, Serialize)]
+    pub struct Stop;
+    /// Resumes all vCPUs.
+    #[derive(Debug, Serialize)]
+    pub struct Cont;
+    /// Takes the descriptor sent with the command (SCM_RIGHTS) under `fdname`.
+    #[derive(Debug, Serialize)]
+    pub struct GetFd {
+        pub fdname: String,
+    }
+    /// Sets migration parameters; only the ones we use.
+    #[derive(Debug, Serialize)]
+    pub struct MigrateSetParameters {
+        /// Bytes per second.
+        #[serde(rename = "max-bandwidth")]
+        pub max_bandwidth: u64,
+    }
+    /// Starts an outgoing migration to `uri`.
+    #[derive(Debug, Serialize)]
+    pub struct Migrate {
+        pub uri: String,
+    }
+    /// Starts loading a migration from `uri` (QEMU started with `-incoming defer`).
+    #[derive(Debug, Serialize)]
+    pub struct MigrateIncoming {
+        pub uri: String,
+    }
+    /// Cancels the outgoing migration.
+    #[derive(Debug, Serialize)]
+    pub struct MigrateCancel;
+    /// Progress of the current migration.
+    #[derive(Debug, Serialize)]
+    pub struct QueryMigrate;
+    /// The VM's run state.
+    #[derive(Debug, Serialize)]
+    pub struct QueryStatus;
+
+    /// An empty `return` (`{}`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+    pub struct Empty {}
+
+    /// What `query-migrate` reports (the fields we read).
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    pub struct MigrationInfo {
+        /// Absent before the first migration.
+        #[serde(default)]
+        pub status: Option<MigrationStatus>,
+        #[serde(rename = "error-desc", default)]
+        pub error_desc: Option<String>,
+        #[serde(default)]
+        pub ram: Option<MigrationStats>,
+    }
+
+    /// RAM counters of a migration.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    pub struct MigrationStats {
+        /// Guest RAM size in bytes as the migration counts it.
+        pub total: u64,
+    }
+
+    /// QEMU's `MigrationStatus`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum MigrationStatus {
+        None,
+        Setup,
+        Active,
+        Completed,
+        Failed,
+        Cancelling,
+        Cancelled,
+        /// Any state we do not act on (postcopy, colo, pre-switchover, ...).
+        #[serde(other)]
+        Other,
+    }
+
+    /// What `query-status` reports.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    pub struct StatusInfo {
+        pub status: RunState,
+        pub running: bool,
+    }
+
+    /// QEMU's `RunState` (the ones we tell apart).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum RunState {
+        Running,
+        Paused,
+        Inmigrate,
+        Postmigrate,
+        Suspended,
+        Shutdown,
+        InternalError,
+        #[serde(other)]
+        Other,
+    }
+
+    impl RunState {
+        /// QEMU's name of the state ("other" for one we do not tell apart).
+        pub fn as_str(self) -> &'static str {
+            match self {
+                RunState::Running => "running",
+                RunState::Paused => "paused",
+                RunState::Inmigrate => "inmigrate",
+                RunState::Postmigrate => "postmigrate",
+                RunState::Suspended => "suspended",
+                RunState::Shutdown => "shutdown",
+                RunState::InternalError => "internal-error",
+                RunState::Other => "other",
+            }
+        }
+    }
+
+    impl PartialEq<&str> for RunState {
+        fn eq(&self, other: &&str) -> bool {
+            self.as_str() == *other
+        }
+    }
+
+    macro_rules! command {
+        ($ty:ty, $name:literal, $ret:ty, args: $args:literal) => {
+            impl Command for $ty {
+                const NAME: &'static str = $name;
+                const HAS_ARGUMENTS: bool = $args;
+                type Returns = $ret;
+            }
+        };
+    }
+    command!(QmpCapabilities, "qmp_capabilities", Empty, args: false);
+    command!(Quit, "quit", Empty, args: false);
+    command!(Stop, "stop", Empty, args: false);
+    command!(Cont, "cont", Empty, args: false);
+    command!(GetFd, "getfd", Empty, args: true);
+    command!(MigrateSetParameters, "migrate-set-parameters", Empty, args: true);
+    command!(Migrate, "migrate", Empty, args: true);
+    command!(MigrateIncoming, "migrate-incoming", Empty, args: true);
+    command!(MigrateCancel, "migrate_cancel", Empty, args: false);
+    command!(QueryMigrate, "query-migrate", MigrationInfo, args: false);
+    command!(QueryStatus, "query-status", StatusInfo, args: false);
+}
+
+use commands::*;
+
+/// One QMP command: its wire name, its arguments (the type's fields) and
+/// the type of its `return`.
+pub trait Command: Serialize {
+    const NAME: &'static str;
+    /// Whether the command carries an `arguments` object.
+    const HAS_ARGUMENTS: bool;
+    type Returns: DeserializeOwned;
+}
+
+/// What goes on the wire for one command.
+#[derive(Serialize)]
+struct Request<'a, C: Command> {
+    execute: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<&'a C>,
+}
+
+/// An asynchronous QMP event (the ones we read; others fail to parse and
+/// are only logged by name).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "event", content = "data")]
+pub enum Event {
+    #[serde(rename = "STOP")]
+    Stop,
+    #[serde(rename = "RESUME")]
+    Resume,
+    #[serde(rename = "SHUTDOWN")]
+    Shutdown {
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    #[serde(rename = "MIGRATION")]
+    Migration { status: MigrationStatus },
+    #[serde(rename = "BALLOON_CHANGE")]
+    BalloonChange { actual: u64 },
+}
+
+/// A message from QEMU other than the greeting.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Incoming {
+    Return {
+        #[serde(rename = "return")]
+        value: Value,
+    },
+    Error {
+        error: ErrorBody,
+    },
+    Event {
+        event: String,
+        #[serde(default)]
+        data: Value,
+    },
+}
+
+/// The `error` object of a refused command.
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    class: String,
+    #[serde(default)]
+    desc: String,
+}
+
+/// The greeting QEMU sends on connect.
+#[derive(Debug, Deserialize)]
+struct Greeting {
+    #[serde(rename = "QMP")]
+    _qmp: Value,
+}
 
 /// How long one command may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,14 +317,6 @@ impl Drop for Qmp {
     }
 }
 
-/// What `query-status` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    /// QEMU's run state: "running", "paused", "inmigrate", "postmigrate", ...
-    pub status: String,
-    pub running: bool,
-}
-
 impl Qmp {
     /// Connects to the socket, reads the greeting and leaves negotiation mode.
     pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
@@ -105,13 +336,8 @@ impl Qmp {
                 )
             })??
             .ok_or(QmpError::Closed)?;
-        let greeting: Value = serde_json::from_str(&greeting)
-            .map_err(|e| QmpError::Protocol(format!("bad greeting: {e}")))?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!(
-                "unexpected greeting: {greeting}"
-            )));
-        }
+        serde_json::from_str::<Greeting>(&greeting)
+            .map_err(|e| QmpError::Protocol(format!("unexpected greeting {greeting:?}: {e}")))?;
         let pending: Pending = Arc::new(Mutex::new(PendingState::default()));
         let reader = tokio::spawn(read_loop(lines, pending.clone()));
         let qmp = Qmp {
@@ -119,7 +345,7 @@ impl Qmp {
             pending,
             reader,
         };
-        qmp.execute("qmp_capabilities", None).await?;
+        qmp.execute(&QmpCapabilities).await?;
         Ok(qmp)
     }
 
@@ -143,28 +369,25 @@ impl Qmp {
         self.pending.lock().map(|p| p.closed).unwrap_or(true)
     }
 
-    /// Runs one command and returns its `return` value.
-    pub async fn execute(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
-        self.execute_with_fd(command, arguments, None).await
+    /// Runs one command and returns its typed `return` value.
+    pub async fn execute<C: Command>(&self, command: &C) -> Result<C::Returns, QmpError> {
+        self.execute_with_fd(command, None).await
     }
 
     /// Runs one command, passing `fd` along with it (SCM_RIGHTS), as
-    /// `getfd` and `add-fd` expect.
-    async fn execute_with_fd(
+    /// `getfd` expects.
+    async fn execute_with_fd<C: Command>(
         &self,
-        command: &str,
-        arguments: Option<Value>,
+        command: &C,
         fd: Option<BorrowedFd<'_>>,
-    ) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
-        if let Some(args) = arguments {
-            msg["arguments"] = args;
-        }
-        let mut line = msg.to_string();
+    ) -> Result<C::Returns, QmpError> {
+        let name = C::NAME;
+        let request = Request {
+            execute: name,
+            arguments: C::HAS_ARGUMENTS.then_some(command),
+        };
+        let mut line = serde_json::to_string(&request)
+            .map_err(|e| QmpError::Protocol(format!("cannot encode {name}: {e}")))?;
         line.push('\n');
         // Holding the writer for the whole exchange serializes commands, so
         // the next reply always belongs to the one pending command.
@@ -192,23 +415,27 @@ impl Qmp {
         }
         let reply = tokio::time::timeout(COMMAND_TIMEOUT, rx)
             .await
-            .map_err(|_| QmpError::Timeout(command.to_string()))?;
-        match reply {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(QmpError::Command { class, desc, .. })) => Err(QmpError::Command {
-                command: command.to_string(),
-                class,
-                desc,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(QmpError::Closed),
-        }
+            .map_err(|_| QmpError::Timeout(name.to_string()))?;
+        let value = match reply {
+            Ok(Ok(v)) => v,
+            Ok(Err(QmpError::Command { class, desc, .. })) => {
+                return Err(QmpError::Command {
+                    command: name.to_string(),
+                    class,
+                    desc,
+                })
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(QmpError::Closed),
+        };
+        serde_json::from_value(value)
+            .map_err(|e| QmpError::Protocol(format!("unexpected reply to {name}: {e}")))
     }
 
     /// Asks QEMU to exit at once (no guest shutdown). A connection closed by
     /// the exit counts as success.
     pub async fn quit(&self) -> Result<(), QmpError> {
-        match self.execute("quit", None).await {
+        match self.execute(&Quit).await {
             Ok(_) | Err(QmpError::Closed) => Ok(()),
             Err(e) => Err(e),
         }
@@ -216,85 +443,63 @@ impl Qmp {
 
     /// Stops the vCPUs (thermal state "warm").
     pub async fn stop(&self) -> Result<(), QmpError> {
-        self.execute("stop", None).await.map(|_| ())
+        self.execute(&Stop).await.map(|_| ())
     }
 
     /// Resumes the vCPUs.
     pub async fn cont(&self) -> Result<(), QmpError> {
-        self.execute("cont", None).await.map(|_| ())
+        self.execute(&Cont).await.map(|_| ())
     }
 
     /// Hands QEMU a file descriptor under `name` (for `fd:<name>` URIs).
     pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
-        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), Some(fd))
-            .await
-            .map(|_| ())
+        let cmd = GetFd {
+            fdname: name.to_string(),
+        };
+        self.execute_with_fd(&cmd, Some(fd)).await.map(|_| ())
     }
 
     /// Caps the migration (snapshot) speed; QEMU 7.2's default of 128 MiB/s
     /// makes a save to disk about eight times slower than the disk allows.
     pub async fn set_migrate_max_bandwidth(&self, bytes_per_sec: u64) -> Result<(), QmpError> {
-        self.execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": bytes_per_sec })),
-        )
-        .await
-        .map(|_| ())
+        let cmd = MigrateSetParameters {
+            max_bandwidth: bytes_per_sec,
+        };
+        self.execute(&cmd).await.map(|_| ())
     }
 
     /// Starts sending the VM's state to `uri` (e.g. `fd:<name>`); poll
     /// [`query_migrate`](Self::query_migrate) for the end.
     pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate", Some(json!({ "uri": uri })))
-            .await
-            .map(|_| ())
+        let cmd = Migrate {
+            uri: uri.to_string(),
+        };
+        self.execute(&cmd).await.map(|_| ())
     }
 
     /// Starts loading the VM's state from `uri` into a QEMU started with
     /// `-incoming defer`.
     pub async fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
-        self.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await
-            .map(|_| ())
+        let cmd = MigrateIncoming {
+            uri: uri.to_string(),
+        };
+        self.execute(&cmd).await.map(|_| ())
+    }
+
+    /// Cancels an outgoing migration.
+    pub async fn migrate_cancel(&self) -> Result<(), QmpError> {
+        self.execute(&MigrateCancel).await.map(|_| ())
     }
 
     /// Progress of the current migration, outgoing or incoming.
-    pub async fn query_migrate(&self) -> Result<Migration, QmpError> {
-        let v = self.execute("query-migrate", None).await?;
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        Ok(Migration {
-            status: s("status").unwrap_or_else(|| "none".into()),
-            error: s("error-desc"),
-            bytes: v
-                .get("ram")
-                .and_then(|r| r.get("total"))
-                .and_then(Value::as_u64),
-        })
+    pub async fn query_migrate(&self) -> Result<MigrationInfo, QmpError> {
+        self.execute(&QueryMigrate).await
     }
 
-    pub async fn query_status(&self) -> Result<Status, QmpError> {
-        let v = self.execute("query-status", None).await?;
-        let status = v
-            .get("status")
-            .and_then(Value::as_str)
-            .ok_or_else(|| QmpError::Protocol(format!("query-status without status: {v}")))?;
-        let running = v.get("running").and_then(Value::as_bool).unwrap_or(false);
-        Ok(Status {
-            status: status.to_string(),
-            running,
-        })
+    /// The VM's run state.
+    pub async fn query_status(&self) -> Result<StatusInfo, QmpError> {
+        self.execute(&QueryStatus).await
     }
-}
-
-/// What `query-migrate` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Migration {
-    /// "none", "setup", "active", "completed", "failed", "cancelled", ...
-    pub status: String,
-    /// Why it failed, when it did.
-    pub error: Option<String>,
-    /// Guest RAM size as the migration counts it.
-    pub bytes: Option<u64>,
 }
 
 fn write_error(e: std::io::Error) -> QmpError {
@@ -338,30 +543,27 @@ async fn read_loop(
             Ok(Some(l)) => l,
             Ok(None) | Err(_) => break,
         };
-        let v: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
+        let msg: Incoming = match serde_json::from_str(&line) {
+            Ok(m) => m,
             Err(e) => {
-                tracing::warn!("unparsable QMP line ({e}): {line}");
+                tracing::warn!("unexpected QMP message ({e}): {line}");
                 continue;
             }
         };
-        if let Some(event) = v.get("event").and_then(Value::as_str) {
-            let data = v.get("data").map(Value::to_string).unwrap_or_default();
-            tracing::debug!(event, data, "QMP event");
-            continue;
-        }
-        let result = if let Some(r) = v.get("return") {
-            Ok(r.clone())
-        } else if let Some(e) = v.get("error") {
-            let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-            Err(QmpError::Command {
+        let result = match msg {
+            Incoming::Return { value } => Ok(value),
+            Incoming::Error { error } => Err(QmpError::Command {
                 command: String::new(),
-                class: s("class"),
-                desc: s("desc"),
-            })
-        } else {
-            tracing::warn!("unexpected QMP message: {line}");
-            continue;
+                class: error.class,
+                desc: error.desc,
+            }),
+            Incoming::Event { event, data } => {
+                match serde_json::from_str::<Event>(&line) {
+                    Ok(e) => tracing::debug!(event = ?e, "QMP event"),
+                    Err(_) => tracing::debug!(event, %data, "QMP event"),
+                }
+                continue;
+            }
         };
         match take(&pending) {
             Some(tx) => {
@@ -375,5 +577,86 @@ async fn read_loop(
         if let Some(tx) = p.reply.take() {
             let _ = tx.send(Err(QmpError::Closed));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire<C: Command>(c: &C) -> String {
+        serde_json::to_string(&Request {
+            execute: C::NAME,
+            arguments: C::HAS_ARGUMENTS.then_some(c),
+        })
+        .expect("encode")
+    }
+
+    #[test]
+    fn commands_on_the_wire() {
+        assert_eq!(wire(&Stop), r#"{"execute":"stop"}"#);
+        assert_eq!(wire(&QmpCapabilities), r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(
+            wire(&GetFd { fdname: "x".into() }),
+            r#"{"execute":"getfd","arguments":{"fdname":"x"}}"#
+        );
+        assert_eq!(
+            wire(&MigrateSetParameters { max_bandwidth: 5 }),
+            r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":5}}"#
+        );
+        assert_eq!(
+            wire(&MigrateIncoming { uri: "fd:s".into() }),
+            r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:s"}}"#
+        );
+        assert_eq!(wire(&MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
+    }
+
+    #[test]
+    fn replies_and_events_as_qemu_7_2_sends_them() {
+        let m: MigrationInfo = serde_json::from_str(
+            r#"{"status":"completed","ram":{"total":537133056,"transferred":1},"total-time":90}"#,
+        )
+        .expect("migration");
+        assert_eq!(m.status, Some(MigrationStatus::Completed));
+        assert_eq!(m.ram.map(|r| r.total), Some(537133056));
+        let m: MigrationInfo = serde_json::from_str("{}").expect("no migration yet");
+        assert_eq!(m.status, None);
+        let m: MigrationInfo =
+            serde_json::from_str(r#"{"status":"postcopy-active"}"#).expect("other");
+        assert_eq!(m.status, Some(MigrationStatus::Other));
+        let s: StatusInfo =
+            serde_json::from_str(r#"{"status":"paused","singlestep":false,"running":false}"#)
+                .expect("status");
+        assert_eq!(s.status, RunState::Paused);
+        assert!(!s.running);
+        let s: StatusInfo =
+            serde_json::from_str(r#"{"status":"colo","running":false}"#).expect("other state");
+        assert_eq!(s.status, RunState::Other);
+        let e: Event =
+            serde_json::from_str(r#"{"timestamp":{"seconds":1,"microseconds":2},"event":"STOP"}"#)
+                .expect("stop");
+        assert_eq!(e, Event::Stop);
+        let e: Event = serde_json::from_str(
+            r#"{"timestamp":{"seconds":1,"microseconds":2},"event":"MIGRATION","data":{"status":"active"}}"#,
+        )
+        .expect("migration event");
+        assert_eq!(
+            e,
+            Event::Migration {
+                status: MigrationStatus::Active
+            }
+        );
+        assert!(serde_json::from_str::<Event>(
+            r#"{"event":"NIC_RX_FILTER_CHANGED","data":{"path":"x"},"timestamp":{"seconds":1,"microseconds":2}}"#,
+        )
+        .is_err());
+        assert!(matches!(
+            serde_json::from_str::<Incoming>(r#"{"error":{"class":"CommandNotFound","desc":"x"}}"#),
+            Ok(Incoming::Error { .. })
+        ));
+        assert!(matches!(
+            serde_json::from_str::<Incoming>(r#"{"return":{}}"#),
+            Ok(Incoming::Return { .. })
+        ));
     }
 }

@@ -16,14 +16,13 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use bhatti_proto::ExecRequest;
+use std::time::{Duration, Instant};
 
 use super::lifecycle::read_meta;
 use super::netns_dialer::NetnsDialer;
 use super::process::{self, NotReady, VmFiles};
-use super::qmp::{Migration, Qmp, QmpError};
+use super::qmp::commands::{MigrationInfo, MigrationStatus};
+use super::qmp::{Qmp, QmpError};
 use super::{blocking, check_id, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES};
 use crate::engine::{EngineError, VmRuntime};
 
@@ -103,7 +102,7 @@ impl QemuEngine {
         tracing::info!(
             id,
             state_mib = size / (1024 * 1024),
-            ram_mib = migration.bytes.unwrap_or(0) / (1024 * 1024),
+            ram_mib = migration.ram.map_or(0, |r| r.total) / (1024 * 1024),
             save_ms = saved_in.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "VM saved to disk"
@@ -117,7 +116,7 @@ impl QemuEngine {
         qmp: &Qmp,
         pid: u32,
         path: &Path,
-    ) -> Result<Migration, EngineError> {
+    ) -> Result<MigrationInfo, EngineError> {
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
             .await
             .map_err(save_err)?;
@@ -139,7 +138,7 @@ impl QemuEngine {
         let m = match wait_migration(qmp, pid, "saving").await {
             Ok(m) => m,
             Err(e) => {
-                let _ = qmp.execute("migrate_cancel", None).await;
+                let _ = qmp.migrate_cancel().await;
                 return Err(e);
             }
         };
@@ -271,8 +270,9 @@ impl QemuEngine {
         }
         let ready = started.elapsed();
         // The guest's clock stood still while it was on disk.
-        if let Err(e) = set_guest_clock(&crate::engine::Engine::agent(self, id, rt)).await {
-            tracing::warn!(id, error = %e, "cannot set the restored guest's clock");
+        match crate::engine::Engine::agent(self, id, rt).set_time().await {
+            Ok(lag_ms) => tracing::debug!(id, lag_ms, "restored guest's clock set"),
+            Err(e) => tracing::warn!(id, error = %e, "cannot set the restored guest's clock"),
         }
         tracing::info!(
             id,
@@ -311,7 +311,7 @@ impl QemuEngine {
 
 /// Polls `query-migrate` until the migration completed, failed, QEMU died
 /// or [`MIGRATION_TIMEOUT`] passed.
-async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<Migration, EngineError> {
+async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<MigrationInfo, EngineError> {
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     loop {
         let m = match qmp.query_migrate().await {
@@ -327,49 +327,23 @@ async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<Migration, En
                 )))
             }
         };
-        match m.status.as_str() {
-            "completed" => return Ok(m),
-            "failed" | "cancelled" => {
+        match m.status {
+            Some(MigrationStatus::Completed) => return Ok(m),
+            Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
                 return Err(EngineError::Other(format!(
                     "{what} the VM's state failed: {}",
-                    m.error.as_deref().unwrap_or("QEMU gives no reason")
+                    m.error_desc.as_deref().unwrap_or("QEMU gives no reason")
                 )))
             }
             _ => {}
         }
         if Instant::now() >= deadline {
             return Err(EngineError::Other(format!(
-                "{what} the VM's state did not finish within {} s (status {})",
+                "{what} the VM's state did not finish within {} s (status {:?})",
                 MIGRATION_TIMEOUT.as_secs(),
                 m.status
             )));
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Sets the guest's wall clock to the host's (`date` through passwordless sudo).
-async fn set_guest_clock(agent: &crate::engine::agent_client::AgentClient) -> Result<(), String> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let at = format!("{}.{:03}", now.as_secs(), now.subsec_millis());
-    // sudo alone can take a second under TCG, so the time is not set as sent:
-    // the guest's uptime is read before sudo starts and again inside it, and
-    // the difference is added to the host's time.
-    let outer = r#"u0=$(cut -d' ' -f1 /proc/uptime); exec sudo -n /bin/sh -c "$2" sh "$1" "$u0""#;
-    let inner = r#"u=$(cut -d' ' -f1 /proc/uptime); date -u -s "@$(awk -v x="$1" -v u0="$2" -v u="$u" 'BEGIN { printf "%.3f", x + u - u0 }')" >/dev/null"#;
-    let req = ExecRequest::command(["sh", "-c", outer, "sh", at.as_str(), inner]);
-    let out = tokio::time::timeout(Duration::from_secs(10), agent.exec_buffered(req))
-        .await
-        .map_err(|_| "`date -s` did not finish within 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    if out.exit_code != 0 {
-        return Err(format!(
-            "`date -s` exited with {}: {}",
-            out.exit_code,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
 }
