@@ -21,6 +21,7 @@ use crate::store::{Store, StoreError, User};
 
 pub mod exec;
 mod idle;
+mod inspect;
 mod ports;
 mod proxy;
 mod publish;

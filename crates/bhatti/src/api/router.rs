@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
             sandboxes::patch,
             sandboxes::destroy
         ))
+        .routes(routes!(sandboxes::inspect))
         .routes(routes!(sandboxes::stop))
         .routes(routes!(sandboxes::start))
         .routes(routes!(exec::exec))

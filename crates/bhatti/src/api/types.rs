@@ -314,3 +314,16 @@ pub struct ListeningPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_url: Option<String>,
 }
+
+/// `GET /sandboxes/{id}/inspect`: one sandbox and what it uses. Reading it
+/// never wakes the sandbox: `sessions` is only filled while it is hot.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxDetail {
+    pub sandbox: Sandbox,
+    /// Host disk the sandbox takes (overlay, saved state), in bytes allocated.
+    pub disk_bytes: Option<u64>,
+    pub published: Vec<PublishedPort>,
+    /// Sessions in the guest; absent unless the sandbox is hot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<Vec<Session>>,
+}

@@ -135,7 +135,12 @@ impl ApiClient {
 
     /// A request to `segments` with the API key as a bearer token.
     pub fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
-        let rb = self.http.request(method, self.url(segments));
+        self.request_url(method, self.url(segments))
+    }
+
+    /// An authenticated request to `url` (one of [`url`](Self::url)'s, with a query).
+    pub fn request_url(&self, method: Method, url: Url) -> RequestBuilder {
+        let rb = self.http.request(method, url);
         match self.token() {
             Some(t) => rb.bearer_auth(t),
             None => rb,

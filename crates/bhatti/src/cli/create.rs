@@ -17,10 +17,10 @@ pub struct CreateArgs {
     /// Sandbox name (must match [a-zA-Z0-9][a-zA-Z0-9._-]{0,62}) [default: auto-generated]
     #[arg(long, value_parser = parse_name)]
     pub name: Option<String>,
-    /// Number of vCPUs (capped by your per-sandbox limit)
+    /// Number of vCPUs (at most your per-sandbox limit)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub cpus: u32,
-    /// Memory in MB (capped by your per-sandbox limit)
+    /// Memory in MB (at most your per-sandbox limit)
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub memory: u32,
     /// Comma-separated KEY=VALUE pairs (may be given more than once)
@@ -32,6 +32,15 @@ pub struct CreateArgs {
     /// Never pause or save the sandbox when idle (see `bhatti edit`)
     #[arg(long)]
     pub keep_hot: bool,
+    /// A label KEY=VALUE (repeatable; at most 16): find sandboxes with
+    /// `bhatti list --label KEY=VALUE`
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` of `--label`, checked with the server's rules.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    crate::store::labels::parse_pair(s).map_err(|e| e.to_string())
 }
 
 /// The pairs of one `--env` value.
@@ -51,6 +60,8 @@ struct CreateBody<'a> {
     init: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     keep_hot: bool,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -62,16 +73,31 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         env,
         init: args.init.as_deref(),
         keep_hot: args.keep_hot,
+        labels: args.labels.into_iter().collect(),
     };
     let spinner = spinner(args.name.as_deref());
-    let result: anyhow::Result<Sandbox> = ctx
-        .client
-        .post_json(&["sandboxes"], &body, Target::None)
-        .await;
+    let result = async {
+        let rb = ctx
+            .client
+            .request(reqwest::Method::POST, &["sandboxes"])
+            .json(&body);
+        let resp = ctx.client.send(rb, Target::None).await?;
+        let existed = resp.headers().contains_key("x-bhatti-existed");
+        let sb: Sandbox = ctx.client.decode(resp).await?;
+        anyhow::Ok((sb, existed))
+    }
+    .await;
     if let Some(s) = &spinner {
         s.finish_and_clear();
     }
-    let sb = result?;
+    let (sb, existed) = result?;
+    if existed && !ctx.json {
+        eprintln!(
+            "sandbox {} already exists; nothing was created (it is {})",
+            sb.name, sb.status
+        );
+        return Ok(0);
+    }
     if ctx.json {
         output::print_json(&sb)?;
         return Ok(0);

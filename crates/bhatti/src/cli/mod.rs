@@ -17,6 +17,7 @@ pub mod edit;
 pub mod exec;
 pub mod file;
 pub mod image;
+pub mod inspect;
 pub mod list;
 pub mod output;
 pub mod ports;
@@ -67,9 +68,11 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Create a sandbox and wait until it is ready.
     Create(create::CreateArgs),
+    /// Show everything about one sandbox (without waking it).
+    Inspect(inspect::InspectArgs),
     /// List your sandboxes.
     #[command(visible_alias = "ls")]
-    List,
+    List(list::ListArgs),
     /// Destroy a sandbox: its VM, disk, sessions and published ports.
     #[command(visible_alias = "rm")]
     Destroy(destroy::DestroyArgs),
@@ -130,7 +133,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Version => block_on(version::run(global)),
         Command::Setup => block_on(setup::run(global)),
         Command::Create(args) => with_client(global, |c| create::run(c, args)),
-        Command::List => with_client(global, list::run),
+        Command::List(args) => with_client(global, |c| list::run(c, args)),
         Command::Destroy(args) => with_client(global, |c| destroy::run(c, args)),
         Command::Stop(args) => {
             with_client(global, |c| thermal::run(c, args, thermal::Action::Stop))
@@ -143,6 +146,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Shell(args) => with_client(global, |c| shell::run(c, args)),
         Command::Ps(args) => with_client(global, |c| ps::run(c, args)),
         Command::Ports(args) => with_client(global, |c| ports::run(c, args)),
+        Command::Inspect(args) => with_client(global, |c| inspect::run(c, args)),
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),

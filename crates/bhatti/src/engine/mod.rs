@@ -111,4 +111,7 @@ pub trait Engine: Send + Sync {
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;
     /// A client of the VM's agent.
     fn agent(&self, id: &str, rt: &VmRuntime) -> AgentClient;
+    /// Host disk the sandbox takes, in bytes actually allocated (its overlay,
+    /// a saved memory state): sparse files count only what they use.
+    fn disk_usage(&self, id: &str) -> Result<u64, EngineError>;
 }

@@ -9,7 +9,7 @@ use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{CreateSandboxRequest, PatchSandboxRequest, Sandbox};
+use crate::api::types::{CreateSandboxRequest, PatchSandboxRequest, Sandbox, SandboxDetail};
 
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", request_body = CreateSandboxRequest,
     responses((status = 201, body = Sandbox, description = "created"),
@@ -104,4 +104,14 @@ pub async fn start(
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, ApiError> {
     Ok(Json(state.service.start_sandbox(&user, &id).await?))
+}
+
+#[utoipa::path(get, path = "/sandboxes/{id}/inspect", tag = "sandboxes", params(("id" = String, Path, description = "sandbox id or name")),
+    responses((status = 200, body = SandboxDetail, description = "never wakes the sandbox; `sessions` only while it is hot"), (status = 404, body = ErrorBody)))]
+pub async fn inspect(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxDetail>, ApiError> {
+    Ok(Json(state.service.inspect_sandbox(&user, &id).await?))
 }

@@ -590,6 +590,19 @@ impl Engine for QemuEngine {
         VmState::Running
     }
 
+    fn disk_usage(&self, id: &str) -> Result<u64, EngineError> {
+        check_id(id)?;
+        let mut total = 0u64;
+        for entry in std::fs::read_dir(self.sandbox_dir(id))? {
+            let meta = entry?.metadata()?;
+            if meta.is_file() {
+                // st_blocks is in 512-byte units whatever the filesystem's block size.
+                total += std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+            }
+        }
+        Ok(total)
+    }
+
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError> {
         let keep: HashSet<&str> = keep.iter().map(String::as_str).collect();
         // Processes first: a QEMU whose dir is already gone still holds its TAP.

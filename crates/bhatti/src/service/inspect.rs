@@ -1,0 +1,42 @@
+//! `inspect`: one sandbox and what it uses, without waking it.
+
+use super::{view, Result, Service};
+use crate::api::types::{SandboxDetail, Session};
+use crate::store::{SandboxStatus, User};
+
+impl Service {
+    /// The sandbox, its host disk use, its published ports and, while it is
+    /// hot, its sessions. Never wakes a warm or cold sandbox.
+    ///
+    /// Errors: `NotFound` for an unknown (or another user's) sandbox.
+    pub async fn inspect_sandbox(&self, user: &User, id: &str) -> Result<SandboxDetail> {
+        let rec = self.find(user, id).await?;
+        let disk_bytes = match self.engine.disk_usage(&rec.id) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::debug!(sandbox = %rec.id, error = %e, "disk usage");
+                None
+            }
+        };
+        let published = self.list_published(user, &rec.id).await?;
+        let sessions = if rec.status == SandboxStatus::Running {
+            // Hot already: asking costs no wake. A failure only leaves it out.
+            match self.agent(user, &rec.id).await {
+                Ok(agent) => agent
+                    .sessions()
+                    .await
+                    .ok()
+                    .map(|l| l.into_iter().map(Session::from).collect()),
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        Ok(SandboxDetail {
+            sandbox: view(&rec),
+            disk_bytes,
+            published,
+            sessions,
+        })
+    }
+}
