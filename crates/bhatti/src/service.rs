@@ -20,6 +20,7 @@ use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
 use crate::store::{Store, StoreError, User};
 
 pub mod exec;
+pub mod exec_session;
 mod idle;
 mod inspect;
 mod ports;
@@ -104,6 +105,8 @@ pub struct Service {
     /// One lock per (user, name) being created: concurrent identical creates
     /// make one sandbox.
     create_locks: Mutex<HashMap<(i64, String), AsyncLock>>,
+    /// Piped exec sessions that survive their client (exec WebSocket).
+    exec_sessions: exec_session::ExecSessions,
     /// Idle transitions: settings, use of each sandbox, restore permits.
     thermal: thermal::Thermal,
 }
@@ -126,6 +129,7 @@ impl Service {
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
             create_locks: Mutex::new(HashMap::new()),
+            exec_sessions: Default::default(),
             thermal: thermal::Thermal::new(ThermalConfig::disabled()),
         }
     }

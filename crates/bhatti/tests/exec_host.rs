@@ -57,8 +57,17 @@ fn wait_rusage(pid: u32) -> (i32, i64) {
 }
 
 async fn ws_exec(d: &TestDaemon, key: &str, sb: &str) -> common::WsStream {
+    ws_exec_query(d, key, sb, "").await.expect("ws connect")
+}
+
+async fn ws_exec_query(
+    d: &TestDaemon,
+    key: &str,
+    sb: &str,
+    query: &str,
+) -> Result<common::WsStream, tokio_tungstenite::tungstenite::Error> {
     let url = format!(
-        "{}/sandboxes/{sb}/exec/ws",
+        "{}/sandboxes/{sb}/exec/ws{query}",
         d.url.replacen("http://", "ws://", 1)
     );
     let mut req = url.into_client_request().expect("request");
@@ -66,10 +75,19 @@ async fn ws_exec(d: &TestDaemon, key: &str, sb: &str) -> common::WsStream {
         "authorization",
         format!("Bearer {key}").parse().expect("header"),
     );
-    tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect")
-        .0
+    tokio_tungstenite::connect_async(req).await.map(|c| c.0)
+}
+
+/// The session id of the first message of an exec WebSocket.
+async fn ws_session_id(ws: &mut common::WsStream) -> String {
+    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+        Ok(Some(Ok(Ws::Text(t)))) => {
+            let v: Value = serde_json::from_str(&t).expect("json");
+            assert_eq!(v["type"], "session", "{v}");
+            v["session_id"].as_str().expect("id").to_string()
+        }
+        other => panic!("no session message: {other:?}"),
+    }
 }
 
 /// Reads exec events until exit or error; returns (stdout, exit event).
@@ -227,6 +245,64 @@ async fn exec_stdin_limits_and_dead_guests() {
     assert_eq!(ev["type"], "error", "{ev}");
     assert!(ev["data"].as_str().unwrap_or("").contains("cmd"), "{ev}");
     assert_eq!(ev["data"], ev["message"]);
+
+    // --- a detachable piped session: stdin, detach, reattach with the output
+    // kept meanwhile replayed, the exit code at the end.
+    let mut ws = ws_exec(&d, &key, "ex").await;
+    let script = "read x; echo got-$x; for i in 1 2 3; do echo tick$i; sleep 1; done; exit 7";
+    ws.send(Ws::Text(
+        json!({"cmd": ["sh", "-c", script], "max_idle_sec": 60})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("start");
+    let sid = ws_session_id(&mut ws).await;
+    ws.send(Ws::Binary(b"hello\n".to_vec().into()))
+        .await
+        .expect("stdin");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(ws); // detach: the command keeps running
+    let mut ws = ws_exec_query(&d, &key, "ex", &format!("?session={sid}"))
+        .await
+        .expect("reattach");
+    assert_eq!(ws_session_id(&mut ws).await, sid);
+    let (out, exit) = ws_events(&mut ws).await;
+    assert!(
+        out.contains("got-hello") && out.contains("tick3"),
+        "{out:?}"
+    );
+    assert_eq!(exit["exit_code"], 7, "{exit}");
+    // Unknown session: refused before the upgrade.
+    assert!(ws_exec_query(&d, &key, "ex", "?session=es_nope")
+        .await
+        .is_err());
+    // Detached past its idle limit: killed and forgotten.
+    let mut ws = ws_exec(&d, &key, "ex").await;
+    ws.send(Ws::Text(
+        json!({"cmd": ["sleep", "60"], "max_idle_sec": 1})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("start");
+    let sid = ws_session_id(&mut ws).await;
+    drop(ws);
+    // (A reattach is use: look less often than the limit.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        if ws_exec_query(&d, &key, "ex", &format!("?session={sid}"))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle session was never reaped"
+        );
+    }
 
     // --- timeouts: the default applies, past the maximum is refused.
     let r = api

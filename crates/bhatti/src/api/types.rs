@@ -101,6 +101,21 @@ pub struct ExecWsStart {
     /// As in [`ExecBody`].
     #[serde(default, alias = "timeout", skip_serializing_if = "Option::is_none")]
     pub timeout_sec: Option<u64>,
+    /// Seconds the command may stay detached: when the client goes away it
+    /// keeps running, its output kept (1 MiB), and `?session=<id>` reattaches
+    /// with a replay. Absent or 0: closing the socket kills the command. At
+    /// most 86,400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_idle_sec: Option<u64>,
+}
+
+/// Query of the exec WebSocket.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+pub struct ExecWsQuery {
+    /// Reattach to this session (no start message then).
+    pub session: Option<String>,
+    /// API key, for clients that cannot set headers.
+    pub token: Option<String>,
 }
 
 /// Control messages a client sends on the exec WebSocket after the start.
@@ -109,6 +124,8 @@ pub struct ExecWsStart {
 pub enum ExecWsControl {
     /// Close the command's stdin.
     Eof,
+    /// SIGKILL the command's process group now.
+    Kill,
 }
 
 /// Buffered exec result. Output that is not UTF-8 comes base64-encoded in `*_b64` instead.

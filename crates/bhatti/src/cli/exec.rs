@@ -154,6 +154,7 @@ pub async fn exec_with_stdin(
         env: body.env.clone(),
         cwd: body.cwd.clone(),
         timeout_sec: body.timeout_sec,
+        max_idle_sec: None,
     };
     let lost = |e| anyhow!("lost the connection to the exec: {e}");
     ws.send(WsMessage::Text(serde_json::to_string(&start)?.into()))

@@ -4,12 +4,13 @@
 //! [`Service::exec`](crate::service::Service::exec).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,9 +23,10 @@ use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
 use crate::api::types::{
-    ExecBody, ExecDetached, ExecEvent, ExecResult, ExecWsControl, ExecWsStart,
+    ExecBody, ExecDetached, ExecEvent, ExecResult, ExecWsControl, ExecWsQuery, ExecWsStart,
 };
 use crate::service::exec::{ExecSpec, ExecUpdate, Stdin};
+use crate::service::exec_session::{Attachment, ExecSession, ExecUpdateText};
 use crate::service::Service;
 use crate::store::User;
 
@@ -115,72 +117,129 @@ fn ndjson(updates: mpsc::Receiver<ExecUpdate>) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-#[utoipa::path(get, path = "/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path, description = "sandbox id or name")),
-    responses((status = 101, description = "WebSocket: first message an ExecWsStart (text JSON); then binary messages are stdin, a text {\"type\":\"eof\"} closes stdin, closing the socket kills; the server sends ExecEvent text messages, the last an exit or error event"),
+#[utoipa::path(get, path = "/sandboxes/{id}/exec/ws", tag = "exec", params(("id" = String, Path, description = "sandbox id or name"), ExecWsQuery),
+    responses((status = 101, description = "WebSocket. First message (unless `?session=` reattaches): an ExecWsStart (text JSON). The server answers {\"type\":\"session\",\"session_id\",\"dropped_events\"}, then ExecEvent text messages, the last an exit or error event. Binary messages are stdin; text {\"type\":\"eof\"} closes stdin, {\"type\":\"kill\"} kills. Closing the socket kills the command unless it was started with max_idle_sec (then it detaches)."),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn exec_ws(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     ApiKey(key): ApiKey,
     Path(id): Path<String>,
+    Query(q): Query<ExecWsQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Another user's sandbox is a 404 whatever the request (no wake here:
     // the command is not known yet).
-    state.service.get_sandbox(&user, &id).await?;
+    let sandbox = state.service.get_sandbox(&user, &id).await?;
+    let reattach = match &q.session {
+        Some(sid) => Some(state.service.attach_exec_session(&user, &id, sid).await?),
+        None => None,
+    };
     let ws = ws
         .map_err(|e| ApiError::bad_request(format!("this route needs a WebSocket upgrade: {e}")))?;
     let service = state.service.clone();
-    Ok(ws.on_upgrade(move |socket| async move {
+    Ok(ws.on_upgrade(move |mut socket| async move {
+        let run = async {
+            let att = match reattach {
+                Some(att) => att,
+                None => match start_session(&mut socket, &service, &user, &sandbox.id).await {
+                    Ok(att) => att,
+                    Err(e) => return ws_finish(&mut socket, ExecEvent::error(e)).await,
+                },
+            };
+            relay(socket, att).await
+        };
         tokio::select! {
-            _ = ws_session(socket, &service, &user, &id) => {}
-            // Dropping the session closes the socket and kills the command.
+            _ = run => {}
+            // Dropping the relay closes the socket (and ends or detaches the command).
             _ = service.key_revoked(&key) => {}
         }
     }))
 }
 
-async fn ws_session(mut socket: WebSocket, service: &Service, user: &User, id: &str) {
+/// Reads the start message and starts the command as a session the caller
+/// is attached to. Errors are the text of the error event to send.
+async fn start_session(
+    socket: &mut WebSocket,
+    service: &Arc<Service>,
+    user: &User,
+    sandbox_id: &str,
+) -> Result<Attachment, String> {
     let start = match tokio::time::timeout(WS_START_TIMEOUT, socket.recv()).await {
         Ok(Some(Ok(WsMessage::Text(t)))) => serde_json::from_str::<ExecWsStart>(&t)
-            .map_err(|e| format!("invalid start message: {e}")),
-        Ok(_) => Err("the first message must be the command as JSON text".into()),
-        Err(_) => Err(format!(
-            "no start message within {}s",
-            WS_START_TIMEOUT.as_secs()
-        )),
-    };
-    let spec = start
-        .and_then(|s| ExecSpec::new(s.cmd, s.env, s.cwd, s.timeout_sec).map_err(|e| e.to_string()));
-    let spec = match spec {
-        Ok(s) => s,
-        Err(e) => return ws_finish(&mut socket, ExecEvent::error(e)).await,
-    };
-    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(WS_STDIN_BUFFER);
-    let mut updates = match service.exec(user, id, spec, Stdin::Stream(stdin_rx)).await {
-        Ok(rx) => rx,
-        Err(e) => {
-            let e: ApiError = e.into();
-            return ws_finish(&mut socket, ExecEvent::error(e.message)).await;
+            .map_err(|e| format!("invalid start message: {e}"))?,
+        Ok(_) => return Err("the first message must be the command as JSON text".into()),
+        Err(_) => {
+            return Err(format!(
+                "no start message within {}s",
+                WS_START_TIMEOUT.as_secs()
+            ))
         }
     };
-    let mut stdin_tx = Some(stdin_tx);
+    let max_idle = start.max_idle_sec.unwrap_or(0);
+    let spec = ExecSpec::new(start.cmd, start.env, start.cwd, start.timeout_sec)
+        .map_err(|e| e.to_string())?;
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(WS_STDIN_BUFFER);
+    let updates = service
+        .exec(user, sandbox_id, spec, Stdin::Stream(stdin_rx))
+        .await
+        .map_err(|e| ApiError::from(e).message)?;
+    service
+        .start_exec_session(user, sandbox_id, max_idle, stdin_tx, updates, text_of)
+        .map_err(|e| ApiError::from(e).message)
+}
+
+/// An update as the exec WebSocket sends it.
+fn text_of(update: ExecUpdate) -> ExecUpdateText {
+    let last = matches!(update, ExecUpdate::Exit { .. } | ExecUpdate::Failed(_));
+    ExecUpdateText {
+        json: serde_json::to_string(&event_of(update)).unwrap_or_default(),
+        last,
+    }
+}
+
+/// Bridges the socket and an attached session until the command ends or
+/// the client leaves (which kills the command, or detaches it when it was
+/// started with `max_idle_sec`).
+async fn relay(mut socket: WebSocket, mut att: Attachment) {
+    let session = att.session.clone();
+    let hello = serde_json::json!({"type": "session", "session_id": session.id, "dropped_events": att.dropped});
+    if socket
+        .send(WsMessage::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return leave(&session);
+    }
+    for ev in std::mem::take(&mut att.replay) {
+        if socket.send(WsMessage::Text(ev.json.into())).await.is_err() {
+            return leave(&session);
+        }
+        if ev.last {
+            let _ = socket.send(WsMessage::Close(None)).await;
+            return session.detach();
+        }
+    }
+    let mut stdin_tx = session.stdin_sender();
     // A stdin chunk waiting for room: the socket is not read meanwhile, so a
     // command that does not read its stdin slows its client, not the daemon.
     let mut pending: Option<Bytes> = None;
     loop {
         let reserve = stdin_tx.clone().filter(|_| pending.is_some());
         tokio::select! {
-            update = updates.recv() => {
-                let Some(update) = update else { return };
-                let last = matches!(update, ExecUpdate::Exit { .. } | ExecUpdate::Failed(_));
-                let event = event_of(update);
-                if last {
-                    return ws_finish(&mut socket, event).await;
-                }
-                let text = serde_json::to_string(&event).unwrap_or_default();
-                if socket.send(WsMessage::Text(text.into())).await.is_err() {
+            ev = att.live.recv() => {
+                // None: the command ended (its last event was sent) or
+                // another client took the session over.
+                let Some(ev) = ev else {
+                    let _ = socket.send(WsMessage::Close(None)).await;
                     return;
+                };
+                if socket.send(WsMessage::Text(ev.json.into())).await.is_err() {
+                    return leave(&session);
+                }
+                if ev.last {
+                    let _ = socket.send(WsMessage::Close(None)).await;
+                    return session.detach();
                 }
             }
             permit = async move {
@@ -206,16 +265,24 @@ async fn ws_session(mut socket: WebSocket, service: &Service, user: &User, id: &
                 Some(Ok(WsMessage::Binary(_))) => {}
                 Some(Ok(WsMessage::Text(t))) => match serde_json::from_str::<ExecWsControl>(&t) {
                     Ok(ExecWsControl::Eof) => {
-                        // Dropping the sender closes the command's stdin.
                         stdin_tx = None;
+                        session.close_stdin();
                     }
+                    Ok(ExecWsControl::Kill) => session.kill(),
                     Err(_) => {}
                 },
                 Some(Ok(WsMessage::Ping(_))) | Some(Ok(WsMessage::Pong(_))) => {}
-                // The client left: dropping `updates` kills the command.
-                _ => return,
+                _ => return leave(&session),
             }
         }
+    }
+}
+
+/// The client is gone: a session without an idle limit dies with it.
+fn leave(session: &ExecSession) {
+    session.detach();
+    if session.dies_with_client() {
+        session.kill();
     }
 }
 
