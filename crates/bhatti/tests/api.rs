@@ -883,10 +883,34 @@ async fn api_scenario() {
         "/sandboxes/{id}/files",
         "/sandboxes/{id}/sessions",
         "/sandboxes/{id}/ws",
+        "/sandboxes/{id}/exec/ws",
+        "/sandboxes/{id}/inspect",
+        "/sandboxes/{id}/ports",
         "/secrets",
         "/secrets/{name}",
     ] {
         assert!(v["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    // New fields are in the schemas.
+    let schemas = &v["components"]["schemas"];
+    for (schema, field) in [
+        ("ExecBody", "timeout_sec"),
+        ("ExecBody", "detach"),
+        ("ExecBody", "output_file"),
+        ("ExecResult", "truncated"),
+        ("ExecWsStart", "max_idle_sec"),
+        ("Sandbox", "labels"),
+        ("Sandbox", "thermal"),
+        ("CreateSandboxRequest", "labels"),
+        ("PatchSandboxRequest", "labels_delete"),
+        ("ListeningPort", "proxy_url"),
+        ("SandboxDetail", "disk_bytes"),
+        ("ExecDetached", "pid"),
+    ] {
+        assert!(
+            schemas[schema]["properties"].get(field).is_some(),
+            "openapi schema {schema} lacks {field}"
+        );
     }
 
     // --- restart after SIGKILL: same ids, names, IPs; exec works

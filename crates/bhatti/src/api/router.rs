@@ -27,7 +27,10 @@ pub struct AppState {
 
 #[derive(OpenApi)]
 #[openapi(info(title = "bhatti", description = "Self-hosted microVM sandboxes"),
-    modifiers(&BearerAuth), security(("bearer" = [])))]
+    modifiers(&BearerAuth), security(("bearer" = [])),
+    // Messages of the WebSockets, which no request body names.
+    components(schemas(super::types::ExecWsStart, super::types::ExecWsControl,
+        super::types::ExecEvent, super::types::ShellControl)))]
 struct ApiDoc;
 
 struct BearerAuth;

@@ -119,7 +119,7 @@ pub struct ExecWsQuery {
 }
 
 /// Control messages a client sends on the exec WebSocket after the start.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ExecWsControl {
     /// Close the command's stdin.
@@ -241,7 +241,7 @@ pub struct ShellQuery {
 }
 
 /// Text message of the shell WebSocket.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ShellControl {
     Resize { rows: u16, cols: u16 },
