@@ -23,6 +23,7 @@ pub mod exec;
 mod ports;
 mod proxy;
 mod publish;
+pub mod share;
 mod thermal;
 
 /// How often a long-lived connection (shell, exec WebSocket) re-checks its
@@ -76,6 +77,8 @@ pub struct Service {
     url_scheme: String,
     /// One lock per sandbox for stop, start, wake-up and destroy.
     thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Open web terminals and their connection budget.
+    shares: share::ShareHub,
 }
 
 impl Service {
@@ -95,6 +98,7 @@ impl Service {
             domain: "localhost".into(),
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
+            shares: share::ShareHub::default(),
         }
     }
 
