@@ -5,35 +5,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Api, TestDaemon, BIN};
+use common::{venv_python, workspace, Api, TestDaemon, BIN};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
 type Socket = common::WsStream;
-
-/// The workspace root (`crates/bhatti/../..`).
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The Python of the SDK's test venv (`scripts/sdk-venv.sh` makes it).
-pub fn venv_python() -> PathBuf {
-    let py = std::env::var_os("BHATTI_SDK_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/sdk-venv/bin/python"));
-    assert!(
-        py.exists(),
-        "{} is missing: run `bash scripts/sdk-venv.sh` (scripts/test.sh does)",
-        py.display()
-    );
-    py
-}
 
 async fn connect(base: &str, sandbox: &str) -> Result<Socket, reqwest::StatusCode> {
     let url = format!(
