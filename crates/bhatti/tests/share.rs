@@ -173,6 +173,24 @@ async fn web_terminal_share() {
         404
     );
 
+    let doc: Value = anon
+        .get(format!("{}/openapi.json", d.url))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("openapi json");
+    for p in [
+        "/sandboxes/{id}/share",
+        "/_shell/{id}",
+        "/_shell/{id}/ws",
+        "/_shell/assets/{file}",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    assert_eq!(doc["paths"]["/_shell/{id}"]["get"]["security"], json!([{}]));
+
     // --- refused: a wrong token, no auth message in time
     let mut ws = connect_ok(&d.url, &id).await;
     auth(&mut ws, "bsh_wrong").await;
@@ -343,6 +361,14 @@ async fn web_terminal_share() {
     assert!(statuses.contains(&429), "{statuses:?}");
     assert!(statuses[0] == 101, "{statuses:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Tokens travel in URL fragments and WebSocket messages: never logged.
+    for t in [&token, &token2] {
+        assert!(
+            !d.log().contains(t.as_str()),
+            "a share token is in the daemon log"
+        );
+    }
 
     // --- the CLI: share, publish --shell, revoke
     let home = tempfile::tempdir().expect("home");
