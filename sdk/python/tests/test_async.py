@@ -76,6 +76,11 @@ async def scenario():
                 await term.read_until(b"40 120")
             assert sid in [s.session_id for s in await sb.sessions.list()]
             await sb.sessions.kill(sid)
+            try:
+                await sb.terminal(session="no-such-session")
+                raise AssertionError("no NotFound")
+            except bhatti.NotFound:
+                pass
 
             await sb.exec_detached(["python3", "-m", "http.server", "8766"])
             deadline = time.monotonic() + 30

@@ -98,6 +98,16 @@ def test_exec_stream_callbacks(sb):
     assert got[-1][1] - got[0][1] > 0.5, "callbacks ran as output arrived"
 
 
+def test_exec_stream_break_kills_the_command(sb):
+    for ev in sb.exec_stream("echo started; sleep 317"):
+        assert ev.type == "stdout" and ev.text == "started\n"
+        break
+    deadline = time.monotonic() + 15
+    while sb.exec(["pgrep", "-f", "sleep 317"]).exit_code == 0:
+        assert time.monotonic() < deadline, "the command outlived its stream"
+        time.sleep(0.3)
+
+
 def test_exec_stream_timeout(sb):
     events = list(sb.exec_stream(["sleep", "30"], timeout=1))
     assert events[-1].type == "exit" and events[-1].timed_out
@@ -171,6 +181,8 @@ def test_terminal_sessions_detach_reattach(sb):
     assert s is None or not s.running
     with pytest.raises(bhatti.NotFound):
         sb.sessions.kill("no-such-session")
+    with pytest.raises(bhatti.NotFound):
+        sb.terminal(session="no-such-session")
 
 
 def test_ports_publish_unpublish(sb):
