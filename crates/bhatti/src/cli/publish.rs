@@ -42,9 +42,10 @@ pub async fn run(ctx: Ctx, args: PublishArgs) -> anyhow::Result<i32> {
             Target::Sandbox(name),
         )
         .await?;
-    let share = match args.shell {
-        true => Some(super::share::mint(&ctx.client, name).await?),
-        false => None,
+    let share = if args.shell {
+        Some(super::share::mint(&ctx.client, name).await?)
+    } else {
+        None
     };
     if ctx.json {
         if let (Some(obj), Some(share)) = (rule.as_object_mut(), share) {
