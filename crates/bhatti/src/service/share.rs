@@ -206,6 +206,24 @@ impl Service {
         self.shares.allow_attempt(addr)
     }
 
+    async fn check_share_token(
+        &self,
+        sandbox_id: &str,
+        token: &str,
+    ) -> std::result::Result<(), ShareError> {
+        let (sid, tok) = (sandbox_id.to_string(), token.to_string());
+        let valid = self
+            .store
+            .call(move |s| s.share_token_valid(&sid, &tok))
+            .await
+            .map_err(ServiceError::from)?;
+        if valid {
+            Ok(())
+        } else {
+            Err(ShareError::Invalid)
+        }
+    }
+
     /// Checks a share token and opens a terminal slot: the agent of the
     /// sandbox (woken if stopped) and the slot, which ends when the share
     /// is revoked.
@@ -214,16 +232,11 @@ impl Service {
         sandbox_id: &str,
         token: &str,
     ) -> std::result::Result<(AgentClient, TerminalSlot), ShareError> {
-        let (sid, tok) = (sandbox_id.to_string(), token.to_string());
-        let valid = self
-            .store
-            .call(move |s| s.share_token_valid(&sid, &tok))
-            .await
-            .map_err(ServiceError::from)?;
-        if !valid {
-            return Err(ShareError::Invalid);
-        }
+        self.check_share_token(sandbox_id, token).await?;
         let slot = self.shares.acquire(sandbox_id)?;
+        // Again, now that the slot watches for revocations: a revoke that
+        // landed between the first check and the slot is caught here.
+        self.check_share_token(sandbox_id, token).await?;
         let sid = sandbox_id.to_string();
         let rec = self
             .store
@@ -238,5 +251,49 @@ impl Service {
             .map_err(ServiceError::from)?;
         let agent = self.agent(&user, &rec.id).await?;
         Ok((agent, slot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn slots_are_limited_freed_and_revoked() {
+        let hub = ShareHub::default();
+        let mut slots: Vec<_> = (0..MAX_WEB_TERMINALS)
+            .map(|_| hub.acquire("sb_a").expect("slot"))
+            .collect();
+        assert!(matches!(hub.acquire("sb_a"), Err(ShareError::TooMany)));
+        assert_eq!(hub.open_count("sb_a"), MAX_WEB_TERMINALS);
+        // Another sandbox has its own slots.
+        let mut other = hub.acquire("sb_b").expect("other sandbox");
+        slots.pop();
+        assert_eq!(hub.open_count("sb_a"), MAX_WEB_TERMINALS - 1);
+        let mut late = hub.acquire("sb_a").expect("a freed slot");
+
+        hub.close_all("sb_a");
+        for s in slots.iter_mut().chain(std::iter::once(&mut late)) {
+            tokio::time::timeout(Duration::from_secs(1), s.revoked())
+                .await
+                .expect("revoked");
+        }
+        let not_revoked = tokio::time::timeout(Duration::from_millis(50), other.revoked()).await;
+        assert!(not_revoked.is_err(), "sb_b was not revoked");
+        drop(slots);
+        drop(late);
+        assert_eq!(hub.open_count("sb_a"), 0);
+        assert!(hub.lock().get("sb_a").is_none(), "no entry left behind");
+    }
+
+    #[test]
+    fn attempts_are_limited_per_address() {
+        let hub = ShareHub::default();
+        let a: IpAddr = "192.0.2.1".parse().expect("ip");
+        let b: IpAddr = "192.0.2.2".parse().expect("ip");
+        let allowed = (0..10).filter(|_| hub.allow_attempt(a)).count();
+        assert_eq!(allowed, SHARE_ATTEMPTS_PER_SEC as usize);
+        assert!(hub.allow_attempt(b), "another address has its own budget");
     }
 }
