@@ -37,6 +37,12 @@ CHROMIUM_FLAGS = [
     "--disable-extensions",
     "--disable-default-apps",
     "--metrics-recording-only",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=OptimizationHints,MediaRouter,Translate,AutofillServerCommunication",
+    # The page is at an IP literal; no host name resolves, so the browser
+    # itself cannot reach any service outside this machine either.
+    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     "--window-size=1000,650",
     "--remote-debugging-port=0",
 ]
