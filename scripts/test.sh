@@ -15,6 +15,9 @@ echo "test: building the static lohar"
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p lohar --target x86_64-unknown-linux-gnu
 export BHATTI_LOHAR="$PWD/target/x86_64-unknown-linux-gnu/release/lohar"
 
+echo "test: Python venv for the SDK and browser tests"
+bash scripts/sdk-venv.sh
+
 echo "test: guest images"
 cargo build -p bhatti --bins
 target/debug/bhatti image build

@@ -26,6 +26,7 @@ mod inspect;
 mod ports;
 mod proxy;
 mod publish;
+pub mod share;
 mod thermal;
 mod usage;
 
@@ -109,6 +110,8 @@ pub struct Service {
     exec_sessions: exec_session::ExecSessions,
     /// Idle transitions: settings, use of each sandbox, restore permits.
     thermal: thermal::Thermal,
+    /// Open web terminals and their connection budget.
+    shares: share::ShareHub,
 }
 
 impl Service {
@@ -131,6 +134,7 @@ impl Service {
             create_locks: Mutex::new(HashMap::new()),
             exec_sessions: Default::default(),
             thermal: thermal::Thermal::new(ThermalConfig::disabled()),
+            shares: share::ShareHub::default(),
         }
     }
 

@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::handlers::{
-    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, shell,
+    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
 };
 use crate::service::Service;
 
@@ -87,6 +87,10 @@ pub fn router(state: AppState) -> Router {
         )
         .routes(routes!(secrets::set, secrets::list))
         .routes(routes!(secrets::delete))
+        .routes(routes!(share::create, share::status, share::revoke))
+        .routes(routes!(share::page))
+        .routes(routes!(share::asset))
+        .routes(routes!(share::terminal))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

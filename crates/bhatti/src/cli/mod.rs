@@ -26,6 +26,7 @@ pub mod publish;
 pub mod secret;
 pub mod serve;
 pub mod setup;
+pub mod share;
 pub mod shell;
 pub mod terminal;
 pub mod thermal;
@@ -102,6 +103,9 @@ pub enum Command {
     User(user::UserArgs),
     /// Publish a sandbox port at a public URL.
     Publish(publish::PublishArgs),
+    /// Print a link that opens the sandbox's terminal in a browser, no API
+    /// key needed (a new link replaces the old one; --revoke ends it).
+    Share(share::ShareArgs),
     /// Remove a published port; its URL stops working at once.
     Unpublish(unpublish::UnpublishArgs),
     /// Configure the API endpoint and key (~/.bhatti/config.yaml) and test them.
@@ -150,6 +154,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),
+        Command::Share(args) => with_client(global, |c| share::run(c, args)),
         Command::Unpublish(args) => with_client(global, |c| unpublish::run(c, args)),
     }
 }

@@ -16,6 +16,9 @@ pub struct PublishArgs {
     /// Custom alias (optional, auto-generated if omitted)
     #[arg(short, long)]
     pub alias: Option<String>,
+    /// Also print a web terminal link (as `bhatti share`; replaces an earlier one)
+    #[arg(long)]
+    pub shell: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -31,7 +34,7 @@ pub async fn run(ctx: Ctx, args: PublishArgs) -> anyhow::Result<i32> {
         port: args.port,
         alias: args.alias.as_deref(),
     };
-    let rule: Value = ctx
+    let mut rule: Value = ctx
         .client
         .post_json(
             &["sandboxes", name, "publish"],
@@ -39,7 +42,15 @@ pub async fn run(ctx: Ctx, args: PublishArgs) -> anyhow::Result<i32> {
             Target::Sandbox(name),
         )
         .await?;
+    let share = if args.shell {
+        Some(super::share::mint(&ctx.client, name).await?)
+    } else {
+        None
+    };
     if ctx.json {
+        if let (Some(obj), Some(share)) = (rule.as_object_mut(), share) {
+            obj.insert("share".into(), share);
+        }
         output::print_json(&rule)?;
         return Ok(0);
     }
@@ -48,5 +59,8 @@ pub async fn run(ctx: Ctx, args: PublishArgs) -> anyhow::Result<i32> {
         .and_then(Value::as_str)
         .ok_or_else(|| anyhow::anyhow!("the server's answer has no url: {rule}"))?;
     output::println(url)?;
+    if let Some(share) = &share {
+        output::println(&format!("shell: {}", super::share::share_url(share)?))?;
+    }
     Ok(0)
 }

@@ -26,6 +26,7 @@ pub mod labels;
 mod publish;
 mod sandboxes;
 mod secrets;
+mod shares;
 mod users;
 
 pub use labels::Labels;
@@ -35,6 +36,7 @@ pub use sandboxes::{
     SandboxRecord, SandboxStatus,
 };
 pub use secrets::{SecretMeta, SecretRecord};
+pub use shares::{generate_share_token, hash_share_token, ShareRecord, SHARE_TOKEN_PREFIX};
 pub use users::{
     generate_api_key, hash_api_key, validate_user_name, User, UserLimits, UserSummary,
     API_KEY_PREFIX,
@@ -54,6 +56,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "002_labels",
         include_str!("../../migrations/002_labels.sql"),
+    ),
+    (
+        "003_shares",
+        include_str!("../../migrations/003_shares.sql"),
     ),
 ];
 

@@ -361,3 +361,23 @@ pub async fn ws_collect(
 #[allow(dead_code)]
 pub type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The workspace root (`crates/bhatti/../..`).
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The Python of the SDK's test venv (`scripts/sdk-venv.sh` makes it; `scripts/test.sh`
+/// runs that), or `$BHATTI_SDK_PYTHON`. It has the SDK's dependencies, pytest and
+/// `websockets` (the browser test drives Chromium with it).
+pub fn venv_python() -> PathBuf {
+    let py = std::env::var_os("BHATTI_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/sdk-venv/bin/python"));
+    assert!(
+        py.exists(),
+        "{} is missing: run `bash scripts/sdk-venv.sh` (scripts/test.sh does)",
+        py.display()
+    );
+    py
+}

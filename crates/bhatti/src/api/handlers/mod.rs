@@ -9,4 +9,5 @@ pub mod publish;
 pub mod sandboxes;
 pub mod secrets;
 pub mod sessions;
+pub mod share;
 pub mod shell;

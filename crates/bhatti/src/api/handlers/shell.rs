@@ -5,7 +5,7 @@
 //! the session (it keeps running with its scrollback), it never kills it.
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use bhatti_proto::ExecRequest;
@@ -37,7 +37,7 @@ pub async fn shell(
     let service = state.service.clone();
     Ok(ws.on_upgrade(move |socket| async move {
         tokio::select! {
-            _ = relay(socket, stream) => {}
+            _ = relay(socket, stream, std::future::pending()) => {}
             // Dropping the relay closes the socket and detaches the session.
             _ = service.key_revoked(&key) => {}
         }
@@ -46,7 +46,10 @@ pub async fn shell(
 
 /// Attaches to the requested session, else to the newest detached login
 /// shell, else starts a new one.
-async fn open_session(agent: &AgentClient, q: &ShellQuery) -> Result<ExecStream, ApiError> {
+pub(crate) async fn open_session(
+    agent: &AgentClient,
+    q: &ShellQuery,
+) -> Result<ExecStream, ApiError> {
     let (rows, cols) = (q.rows.filter(|r| *r > 0), q.cols.filter(|c| *c > 0));
     let shell_line = SHELL_ARGV.join(" ");
     let mut attach = q.session.clone();
@@ -88,7 +91,14 @@ async fn open_session(agent: &AgentClient, q: &ShellQuery) -> Result<ExecStream,
     Ok(agent.exec(req).await?)
 }
 
-async fn relay(mut socket: WebSocket, stream: ExecStream) {
+/// Relays terminal bytes and resizes until either side ends or `stop`
+/// completes; `stop`'s `(message, close frame)` is sent to the client then.
+pub(crate) async fn relay(
+    mut socket: WebSocket,
+    stream: ExecStream,
+    stop: impl std::future::Future<Output = (String, CloseFrame)>,
+) {
+    tokio::pin!(stop);
     let ExecStream {
         session,
         mut reader,
@@ -106,6 +116,12 @@ async fn relay(mut socket: WebSocket, stream: ExecStream) {
     }
     loop {
         tokio::select! {
+            (message, frame) = &mut stop => {
+                let msg = serde_json::json!({"type": "error", "message": message});
+                let _ = socket.send(WsMessage::Text(msg.to_string().into())).await;
+                let _ = socket.send(WsMessage::Close(Some(frame))).await;
+                return;
+            }
             ev = reader.next() => match ev {
                 Ok(ExecEvent::Stdout(b)) | Ok(ExecEvent::Stderr(b)) => {
                     if socket.send(WsMessage::Binary(b.into())).await.is_err() {
