@@ -108,8 +108,10 @@ class AsyncBhatti:
                      keep_hot: Optional[bool] = None, **extra: Any) -> "AsyncSandbox":
         """Creates a sandbox and waits until its agent answers (see :meth:`bhatti.Bhatti.create`)."""
         body = _core.create_body(name, cpus, memory_mb, env, init, secrets, keep_hot, extra)
-        info = SandboxInfo.from_json(await self._json(Req("POST", "/sandboxes", json=body)))
-        return AsyncSandbox(self, info)
+        resp = await self._send(Req("POST", "/sandboxes", json=body))
+        sb = AsyncSandbox(self, SandboxInfo.from_json(resp.json()))
+        sb.existed = resp.headers.get("x-bhatti-existed") == "true"
+        return sb
 
     async def get(self, sandbox: str) -> "AsyncSandbox":
         """The sandbox with this id or name. Raises NotFound."""
@@ -159,6 +161,8 @@ class AsyncSandbox:
         self.info = info
         self.files = AsyncFiles(self)
         self.sessions = AsyncSessions(self)
+        #: True when :meth:`AsyncBhatti.create` found this sandbox already there.
+        self.existed = False
 
     @property
     def id(self) -> str:

@@ -117,8 +117,10 @@ class Bhatti:
         """Creates a sandbox and waits until its agent answers.
 
         Args:
-            name: ``[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}``, unique among yours (generated if None).
-            cpus, memory_mb: clamped to your per-sandbox limits (defaults 1 and 512 MiB).
+            name: ``[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}``, unique among yours (generated if
+                None). When you already have a sandbox of that name it is returned as it
+                is (nothing is created) and its ``existed`` is True: a retried create is safe.
+            cpus, memory_mb: at most your per-sandbox limits (defaults 1 and 512 MiB).
             env: environment variables of every command.
             init: a script run as the TTY session ``init``.
             secrets: names of your secrets, injected as environment variables.
@@ -126,11 +128,14 @@ class Bhatti:
             extra: further fields the daemon accepts (e.g. ``labels``).
 
         Raises:
-            BadRequest: an invalid field. Conflict: the name is taken.
-            LimitExceeded: over your sandbox limit. Unavailable: the VM did not boot.
+            BadRequest: an invalid field, or cpus/memory over your per-sandbox limit.
+            RateLimited: over your sandbox quota (429). Unavailable: the VM did not boot.
         """
         body = _core.create_body(name, cpus, memory_mb, env, init, secrets, keep_hot, extra)
-        return Sandbox(self, SandboxInfo.from_json(self._json(Req("POST", "/sandboxes", json=body))))
+        resp = self._send(Req("POST", "/sandboxes", json=body))
+        sb = Sandbox(self, SandboxInfo.from_json(resp.json()))
+        sb.existed = resp.headers.get("x-bhatti-existed") == "true"
+        return sb
 
     def get(self, sandbox: str) -> "Sandbox":
         """The sandbox with this id or name. Raises NotFound."""
@@ -173,6 +178,8 @@ class Sandbox:
         self.info = info
         self.files = Files(self)
         self.sessions = Sessions(self)
+        #: True when :meth:`Bhatti.create` found this sandbox already there.
+        self.existed = False
 
     @property
     def id(self) -> str:
