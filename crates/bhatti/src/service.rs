@@ -359,6 +359,8 @@ impl Service {
             .store
             .call(move |s| s.update_sandbox(uid, &id, &patch))
             .await?;
+        // An edit is use: the idle clocks start over.
+        drop(self.enter(&rec).await);
         if wake {
             // keep_hot means hot now, not after the next request.
             return Ok(view(&self.wake(rec, thermal::WakeMode::Wait).await?));

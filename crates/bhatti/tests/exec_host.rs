@@ -450,19 +450,19 @@ async fn exec_stdin_limits_and_dead_guests() {
         .find(|w| w.starts_with("bht_"))
         .expect("new key")
         .to_string();
-    let closed = tokio::time::timeout(Duration::from_secs(15), async {
+    let said = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut said = String::new();
         loop {
             match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Ws::Close(_))) => return,
+                None | Some(Err(_)) | Some(Ok(Ws::Close(_))) => return said,
+                Some(Ok(Ws::Text(t))) => said.push_str(&t),
                 Some(Ok(_)) => {}
             }
         }
     })
-    .await;
-    assert!(
-        closed.is_ok(),
-        "the WebSocket stayed open after the key was rotated"
-    );
+    .await
+    .expect("the WebSocket stayed open after the key was rotated");
+    assert!(said.contains("rotated or revoked"), "told why: {said}");
     let api = Api::new(&d.url, &new_key);
 
     // --- a guest that dies ends every in-flight call promptly, with an error.

@@ -396,8 +396,23 @@ HTTPServer(("127.0.0.1", 8001), H).serve_forever()
     let out = cli.ok(&["edit", "shell", "--keep-hot"]);
     assert!(out.contains("now hot"), "{out}");
     assert_eq!(cli.thermal("shell"), "hot");
+    // "hot" was kept hot long past both timeouts: once allowed, it still
+    // takes idle_warm_secs to go warm (the edit is use) and idle_cold_secs
+    // more, counted from going warm, to go cold.
+    let edited = Instant::now();
     cli.ok(&["edit", "hot", "--allow-cold"]);
     cli.wait_thermal("hot", "warm");
+    let warm_after = edited.elapsed();
+    assert!(
+        warm_after >= Duration::from_secs(2),
+        "warm {warm_after:?} after the edit: the edit must count as use"
+    );
+    cli.wait_thermal("hot", "cold");
+    let cold_after = edited.elapsed() - warm_after;
+    assert!(
+        cold_after >= Duration::from_secs(6),
+        "cold {cold_after:?} after going warm; idle_cold_secs is 8"
+    );
 
     eprintln!(
         "idle → warm seen after {to_warm:?}; warm → cold after {to_cold:?}; exec on warm {warm_exec:?}"

@@ -93,9 +93,15 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
     let (sb, existed) = result?;
     if existed && !ctx.json {
         eprintln!(
-            "sandbox {} already exists; nothing was created (it is {})",
-            sb.name, sb.status
+            "sandbox {} already exists; nothing was created (it is {}, {} vCPU, {} MB)",
+            sb.name, sb.status, sb.cpus, sb.memory_mb
         );
+        if sb.cpus != args.cpus || sb.memory_mb != args.memory {
+            eprintln!(
+                "warning: it keeps its {} vCPU and {} MB, not the {} vCPU and {} MB asked for; destroy it first to change them",
+                sb.cpus, sb.memory_mb, args.cpus, args.memory
+            );
+        }
         return Ok(0);
     }
     if ctx.json {

@@ -47,8 +47,16 @@ pub enum End {
 #[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerText {
-    Session { session_id: String },
-    Exit { exit_code: i32 },
+    Session {
+        session_id: String,
+    },
+    Exit {
+        exit_code: i32,
+    },
+    /// The server ends the connection and says why (e.g. the key was revoked).
+    Error {
+        message: String,
+    },
 }
 
 pub async fn run(ctx: Ctx, args: ShellArgs) -> anyhow::Result<i32> {
@@ -151,6 +159,9 @@ async fn relay(mut ws: WsStream) -> anyhow::Result<End> {
                         let _ = ws.close(None).await;
                         return Ok(End::Exited(exit_code));
                     }
+                    Ok(ServerText::Error { message }) => {
+                        return Err(anyhow!("the server ended the shell: {message}"));
+                    }
                     // Unknown control messages are for newer clients.
                     Err(_) => {}
                 },
@@ -178,8 +189,6 @@ pub fn split_detach(bytes: &[u8]) -> (&[u8], bool) {
     }
 }
 
-/// Reads stdin on a plain thread (a blocking read cannot be cancelled; the
-/// thread ends with the process) and hands the chunks over.
 #[cfg(test)]
 mod tests {
     use super::*;

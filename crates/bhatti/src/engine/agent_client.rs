@@ -87,7 +87,7 @@ pub enum AgentError {
     #[error("agent protocol error: {0}")]
     Protocol(String),
     /// The connection broke.
-    #[error("agent connection: {0}")]
+    #[error("lost the connection to the sandbox agent ({0}); if its VM died, the sandbox turns to status error within seconds")]
     Frame(#[from] FrameError),
 }
 

@@ -117,7 +117,12 @@ impl Service {
             }
             SandboxStatus::Warm => {
                 let Some(cold) = cfg.idle_cold else { return };
-                if since_ms(last_ms) < cfg.idle_warm.unwrap_or_default() + cold {
+                // Counted from when it went warm (the status change stamps
+                // `updated_at`), not from the last use: a sandbox that was
+                // kept hot long after its last use still stays warm this long.
+                let warm_at = unix_ms(rec.updated_at)
+                    .max(last_ms + cfg.idle_warm.unwrap_or_default().as_millis() as i64);
+                if since_ms(warm_at) < cold {
                     return;
                 }
                 let Ok(lock) = self.thermal_lock(&rec.id).try_lock_owned() else {

@@ -230,8 +230,12 @@ impl Service {
         match rec.status {
             SandboxStatus::Running => Ok(view(&rec)),
             s if needs_wake(s) => Ok(view(&self.wake(rec, WakeMode::Wait).await?)),
+            SandboxStatus::Error => Err(ServiceError::Conflict(format!(
+                "sandbox {} is in status error: its VM died (crashed, or killed on the host) and cannot be started; destroy it and create a new one",
+                rec.name
+            ))),
             other => Err(ServiceError::Conflict(format!(
-                "sandbox {} is {other}; only a stopped sandbox can be started",
+                "sandbox {} is in status {other}; only a stopped, warm or cold sandbox can be started",
                 rec.name
             ))),
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -147,13 +147,13 @@ pub async fn exec_ws(
                     Err(e) => return ws_finish(&mut socket, ExecEvent::error(e)).await,
                 },
             };
-            relay(socket, att).await
+            let revoked = async {
+                service.key_revoked(&key).await;
+                super::shell::key_revoked_close()
+            };
+            relay(socket, att, revoked).await
         };
-        tokio::select! {
-            _ = run => {}
-            // Dropping the relay closes the socket (and ends or detaches the command).
-            _ = service.key_revoked(&key) => {}
-        }
+        run.await
     }))
 }
 
@@ -201,7 +201,12 @@ fn text_of(update: ExecUpdate) -> ExecUpdateText {
 /// Bridges the socket and an attached session until the command ends or
 /// the client leaves (which kills the command, or detaches it when it was
 /// started with `max_idle_sec`).
-async fn relay(mut socket: WebSocket, mut att: Attachment) {
+async fn relay(
+    mut socket: WebSocket,
+    mut att: Attachment,
+    stop: impl std::future::Future<Output = (String, CloseFrame)>,
+) {
+    tokio::pin!(stop);
     let session = att.session.clone();
     let hello = serde_json::json!({"type": "session", "session_id": session.id, "dropped_events": att.dropped});
     if socket
@@ -227,6 +232,13 @@ async fn relay(mut socket: WebSocket, mut att: Attachment) {
     loop {
         let reserve = stdin_tx.clone().filter(|_| pending.is_some());
         tokio::select! {
+            (message, frame) = &mut stop => {
+                let ev = ExecEvent::error(message);
+                let text = serde_json::to_string(&ev).unwrap_or_default();
+                let _ = socket.send(WsMessage::Text(text.into())).await;
+                let _ = socket.send(WsMessage::Close(Some(frame))).await;
+                return leave(&session);
+            }
             ev = att.live.recv() => {
                 // None: the command ended (its last event was sent) or
                 // another client took the session over.

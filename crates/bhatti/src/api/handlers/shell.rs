@@ -36,12 +36,24 @@ pub async fn shell(
     let stream = open_session(&agent, &q).await?;
     let service = state.service.clone();
     Ok(ws.on_upgrade(move |socket| async move {
-        tokio::select! {
-            _ = relay(socket, stream, std::future::pending()) => {}
-            // Dropping the relay closes the socket and detaches the session.
-            _ = service.key_revoked(&key) => {}
-        }
+        let revoked = async move {
+            service.key_revoked(&key).await;
+            key_revoked_close()
+        };
+        relay(socket, stream, revoked).await
     }))
+}
+
+/// The message and close frame of a WebSocket whose API key stopped working.
+pub(crate) fn key_revoked_close() -> (String, CloseFrame) {
+    (
+        "the API key was rotated or revoked".into(),
+        CloseFrame {
+            // 1008: policy violation (RFC 6455 section 7.4.1).
+            code: 1008,
+            reason: "API key revoked".into(),
+        },
+    )
 }
 
 /// Attaches to the requested session, else to the newest detached login
