@@ -39,6 +39,9 @@ pub use usage::{InFlight, ThermalConfig};
 /// API key: `bhatti user rotate-key` works on the database directly.
 pub const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Memory of a sandbox whose create names none, in MB (at most the user's cap).
+pub const DEFAULT_MEMORY_MB: i64 = 512;
+
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
 
@@ -213,13 +216,15 @@ impl Service {
         };
         let _one_at_a_time = lock.lock().await;
         match self.find(user, &name).await {
-            Ok(rec) => {
+            // (`find` also matches ids: a new name that looks like another
+            // sandbox's id is still a new name.)
+            Ok(rec) if rec.name == name => {
                 return Ok(Created {
                     sandbox: view(&rec),
                     created: false,
                 })
             }
-            Err(ServiceError::NotFound(_)) => {}
+            Ok(_) | Err(ServiceError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
         let sandbox = self.create_new(user, name, req).await?;
@@ -236,9 +241,11 @@ impl Service {
         req: CreateSandboxRequest,
     ) -> Result<Sandbox> {
         let cpus = capped("cpus", req.cpus.unwrap_or(1), 1, user.max_cpus, "vCPUs")?;
+        // The default fits any user: 512 MB, or less if that is their cap.
         let memory_mb = capped(
             "memory_mb",
-            req.memory_mb.unwrap_or(512),
+            req.memory_mb
+                .unwrap_or_else(|| DEFAULT_MEMORY_MB.min(i64::from(user.max_memory_mb))),
             MIN_MEMORY_MB,
             user.max_memory_mb,
             "MB",

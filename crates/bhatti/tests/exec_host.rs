@@ -145,6 +145,25 @@ async fn exec_stdin_limits_and_dead_guests() {
     assert_eq!(o.status.code(), Some(0));
     assert!(o.stdout.is_empty());
 
+    // --- --json with piped stdin: the stdin still reaches the command.
+    let mut child = cli(&d, &key, &["--json", "exec", "ex", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hello\n")
+        .expect("write");
+    let o = child.wait_with_output().expect("wait");
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["stdout"].as_str()),
+        (Some(0), Some("hello\n"))
+    );
+
     // --- --cwd, --env, --timeout
     let o = cli(
         &d,
@@ -387,13 +406,32 @@ async fn exec_stdin_limits_and_dead_guests() {
     let v: Value = r.json().await.expect("json");
     assert!(v["pid"].as_u64().unwrap_or(0) > 1, "{v}");
     assert_eq!(v["output_file"], "/tmp/web.log");
-    let r = api
-        .post(
-            "/sandboxes/ex/exec",
+    for (body, want) in [
+        (
             json!({"cmd": ["true"], "detach": true, "output_file": "rel.log"}),
-        )
-        .await;
-    assert_eq!(r.status(), 400);
+            "output_file",
+        ),
+        (
+            json!({"cmd": ["true"], "detach": true, "output_file": "/nope/x.log"}),
+            "output_file",
+        ),
+        (
+            json!({"cmd": ["true"], "detach": true, "output_file": "/tmp"}),
+            "output_file",
+        ),
+        (
+            json!({"cmd": ["no-such-prog"], "detach": true}),
+            "no-such-prog",
+        ),
+    ] {
+        let r = api.post("/sandboxes/ex/exec", body.clone()).await;
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.expect("json");
+        assert!(
+            v["error"].as_str().unwrap_or("").contains(want),
+            "{body}: {v}"
+        );
+    }
 
     // --- ports carry container_port and a proxy URL that works.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -419,7 +457,7 @@ async fn exec_stdin_limits_and_dead_guests() {
     assert_eq!(port["container_port"], 3005);
     let proxy_url = port["proxy_url"].as_str().expect("proxy_url").to_string();
     assert!(
-        proxy_url.ends_with("/sandboxes/ex/proxy/3005/"),
+        proxy_url.contains("/sandboxes/sb_") && proxy_url.ends_with("/proxy/3005/"),
         "{proxy_url}"
     );
     let r = api

@@ -104,8 +104,24 @@ pub async fn run(ctx: Ctx, args: ExecArgs) -> anyhow::Result<i32> {
         cwd: args.cwd.clone(),
         timeout_sec: args.timeout,
     };
-    // `--json`: wait, then print {exit_code, stdout, stderr} (stdin is not sent).
+    let streams_stdin = !args.no_stdin && !io::stdin().is_terminal();
+    // `--json`: wait, then print {exit_code, stdout, stderr}; piped stdin is
+    // streamed to the command as without `--json`.
     if ctx.json {
+        if streams_stdin {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let code = match exec_with_stdin(&ctx.client, &args.sandbox, &body, &mut out, &mut err)
+                .await?
+            {
+                Outcome::Exited(c) => c,
+                Outcome::BrokenPipe => EXIT_BROKEN_PIPE,
+            };
+            let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+            super::output::print_json(&serde_json::json!({
+                "exit_code": code, "stdout": text(out), "stderr": text(err),
+            }))?;
+            return Ok(code);
+        }
         let result: serde_json::Value = ctx
             .client
             .post_json(
@@ -117,7 +133,6 @@ pub async fn run(ctx: Ctx, args: ExecArgs) -> anyhow::Result<i32> {
         super::output::print_json(&result)?;
         return Ok(result["exit_code"].as_i64().unwrap_or(1) as i32);
     }
-    let streams_stdin = !args.no_stdin && !io::stdin().is_terminal();
     let (mut out, mut err) = (io::stdout(), io::stderr());
     let outcome = async {
         if streams_stdin {

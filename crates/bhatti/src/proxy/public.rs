@@ -84,7 +84,15 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+                async move {
+                    let mut resp = handle(&state, peer, req).await;
+                    // Every answer names the server, as the API's do.
+                    resp.headers_mut().insert(
+                        crate::api::router::VERSION_HEADER,
+                        hyper::header::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+                    );
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

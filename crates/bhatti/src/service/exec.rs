@@ -188,7 +188,11 @@ impl Service {
 
 /// Starts a command detached from its caller: its own session (`setsid`),
 /// stdin `/dev/null`, output to the file; the shell prints its pid.
-const DETACH_SCRIPT: &str = r#"setsid "$@" >"$BHATTI_OUTPUT_FILE" 2>&1 </dev/null & echo $!"#;
+/// Checked first, so that a bad output path or a missing program is an error
+/// now rather than output lost later: exit 3 and 127 mean those.
+const DETACH_SCRIPT: &str = r#"true >"$BHATTI_OUTPUT_FILE" || exit 3
+command -v "$1" >/dev/null 2>&1 || { echo "$1: command not found" >&2; exit 127; }
+setsid "$@" >"$BHATTI_OUTPUT_FILE" 2>&1 </dev/null & echo $!"#;
 
 impl Service {
     /// Starts `spec` detached and answers with its pid at once; its output
@@ -230,6 +234,21 @@ impl Service {
         let out = self
             .exec_buffered(user, id, launcher, Stdin::Closed)
             .await?;
+        match out.exit_code {
+            3 => {
+                return Err(ServiceError::Invalid(format!(
+                    "invalid field `output_file`: cannot write {output_file}: {}",
+                    out.stderr.trim().rsplit(": ").next().unwrap_or("")
+                )))
+            }
+            EXIT_NOT_FOUND => {
+                return Err(ServiceError::Invalid(format!(
+                    "invalid field `cmd`: {}",
+                    out.stderr.trim()
+                )))
+            }
+            _ => {}
+        }
         let pid = out.stdout.trim().parse::<u32>().map_err(|_| {
             ServiceError::Unavailable(format!(
                 "could not start the detached command (exit {}): {}",

@@ -18,6 +18,8 @@ pub async fn list(
     headers: HeaderMap,
 ) -> Result<Json<Vec<ListeningPort>>, ApiError> {
     let mut ports = state.service.listening_ports(&user, &id).await?;
+    // By id: a name can change (`bhatti edit --name`), the id cannot.
+    let sid = state.service.get_sandbox(&user, &id).await?.id;
     // The URL the caller reached us by: right behind a reverse proxy too.
     let host = headers
         .get(header::HOST)
@@ -30,7 +32,7 @@ pub async fn list(
         .unwrap_or("http");
     for p in &mut ports {
         p.proxy_url = Some(format!(
-            "{scheme}://{host}/sandboxes/{id}/proxy/{}/",
+            "{scheme}://{host}/sandboxes/{sid}/proxy/{}/",
             p.port
         ));
     }
