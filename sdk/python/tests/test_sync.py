@@ -24,9 +24,12 @@ def test_create_get_list_update_destroy_with_env_and_secrets(client):
     assert "SDK_SECRET" in [s.name for s in client.secrets.list()]
     name = unique("life")
     sb = client.create(name=name, cpus=1, memory_mb=512, env={"GREETING": "hello"},
-                       secrets=["SDK_SECRET"])
+                       secrets=["SDK_SECRET"], labels={"team": "sdk"})
     try:
         assert sb.status == "running" and sb.name == name and sb.info.memory_mb == 512
+        assert sb.info.labels == {"team": "sdk"} and sb.info.thermal == "hot"
+        assert [x.id for x in client.list(labels={"team": "sdk"})] == [sb.id]
+        assert client.list(labels={"team": "other"}) == []
         assert client.get(name).id == sb.id and client.get(sb.id).name == name
         assert sb.id in [s.id for s in client.list()]
         r = sb.exec(["sh", "-c", "echo $GREETING $SDK_SECRET"])
@@ -52,6 +55,7 @@ def test_errors(client, sb):
     # A create of a name you have returns that sandbox (a retry is safe).
     again = client.create(name=sb.name)
     assert again.id == sb.id and again.existed and not sb.existed
+    assert again.info.thermal == "hot" and again.info.labels == {}
     with pytest.raises(bhatti.Unauthorized):
         with Bhatti(token="bht_wrong") as bad:
             bad.list()
@@ -156,6 +160,8 @@ def test_files_text_list_stat_and_errors(sb):
 
 def test_terminal_sessions_detach_reattach(sb):
     with sb.terminal(rows=30, cols=100) as term:
+        # Named on open, before any read.
+        assert term.session_id is not None
         sid = term.wait_session()
         term.send("echo $((6*7))\n")
         assert b"42\r\n" in term.read_until(b"42\r\n")

@@ -34,7 +34,7 @@ class Req:
 
     method: str
     path: str
-    params: Optional[Dict[str, Any]] = None
+    params: Any = None  # a mapping, or a list of (key, value) pairs for repeated keys
     json: Any = None
     content: Optional[bytes] = None
     headers: Dict[str, str] = field(default_factory=dict)

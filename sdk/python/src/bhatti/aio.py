@@ -105,8 +105,11 @@ class AsyncBhatti:
     async def create(self, name: Optional[str] = None, *, cpus: Optional[int] = None,
                      memory_mb: Optional[int] = None, env: Optional[Mapping[str, str]] = None,
                      init: Optional[str] = None, secrets: Optional[Sequence[str]] = None,
-                     keep_hot: Optional[bool] = None, **extra: Any) -> "AsyncSandbox":
+                     keep_hot: Optional[bool] = None, labels: Optional[Mapping[str, str]] = None,
+                     **extra: Any) -> "AsyncSandbox":
         """Creates a sandbox and waits until its agent answers (see :meth:`bhatti.Bhatti.create`)."""
+        if labels is not None:
+            extra = {**extra, "labels": dict(labels)}
         body = _core.create_body(name, cpus, memory_mb, env, init, secrets, keep_hot, extra)
         resp = await self._send(Req("POST", "/sandboxes", json=body))
         sb = AsyncSandbox(self, SandboxInfo.from_json(resp.json()))
@@ -259,7 +262,14 @@ class AsyncSandbox:
         """Opens an interactive PTY (see :meth:`bhatti.Sandbox.terminal`);
         use ``async with await sb.terminal() as term``."""
         query = {"rows": rows, "cols": cols, "session": session}
-        return AsyncTerminal(await self._c._ws(path("sandboxes", self.id, "ws"), query))
+        t = AsyncTerminal(await self._c._ws(path("sandboxes", self.id, "ws"), query))
+        try:
+            # The server names the session first: session_id is set on return.
+            await t.wait_session()
+        except BaseException:
+            await t.close()
+            raise
+        return t
 
     async def ports(self) -> List[ListeningPort]:
         return listing(await self._c._json(Req("GET", path("sandboxes", self.id, "ports"))),

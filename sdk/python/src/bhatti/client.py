@@ -113,7 +113,8 @@ class Bhatti:
     def create(self, name: Optional[str] = None, *, cpus: Optional[int] = None,
                memory_mb: Optional[int] = None, env: Optional[Mapping[str, str]] = None,
                init: Optional[str] = None, secrets: Optional[Sequence[str]] = None,
-               keep_hot: Optional[bool] = None, **extra: Any) -> "Sandbox":
+               keep_hot: Optional[bool] = None, labels: Optional[Mapping[str, str]] = None,
+               **extra: Any) -> "Sandbox":
         """Creates a sandbox and waits until its agent answers.
 
         Args:
@@ -125,12 +126,15 @@ class Bhatti:
             init: a script run as the TTY session ``init``.
             secrets: names of your secrets, injected as environment variables.
             keep_hot: never idle it to disk.
-            extra: further fields the daemon accepts (e.g. ``labels``).
+            labels: at most 16 ``key: value`` labels (``list(labels=...)`` filters by them).
+            extra: further fields the daemon accepts.
 
         Raises:
             BadRequest: an invalid field, or cpus/memory over your per-sandbox limit.
             RateLimited: over your sandbox quota (429). Unavailable: the VM did not boot.
         """
+        if labels is not None:
+            extra = {**extra, "labels": dict(labels)}
         body = _core.create_body(name, cpus, memory_mb, env, init, secrets, keep_hot, extra)
         resp = self._send(Req("POST", "/sandboxes", json=body))
         sb = Sandbox(self, SandboxInfo.from_json(resp.json()))
@@ -141,9 +145,11 @@ class Bhatti:
         """The sandbox with this id or name. Raises NotFound."""
         return Sandbox(self, SandboxInfo.from_json(self._json(Req("GET", path("sandboxes", sandbox)))))
 
-    def list(self) -> List["Sandbox"]:
-        """All your sandboxes."""
-        return [Sandbox(self, i) for i in listing(self._json(Req("GET", "/sandboxes")), SandboxInfo)]
+    def list(self, labels: Optional[Mapping[str, str]] = None) -> List["Sandbox"]:
+        """Your sandboxes; with ``labels``, only those carrying every pair."""
+        params = [("label", f"{k}={v}") for k, v in (labels or {}).items()] or None
+        infos = listing(self._json(Req("GET", "/sandboxes", params=params)), SandboxInfo)
+        return [Sandbox(self, i) for i in infos]
 
     def destroy(self, sandbox: str) -> None:
         """Destroys a sandbox: its VM, disk, sessions and published ports. Raises NotFound."""
@@ -312,7 +318,14 @@ class Sandbox:
         running with its scrollback. Raises NotFound for an unknown session.
         """
         query = {"rows": rows, "cols": cols, "session": session}
-        return Terminal(self._c._ws(path("sandboxes", self.id, "ws"), query))
+        t = Terminal(self._c._ws(path("sandboxes", self.id, "ws"), query))
+        try:
+            # The server names the session first: session_id is set on return.
+            t.wait_session()
+        except BaseException:
+            t.close()
+            raise
+        return t
 
     def ports(self) -> List[ListeningPort]:
         """TCP ports listening inside the sandbox."""

@@ -29,6 +29,11 @@ class SandboxInfo:
     memory_mb: int
     keep_hot: bool
     created_at: str
+    #: The owner's ``key: value`` labels.
+    labels: Dict[str, str] = field(default_factory=dict)
+    #: ``"hot"``, ``"warm"`` (paused) or ``"cold"`` (saved to disk); None while
+    #: creating or after an error. Reading it never wakes the sandbox.
+    thermal: Optional[str] = None
     raw: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -36,7 +41,8 @@ class SandboxInfo:
         return cls(id=d["id"], name=d["name"], status=d["status"], ip=_field(d, "ip", ""),
                    cpus=int(_field(d, "cpus", 0)), memory_mb=int(_field(d, "memory_mb", 0)),
                    keep_hot=bool(_field(d, "keep_hot", False)),
-                   created_at=_field(d, "created_at", ""), raw=d)
+                   created_at=_field(d, "created_at", ""),
+                   labels=dict(_field(d, "labels", {}) or {}), thermal=d.get("thermal"), raw=d)
 
 
 def _stream_bytes(d: Dict[str, Any], name: str) -> bytes:
