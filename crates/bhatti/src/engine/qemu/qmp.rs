@@ -78,6 +78,37 @@ pub mod commands {
     #[derive(Debug, Serialize)]
     pub struct QueryStatus;
 
+    /// Adds the descriptor sent with the command (SCM_RIGHTS) to a new fd
+    /// set; QEMU then opens `/dev/fdset/<id>` as that file (it cannot open
+    /// files in the root-only sandbox dir itself).
+    #[derive(Debug, Serialize)]
+    pub struct AddFd {}
+    /// Where `add-fd` put the descriptor.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+    pub struct AddFdInfo {
+        #[serde(rename = "fdset-id")]
+        pub fdset_id: u64,
+        pub fd: i64,
+    }
+    /// How `blockdev-snapshot-sync` treats `snapshot-file`.
+    #[derive(Debug, Clone, Copy, Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub enum NewImageMode {
+        /// Use the image as it is (created by the daemon).
+        Existing,
+    }
+    /// Puts a new overlay on top of a drive's active image: the old image
+    /// becomes its read-only backing file, new writes go to the overlay.
+    #[derive(Debug, Serialize)]
+    pub struct BlockdevSnapshotSync {
+        /// The drive's id (`-drive id=...`).
+        pub device: String,
+        #[serde(rename = "snapshot-file")]
+        pub snapshot_file: String,
+        pub format: String,
+        pub mode: NewImageMode,
+    }
+
     /// An empty `return` (`{}`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
     pub struct Empty {}
@@ -181,6 +212,8 @@ pub mod commands {
     command!(MigrateCancel, "migrate_cancel", Empty, args: false);
     command!(QueryMigrate, "query-migrate", MigrationInfo, args: false);
     command!(QueryStatus, "query-status", StatusInfo, args: false);
+    command!(AddFd, "add-fd", AddFdInfo, args: true);
+    command!(BlockdevSnapshotSync, "blockdev-snapshot-sync", Empty, args: true);
 }
 
 use commands::*;
@@ -459,6 +492,26 @@ impl Qmp {
         self.execute_with_fd(&cmd, Some(fd)).await.map(|_| ())
     }
 
+    /// Hands QEMU a descriptor in a new fd set; returns the set's id
+    /// (QEMU opens it as `/dev/fdset/<id>`).
+    pub async fn add_fd(&self, fd: BorrowedFd<'_>) -> Result<u64, QmpError> {
+        self.execute_with_fd(&AddFd {}, Some(fd))
+            .await
+            .map(|i| i.fdset_id)
+    }
+
+    /// Switches drive `device` to the existing qcow2 `file` (whose backing
+    /// is the drive's current image), while the VM keeps its state.
+    pub async fn blockdev_snapshot_sync(&self, device: &str, file: &str) -> Result<(), QmpError> {
+        let cmd = BlockdevSnapshotSync {
+            device: device.to_string(),
+            snapshot_file: file.to_string(),
+            format: "qcow2".into(),
+            mode: NewImageMode::Existing,
+        };
+        self.execute(&cmd).await.map(|_| ())
+    }
+
     /// Caps the migration (snapshot) speed; QEMU 7.2's default of 128 MiB/s
     /// makes a save to disk about eight times slower than the disk allows.
     pub async fn set_migrate_max_bandwidth(&self, bytes_per_sec: u64) -> Result<(), QmpError> {
@@ -609,6 +662,18 @@ mod tests {
             r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:s"}}"#
         );
         assert_eq!(wire(&MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
+        assert_eq!(wire(&AddFd {}), r#"{"execute":"add-fd","arguments":{}}"#);
+        assert_eq!(
+            wire(&BlockdevSnapshotSync {
+                device: "root".into(),
+                snapshot_file: "/dev/fdset/1".into(),
+                format: "qcow2".into(),
+                mode: NewImageMode::Existing,
+            }),
+            r#"{"execute":"blockdev-snapshot-sync","arguments":{"device":"root","snapshot-file":"/dev/fdset/1","format":"qcow2","mode":"existing"}}"#
+        );
+        let a: AddFdInfo = serde_json::from_str(r#"{"fdset-id":1,"fd":33}"#).expect("add-fd");
+        assert_eq!(a.fdset_id, 1);
     }
 
     #[test]
