@@ -4,7 +4,7 @@
 //! A checkpoint is a VM's memory (`<data_dir>/checkpoints/<id>/vm.state`,
 //! QEMU's migration stream) and its disk frozen as a read-only qcow2 layer
 //! (`<data_dir>/layers/<layer>.qcow2`). The VM keeps running: it is paused
-//! while its overlay is swapped (QMP `blockdev-snapshot-sync` onto a new
+//! while its overlay is swapped (QMP `blockdev-add` + `blockdev-snapshot` onto a new
 //! overlay whose backing is the frozen layer) and its memory written.
 //!
 //! A restore boots a new sandbox from a checkpoint: its own overlay on the
@@ -192,7 +192,8 @@ impl QemuEngine {
         };
         let switched = async {
             let set = qmp.add_fd(overlay_file.as_fd()).await?;
-            qmp.blockdev_snapshot_sync(ROOT_DRIVE, &format!("/dev/fdset/{set}"))
+            let node = format!("ov-{}", random_hex(6));
+            qmp.snapshot_onto(ROOT_DRIVE, &format!("/dev/fdset/{set}"), &node)
                 .await
         }
         .await;

@@ -90,23 +90,37 @@ pub mod commands {
         pub fdset_id: u64,
         pub fd: i64,
     }
-    /// How `blockdev-snapshot-sync` treats `snapshot-file`.
-    #[derive(Debug, Clone, Copy, Serialize)]
-    #[serde(rename_all = "kebab-case")]
-    pub enum NewImageMode {
-        /// Use the image as it is (created by the daemon).
-        Existing,
-    }
-    /// Puts a new overlay on top of a drive's active image: the old image
-    /// becomes its read-only backing file, new writes go to the overlay.
+    /// The file layer of a new block node.
     #[derive(Debug, Serialize)]
-    pub struct BlockdevSnapshotSync {
-        /// The drive's id (`-drive id=...`).
-        pub device: String,
-        #[serde(rename = "snapshot-file")]
-        pub snapshot_file: String,
-        pub format: String,
-        pub mode: NewImageMode,
+    pub struct BlockdevFile {
+        /// "file".
+        pub driver: String,
+        pub filename: String,
+        /// "off": the daemon keeps each image to one writer itself, and a
+        /// frozen layer's writable node must not block the copies' readers.
+        pub locking: String,
+    }
+    /// Opens a new qcow2 node without its backing (set by `blockdev-snapshot`).
+    #[derive(Debug, Serialize)]
+    pub struct BlockdevAdd {
+        /// "qcow2".
+        pub driver: String,
+        #[serde(rename = "node-name")]
+        pub node_name: String,
+        pub file: BlockdevFile,
+        /// Always `null`: no backing at open.
+        pub backing: Option<String>,
+        /// "unmap", as the root drive.
+        pub discard: String,
+        #[serde(rename = "detect-zeroes")]
+        pub detect_zeroes: String,
+    }
+    /// Puts the node `overlay` on top of `node` (a drive id or node name):
+    /// the old image becomes its backing, new writes go to the overlay.
+    #[derive(Debug, Serialize)]
+    pub struct BlockdevSnapshot {
+        pub node: String,
+        pub overlay: String,
     }
 
     /// An empty `return` (`{}`).
@@ -213,7 +227,8 @@ pub mod commands {
     command!(QueryMigrate, "query-migrate", MigrationInfo, args: false);
     command!(QueryStatus, "query-status", StatusInfo, args: false);
     command!(AddFd, "add-fd", AddFdInfo, args: true);
-    command!(BlockdevSnapshotSync, "blockdev-snapshot-sync", Empty, args: true);
+    command!(BlockdevAdd, "blockdev-add", Empty, args: true);
+    command!(BlockdevSnapshot, "blockdev-snapshot", Empty, args: true);
 }
 
 use commands::*;
@@ -501,15 +516,32 @@ impl Qmp {
     }
 
     /// Switches drive `device` to the existing qcow2 `file` (whose backing
-    /// is the drive's current image), while the VM keeps its state.
-    pub async fn blockdev_snapshot_sync(&self, device: &str, file: &str) -> Result<(), QmpError> {
-        let cmd = BlockdevSnapshotSync {
-            device: device.to_string(),
-            snapshot_file: file.to_string(),
-            format: "qcow2".into(),
-            mode: NewImageMode::Existing,
+    /// is the drive's current image; e.g. `/dev/fdset/1`), opened as node
+    /// `node_name` without locking, while the VM keeps its state.
+    pub async fn snapshot_onto(
+        &self,
+        device: &str,
+        file: &str,
+        node_name: &str,
+    ) -> Result<(), QmpError> {
+        let add = BlockdevAdd {
+            driver: "qcow2".into(),
+            node_name: node_name.to_string(),
+            file: BlockdevFile {
+                driver: "file".into(),
+                filename: file.to_string(),
+                locking: "off".into(),
+            },
+            backing: None,
+            discard: "unmap".into(),
+            detect_zeroes: "unmap".into(),
         };
-        self.execute(&cmd).await.map(|_| ())
+        self.execute(&add).await?;
+        let snap = BlockdevSnapshot {
+            node: device.to_string(),
+            overlay: node_name.to_string(),
+        };
+        self.execute(&snap).await.map(|_| ())
     }
 
     /// Caps the migration (snapshot) speed; QEMU 7.2's default of 128 MiB/s
@@ -664,13 +696,26 @@ mod tests {
         assert_eq!(wire(&MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
         assert_eq!(wire(&AddFd {}), r#"{"execute":"add-fd","arguments":{}}"#);
         assert_eq!(
-            wire(&BlockdevSnapshotSync {
-                device: "root".into(),
-                snapshot_file: "/dev/fdset/1".into(),
-                format: "qcow2".into(),
-                mode: NewImageMode::Existing,
+            wire(&BlockdevSnapshot {
+                node: "root".into(),
+                overlay: "ov1".into(),
             }),
-            r#"{"execute":"blockdev-snapshot-sync","arguments":{"device":"root","snapshot-file":"/dev/fdset/1","format":"qcow2","mode":"existing"}}"#
+            r#"{"execute":"blockdev-snapshot","arguments":{"node":"root","overlay":"ov1"}}"#
+        );
+        assert_eq!(
+            wire(&BlockdevAdd {
+                driver: "qcow2".into(),
+                node_name: "ov1".into(),
+                file: BlockdevFile {
+                    driver: "file".into(),
+                    filename: "/dev/fdset/1".into(),
+                    locking: "off".into(),
+                },
+                backing: None,
+                discard: "unmap".into(),
+                detect_zeroes: "unmap".into(),
+            }),
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"ov1","file":{"driver":"file","filename":"/dev/fdset/1","locking":"off"},"backing":null,"discard":"unmap","detect-zeroes":"unmap"}}"#
         );
         let a: AddFdInfo = serde_json::from_str(r#"{"fdset-id":1,"fd":33}"#).expect("add-fd");
         assert_eq!(a.fdset_id, 1);
