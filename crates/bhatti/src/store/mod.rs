@@ -26,6 +26,7 @@ pub mod labels;
 mod publish;
 mod sandboxes;
 mod secrets;
+mod snapshots;
 mod users;
 
 pub use labels::Labels;
@@ -35,6 +36,7 @@ pub use sandboxes::{
     SandboxRecord, SandboxStatus,
 };
 pub use secrets::{SecretMeta, SecretRecord};
+pub use snapshots::SnapshotRecord;
 pub use users::{
     generate_api_key, hash_api_key, validate_user_name, User, UserLimits, UserSummary,
     API_KEY_PREFIX,
@@ -54,6 +56,11 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "002_labels",
         include_str!("../../migrations/002_labels.sql"),
+    ),
+    // 003 is 003_shares (another branch); this one keeps its own number.
+    (
+        "004_snapshots",
+        include_str!("../../migrations/004_snapshots.sql"),
     ),
 ];
 
