@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::handlers::{
-    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, shell,
+    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, shell, snapshots,
 };
 use crate::service::Service;
 
@@ -83,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         )
         .routes(routes!(secrets::set, secrets::list))
         .routes(routes!(secrets::delete))
+        .routes(routes!(snapshots::checkpoint))
+        .routes(routes!(snapshots::create, snapshots::list))
+        .routes(routes!(snapshots::get, snapshots::delete))
+        .routes(routes!(snapshots::resume))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

@@ -26,6 +26,7 @@ pub mod secret;
 pub mod serve;
 pub mod setup;
 pub mod shell;
+pub mod snapshot;
 pub mod terminal;
 pub mod thermal;
 pub mod tls;
@@ -94,6 +95,9 @@ pub enum Command {
     /// Manage your secrets (encrypted at rest, injected as env vars).
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Named snapshots of a sandbox's memory and disk
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Manage users and API keys on this host (operator only; works on the
     /// local database directly).
     User(user::UserArgs),
@@ -145,6 +149,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Ports(args) => with_client(global, |c| ports::run(c, args)),
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
+        Command::Snapshot(cmd) => with_client(global, |c| snapshot::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),
         Command::Unpublish(args) => with_client(global, |c| unpublish::run(c, args)),
     }

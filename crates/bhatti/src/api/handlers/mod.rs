@@ -10,3 +10,4 @@ pub mod sandboxes;
 pub mod secrets;
 pub mod sessions;
 pub mod shell;
+pub mod snapshots;
