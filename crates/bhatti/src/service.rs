@@ -235,7 +235,10 @@ impl Service {
             (None, Some(snap)) => Some(self.snapshot_source(user, snap).await?),
             (None, None) => None,
         };
-        let temporary = source.as_ref().filter(|s| s.temporary).map(|s| s.checkpoint.clone());
+        let temporary = source
+            .as_ref()
+            .filter(|s| s.temporary)
+            .map(|s| s.checkpoint.clone());
         let result = self.create_new(user, name, req, source).await;
         if let Some(cp) = temporary {
             if let Err(e) = self.engine.delete_checkpoint(&cp).await {

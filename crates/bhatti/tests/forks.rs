@@ -101,51 +101,107 @@ async fn fork_snapshot_resume_through_the_api() {
     assert_eq!(bump(&http, &d, "ctr-a").await, "2");
 
     // --- errors first (cheap): unknown source, machine size, names.
-    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "x", "from": "nope"})).await).await;
-    assert_eq!(s, 400, "{v}");
-    assert!(err_text(&v).contains("from") && err_text(&v).contains("nope"), "{v}");
     let (s, v) = status_of(
-        api.post("/sandboxes", json!({"name": "x", "from": "a", "memory_mb": 1024}))
+        api.post("/sandboxes", json!({"name": "x", "from": "nope"}))
             .await,
     )
     .await;
     assert_eq!(s, 400, "{v}");
+    assert!(
+        err_text(&v).contains("from") && err_text(&v).contains("nope"),
+        "{v}"
+    );
+    let (s, v) = status_of(
+        api.post(
+            "/sandboxes",
+            json!({"name": "x", "from": "a", "memory_mb": 1024}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
     assert!(err_text(&v).contains("memory_mb"), "{v}");
-    let (s, v) = status_of(api.post("/sandboxes/a/checkpoint", json!({"name": "bad name"})).await).await;
+    let (s, v) = status_of(
+        api.post("/sandboxes/a/checkpoint", json!({"name": "bad name"}))
+            .await,
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
     assert!(err_text(&v).contains("name"), "{v}");
-    let (s, v) = status_of(api.post("/snapshots/nope/resume", json!({"name": "x"})).await).await;
+    let (s, v) = status_of(
+        api.post("/snapshots/nope/resume", json!({"name": "x"}))
+            .await,
+    )
+    .await;
     assert_eq!(s, 404, "{v}");
     assert!(err_text(&v).contains("no snapshot named nope"), "{v}");
 
     // --- fork B from running A.
     let t = Instant::now();
-    let (s, b) = status_of(api.post("/sandboxes", json!({"name": "b", "from": "a"})).await).await;
+    let (s, b) = status_of(
+        api.post("/sandboxes", json!({"name": "b", "from": "a"}))
+            .await,
+    )
+    .await;
     assert_eq!(s, 201, "{b}");
     let fork_ms = t.elapsed().as_millis();
     assert_eq!(b["memory_mb"], a["memory_mb"]);
     assert_ne!(b["ip"], a["ip"]);
     assert_eq!(b["status"], "running");
     assert_eq!(sh(&api, "b", "cat /workspace/file.txt").await, "from-a");
-    eprintln!("fork → created {fork_ms} ms (first exec answered {:?})", t.elapsed());
+    eprintln!(
+        "fork → created {fork_ms} ms (first exec answered {:?})",
+        t.elapsed()
+    );
     publish(&api, "b", "ctr-b").await;
     // The counter came along at its fork-time value; from here on each counts alone.
     assert_eq!(bump(&http, &d, "ctr-b").await, "3");
     assert_eq!(bump(&http, &d, "ctr-b").await, "4");
     assert_eq!(bump(&http, &d, "ctr-a").await, "3");
     // Files apart, both ways.
-    sh(&api, "b", "echo from-b > /workspace/file.txt; touch /workspace/only-b; sync").await;
+    sh(
+        &api,
+        "b",
+        "echo from-b > /workspace/file.txt; touch /workspace/only-b; sync",
+    )
+    .await;
     sh(&api, "a", "touch /workspace/only-a; sync").await;
-    assert_eq!(sh(&api, "a", "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '").await, "from-a\nfile.txt only-a");
-    assert_eq!(sh(&api, "b", "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '").await, "from-b\nfile.txt only-b");
+    assert_eq!(
+        sh(
+            &api,
+            "a",
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-a\nfile.txt only-a"
+    );
+    assert_eq!(
+        sh(
+            &api,
+            "b",
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-b\nfile.txt only-b"
+    );
     // Identity.
-    let ia: Vec<String> = sh(&api, "a", IDENTITY).await.lines().map(str::to_string).collect();
-    let ib: Vec<String> = sh(&api, "b", IDENTITY).await.lines().map(str::to_string).collect();
+    let ia: Vec<String> = sh(&api, "a", IDENTITY)
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ib: Vec<String> = sh(&api, "b", IDENTITY)
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect();
     assert_eq!((ia[0].as_str(), ib[0].as_str()), ("a", "b"));
     assert_ne!(ia[1], ib[1], "machine-id");
     assert_ne!(ia[2], ib[2], "urandom");
     let ip_b = b["ip"].as_str().unwrap_or_default().to_string();
-    assert!(sh(&api, "b", "cat /proc/net/fib_trie").await.contains(&ip_b));
+    assert!(sh(&api, "b", "cat /proc/net/fib_trie")
+        .await
+        .contains(&ip_b));
 
     // --- A goes; B works on.
     let (s, _) = status_of(api.delete("/sandboxes/a").await).await;
@@ -154,28 +210,50 @@ async fn fork_snapshot_resume_through_the_api() {
     assert_eq!(bump(&http, &d, "ctr-b").await, "5");
 
     // --- snapshot → change → resume gives the snapshot's state.
-    let (s, snap) = status_of(api.post("/sandboxes/b/checkpoint", json!({"name": "s1"})).await).await;
+    let (s, snap) = status_of(
+        api.post("/sandboxes/b/checkpoint", json!({"name": "s1"}))
+            .await,
+    )
+    .await;
     assert_eq!(s, 201, "{snap}");
     assert!(snap["size_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{snap}");
     assert_eq!(snap["sandbox"], "b");
     sh(&api, "b", "echo after > /workspace/file.txt; sync").await;
     assert_eq!(bump(&http, &d, "ctr-b").await, "6");
-    let (s, v) = status_of(api.post("/sandboxes/b/checkpoint", json!({"name": "s1"})).await).await;
+    let (s, v) = status_of(
+        api.post("/sandboxes/b/checkpoint", json!({"name": "s1"}))
+            .await,
+    )
+    .await;
     assert_eq!(s, 409, "{v}");
     assert!(err_text(&v).contains("s1"), "{v}");
     let (s, c) = status_of(api.post("/snapshots/s1/resume", json!({"name": "c"})).await).await;
     assert_eq!(s, 201, "{c}");
-    assert_eq!(sh(&api, "c", "cat /workspace/file.txt; hostname").await, "from-b\nc");
+    assert_eq!(
+        sh(&api, "c", "cat /workspace/file.txt; hostname").await,
+        "from-b\nc"
+    );
     publish(&api, "c", "ctr-c").await;
     assert_eq!(bump(&http, &d, "ctr-c").await, "6");
     assert_eq!(bump(&http, &d, "ctr-b").await, "7");
 
     // --- quota: 5 by default.
     for n in 2..=5 {
-        let (s, v) = status_of(api.post("/snapshots", json!({"sandbox": "c", "name": format!("s{n}")})).await).await;
+        let (s, v) = status_of(
+            api.post(
+                "/snapshots",
+                json!({"sandbox": "c", "name": format!("s{n}")}),
+            )
+            .await,
+        )
+        .await;
         assert_eq!(s, 201, "{v}");
     }
-    let (s, v) = status_of(api.post("/sandboxes/c/checkpoint", json!({"name": "s6"})).await).await;
+    let (s, v) = status_of(
+        api.post("/sandboxes/c/checkpoint", json!({"name": "s6"}))
+            .await,
+    )
+    .await;
     assert_eq!(s, 429, "{v}");
     assert!(err_text(&v).contains("quota"), "{v}");
     let (s, list) = status_of(api.get("/snapshots").await).await;
@@ -206,6 +284,8 @@ async fn fork_snapshot_resume_through_the_api() {
         assert_eq!(s, 204);
     }
     assert_eq!(layer_files(&d), 0, "layers left behind");
-    let cps = std::fs::read_dir(d.data_dir.path().join("checkpoints")).map(|r| r.count()).unwrap_or(0);
+    let cps = std::fs::read_dir(d.data_dir.path().join("checkpoints"))
+        .map(|r| r.count())
+        .unwrap_or(0);
     assert_eq!(cps, 0, "checkpoints left behind");
 }

@@ -169,9 +169,15 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
 
     // Fork A (running) into B.
     let t0 = Instant::now();
-    let cp = e.checkpoint("fk-a", "cp1", "layer1").await.expect("checkpoint");
+    let cp = e
+        .checkpoint("fk-a", "cp1", "layer1")
+        .await
+        .expect("checkpoint");
     let pause = cp.pause_ms.expect("a running VM is paused");
-    eprintln!("checkpoint of a running VM: pause {pause} ms, total {:?}", t0.elapsed());
+    eprintln!(
+        "checkpoint of a running VM: pause {pause} ms, total {:?}",
+        t0.elapsed()
+    );
     let mut b = spec("fk-b", ip(11));
     b.name = "bravo".into();
     b.env.insert("WHO".into(), "bravo".into());
@@ -191,10 +197,28 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     // A still runs and serves.
     assert_eq!(sh_ok(&ag_a, "cat /workspace/file.txt").await, "from-a");
     // Files apart, both ways.
-    sh_ok(&ag_b, "echo from-b > /workspace/file.txt; touch /workspace/only-b; sync").await;
+    sh_ok(
+        &ag_b,
+        "echo from-b > /workspace/file.txt; touch /workspace/only-b; sync",
+    )
+    .await;
     sh_ok(&ag_a, "touch /workspace/only-a; sync").await;
-    assert_eq!(sh_ok(&ag_a, "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '").await, "from-a\nfile.txt only-a");
-    assert_eq!(sh_ok(&ag_b, "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '").await, "from-b\nfile.txt only-b");
+    assert_eq!(
+        sh_ok(
+            &ag_a,
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-a\nfile.txt only-a"
+    );
+    assert_eq!(
+        sh_ok(
+            &ag_b,
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-b\nfile.txt only-b"
+    );
     // Identity: hostname, machine-id, address, random state; env; token.
     let (ha, ma, ia, ra) = identity(&ag_a).await;
     let (hb, mb, ib, rb) = identity(&ag_b).await;
@@ -214,12 +238,21 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     assert!(wrong.activity().await.is_err(), "B must refuse A's token");
 
     // A second fork of A, and a fork of a stopped A.
-    let cp2 = e.checkpoint("fk-a", "cp2", "layer2").await.expect("checkpoint 2");
+    let cp2 = e
+        .checkpoint("fk-a", "cp2", "layer2")
+        .await
+        .expect("checkpoint 2");
     e.stop("fk-a").await.expect("stop a");
-    let cp3 = e.checkpoint("fk-a", "cp3", "layer3").await.expect("checkpoint of stopped a");
+    let cp3 = e
+        .checkpoint("fk-a", "cp3", "layer3")
+        .await
+        .expect("checkpoint of stopped a");
     assert!(cp3.pause_ms.is_none());
     let c = spec("fk-c", ip(12));
-    let rt_c = e.restore_checkpoint("cp3", &rt_a.token, &c).await.expect("restore c");
+    let rt_c = e
+        .restore_checkpoint("cp3", &rt_a.token, &c)
+        .await
+        .expect("restore c");
     let ag_c = e.agent("fk-c", &rt_c);
     assert_eq!(sh_ok(&ag_c, "cat /workspace/file.txt").await, "from-a");
     assert_eq!(sh_ok(&ag_c, BUMP).await, "4");
@@ -229,7 +262,10 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
 
     // The parent goes; its forks' chains stay valid.
     e.destroy("fk-a").await.expect("destroy a");
-    assert_eq!(sh_ok(&ag_b, "cat /workspace/file.txt; cat /etc/hostname").await, "from-b\nbravo");
+    assert_eq!(
+        sh_ok(&ag_b, "cat /workspace/file.txt; cat /etc/hostname").await,
+        "from-b\nbravo"
+    );
     assert_eq!(sh_ok(&ag_c, BUMP).await, "5");
     let depth = e.disk_chain_depth("fk-c").expect("depth");
     assert!(depth <= 5, "chain depth {depth}");

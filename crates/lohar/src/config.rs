@@ -119,7 +119,9 @@ impl AgentConfig {
             }
         }
         let cfg = AgentConfig {
-            token: Arc::new(RwLock::new(var("LOHAR_TOKEN").as_deref().and_then(token_of))),
+            token: Arc::new(RwLock::new(
+                var("LOHAR_TOKEN").as_deref().and_then(token_of),
+            )),
             default_env,
             sandbox_env: Arc::new(RwLock::new(sandbox_env)),
             run_as: None,

@@ -7,12 +7,12 @@ use crate::activity::ActivityInfo;
 use crate::error::{ErrorCode, ErrorCodeInfo};
 use crate::exec::{ExecKill, ExecRequest, SessionInfo};
 use crate::forward::{FwdRequest, FwdResponse};
-use crate::identity::{Identity, IdentityResp};
 use crate::frame::{Frame, FrameError, FrameType};
 use crate::fs::{
     FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
     FileWriteResponse,
 };
+use crate::identity::{Identity, IdentityResp};
 
 /// A frame whose payload could not be understood.
 #[derive(Debug, thiserror::Error)]

@@ -81,7 +81,9 @@ pub async fn run(ctx: Ctx, cmd: SnapshotCommand) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             if list.is_empty() {
-                eprintln!("no snapshots; take one with `bhatti snapshot create SANDBOX --name NAME`");
+                eprintln!(
+                    "no snapshots; take one with `bhatti snapshot create SANDBOX --name NAME`"
+                );
                 return Ok(0);
             }
             let rows: Vec<Vec<String>> = list

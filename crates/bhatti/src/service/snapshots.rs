@@ -14,7 +14,9 @@ use super::thermal::WakeMode;
 use super::{Result, Service, ServiceError};
 use crate::api::types::{CreateSandboxRequest, Snapshot};
 use crate::engine::{CheckpointInfo, SandboxSpec};
-use crate::store::{validate_sandbox_name, SandboxRecord, SandboxStatus, SnapshotRecord, StoreError, User};
+use crate::store::{
+    validate_sandbox_name, SandboxRecord, SandboxStatus, SnapshotRecord, StoreError, User,
+};
 
 /// Where a new sandbox's VM comes from when it is not booted fresh.
 #[derive(Debug, Clone)]
@@ -188,7 +190,12 @@ impl Service {
     /// Errors: `Invalid` for a bad name; `Conflict` for a name in use or a
     /// sandbox that cannot be copied now; the store's `LimitExceeded` at
     /// the user's snapshot quota; engine failures.
-    pub async fn create_snapshot(&self, user: &User, sandbox: &str, name: &str) -> Result<Snapshot> {
+    pub async fn create_snapshot(
+        &self,
+        user: &User,
+        sandbox: &str,
+        name: &str,
+    ) -> Result<Snapshot> {
         validate_sandbox_name(name)
             .map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
         let (uid, n) = (user.id, name.to_string());
@@ -217,7 +224,9 @@ impl Service {
             token: rec.token.clone(),
             state_bytes: info.state_bytes,
             layer_bytes: info.layer_bytes,
-            created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| time::OffsetDateTime::now_utc()),
+            created_at: time::OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .unwrap_or_else(|_| time::OffsetDateTime::now_utc()),
         };
         let r = record.clone();
         if let Err(e) = self.store.call(move |s| s.insert_snapshot(&r)).await {

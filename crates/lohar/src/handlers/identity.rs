@@ -23,7 +23,7 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -42,7 +42,10 @@ fn valid_hostname(h: &str) -> bool {
 /// Checks every field before anything changes: a bad request changes nothing.
 fn check(id: &Identity) -> Result<Vec<u8>, String> {
     if !valid_hostname(&id.hostname) {
-        return Err(format!("hostname {:?} is not a valid host name", id.hostname));
+        return Err(format!(
+            "hostname {:?} is not a valid host name",
+            id.hostname
+        ));
     }
     network::parse_cidr(&id.ip)?;
     id.gateway

@@ -83,8 +83,7 @@ impl QemuEngine {
         check_id(checkpoint)?;
         check_id(layer)?;
         let files = VmFiles::new(self.sandbox_dir(id));
-        let meta = read_meta(&files.meta)
-            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        let meta = read_meta(&files.meta).ok_or_else(|| EngineError::NotFound(id.to_string()))?;
         let (cpus, memory_mb) = machine_size(&meta.argv).ok_or_else(|| {
             EngineError::Other(format!("cannot read the machine size of VM {id}"))
         })?;
@@ -102,7 +101,10 @@ impl QemuEngine {
         let _busy = self.reserve(id)?;
         let started = Instant::now();
         let result = match self.vm(id) {
-            Some(vm) => self.checkpoint_running(id, &vm, &files, &state, &layer_path).await,
+            Some(vm) => {
+                self.checkpoint_running(id, &vm, &files, &state, &layer_path)
+                    .await
+            }
             None if files.state.is_file() => {
                 self.checkpoint_stopped(&files, &state, &layer_path).await
             }
@@ -129,7 +131,8 @@ impl QemuEngine {
             layer_bytes,
             pause_ms: pause.map(|p| p.as_millis() as u64),
         };
-        let json = serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Other(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Other(e.to_string()))?;
         std::fs::write(cp_dir.join("checkpoint.json"), json)?;
         tracing::info!(id, checkpoint, layer, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
         Ok(info)
@@ -148,7 +151,9 @@ impl QemuEngine {
     ) -> Result<(u64, Option<Duration>), EngineError> {
         let qmp = self.qmp_of(id).await?;
         let err = |e: super::qmp::QmpError| EngineError::Other(format!("checkpoint of {id}: {e}"));
-        qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH).await.map_err(err)?;
+        qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
+            .await
+            .map_err(err)?;
         let p = state.to_path_buf();
         let file = blocking(move || {
             std::fs::OpenOptions::new()
@@ -162,7 +167,11 @@ impl QemuEngine {
         let paused_at = Instant::now();
         qmp.stop().await.map_err(err)?;
         // The guest stands still: its disk (flushed by `stop`) becomes the layer.
-        let (ov, lp, nx) = (files.overlay.clone(), layer_path.to_path_buf(), next.clone());
+        let (ov, lp, nx) = (
+            files.overlay.clone(),
+            layer_path.to_path_buf(),
+            next.clone(),
+        );
         let prepared = blocking(move || -> Result<(u64, std::fs::File), EngineError> {
             std::fs::rename(&ov, &lp)?;
             let undo = |e: EngineError| {
@@ -303,7 +312,10 @@ impl QemuEngine {
         };
         self.remove_leftovers(&spec.id, &files, None, None).await?;
         std::fs::create_dir_all(&files.dir)?;
-        std::fs::set_permissions(&files.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        std::fs::set_permissions(
+            &files.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         guard.armed = true;
         let qns = network::quarantine_netns(&self.net, &spec.id);
         let started = Instant::now();
@@ -468,7 +480,13 @@ impl QemuEngine {
         }
         drop(parent);
         let identified = t0.elapsed();
-        let (net, q, t, ip, m) = (self.net.clone(), qns.to_string(), tap.clone(), spec.ip, mac.clone());
+        let (net, q, t, ip, m) = (
+            self.net.clone(),
+            qns.to_string(),
+            tap.clone(),
+            spec.ip,
+            mac.clone(),
+        );
         blocking(move || network::quarantine_release(&net, &q, &t, ip, &m))
             .await?
             .map_err(net_err)?;
@@ -520,7 +538,11 @@ impl QemuEngine {
         let busy: Vec<String> = self
             .busy
             .lock()
-            .map(|b| b.iter().map(|id| network::quarantine_netns(&self.net, id)).collect())
+            .map(|b| {
+                b.iter()
+                    .map(|id| network::quarantine_netns(&self.net, id))
+                    .collect()
+            })
             .unwrap_or_default();
         for q in network::list_quarantines(&self.net) {
             if !busy.contains(&q) {

@@ -122,7 +122,10 @@ pub fn quarantine_up(
     let _ = run("ip", &["netns", "delete", qns], None);
     ensure_netns(qns)?;
     ip_in(qns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
-    ip_in(qns, &["link", "set", tap, "address", &bridge_mac(&cfg.netns)])?;
+    ip_in(
+        qns,
+        &["link", "set", tap, "address", &bridge_mac(&cfg.netns)],
+    )?;
     let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix());
     ip_in(qns, &["addr", "add", &gw, "dev", tap])?;
     ip_in(qns, &["link", "set", tap, "up"])?;
@@ -315,7 +318,10 @@ pub fn ensure_base(cfg: &NetConfig) -> Result<(), NetworkError> {
     // changes as TAPs come and go, and a guest restored from a snapshot
     // would hold a stale gateway entry. The quarantine TAP of a restored
     // copy also answers as this MAC (see [`quarantine_up`]).
-    ip_in(&cfg.netns, &["link", "set", br, "address", &bridge_mac(&cfg.netns)])?;
+    ip_in(
+        &cfg.netns,
+        &["link", "set", br, "address", &bridge_mac(&cfg.netns)],
+    )?;
     ip_in(&cfg.netns, &["link", "set", br, "up"])?;
     nft_in(&cfg.netns, &ns_ruleset(cfg))?;
     if cfg.egress {

@@ -323,7 +323,11 @@ pub(super) async fn load_state_from(
 
 /// Polls `query-migrate` until the migration completed, failed, QEMU died
 /// or [`MIGRATION_TIMEOUT`] passed.
-pub(super) async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<MigrationInfo, EngineError> {
+pub(super) async fn wait_migration(
+    qmp: &Qmp,
+    pid: u32,
+    what: &str,
+) -> Result<MigrationInfo, EngineError> {
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     loop {
         let m = match qmp.query_migrate().await {
