@@ -45,6 +45,11 @@ pub struct CheckpointInfo {
     pub id: String,
     /// The layer the checkpoint's disk is; the source VM's overlay now backs onto it too.
     pub layer: String,
+    /// Whether `layer` was frozen by this checkpoint. `false`: the source
+    /// had written nothing since its last freeze, and its current layer
+    /// serves (keeps chains short when one sandbox is forked many times).
+    #[serde(default = "yes")]
+    pub new_layer: bool,
     pub cpus: u32,
     pub memory_mb: u32,
     /// The source's address and MAC, which a restored copy has until it takes its identity.
@@ -58,6 +63,10 @@ pub struct CheckpointInfo {
     pub layer_bytes: u64,
     /// How long a running source was paused, ms (`None`: it was stopped).
     pub pause_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// State of a VM as the engine finds it.
@@ -136,7 +145,9 @@ pub trait Engine: Send + Sync {
     fn agent(&self, id: &str, rt: &VmRuntime) -> AgentClient;
     /// Freezes VM `id` (running or stopped; a running VM is paused for the
     /// copy and runs on) into checkpoint `checkpoint`, its disk into the new
-    /// layer `layer`, onto which the VM's own overlay then backs.
+    /// layer `layer`, onto which the VM's own overlay then backs; or, if the
+    /// VM wrote nothing since its disk was last frozen, into the layer it
+    /// already backs onto (see [`CheckpointInfo::new_layer`]).
     async fn checkpoint(
         &self,
         id: &str,

@@ -102,6 +102,10 @@ impl Service {
         }
         let layer = random_id("l");
         let info = self.engine.checkpoint(&rec.id, checkpoint, &layer).await?;
+        if !info.new_layer {
+            // The sandbox wrote nothing since its last freeze: same layer.
+            return Ok((rec, info));
+        }
         let (sid, l) = (rec.id.clone(), layer.clone());
         if let Err(e) = self.store.call(move |s| s.freeze_layer(&sid, &l)).await {
             // The disk is already switched; without the record the layer is

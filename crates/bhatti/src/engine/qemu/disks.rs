@@ -101,6 +101,29 @@ pub fn info(image: &Path) -> Result<ImageInfo, DiskError> {
     serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))
 }
 
+/// Whether `image` (a qcow2 overlay) holds no data of its own: every range
+/// of `qemu-img map` comes from a backing file. `-U`: QEMU may hold it
+/// (stopped, so flushed).
+pub fn overlay_is_empty(image: &Path) -> Result<bool, DiskError> {
+    #[derive(serde::Deserialize)]
+    struct Extent {
+        depth: u64,
+    }
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let map: Vec<Extent> =
+        serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))?;
+    Ok(map.iter().all(|e| e.depth > 0))
+}
+
 /// Number of images in `image`'s backing chain, itself and the base included.
 pub fn chain_depth(image: &Path) -> Result<usize, DiskError> {
     let out = Command::new("qemu-img")

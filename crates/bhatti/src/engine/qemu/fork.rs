@@ -110,18 +110,23 @@ impl QemuEngine {
             }
             None => Err(EngineError::NotFound(id.to_string())),
         };
-        let (disk_size, pause) = match result {
+        let (disk_size, pause, reused) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&cp_dir);
                 return Err(e);
             }
         };
+        let new_layer = reused.is_none();
+        let layer = reused.unwrap_or_else(|| layer.to_string());
         let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
-        let layer_bytes = std::fs::metadata(&layer_path).map(|m| m.len()).unwrap_or(0);
+        let layer_bytes = std::fs::metadata(self.layer_path(&layer))
+            .map(|m| m.len())
+            .unwrap_or(0);
         let info = CheckpointInfo {
             id: checkpoint.to_string(),
-            layer: layer.to_string(),
+            layer: layer.clone(),
+            new_layer,
             cpus,
             memory_mb,
             parent_ip: meta.ip,
@@ -134,7 +139,7 @@ impl QemuEngine {
         let json =
             serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Other(e.to_string()))?;
         std::fs::write(cp_dir.join("checkpoint.json"), json)?;
-        tracing::info!(id, checkpoint, layer, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
+        tracing::info!(id, checkpoint, layer = %info.layer, new_layer = info.new_layer, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
         Ok(info)
     }
 
@@ -148,7 +153,7 @@ impl QemuEngine {
         files: &VmFiles,
         state: &Path,
         layer_path: &Path,
-    ) -> Result<(u64, Option<Duration>), EngineError> {
+    ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
         let qmp = self.qmp_of(id).await?;
         let err = |e: super::qmp::QmpError| EngineError::Other(format!("checkpoint of {id}: {e}"));
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
@@ -166,6 +171,26 @@ impl QemuEngine {
         let next = files.dir.join("disk.next.qcow2");
         let paused_at = Instant::now();
         qmp.stop().await.map_err(err)?;
+        if let Some(current) = self.reusable_layer(files).await {
+            let saved = async {
+                qmp.getfd(FD_NAME, file.as_fd()).await.map_err(err)?;
+                qmp.migrate(&format!("fd:{FD_NAME}")).await.map_err(err)?;
+                wait_migration(&qmp, vm.pid, "checkpointing").await
+            }
+            .await;
+            if saved.is_err() {
+                let _ = qmp.migrate_cancel().await;
+            }
+            let resumed = qmp.cont().await;
+            let pause = paused_at.elapsed();
+            saved?;
+            resumed.map_err(err)?;
+            blocking(move || file.sync_all()).await??;
+            let size = disks::info(&files.overlay)
+                .map_err(|e| EngineError::Other(e.to_string()))?
+                .virtual_size;
+            return Ok((size, Some(pause), Some(current)));
+        }
         // The guest stands still: its disk (flushed by `stop`) becomes the layer.
         let (ov, lp, nx) = (
             files.overlay.clone(),
@@ -228,7 +253,25 @@ impl QemuEngine {
         saved?;
         resumed.map_err(err)?;
         blocking(move || file.sync_all()).await??;
-        Ok((size, Some(pause)))
+        Ok((size, Some(pause), None))
+    }
+
+    /// The layer `files`' overlay backs onto, if the overlay holds nothing
+    /// of its own (so a checkpoint needs no new layer).
+    async fn reusable_layer(&self, files: &VmFiles) -> Option<String> {
+        let (overlay, layers) = (files.overlay.clone(), self.layers_dir());
+        blocking(move || {
+            let backing = disks::info(&overlay).ok()?.backing_filename?;
+            let backing = Path::new(&backing);
+            if backing.parent()? != layers || !disks::overlay_is_empty(&overlay).ok()? {
+                return None;
+            }
+            let id = backing.file_name()?.to_str()?.strip_suffix(".qcow2")?;
+            check_id(id).ok().map(|()| id.to_string())
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// A stopped VM: its saved state is the checkpoint's memory (a hard
@@ -239,7 +282,18 @@ impl QemuEngine {
         files: &VmFiles,
         state: &Path,
         layer_path: &Path,
-    ) -> Result<(u64, Option<Duration>), EngineError> {
+    ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
+        if let Some(current) = self.reusable_layer(files).await {
+            let (f, st) = (files.clone(), state.to_path_buf());
+            let size = blocking(move || -> Result<u64, EngineError> {
+                std::fs::hard_link(&f.state, &st)?;
+                disks::info(&f.overlay)
+                    .map(|i| i.virtual_size)
+                    .map_err(|e| EngineError::Other(e.to_string()))
+            })
+            .await??;
+            return Ok((size, None, Some(current)));
+        }
         let (f, st, lp) = (files.clone(), state.to_path_buf(), layer_path.to_path_buf());
         let size = blocking(move || -> Result<u64, EngineError> {
             std::fs::hard_link(&f.state, &st)?;
@@ -254,7 +308,7 @@ impl QemuEngine {
             })
         })
         .await??;
-        Ok((size, None))
+        Ok((size, None, None))
     }
 
     /// See [`crate::engine::Engine::delete_checkpoint`].
