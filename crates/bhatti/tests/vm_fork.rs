@@ -170,7 +170,7 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     // Fork A (running) into B.
     let t0 = Instant::now();
     let cp = e
-        .checkpoint("fk-a", "cp1", "layer1")
+        .checkpoint("fk-a", &rt_a, "cp1", "layer1")
         .await
         .expect("checkpoint");
     let pause = cp.pause_ms.expect("a running VM is paused");
@@ -239,12 +239,12 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
 
     // A second fork of A, and a fork of a stopped A.
     let cp2 = e
-        .checkpoint("fk-a", "cp2", "layer2")
+        .checkpoint("fk-a", &rt_a, "cp2", "layer2")
         .await
         .expect("checkpoint 2");
     e.stop("fk-a").await.expect("stop a");
     let cp3 = e
-        .checkpoint("fk-a", "cp3", "layer3")
+        .checkpoint("fk-a", &rt_a, "cp3", "layer3")
         .await
         .expect("checkpoint of stopped a");
     assert!(cp3.pause_ms.is_none());

@@ -351,4 +351,8 @@ pub struct Snapshot {
     pub size_bytes: u64,
     /// RFC 3339.
     pub created_at: String,
+    /// Only in the answer to a create: how long the running source was
+    /// paused, ms (absent: it was stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
 }

@@ -148,9 +148,11 @@ pub trait Engine: Send + Sync {
     /// layer `layer`, onto which the VM's own overlay then backs; or, if the
     /// VM wrote nothing since its disk was last frozen, into the layer it
     /// already backs onto (see [`CheckpointInfo::new_layer`]).
+    /// `rt` reaches the VM's agent: a running VM's clock is set after the pause.
     async fn checkpoint(
         &self,
         id: &str,
+        rt: &VmRuntime,
         checkpoint: &str,
         layer: &str,
     ) -> Result<CheckpointInfo, EngineError>;

@@ -69,6 +69,7 @@ fn view(s: &SnapshotRecord) -> Snapshot {
         disk_bytes: s.layer_bytes,
         size_bytes: s.state_bytes + s.layer_bytes,
         created_at: s.created_at.format(&Rfc3339).unwrap_or_default(),
+        pause_ms: None,
     }
 }
 
@@ -101,7 +102,11 @@ impl Service {
             }
         }
         let layer = random_id("l");
-        let info = self.engine.checkpoint(&rec.id, checkpoint, &layer).await?;
+        let rt = super::thermal::runtime(&rec);
+        let info = self
+            .engine
+            .checkpoint(&rec.id, &rt, checkpoint, &layer)
+            .await?;
         if !info.new_layer {
             // The sandbox wrote nothing since its last freeze: same layer.
             return Ok((rec, info));
@@ -238,7 +243,10 @@ impl Service {
             return Err(e.into());
         }
         tracing::info!(sandbox = %rec.name, snapshot = name, pause_ms = ?info.pause_ms, "snapshot taken");
-        Ok(view(&record))
+        Ok(Snapshot {
+            pause_ms: info.pause_ms,
+            ..view(&record)
+        })
     }
 
     /// The caller's snapshots, oldest first.

@@ -651,10 +651,23 @@ impl Engine for QemuEngine {
     async fn checkpoint(
         &self,
         id: &str,
+        rt: &VmRuntime,
         checkpoint: &str,
         layer: &str,
     ) -> Result<CheckpointInfo, EngineError> {
-        self.take_checkpoint(id, checkpoint, layer).await
+        let info = self.take_checkpoint(id, checkpoint, layer).await?;
+        if info.pause_ms.is_some() {
+            // The guest's clock stood still while it was paused.
+            match crate::engine::Engine::agent(self, id, rt).send_time().await {
+                Ok(sent) => {
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), sent.lag_ms()).await;
+                    });
+                }
+                Err(e) => tracing::warn!(id, error = %e, "cannot set the clock after a checkpoint"),
+            }
+        }
+        Ok(info)
     }
 
     async fn restore_checkpoint(
