@@ -334,6 +334,10 @@ impl Service {
             if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
                 tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
             }
+            if source.is_some() {
+                // Its layer may have had no other user left.
+                self.collect_layers().await;
+            }
             return Err(e.into());
         }
         let id = rec.id.clone();

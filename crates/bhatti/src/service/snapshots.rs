@@ -165,20 +165,21 @@ impl Service {
         src: &RestoreSource,
         spec: &SandboxSpec,
     ) -> std::result::Result<(), crate::engine::EngineError> {
+        // The copy holds its layer before it boots: a source destroyed (or a
+        // snapshot deleted) meanwhile cannot take the layer away. A failed
+        // restore deletes the row, and the reference with it.
+        let (sid, layer) = (spec.id.clone(), src.layer.clone());
+        self.store
+            .call(move |s| s.set_sandbox_layer(&sid, &layer))
+            .await
+            .map_err(|e| {
+                crate::engine::EngineError::Other(format!(
+                    "cannot record the copy's disk layer: {e}"
+                ))
+            })?;
         self.engine
             .restore_checkpoint(&src.checkpoint, &src.parent_token, spec)
             .await?;
-        let (sid, layer) = (spec.id.clone(), src.layer.clone());
-        if let Err(e) = self
-            .store
-            .call(move |s| s.set_sandbox_layer(&sid, &layer))
-            .await
-        {
-            let _ = self.engine.destroy(&spec.id).await;
-            return Err(crate::engine::EngineError::Other(format!(
-                "cannot record the copy's disk layer: {e}"
-            )));
-        }
         Ok(())
     }
 
