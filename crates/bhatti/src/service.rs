@@ -27,6 +27,7 @@ mod ports;
 mod proxy;
 mod publish;
 pub mod share;
+mod snapshots;
 mod thermal;
 mod usage;
 
@@ -202,6 +203,17 @@ impl Service {
     /// per-sandbox caps (named); the store's `LimitExceeded` over the user's
     /// sandbox quota; engine failures.
     pub async fn create_sandbox(&self, user: &User, req: CreateSandboxRequest) -> Result<Created> {
+        self.create_with(user, req, None).await
+    }
+
+    /// [`create_sandbox`](Self::create_sandbox), or, with `snapshot`, the
+    /// new sandbox restored from that snapshot of the caller's.
+    async fn create_with(
+        &self,
+        user: &User,
+        req: CreateSandboxRequest,
+        snapshot: Option<&str>,
+    ) -> Result<Created> {
         let name = match req.name.clone() {
             Some(n) => n,
             None => generate_name(),
@@ -227,7 +239,27 @@ impl Service {
             Ok(_) | Err(ServiceError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        let sandbox = self.create_new(user, name, req).await?;
+        let source = match (req.from.as_deref(), snapshot) {
+            (Some(_), Some(_)) => {
+                return Err(ServiceError::Invalid(
+                    "invalid field `from`: a sandbox resumed from a snapshot has no `from`".into(),
+                ))
+            }
+            (Some(from), None) => Some(self.fork_source(user, from).await?),
+            (None, Some(snap)) => Some(self.snapshot_source(user, snap).await?),
+            (None, None) => None,
+        };
+        let temporary = source
+            .as_ref()
+            .filter(|s| s.temporary)
+            .map(|s| s.checkpoint.clone());
+        let result = self.create_new(user, name, req, source).await;
+        if let Some(cp) = temporary {
+            if let Err(e) = self.engine.delete_checkpoint(&cp).await {
+                tracing::warn!(checkpoint = %cp, error = %e, "cannot remove a fork's checkpoint");
+            }
+        }
+        let sandbox = result?;
         Ok(Created {
             sandbox,
             created: true,
@@ -239,17 +271,23 @@ impl Service {
         user: &User,
         name: String,
         req: CreateSandboxRequest,
+        source: Option<snapshots::RestoreSource>,
     ) -> Result<Sandbox> {
-        let cpus = capped("cpus", req.cpus.unwrap_or(1), 1, user.max_cpus, "vCPUs")?;
-        // The default fits any user: 512 MB, or less if that is their cap.
-        let memory_mb = capped(
-            "memory_mb",
-            req.memory_mb
-                .unwrap_or_else(|| DEFAULT_MEMORY_MB.min(i64::from(user.max_memory_mb))),
-            MIN_MEMORY_MB,
-            user.max_memory_mb,
-            "MB",
-        )?;
+        let (cpus, memory_mb) = match &source {
+            // A restored VM has its source's machine: QEMU needs the same size.
+            Some(src) => src.machine(req.cpus, req.memory_mb)?,
+            None => (
+                capped("cpus", req.cpus.unwrap_or(1), 1, user.max_cpus, "vCPUs")?,
+                capped(
+                    "memory_mb",
+                    req.memory_mb
+                        .unwrap_or_else(|| DEFAULT_MEMORY_MB.min(i64::from(user.max_memory_mb))),
+                    MIN_MEMORY_MB,
+                    user.max_memory_mb,
+                    "MB",
+                )?,
+            ),
+        };
         let env = req.env.unwrap_or_default();
         for key in env.keys() {
             validate_secret_name(key)
@@ -301,11 +339,19 @@ impl Service {
             env: guest_env,
             init: rec.init.clone(),
         };
-        if let Err(e) = self.engine.create(&spec).await {
+        let booted = match &source {
+            None => self.engine.create(&spec).await.map(|_| ()),
+            Some(src) => self.restore_new_identity(src, &spec).await,
+        };
+        if let Err(e) = booted {
             tracing::warn!(sandbox = %rec.id, error = %e, "create failed");
             let id = rec.id.clone();
             if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
                 tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
+            }
+            if source.is_some() {
+                // Its layer may have had no other user left.
+                self.collect_layers().await;
             }
             return Err(e.into());
         }
@@ -398,6 +444,8 @@ impl Service {
         self.store.call(move |s| s.delete_sandbox(&sid)).await?;
         self.proxy.forget_sandbox(&rec.id);
         self.drop_thermal_lock(&rec.id);
+        // Layers only this sandbox's disk used go with it.
+        self.collect_layers().await;
         tracing::info!(sandbox = %rec.id, name = %rec.name, "sandbox destroyed");
         Ok(())
     }

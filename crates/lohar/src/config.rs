@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use bhatti_proto::{BootConfig, CONTROL_PORT, FORWARD_PORT};
 
@@ -19,12 +20,13 @@ const STD_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// How the agent runs its children and whom it lets in.
 #[derive(Debug, Clone, Default)]
 pub struct AgentConfig {
-    /// AUTH token; `None` means no AUTH is required.
-    pub token: Option<Vec<u8>>,
+    /// AUTH token; `None` means no AUTH is required. Shared and replaceable:
+    /// IDENTITY gives a restored copy a token of its own.
+    pub token: Arc<RwLock<Option<Vec<u8>>>>,
     /// The defaults every child starts from (PATH, HOME, TERM, LANG, USER).
     pub default_env: BTreeMap<String, String>,
-    /// The sandbox env (secrets included), over the defaults.
-    pub sandbox_env: BTreeMap<String, String>,
+    /// The sandbox env (secrets included), over the defaults; replaced by IDENTITY.
+    pub sandbox_env: Arc<RwLock<BTreeMap<String, String>>>,
     /// uid/gid children run as; `None` keeps the agent's own.
     pub run_as: Option<(u32, u32)>,
     /// Owner given to files and directories the agent creates.
@@ -36,6 +38,9 @@ pub struct AgentConfig {
     /// Whether SET_TIME sets CLOCK_REALTIME: in a VM the guest clock is
     /// ours; in test mode it is the host's and must stay untouched.
     pub owns_clock: bool,
+    /// Whether IDENTITY may change the machine (hostname, machine-id, RNG,
+    /// eth0): in a VM yes; in test mode only token and env change.
+    pub owns_machine: bool,
 }
 
 /// Where the two protocols listen.
@@ -66,17 +71,18 @@ impl AgentConfig {
             ("USER", "lohar"),
         ];
         let cfg = AgentConfig {
-            token: token_of(&boot.token),
+            token: Arc::new(RwLock::new(token_of(&boot.token))),
             default_env: default_env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            sandbox_env: boot.env.clone(),
+            sandbox_env: Arc::new(RwLock::new(boot.env.clone())),
             run_as: Some((GUEST_UID, GUEST_GID)),
             file_owner: Some((GUEST_UID, GUEST_GID)),
             default_cwd: Some(PathBuf::from("/workspace")),
             init_script: boot.init.clone().filter(|s| !s.trim().is_empty()),
             owns_clock: true,
+            owns_machine: true,
         };
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
         (
@@ -113,14 +119,17 @@ impl AgentConfig {
             }
         }
         let cfg = AgentConfig {
-            token: var("LOHAR_TOKEN").as_deref().and_then(token_of),
+            token: Arc::new(RwLock::new(
+                var("LOHAR_TOKEN").as_deref().and_then(token_of),
+            )),
             default_env,
-            sandbox_env,
+            sandbox_env: Arc::new(RwLock::new(sandbox_env)),
             run_as: None,
             file_owner: None,
             default_cwd: None,
             init_script: var("LOHAR_INIT").filter(|s| !s.trim().is_empty()),
             owns_clock: false,
+            owns_machine: false,
         };
         Ok((
             cfg,
@@ -137,11 +146,17 @@ impl AgentConfig {
         request: Option<&BTreeMap<String, String>>,
     ) -> BTreeMap<String, String> {
         let mut env = self.default_env.clone();
-        env.extend(self.sandbox_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let sandbox = self.sandbox_env.read().unwrap_or_else(|p| p.into_inner());
+        env.extend(sandbox.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Some(r) = request {
             env.extend(r.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         env
+    }
+
+    /// The AUTH token in effect.
+    pub fn current_token(&self) -> Option<Vec<u8>> {
+        self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A request path made absolute against the default cwd.
@@ -183,13 +198,13 @@ mod tests {
         assert_eq!(env["HOME"], "/sandbox");
         assert_eq!(env["A"], "req");
         assert_eq!(env["USER"], "lohar");
-        assert_eq!(cfg.token.as_deref(), Some(&b"t"[..]));
+        assert_eq!(cfg.current_token().as_deref(), Some(&b"t"[..]));
     }
 
     #[test]
     fn empty_token_means_no_auth_and_relative_paths_resolve() {
         let (cfg, _) = AgentConfig::vm(&BootConfig::default());
-        assert!(cfg.token.is_none());
+        assert!(cfg.current_token().is_none());
         assert_eq!(cfg.resolve("a/b"), PathBuf::from("/workspace/a/b"));
         assert_eq!(cfg.resolve("/x"), PathBuf::from("/x"));
     }

@@ -183,7 +183,8 @@ fn bad_frame(e: FrameError) -> HandlerError {
 
 fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(), HandlerError> {
     let start = Instant::now();
-    if let Some(token) = &agent.cfg.token {
+    let token = agent.cfg.current_token();
+    if let Some(token) = &token {
         match read_first(conn, start + AUTH_DEADLINE) {
             Ok(f) if f.kind == FrameType::Auth && token_matches(&f.payload, token) => {}
             _ => {
@@ -195,7 +196,7 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
         }
     }
     let mut first = read_first(conn, start + REQUEST_DEADLINE).map_err(bad_frame)?;
-    if first.kind == FrameType::Auth && agent.cfg.token.is_none() {
+    if first.kind == FrameType::Auth && token.is_none() {
         // Clients always authenticate; without a token it is a no-op.
         first = read_first(conn, start + REQUEST_DEADLINE).map_err(bad_frame)?;
     }
@@ -209,6 +210,7 @@ fn serve_conn(agent: &Arc<Agent>, conn: &Stream, channel: Channel) -> Result<(),
         (Channel::Control, Message::ExecKill(req)) => handlers::session::kill(agent, conn, req),
         (Channel::Control, Message::ActivityReq) => handlers::activity::handle(agent, conn),
         (Channel::Control, Message::SetTime(ms)) => handlers::time::set(agent, conn, ms),
+        (Channel::Control, Message::Identity(id)) => handlers::identity::apply(agent, conn, id),
         (Channel::Control, Message::FileReadReq(req)) => handlers::files::read(agent, conn, req),
         (Channel::Control, Message::FileWriteReq(req)) => handlers::files::write(agent, conn, req),
         (Channel::Control, Message::FileStatReq(req)) => handlers::files::stat(agent, conn, req),

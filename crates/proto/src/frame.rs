@@ -105,6 +105,10 @@ frame_types! {
     FileLsReq = 0x56,
     /// guest→host JSON `[FileInfo]`.
     FileLsResp = 0x57,
+    /// host→guest JSON Identity: take a new identity (after a fork or a restore).
+    Identity = 0x60,
+    /// guest→host JSON IdentityResp.
+    IdentityResp = 0x61,
 }
 
 /// A frame whose type is known, as read off the wire.

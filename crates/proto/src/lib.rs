@@ -17,6 +17,7 @@ pub mod exec;
 pub mod forward;
 pub mod frame;
 pub mod fs;
+pub mod identity;
 pub mod message;
 
 pub use activity::ActivityInfo;
@@ -29,6 +30,7 @@ pub use fs::{
     FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
     FileWriteResponse,
 };
+pub use identity::{Identity, IdentityResp, IDENTITY_ENTROPY_BYTES};
 pub use message::{DecodeError, Message};
 
 /// TCP port of the control channel inside the guest.

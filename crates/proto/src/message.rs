@@ -12,6 +12,7 @@ use crate::fs::{
     FileInfo, FileLsRequest, FileReadRequest, FileReadResponse, FileStatRequest, FileWriteRequest,
     FileWriteResponse,
 };
+use crate::identity::{Identity, IdentityResp};
 
 /// A frame whose payload could not be understood.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,8 @@ pub enum Message {
     FileStatResp(FileInfo),
     FileLsReq(FileLsRequest),
     FileLsResp(Vec<FileInfo>),
+    Identity(Identity),
+    IdentityResp(IdentityResp),
 }
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -121,6 +124,8 @@ impl Message {
             FileStatResp(_) => FrameType::FileStatResp,
             FileLsReq(_) => FrameType::FileLsReq,
             FileLsResp(_) => FrameType::FileLsResp,
+            Identity(_) => FrameType::Identity,
+            IdentityResp(_) => FrameType::IdentityResp,
         }
     }
 
@@ -153,6 +158,8 @@ impl Message {
             FileStatResp(v) => json(v),
             FileLsReq(v) => json(v),
             FileLsResp(v) => json(v),
+            Identity(v) => json(v),
+            IdentityResp(v) => json(v),
         }
     }
 
@@ -210,6 +217,8 @@ impl Message {
             FrameType::FileStatResp => Message::FileStatResp(from_json(k, p)?),
             FrameType::FileLsReq => Message::FileLsReq(from_json(k, p)?),
             FrameType::FileLsResp => Message::FileLsResp(from_json(k, p)?),
+            FrameType::Identity => Message::Identity(from_json(k, p)?),
+            FrameType::IdentityResp => Message::IdentityResp(from_json(k, p)?),
         })
     }
 }
@@ -251,6 +260,43 @@ mod tests {
         ));
         let long = Frame::new(FrameType::Exit, vec![0; 5]);
         assert!(Message::decode(&long).is_err());
+    }
+
+    #[test]
+    fn identity_golden_bytes() {
+        let id = Identity {
+            hostname: "b".into(),
+            ip: "10.0.0.7/24".into(),
+            gateway: "10.0.0.1".into(),
+            mac: "52:54:00:0a:00:07".into(),
+            token: "t".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            env: [("K".to_string(), "v".to_string())].into(),
+            entropy_hex: "00ff".into(),
+            time_unix_ms: 5,
+        };
+        let want = br#"{"hostname":"b","ip":"10.0.0.7/24","gateway":"10.0.0.1","mac":"52:54:00:0a:00:07","token":"t","machine_id":"0123456789abcdef0123456789abcdef","env":{"K":"v"},"entropy_hex":"00ff","time_unix_ms":5}"#;
+        let mut bytes = (want.len() as u32 + 1).to_be_bytes().to_vec();
+        bytes.push(0x60);
+        bytes.extend_from_slice(want);
+        assert_eq!(Message::Identity(id.clone()).to_bytes().unwrap(), bytes);
+        round(Message::Identity(id));
+        let resp = IdentityResp {
+            status: "ok".into(),
+            clock_before_unix_ms: -1,
+        };
+        assert_eq!(
+            Message::IdentityResp(resp.clone()).to_bytes().unwrap(),
+            [
+                &[0u8, 0, 0, 42, 0x61][..],
+                br#"{"status":"ok","clock_before_unix_ms":-1}"#
+            ]
+            .concat()
+        );
+        round(Message::IdentityResp(resp));
+        // A missing field is an error, not a default identity.
+        let partial = Frame::new(FrameType::Identity, br#"{"hostname":"b"}"#.to_vec());
+        assert!(Message::decode(&partial).is_err());
     }
 
     #[test]

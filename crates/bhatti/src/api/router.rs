@@ -10,6 +10,7 @@ use utoipa_axum::routes;
 
 use super::handlers::{
     exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
+    snapshots,
 };
 use crate::service::Service;
 
@@ -91,6 +92,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(share::page))
         .routes(routes!(share::asset))
         .routes(routes!(share::terminal))
+        .routes(routes!(snapshots::checkpoint))
+        .routes(routes!(snapshots::create, snapshots::list))
+        .routes(routes!(snapshots::get, snapshots::delete))
+        .routes(routes!(snapshots::resume))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

@@ -19,6 +19,10 @@ pub struct CreateSandboxRequest {
     /// `a-z A-Z 0-9 . _ - /` starting with a letter or digit, values up to
     /// 255 characters without control characters.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Fork: id or name of one of the caller's sandboxes (running or
+    /// stopped); the new sandbox starts from its current memory and disk,
+    /// with an identity of its own. cpus and memory_mb are the source's.
+    pub from: Option<String>,
 }
 
 /// A sandbox as the API shows it.
@@ -343,4 +347,42 @@ pub struct SandboxDetail {
     /// Sessions in the guest; absent unless the sandbox is hot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<Session>>,
+}
+
+/// `POST /sandboxes/{id}/checkpoint`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct CheckpointRequest {
+    /// Snapshot name, unique among the caller's snapshots (sandbox name rules).
+    pub name: String,
+}
+
+/// `POST /snapshots`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct CreateSnapshotRequest {
+    /// Id or name of the sandbox to snapshot.
+    pub sandbox: String,
+    pub name: String,
+}
+
+/// A named snapshot: a sandbox's memory and disk at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    /// Name of the sandbox it was taken from.
+    pub sandbox: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// Bytes of its memory file on the host.
+    pub memory_bytes: u64,
+    /// Bytes of its disk layer on the host (what the sandbox had written to its own disk).
+    pub disk_bytes: u64,
+    /// memory_bytes + disk_bytes.
+    pub size_bytes: u64,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Only in the answer to a create: how long the running source was
+    /// paused, ms (absent: it was stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
 }

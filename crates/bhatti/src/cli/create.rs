@@ -32,6 +32,10 @@ pub struct CreateArgs {
     /// Never pause or save the sandbox when idle (see `bhatti edit`)
     #[arg(long)]
     pub keep_hot: bool,
+    /// Fork: start from this sandbox's current memory and disk (running or
+    /// stopped; it keeps running). The copy has the source's vCPUs and memory.
+    #[arg(long, value_name = "SANDBOX")]
+    pub from: Option<String>,
     /// A label KEY=VALUE (repeatable; at most 16): find sandboxes with
     /// `bhatti list --label KEY=VALUE`
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
@@ -52,8 +56,10 @@ pub struct EnvPairs(pub Vec<(String, String)>);
 struct CreateBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<&'a str>,
-    cpus: u32,
-    memory_mb: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_mb: Option<u32>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,18 +68,22 @@ struct CreateBody<'a> {
     keep_hot: bool,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
     let env: BTreeMap<String, String> = args.env.into_iter().flat_map(|p| p.0).collect();
     let body = CreateBody {
         name: args.name.as_deref(),
-        cpus: args.cpus,
-        memory_mb: args.memory,
+        // A copy has its source's machine size.
+        cpus: args.from.is_none().then_some(args.cpus),
+        memory_mb: args.from.is_none().then_some(args.memory),
         env,
         init: args.init.as_deref(),
         keep_hot: args.keep_hot,
         labels: args.labels.into_iter().collect(),
+        from: args.from.as_deref(),
     };
     let spinner = spinner(args.name.as_deref());
     let result = async {

@@ -28,6 +28,7 @@ pub mod serve;
 pub mod setup;
 pub mod share;
 pub mod shell;
+pub mod snapshot;
 pub mod terminal;
 pub mod thermal;
 pub mod tls;
@@ -98,6 +99,9 @@ pub enum Command {
     /// Manage your secrets (encrypted at rest, injected as env vars).
     #[command(subcommand)]
     Secret(secret::SecretCommand),
+    /// Named snapshots of a sandbox's memory and disk
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Manage users and API keys on this host (operator only; works on the
     /// local database directly).
     User(user::UserArgs),
@@ -153,6 +157,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect(args) => with_client(global, |c| inspect::run(c, args)),
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
+        Command::Snapshot(cmd) => with_client(global, |c| snapshot::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),
         Command::Share(args) => with_client(global, |c| share::run(c, args)),
         Command::Unpublish(args) => with_client(global, |c| unpublish::run(c, args)),

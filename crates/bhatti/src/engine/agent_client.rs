@@ -257,6 +257,20 @@ impl AgentClient {
         Ok(TimeSent { conn, sent_ms: now })
     }
 
+    /// Gives a restored copy its own identity (IDENTITY) and waits for the
+    /// answer; the connection is closed on return, which tells the agent to
+    /// change its network (see [`bhatti_proto::IdentityResp`]).
+    pub async fn identity(
+        &self,
+        id: &bhatti_proto::Identity,
+    ) -> Result<bhatti_proto::IdentityResp, AgentError> {
+        let mut c = self.request(&Message::Identity(id.clone())).await?;
+        match c.recv().await? {
+            Message::IdentityResp(r) => Ok(r),
+            m => Err(AgentError::unexpected("IDENTITY_RESP", &m)),
+        }
+    }
+
     /// Starts a piped command or a TTY session with stdin left open; see [`ExecStream`].
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, AgentError> {
         self.start_exec(req, None).await

@@ -37,6 +37,38 @@ pub struct VmRuntime {
     pub token: String,
 }
 
+/// A VM frozen for forks and snapshots: its memory and its disk as a
+/// read-only layer (see `docs/forks.md`). Stored by the engine next to the
+/// memory file, so a restore needs only its id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointInfo {
+    pub id: String,
+    /// The layer the checkpoint's disk is; the source VM's overlay now backs onto it too.
+    pub layer: String,
+    /// Whether `layer` was frozen by this checkpoint. `false`: the source
+    /// had written nothing since its last freeze, and its current layer
+    /// serves (keeps chains short when one sandbox is forked many times).
+    #[serde(default = "yes")]
+    pub new_layer: bool,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// The source's address and MAC, which a restored copy has until it takes its identity.
+    pub parent_ip: Ipv4Addr,
+    pub parent_mac: String,
+    /// Virtual size of the disk, bytes.
+    pub disk_size: u64,
+    /// Bytes of the memory file on the host.
+    pub state_bytes: u64,
+    /// Bytes of the disk layer on the host (what the VM had written).
+    pub layer_bytes: u64,
+    /// How long a running source was paused, ms (`None`: it was stopped).
+    pub pause_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// State of a VM as the engine finds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
@@ -114,4 +146,31 @@ pub trait Engine: Send + Sync {
     /// Host disk the sandbox takes, in bytes actually allocated (its overlay,
     /// a saved memory state): sparse files count only what they use.
     fn disk_usage(&self, id: &str) -> Result<u64, EngineError>;
+    /// Freezes VM `id` (running or stopped; a running VM is paused for the
+    /// copy and runs on) into checkpoint `checkpoint`, its disk into the new
+    /// layer `layer`, onto which the VM's own overlay then backs; or, if the
+    /// VM wrote nothing since its disk was last frozen, into the layer it
+    /// already backs onto (see [`CheckpointInfo::new_layer`]).
+    /// `rt` reaches the VM's agent: a running VM's clock is set after the pause.
+    async fn checkpoint(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+        checkpoint: &str,
+        layer: &str,
+    ) -> Result<CheckpointInfo, EngineError>;
+    /// Boots `spec` from checkpoint `checkpoint` with an identity of its own
+    /// (hostname, address, MAC, token, machine-id, env, reseeded RNG, clock);
+    /// `parent_token` opens the copy's agent before it has taken it. The new
+    /// VM's overlay backs onto the checkpoint's layer.
+    async fn restore_checkpoint(
+        &self,
+        checkpoint: &str,
+        parent_token: &str,
+        spec: &SandboxSpec,
+    ) -> Result<VmRuntime, EngineError>;
+    /// Deletes a checkpoint's memory file (its layer stays; see [`Engine::delete_layer`]).
+    async fn delete_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError>;
+    /// Deletes a disk layer; the caller makes sure no disk backs onto it any more.
+    async fn delete_layer(&self, layer: &str) -> Result<(), EngineError>;
 }

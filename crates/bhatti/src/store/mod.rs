@@ -27,6 +27,7 @@ mod publish;
 mod sandboxes;
 mod secrets;
 mod shares;
+mod snapshots;
 mod users;
 
 pub use labels::Labels;
@@ -37,6 +38,7 @@ pub use sandboxes::{
 };
 pub use secrets::{SecretMeta, SecretRecord};
 pub use shares::{generate_share_token, hash_share_token, ShareRecord, SHARE_TOKEN_PREFIX};
+pub use snapshots::SnapshotRecord;
 pub use users::{
     generate_api_key, hash_api_key, validate_user_name, User, UserLimits, UserSummary,
     API_KEY_PREFIX,
@@ -60,6 +62,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "003_shares",
         include_str!("../../migrations/003_shares.sql"),
+    ),
+    (
+        "004_snapshots",
+        include_str!("../../migrations/004_snapshots.sql"),
     ),
 ];
 

@@ -6,6 +6,7 @@ pub mod activity;
 pub mod exec;
 pub mod files;
 pub mod forward;
+pub mod identity;
 pub mod session;
 pub mod time;
 

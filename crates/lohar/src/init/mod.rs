@@ -18,7 +18,7 @@ use bhatti_proto::BootConfig;
 
 pub mod clock;
 mod mounts;
-mod network;
+pub mod network;
 pub mod power;
 mod stage1;
 
@@ -101,7 +101,7 @@ fn read_boot_config() -> Result<BootConfig, String> {
     serde_json::from_slice(&raw).map_err(|e| format!("boot config is not valid JSON: {e}"))
 }
 
-fn set_hostname(name: &str) -> Result<(), String> {
+pub fn set_hostname(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Ok(());
     }
@@ -125,7 +125,7 @@ fn write_resolv_conf(dns: &[String]) -> Result<(), String> {
 }
 
 /// Replaces a file in /etc (a symlink there is replaced, not followed).
-fn write_etc(path: &str, text: &str) -> Result<(), String> {
+pub fn write_etc(path: &str, text: &str) -> Result<(), String> {
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
         std::fs::remove_file(path).map_err(|e| format!("remove {path}: {e}"))?;
     }

@@ -15,6 +15,7 @@ const IFACE_WAIT: Duration = Duration::from_secs(5);
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
 const RTM_NEWROUTE: u16 = 24;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -25,6 +26,7 @@ const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const IFA_BROADCAST: u16 = 4;
 const RTA_OIF: u16 = 4;
+const IFLA_ADDRESS: u16 = 1;
 const RTA_GATEWAY: u16 = 5;
 const RT_TABLE_MAIN: u8 = 254;
 const RTPROT_BOOT: u8 = 3;
@@ -71,12 +73,68 @@ pub fn configure(ip_cidr: &str, gateway: &str) -> Result<(), String> {
     let eth = if_index(IFACE)?;
     nl.add_addr(eth, addr, prefix)
         .map_err(|e| format!("{IFACE} address {ip_cidr}: {e}"))?;
+    remember(addr, prefix);
     nl.link_up(eth).map_err(|e| format!("{IFACE} up: {e}"))?;
     if let Some(gw) = gw {
         nl.add_default_route(eth, gw)
             .map_err(|e| format!("default route via {gw}: {e}"))?;
     }
     Ok(())
+}
+
+/// eth0's current address (set at boot, replaced by [`readdress`]).
+static CURRENT: std::sync::Mutex<Option<(Ipv4Addr, u8)>> = std::sync::Mutex::new(None);
+
+fn remember(addr: Ipv4Addr, prefix: u8) {
+    *CURRENT.lock().unwrap_or_else(|p| p.into_inner()) = Some((addr, prefix));
+}
+
+/// Parses "52:54:00:aa:bb:cc".
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?} must have six octets"));
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("MAC {s:?} is not hex octets"))?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err(format!("MAC {s:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Gives eth0 a new MAC, address and default route (a restored copy taking
+/// its own identity). Taking the link down drops the parent's neighbour
+/// entries and routes with it.
+pub fn readdress(ip_cidr: &str, gateway: &str, mac: &str) -> Result<(), String> {
+    let (addr, prefix) = parse_cidr(ip_cidr)?;
+    let gw: Ipv4Addr = gateway
+        .parse()
+        .map_err(|_| format!("gateway {gateway:?} is not IPv4"))?;
+    let mac = parse_mac(mac)?;
+    let nl = Netlink::open().map_err(|e| format!("netlink socket: {e}"))?;
+    let eth = if_index(IFACE)?;
+    nl.set_link(eth, false, None)
+        .map_err(|e| format!("{IFACE} down: {e}"))?;
+    nl.set_link(eth, false, Some(mac))
+        .map_err(|e| format!("{IFACE} MAC: {e}"))?;
+    let old = *CURRENT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((a, p)) = old.filter(|o| *o != (addr, prefix)) {
+        nl.addr(RTM_DELADDR, eth, a, p)
+            .map_err(|e| format!("{IFACE} remove {a}/{p}: {e}"))?;
+    }
+    nl.add_addr(eth, addr, prefix)
+        .map_err(|e| format!("{IFACE} address {ip_cidr}: {e}"))?;
+    remember(addr, prefix);
+    nl.set_link(eth, true, None)
+        .map_err(|e| format!("{IFACE} up: {e}"))?;
+    nl.add_default_route(eth, gw)
+        .map_err(|e| format!("default route via {gw}: {e}"))
 }
 
 fn if_index(name: &str) -> Result<u32, String> {
@@ -223,7 +281,25 @@ impl Netlink {
         self.request(Msg::new(RTM_NEWLINK, 0, seq).bytes(&body).finish(), seq)
     }
 
+    /// Sets eth0 up or down, and its MAC when given.
+    fn set_link(&self, index: u32, up: bool, mac: Option<[u8; 6]>) -> io::Result<()> {
+        let seq = self.next_seq();
+        let mut body = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+        body.extend_from_slice(&index.to_ne_bytes());
+        body.extend_from_slice(&(if up { IFF_UP } else { 0 }).to_ne_bytes());
+        body.extend_from_slice(&IFF_UP.to_ne_bytes());
+        let mut msg = Msg::new(RTM_NEWLINK, 0, seq).bytes(&body);
+        if let Some(mac) = mac {
+            msg = msg.attr(IFLA_ADDRESS, &mac);
+        }
+        self.request(msg.finish(), seq)
+    }
+
     fn add_addr(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
+        self.addr(RTM_NEWADDR, index, addr, prefix)
+    }
+
+    fn addr(&self, kind: u16, index: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
         let seq = self.next_seq();
         // struct ifaddrmsg: family, prefixlen, flags, scope, index.
         let mut body = vec![libc::AF_INET as u8, prefix, 0, RT_SCOPE_UNIVERSE];
@@ -234,7 +310,12 @@ impl Netlink {
             u32::MAX << (32 - u32::from(prefix))
         };
         let broadcast = Ipv4Addr::from(u32::from(addr) | !mask);
-        let msg = Msg::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE, seq)
+        let flags = if kind == RTM_NEWADDR {
+            NLM_F_CREATE | NLM_F_REPLACE
+        } else {
+            0
+        };
+        let msg = Msg::new(kind, flags, seq)
             .bytes(&body)
             .attr(IFA_LOCAL, &addr.octets())
             .attr(IFA_ADDRESS, &addr.octets())
@@ -267,6 +348,22 @@ impl Netlink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("52:54:00:0a:00:07"),
+            Ok([0x52, 0x54, 0, 0x0a, 0, 7])
+        );
+        for bad in [
+            "52:54:00:0a:00",
+            "52:54:00:0a:00:7",
+            "53:54:00:0a:00:07",
+            "zz:54:00:0a:00:07",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cidr() {

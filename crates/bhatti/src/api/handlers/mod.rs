@@ -11,3 +11,4 @@ pub mod secrets;
 pub mod sessions;
 pub mod share;
 pub mod shell;
+pub mod snapshots;

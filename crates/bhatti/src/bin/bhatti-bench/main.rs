@@ -10,6 +10,7 @@ mod agent;
 mod api;
 mod daemon;
 mod proxy;
+mod snapshot;
 mod stats;
 mod thermal;
 mod vm;
@@ -35,6 +36,8 @@ enum Target {
     Proxy(proxy::ProxyArgs),
     /// Waking warm and cold sandboxes against hot ones; host RSS per state.
     Thermal(thermal::ThermalArgs),
+    /// Forks and snapshots: snapshot pause, fork and resume to first exec, vs a cold boot.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             Target::Vm(a) => vm::run(a).await,
             Target::Proxy(a) => proxy::run(a).await,
             Target::Thermal(a) => thermal::run(a).await,
+            Target::Snapshot(a) => snapshot::run(a).await,
         }
     })
 }

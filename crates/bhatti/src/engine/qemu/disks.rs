@@ -50,6 +50,97 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Creates `overlay` as a qcow2 on the read-only qcow2 `layer` (absolute
+/// path), of `size` bytes. `-u`: the layer may be held by a running QEMU;
+/// its size is given, not probed.
+pub fn create_overlay_on_layer(layer: &Path, overlay: &Path, size: u64) -> Result<(), DiskError> {
+    if !layer.is_absolute() {
+        return Err(DiskError::Failed(format!(
+            "layer path {} must be absolute",
+            layer.display()
+        )));
+    }
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(layer)
+        .arg(overlay)
+        .arg(size.to_string())
+        .output()
+        .map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// What `qemu-img info` says about an image (the fields we read).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ImageInfo {
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    pub actual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    pub backing_filename: Option<String>,
+}
+
+/// `qemu-img info` of `image` alone; `-U`: a running QEMU may hold it.
+pub fn info(image: &Path) -> Result<ImageInfo, DiskError> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))
+}
+
+/// Whether `image` (a qcow2 overlay) holds no data of its own: every range
+/// of `qemu-img map` comes from a backing file. `-U`: QEMU may hold it
+/// (stopped, so flushed).
+pub fn overlay_is_empty(image: &Path) -> Result<bool, DiskError> {
+    #[derive(serde::Deserialize)]
+    struct Extent {
+        depth: u64,
+    }
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let map: Vec<Extent> =
+        serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))?;
+    Ok(map.iter().all(|e| e.depth > 0))
+}
+
+/// Number of images in `image`'s backing chain, itself and the base included.
+pub fn chain_depth(image: &Path) -> Result<usize, DiskError> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    let v: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))?;
+    Ok(v.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

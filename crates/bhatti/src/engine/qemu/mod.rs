@@ -10,6 +10,7 @@
 pub mod accel;
 pub mod config_drive;
 pub mod disks;
+mod fork;
 pub mod image;
 mod lifecycle;
 pub mod netns_dialer;
@@ -36,7 +37,7 @@ use self::process::VmFiles;
 use self::qmp::commands::RunState;
 use self::qmp::Qmp;
 use super::agent_client::AgentClient;
-use super::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
+use super::{CheckpointInfo, Engine, EngineError, SandboxSpec, VmRuntime, VmState};
 
 /// How many console lines an error carries.
 const CONSOLE_TAIL_LINES: usize = 30;
@@ -639,6 +640,7 @@ impl Engine for QemuEngine {
             self.stop_qemu(None, &files).await;
             self.remove_leftovers(&name, &files, None, None).await?;
         }
+        self.sweep_quarantines();
         let keep_taps: HashSet<String> = keep.iter().map(|id| network::tap_name(id)).collect();
         let net = self.net.clone();
         blocking(move || -> Result<(), NetworkError> {
@@ -657,6 +659,45 @@ impl Engine for QemuEngine {
         })
         .await?
         .map_err(net_err)
+    }
+
+    async fn checkpoint(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+        checkpoint: &str,
+        layer: &str,
+    ) -> Result<CheckpointInfo, EngineError> {
+        let info = self.take_checkpoint(id, checkpoint, layer).await?;
+        if info.pause_ms.is_some() {
+            // The guest's clock stood still while it was paused.
+            match crate::engine::Engine::agent(self, id, rt).send_time().await {
+                Ok(sent) => {
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), sent.lag_ms()).await;
+                    });
+                }
+                Err(e) => tracing::warn!(id, error = %e, "cannot set the clock after a checkpoint"),
+            }
+        }
+        Ok(info)
+    }
+
+    async fn restore_checkpoint(
+        &self,
+        checkpoint: &str,
+        parent_token: &str,
+        spec: &SandboxSpec,
+    ) -> Result<VmRuntime, EngineError> {
+        self.restore_into(checkpoint, parent_token, spec).await
+    }
+
+    async fn delete_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError> {
+        self.remove_checkpoint(checkpoint).await
+    }
+
+    async fn delete_layer(&self, layer: &str) -> Result<(), EngineError> {
+        self.remove_layer(layer).await
     }
 
     fn agent(&self, _id: &str, rt: &VmRuntime) -> AgentClient {

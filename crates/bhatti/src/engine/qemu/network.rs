@@ -96,6 +96,99 @@ pub fn guest_mac(ip: Ipv4Addr) -> String {
     format!("02:b4:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
+/// The bridge's fixed MAC, derived from the namespace name (locally administered).
+pub fn bridge_mac(netns: &str) -> String {
+    let h = Sha256::digest(netns.as_bytes());
+    format!("02:b5:{:02x}:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2], h[3])
+}
+
+/// The namespace a restored copy's TAP lives in until the copy has taken
+/// its own identity (it answers as its parent until then; see docs/forks.md).
+pub fn quarantine_netns(cfg: &NetConfig, id: &str) -> String {
+    format!("{}-q{}", cfg.netns, short_hash(id, 6))
+}
+
+/// Creates the quarantine namespace `qns` with the TAP `tap`, which plays
+/// the gateway for a copy that still has its parent's address `parent_ip`
+/// (and MAC `parent_mac`): the gateway address, the bridge's MAC (the copy's
+/// neighbour cache holds it), a permanent entry for the copy.
+pub fn quarantine_up(
+    cfg: &NetConfig,
+    qns: &str,
+    tap: &str,
+    parent_ip: Ipv4Addr,
+    parent_mac: &str,
+) -> Result<(), NetworkError> {
+    let _ = run("ip", &["netns", "delete", qns], None);
+    ensure_netns(qns)?;
+    ip_in(qns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    ip_in(
+        qns,
+        &["link", "set", tap, "address", &bridge_mac(&cfg.netns)],
+    )?;
+    let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix());
+    ip_in(qns, &["addr", "add", &gw, "dev", tap])?;
+    ip_in(qns, &["link", "set", tap, "up"])?;
+    ip_in(
+        qns,
+        &[
+            "neigh",
+            "replace",
+            &parent_ip.to_string(),
+            "lladdr",
+            parent_mac,
+            "dev",
+            tap,
+            "nud",
+            "permanent",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Moves the copy's TAP from its quarantine namespace onto the bridge, with
+/// a MAC of its own and the permanent entry for the copy's new address.
+pub fn quarantine_release(
+    cfg: &NetConfig,
+    qns: &str,
+    tap: &str,
+    ip: Ipv4Addr,
+    mac: &str,
+) -> Result<(), NetworkError> {
+    ip_in(qns, &["link", "set", tap, "netns", &cfg.netns])?;
+    let own = format!("02:b6:{}", {
+        let h = short_hash(tap, 4);
+        format!("{}:{}:{}:{}", &h[0..2], &h[2..4], &h[4..6], &h[6..8])
+    });
+    let ns = cfg.netns.as_str();
+    ip_in(ns, &["link", "set", tap, "address", &own])?;
+    ip_in(ns, &["link", "set", tap, "master", &cfg.bridge])?;
+    ip_in(ns, &["link", "set", tap, "up"])?;
+    ensure_neighbour(cfg, ip, mac)?;
+    quarantine_delete(qns);
+    Ok(())
+}
+
+/// Deletes a quarantine namespace (and a TAP still in it); absent is fine.
+pub fn quarantine_delete(qns: &str) {
+    if netns_path(qns).exists() {
+        let _ = run("ip", &["netns", "delete", qns], None);
+    }
+}
+
+/// Quarantine namespaces of `netns` (leftovers after a crash mid-restore).
+pub fn list_quarantines(cfg: &NetConfig) -> Vec<String> {
+    let prefix = format!("{}-q", cfg.netns);
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix) && n.len() == prefix.len() + 12)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Host-side end of the egress veth of a namespace.
 fn host_veth_name(netns: &str) -> String {
     format!("bhv{}", short_hash(netns, 4))
@@ -221,6 +314,14 @@ pub fn ensure_base(cfg: &NetConfig) -> Result<(), NetworkError> {
     for stale in parse_inet_addrs(&addrs).into_iter().filter(|a| *a != gw) {
         ip_in(&cfg.netns, &["addr", "del", &stale, "dev", br])?;
     }
+    // A fixed bridge MAC: otherwise it follows the lowest port MAC and
+    // changes as TAPs come and go, and a guest restored from a snapshot
+    // would hold a stale gateway entry. The quarantine TAP of a restored
+    // copy also answers as this MAC (see [`quarantine_up`]).
+    ip_in(
+        &cfg.netns,
+        &["link", "set", br, "address", &bridge_mac(&cfg.netns)],
+    )?;
     ip_in(&cfg.netns, &["link", "set", br, "up"])?;
     nft_in(&cfg.netns, &ns_ruleset(cfg))?;
     if cfg.egress {

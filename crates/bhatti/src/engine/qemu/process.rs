@@ -129,10 +129,13 @@ pub fn qemu_argv(s: &LaunchSpec<'_>) -> Vec<String> {
     // `auto-read-only=off`: keep the overlay's read-write descriptor for the
     // whole run. With the default (on), saving to disk drops write access,
     // and QEMU reopens the file by name, which `nobody` cannot.
+    // `file.locking=off`: once the overlay is frozen as a layer (a fork,
+    // a snapshot) this still-writable node must not lock the copies out;
+    // the daemon keeps each image to one writer itself.
     push(&[
         "-drive",
         &format!(
-            "id=root,file={},format=qcow2,if=none,discard=unmap,detect-zeroes=unmap,auto-read-only=off",
+            "id=root,file={},file.locking=off,format=qcow2,if=none,discard=unmap,detect-zeroes=unmap,auto-read-only=off",
             p(&f.overlay)
         ),
     ]);

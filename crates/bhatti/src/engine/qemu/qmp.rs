@@ -78,6 +78,51 @@ pub mod commands {
     #[derive(Debug, Serialize)]
     pub struct QueryStatus;
 
+    /// Adds the descriptor sent with the command (SCM_RIGHTS) to a new fd
+    /// set; QEMU then opens `/dev/fdset/<id>` as that file (it cannot open
+    /// files in the root-only sandbox dir itself).
+    #[derive(Debug, Serialize)]
+    pub struct AddFd {}
+    /// Where `add-fd` put the descriptor.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+    pub struct AddFdInfo {
+        #[serde(rename = "fdset-id")]
+        pub fdset_id: u64,
+        pub fd: i64,
+    }
+    /// The file layer of a new block node.
+    #[derive(Debug, Serialize)]
+    pub struct BlockdevFile {
+        /// "file".
+        pub driver: String,
+        pub filename: String,
+        /// "off": the daemon keeps each image to one writer itself, and a
+        /// frozen layer's writable node must not block the copies' readers.
+        pub locking: String,
+    }
+    /// Opens a new qcow2 node without its backing (set by `blockdev-snapshot`).
+    #[derive(Debug, Serialize)]
+    pub struct BlockdevAdd {
+        /// "qcow2".
+        pub driver: String,
+        #[serde(rename = "node-name")]
+        pub node_name: String,
+        pub file: BlockdevFile,
+        /// Always `null`: no backing at open.
+        pub backing: Option<String>,
+        /// "unmap", as the root drive.
+        pub discard: String,
+        #[serde(rename = "detect-zeroes")]
+        pub detect_zeroes: String,
+    }
+    /// Puts the node `overlay` on top of `node` (a drive id or node name):
+    /// the old image becomes its backing, new writes go to the overlay.
+    #[derive(Debug, Serialize)]
+    pub struct BlockdevSnapshot {
+        pub node: String,
+        pub overlay: String,
+    }
+
     /// An empty `return` (`{}`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
     pub struct Empty {}
@@ -181,6 +226,9 @@ pub mod commands {
     command!(MigrateCancel, "migrate_cancel", Empty, args: false);
     command!(QueryMigrate, "query-migrate", MigrationInfo, args: false);
     command!(QueryStatus, "query-status", StatusInfo, args: false);
+    command!(AddFd, "add-fd", AddFdInfo, args: true);
+    command!(BlockdevAdd, "blockdev-add", Empty, args: true);
+    command!(BlockdevSnapshot, "blockdev-snapshot", Empty, args: true);
 }
 
 use commands::*;
@@ -459,6 +507,43 @@ impl Qmp {
         self.execute_with_fd(&cmd, Some(fd)).await.map(|_| ())
     }
 
+    /// Hands QEMU a descriptor in a new fd set; returns the set's id
+    /// (QEMU opens it as `/dev/fdset/<id>`).
+    pub async fn add_fd(&self, fd: BorrowedFd<'_>) -> Result<u64, QmpError> {
+        self.execute_with_fd(&AddFd {}, Some(fd))
+            .await
+            .map(|i| i.fdset_id)
+    }
+
+    /// Switches drive `device` to the existing qcow2 `file` (whose backing
+    /// is the drive's current image; e.g. `/dev/fdset/1`), opened as node
+    /// `node_name` without locking, while the VM keeps its state.
+    pub async fn snapshot_onto(
+        &self,
+        device: &str,
+        file: &str,
+        node_name: &str,
+    ) -> Result<(), QmpError> {
+        let add = BlockdevAdd {
+            driver: "qcow2".into(),
+            node_name: node_name.to_string(),
+            file: BlockdevFile {
+                driver: "file".into(),
+                filename: file.to_string(),
+                locking: "off".into(),
+            },
+            backing: None,
+            discard: "unmap".into(),
+            detect_zeroes: "unmap".into(),
+        };
+        self.execute(&add).await?;
+        let snap = BlockdevSnapshot {
+            node: device.to_string(),
+            overlay: node_name.to_string(),
+        };
+        self.execute(&snap).await.map(|_| ())
+    }
+
     /// Caps the migration (snapshot) speed; QEMU 7.2's default of 128 MiB/s
     /// makes a save to disk about eight times slower than the disk allows.
     pub async fn set_migrate_max_bandwidth(&self, bytes_per_sec: u64) -> Result<(), QmpError> {
@@ -609,6 +694,31 @@ mod tests {
             r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:s"}}"#
         );
         assert_eq!(wire(&MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
+        assert_eq!(wire(&AddFd {}), r#"{"execute":"add-fd","arguments":{}}"#);
+        assert_eq!(
+            wire(&BlockdevSnapshot {
+                node: "root".into(),
+                overlay: "ov1".into(),
+            }),
+            r#"{"execute":"blockdev-snapshot","arguments":{"node":"root","overlay":"ov1"}}"#
+        );
+        assert_eq!(
+            wire(&BlockdevAdd {
+                driver: "qcow2".into(),
+                node_name: "ov1".into(),
+                file: BlockdevFile {
+                    driver: "file".into(),
+                    filename: "/dev/fdset/1".into(),
+                    locking: "off".into(),
+                },
+                backing: None,
+                discard: "unmap".into(),
+                detect_zeroes: "unmap".into(),
+            }),
+            r#"{"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"ov1","file":{"driver":"file","filename":"/dev/fdset/1","locking":"off"},"backing":null,"discard":"unmap","detect-zeroes":"unmap"}}"#
+        );
+        let a: AddFdInfo = serde_json::from_str(r#"{"fdset-id":1,"fd":33}"#).expect("add-fd");
+        assert_eq!(a.fdset_id, 1);
     }
 
     #[test]

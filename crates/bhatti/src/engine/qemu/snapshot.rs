@@ -27,9 +27,9 @@ use super::{blocking, check_id, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_L
 use crate::engine::{EngineError, VmRuntime};
 
 /// Name of the state file's descriptor inside QEMU.
-const FD_NAME: &str = "bhatti-state";
+pub(super) const FD_NAME: &str = "bhatti-state";
 /// Migration speed cap while saving: effectively none (see [`Qmp::set_migrate_max_bandwidth`]).
-const SAVE_BANDWIDTH: u64 = 1 << 40;
+pub(super) const SAVE_BANDWIDTH: u64 = 1 << 40;
 /// How long saving or loading a VM's state may take.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// The `-drive` option without which QEMU cannot save the VM (see `process::qemu_argv`).
@@ -288,6 +288,18 @@ impl QemuEngine {
 
     /// Loads `vm.state` into the QEMU `pid`, started with `-incoming defer`.
     async fn load_state(&self, files: &VmFiles, pid: u32) -> Result<Qmp, EngineError> {
+        load_state_from(files, &files.state, pid).await
+    }
+}
+
+/// Loads the migration stream at `state` into the QEMU `pid` (of the VM
+/// whose files are `files`), started with `-incoming defer`.
+pub(super) async fn load_state_from(
+    files: &VmFiles,
+    state: &Path,
+    pid: u32,
+) -> Result<Qmp, EngineError> {
+    {
         let boot_err = |reason: String| EngineError::Boot {
             reason,
             console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
@@ -295,7 +307,7 @@ impl QemuEngine {
         let qmp = Qmp::connect_retry(&files.qmp, Duration::from_secs(5))
             .await
             .map_err(|e| boot_err(e.to_string()))?;
-        let p = files.state.clone();
+        let p = state.to_path_buf();
         let file = blocking(move || std::fs::File::open(p)).await??;
         let load_err = |e: QmpError| boot_err(format!("loading the saved VM failed: {e}"));
         qmp.getfd(FD_NAME, file.as_fd()).await.map_err(load_err)?;
@@ -311,7 +323,11 @@ impl QemuEngine {
 
 /// Polls `query-migrate` until the migration completed, failed, QEMU died
 /// or [`MIGRATION_TIMEOUT`] passed.
-async fn wait_migration(qmp: &Qmp, pid: u32, what: &str) -> Result<MigrationInfo, EngineError> {
+pub(super) async fn wait_migration(
+    qmp: &Qmp,
+    pid: u32,
+    what: &str,
+) -> Result<MigrationInfo, EngineError> {
     let deadline = Instant::now() + MIGRATION_TIMEOUT;
     loop {
         let m = match qmp.query_migrate().await {

@@ -1,0 +1,281 @@
+//! Bench of forks and snapshots (issue 13), on a daemon of its own, for a
+//! fresh guest and one that has touched `--touched-mb` of its memory:
+//! snapshot create (the longest stall a process inside the running guest
+//! sees, and the API call), fork → first exec answered, resume → first
+//! exec answered; each against a cold boot (create → first exec) measured
+//! in the same run.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::daemon::{Api, Daemon};
+use crate::stats::{fmt, Samples};
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// Rounds of each measurement.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Memory of the guests, MB.
+    #[arg(long, default_value_t = 512)]
+    memory_mb: u32,
+    /// Memory the second source guest fills with random bytes, MB.
+    #[arg(long, default_value_t = 300)]
+    touched_mb: u32,
+    /// The bhatti binary (default: next to this one).
+    #[arg(long)]
+    bhatti: Option<PathBuf>,
+    /// Guest images.
+    #[arg(long, default_value = "/var/lib/bhatti/images")]
+    images_dir: PathBuf,
+}
+
+/// Records every stall of more than 5 ms in its own loop (monotonic clock),
+/// one line of milliseconds each, to /tmp/stalls.
+const STALL_WATCH: &str = r#"import time
+last = time.monotonic()
+with open("/tmp/stalls", "a", buffering=1) as f:
+    while True:
+        time.sleep(0.001)
+        now = time.monotonic()
+        if now - last > 0.005:
+            f.write("%.1f\n" % ((now - last) * 1000))
+        last = now
+"#;
+
+pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.rounds > 0, "--rounds must be > 0");
+    let d = Daemon::start_with(
+        "snap",
+        args.bhatti.as_deref(),
+        &args.images_dir,
+        "idle_warm_secs: 0\nidle_cold_secs: 0\n",
+    )?;
+    let api = Api {
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(300))
+            .build()?,
+        url: d.url.clone(),
+        token: d.token.clone(),
+    };
+    let result = measure(&args, &api).await;
+    if let Ok(list) = api.call(reqwest::Method::GET, "/sandboxes", None).await {
+        for s in list.as_array().into_iter().flatten() {
+            if let Some(id) = s["id"].as_str() {
+                let _ = api
+                    .call(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+                    .await;
+            }
+        }
+    }
+    result
+}
+
+async fn create(api: &Api, body: serde_json::Value) -> anyhow::Result<()> {
+    api.call(reqwest::Method::POST, "/sandboxes", Some(body))
+        .await
+        .map(|_| ())
+}
+
+async fn destroy(api: &Api, name: &str) -> anyhow::Result<()> {
+    api.call(reqwest::Method::DELETE, &format!("/sandboxes/{name}"), None)
+        .await
+        .map(|_| ())
+}
+
+fn ratio(a: &Samples, b: &Samples) -> String {
+    let s = |d: Duration| d.as_secs_f64().max(1e-9);
+    format!(
+        "p50 {:.2}x, p99 {:.2}x",
+        s(a.p50()) / s(b.p50()),
+        s(a.percentile(99.0)) / s(b.percentile(99.0))
+    )
+}
+
+/// The longest stall the guest's watcher saw since its log had `from` lines.
+async fn max_stall(api: &Api, src: &str, from: usize) -> anyhow::Result<(f64, usize)> {
+    // No file yet: the watcher has seen no stall (or is still starting).
+    let out = api
+        .exec(src, &["sh", "-c", "cat /tmp/stalls 2>/dev/null; true"])
+        .await?;
+    let lines: Vec<f64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let worst = lines.iter().skip(from).fold(0.0f64, |a, b| a.max(*b));
+    Ok((worst, lines.len()))
+}
+
+async fn measure(args: &SnapshotArgs, api: &Api) -> anyhow::Result<()> {
+    let n = args.rounds;
+    let mem = args.memory_mb;
+    println!(
+        "snapshot bench: {n} rounds, {mem} MB guests; sources: fresh, and {} MB touched",
+        args.touched_mb
+    );
+
+    // Cold boot baseline: create → first exec answered.
+    let mut times = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let name = format!("boot-{i}");
+        let t = Instant::now();
+        create(api, json!({"name": name, "memory_mb": mem})).await?;
+        api.exec(&name, &["true"]).await?;
+        times.push(t.elapsed());
+        destroy(api, &name).await?;
+    }
+    let boot = Samples::from_parts("cold boot: create → first exec", times, start.elapsed());
+    boot.print(None);
+
+    for (src, touched) in [("src-fresh", 0), ("src-touched", args.touched_mb)] {
+        create(api, json!({"name": src, "memory_mb": mem})).await?;
+        api.put_file(src, "/tmp/stallwatch.py", STALL_WATCH).await?;
+        api.exec(
+            src,
+            &[
+                "setsid",
+                "-f",
+                "sh",
+                "-c",
+                "exec python3 /tmp/stallwatch.py </dev/null >/dev/null 2>&1",
+            ],
+        )
+        .await?;
+        if touched > 0 {
+            let hold = format!(
+                "exec python3 -c 'import os,time; b=os.urandom({touched}<<20); open(\"/tmp/touched\",\"w\").close(); time.sleep(10**7)' </dev/null >/dev/null 2>&1"
+            );
+            api.exec(src, &["setsid", "-f", "sh", "-c", &hold]).await?;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while api
+                .exec(src, &["test", "-e", "/tmp/touched"])
+                .await
+                .is_err()
+            {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the guest did not fill its memory"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let label = if touched > 0 {
+            format!("{touched} MB touched")
+        } else {
+            "fresh".to_string()
+        };
+
+        // Snapshot create: the API call and the stall inside the guest.
+        let mut times = Vec::with_capacity(n);
+        let mut stalls = Vec::with_capacity(n);
+        let mut pauses = Vec::with_capacity(n);
+        let mut size = 0u64;
+        let start = Instant::now();
+        for i in 0..n {
+            let (_, seen) = max_stall(api, src, 0).await?;
+            let t = Instant::now();
+            let s = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/sandboxes/{src}/checkpoint"),
+                    Some(json!({"name": format!("b{i}")})),
+                )
+                .await?;
+            times.push(t.elapsed());
+            size = s["size_bytes"].as_u64().unwrap_or(0);
+            pauses.push(Duration::from_millis(s["pause_ms"].as_u64().unwrap_or(0)));
+            // Let the watcher write down what it saw.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let (worst, _) = max_stall(api, src, seen).await?;
+            stalls.push(Duration::from_secs_f64(worst / 1000.0));
+            api.call(reqwest::Method::DELETE, &format!("/snapshots/b{i}"), None)
+                .await?;
+        }
+        Samples::from_parts(
+            &format!("{label}: snapshot create (API)"),
+            times,
+            start.elapsed(),
+        )
+        .print(None);
+        let pause = Samples::from_parts(
+            &format!("{label}: snapshot create, VM paused (stop → cont)"),
+            pauses,
+            start.elapsed(),
+        );
+        pause.print(None);
+        // The guest's own clock stands still while paused: what it notices is only
+        // the work around the pause.
+        let stall = Samples::from_parts(
+            &format!("{label}: snapshot create, longest stall the guest's clock shows"),
+            stalls,
+            start.elapsed(),
+        );
+        stall.print(None);
+        println!("{label}: snapshot size {} MiB", size >> 20);
+
+        // Fork → first exec answered.
+        let mut times = Vec::with_capacity(n);
+        let start = Instant::now();
+        for i in 0..n {
+            let name = format!("fork-{touched}-{i}");
+            let t = Instant::now();
+            create(api, json!({"name": name, "from": src})).await?;
+            api.exec(&name, &["true"]).await?;
+            times.push(t.elapsed());
+            destroy(api, &name).await?;
+        }
+        let fork = Samples::from_parts(
+            &format!("{label}: fork → first exec"),
+            times,
+            start.elapsed(),
+        );
+        fork.print(None);
+
+        // Resume → first exec answered.
+        api.call(
+            reqwest::Method::POST,
+            &format!("/sandboxes/{src}/checkpoint"),
+            Some(json!({"name": "bench"})),
+        )
+        .await?;
+        let mut times = Vec::with_capacity(n);
+        let start = Instant::now();
+        for i in 0..n {
+            let name = format!("resume-{touched}-{i}");
+            let t = Instant::now();
+            api.call(
+                reqwest::Method::POST,
+                "/snapshots/bench/resume",
+                Some(json!({"name": name})),
+            )
+            .await?;
+            api.exec(&name, &["true"]).await?;
+            times.push(t.elapsed());
+            destroy(api, &name).await?;
+        }
+        let resume = Samples::from_parts(
+            &format!("{label}: resume → first exec"),
+            times,
+            start.elapsed(),
+        );
+        resume.print(None);
+        api.call(reqwest::Method::DELETE, "/snapshots/bench", None)
+            .await?;
+        destroy(api, src).await?;
+
+        println!(
+            "{label}: fork → exec {} (goal <= 0.5 s and <= 0.33x of a cold boot: {})",
+            fmt(fork.p50()),
+            ratio(&fork, &boot)
+        );
+        println!(
+            "{label}: resume → exec {} ({} of a cold boot); snapshot pause p50 {} p99 {}",
+            fmt(resume.p50()),
+            ratio(&resume, &boot),
+            fmt(pause.p50()),
+            fmt(pause.percentile(99.0))
+        );
+    }
+    Ok(())
+}

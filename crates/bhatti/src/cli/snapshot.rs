@@ -1,0 +1,131 @@
+//! `bhatti snapshot create|list|delete|resume`: named snapshots of a
+//! sandbox's memory and disk, and new sandboxes resumed from them.
+
+use clap::Subcommand;
+use serde::Serialize;
+
+use crate::api::types::{Sandbox, Snapshot};
+
+use super::client::Target;
+use super::{output, Ctx};
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot a sandbox's memory and disk (a running sandbox runs on after a short pause)
+    Create(CreateArgs),
+    /// List your snapshots with their sizes
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete a snapshot (sandboxes resumed from it keep working)
+    #[command(visible_alias = "rm")]
+    Delete(DeleteArgs),
+    /// Start a new sandbox from a snapshot
+    Resume(ResumeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Sandbox name or id
+    pub sandbox: String,
+    /// Snapshot name
+    #[arg(long)]
+    pub name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeleteArgs {
+    /// Snapshot name or id
+    pub name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResumeArgs {
+    /// Snapshot name or id
+    pub snapshot: String,
+    /// Name of the new sandbox
+    #[arg(long)]
+    pub name: String,
+}
+
+#[derive(Serialize)]
+struct NameBody<'a> {
+    name: &'a str,
+}
+
+pub async fn run(ctx: Ctx, cmd: SnapshotCommand) -> anyhow::Result<i32> {
+    match cmd {
+        SnapshotCommand::Create(a) => {
+            let s: Snapshot = ctx
+                .client
+                .post_json(
+                    &["sandboxes", &a.sandbox, "checkpoint"],
+                    &NameBody { name: &a.name },
+                    Target::Sandbox(&a.sandbox),
+                )
+                .await?;
+            if ctx.json {
+                output::print_json(&s)?;
+            } else {
+                output::println(&format!(
+                    "snapshot {} of {} taken ({})",
+                    s.name,
+                    s.sandbox,
+                    output::human_size(s.size_bytes)
+                ))?;
+            }
+        }
+        SnapshotCommand::List => {
+            let list: Vec<Snapshot> = ctx.client.get_json(&["snapshots"], Target::None).await?;
+            if ctx.json {
+                output::print_json(&list)?;
+                return Ok(0);
+            }
+            if list.is_empty() {
+                eprintln!(
+                    "no snapshots; take one with `bhatti snapshot create SANDBOX --name NAME`"
+                );
+                return Ok(0);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.sandbox.clone(),
+                        format!("{} MB", s.memory_mb),
+                        output::human_size(s.size_bytes),
+                        output::rfc3339(&s.created_at),
+                    ]
+                })
+                .collect();
+            output::print_table(&["NAME", "FROM", "MEMORY", "SIZE", "CREATED"], &rows)?;
+        }
+        SnapshotCommand::Delete(a) => {
+            ctx.client
+                .delete(&["snapshots", &a.name], Target::None)
+                .await?;
+            if !ctx.json {
+                output::println(&format!("snapshot {} deleted", a.name))?;
+            }
+        }
+        SnapshotCommand::Resume(a) => {
+            let sb: Sandbox = ctx
+                .client
+                .post_json(
+                    &["snapshots", &a.snapshot, "resume"],
+                    &NameBody { name: &a.name },
+                    Target::None,
+                )
+                .await?;
+            if ctx.json {
+                output::print_json(&sb)?;
+            } else {
+                output::println(&format!(
+                    "created sandbox {} from snapshot {} (id {}, ip {})",
+                    sb.name, a.snapshot, sb.id, sb.ip
+                ))?;
+            }
+        }
+    }
+    Ok(0)
+}

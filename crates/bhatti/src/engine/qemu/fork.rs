@@ -1,0 +1,623 @@
+//! Checkpoints and restores into a new identity (issue 13; design in
+//! docs/forks.md).
+//!
+//! A checkpoint is a VM's memory (`<data_dir>/checkpoints/<id>/vm.state`,
+//! QEMU's migration stream) and its disk frozen as a read-only qcow2 layer
+//! (`<data_dir>/layers/<layer>.qcow2`). The VM keeps running: it is paused
+//! while its overlay is swapped (QMP `blockdev-add` + `blockdev-snapshot` onto a new
+//! overlay whose backing is the frozen layer) and its memory written.
+//!
+//! A restore boots a new sandbox from a checkpoint: its own overlay on the
+//! layer, its own TAP, the checkpoint's memory. The copy wakes up as its
+//! parent (address, MAC, token), so its TAP sits in a quarantine namespace
+//! of its own until the agent has taken the new identity (IDENTITY), then
+//! moves onto the bridge.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+use super::lifecycle::{read_meta, CreateGuard};
+use super::netns_dialer::{NetnsDialer, NetnsSockets};
+use super::process::{self, NotReady, VmFiles};
+use super::snapshot::{load_state_from, wait_migration, FD_NAME, SAVE_BANDWIDTH};
+use super::{
+    blocking, check_id, config_drive, disks, net_err, network, QemuEngine, Vm, VmMeta,
+    CONSOLE_TAIL_LINES,
+};
+use crate::engine::agent_client::{AgentClient, AgentError};
+use crate::engine::{CheckpointInfo, EngineError, SandboxSpec, VmRuntime};
+
+/// The `-drive id=` of the root disk (see `process::qemu_argv`).
+const ROOT_DRIVE: &str = "root";
+/// How long a restored copy's agent may take to accept its identity.
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `-m` and `-smp` of a VM's argv.
+fn machine_size(argv: &[String]) -> Option<(u32, u32)> {
+    let after = |flag: &str| {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    Some((after("-smp")?, after("-m")?))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl QemuEngine {
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.sandboxes_dir.with_file_name("checkpoints")
+    }
+
+    fn layers_dir(&self) -> PathBuf {
+        self.sandboxes_dir.with_file_name("layers")
+    }
+
+    /// Where a layer's image lives.
+    pub fn layer_path(&self, layer: &str) -> PathBuf {
+        self.layers_dir().join(format!("{layer}.qcow2"))
+    }
+
+    fn checkpoint_dir(&self, id: &str) -> PathBuf {
+        self.checkpoints_dir().join(id)
+    }
+
+    /// See [`crate::engine::Engine::checkpoint`].
+    pub(super) async fn take_checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        layer: &str,
+    ) -> Result<CheckpointInfo, EngineError> {
+        check_id(id)?;
+        check_id(checkpoint)?;
+        check_id(layer)?;
+        let files = VmFiles::new(self.sandbox_dir(id));
+        let meta = read_meta(&files.meta).ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        let (cpus, memory_mb) = machine_size(&meta.argv).ok_or_else(|| {
+            EngineError::Other(format!("cannot read the machine size of VM {id}"))
+        })?;
+        let cp_dir = self.checkpoint_dir(checkpoint);
+        let layer_path = self.layer_path(layer);
+        if cp_dir.exists() || layer_path.exists() {
+            return Err(EngineError::Other(format!(
+                "checkpoint {checkpoint} or layer {layer} already exists"
+            )));
+        }
+        std::fs::create_dir_all(self.layers_dir())?;
+        std::fs::create_dir_all(&cp_dir)?;
+        std::fs::set_permissions(&cp_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let state = cp_dir.join("vm.state");
+        let _busy = self.reserve(id)?;
+        let started = Instant::now();
+        let result = match self.vm(id) {
+            Some(vm) => {
+                self.checkpoint_running(id, &vm, &files, &state, &layer_path)
+                    .await
+            }
+            None if files.state.is_file() => {
+                self.checkpoint_stopped(&files, &state, &layer_path).await
+            }
+            None => Err(EngineError::NotFound(id.to_string())),
+        };
+        let (disk_size, pause, reused) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&cp_dir);
+                return Err(e);
+            }
+        };
+        let new_layer = reused.is_none();
+        let layer = reused.unwrap_or_else(|| layer.to_string());
+        let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+        let layer_bytes = std::fs::metadata(self.layer_path(&layer))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let info = CheckpointInfo {
+            id: checkpoint.to_string(),
+            layer: layer.clone(),
+            new_layer,
+            cpus,
+            memory_mb,
+            parent_ip: meta.ip,
+            parent_mac: meta.mac.clone(),
+            disk_size,
+            state_bytes,
+            layer_bytes,
+            pause_ms: pause.map(|p| p.as_millis() as u64),
+        };
+        let json =
+            serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Other(e.to_string()))?;
+        std::fs::write(cp_dir.join("checkpoint.json"), json)?;
+        tracing::info!(id, checkpoint, layer = %info.layer, new_layer = info.new_layer, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
+        Ok(info)
+    }
+
+    /// A running VM: pause, swap its overlay onto a new one over the frozen
+    /// layer, write its memory, resume. Returns the disk's virtual size and
+    /// the pause.
+    async fn checkpoint_running(
+        &self,
+        id: &str,
+        vm: &Vm,
+        files: &VmFiles,
+        state: &Path,
+        layer_path: &Path,
+    ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
+        let qmp = self.qmp_of(id).await?;
+        let err = |e: super::qmp::QmpError| EngineError::Other(format!("checkpoint of {id}: {e}"));
+        qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
+            .await
+            .map_err(err)?;
+        let p = state.to_path_buf();
+        let file = blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
+        })
+        .await??;
+        let next = files.dir.join("disk.next.qcow2");
+        let paused_at = Instant::now();
+        qmp.stop().await.map_err(err)?;
+        if let Some(current) = self.reusable_layer(files).await {
+            let saved = async {
+                qmp.getfd(FD_NAME, file.as_fd()).await.map_err(err)?;
+                qmp.migrate(&format!("fd:{FD_NAME}")).await.map_err(err)?;
+                wait_migration(&qmp, vm.pid, "checkpointing").await
+            }
+            .await;
+            if saved.is_err() {
+                let _ = qmp.migrate_cancel().await;
+            }
+            let resumed = qmp.cont().await;
+            let pause = paused_at.elapsed();
+            saved?;
+            resumed.map_err(err)?;
+            blocking(move || file.sync_all()).await??;
+            let size = disks::info(&files.overlay)
+                .map_err(|e| EngineError::Other(e.to_string()))?
+                .virtual_size;
+            return Ok((size, Some(pause), Some(current)));
+        }
+        // The guest stands still: its disk (flushed by `stop`) becomes the layer.
+        let (ov, lp, nx) = (
+            files.overlay.clone(),
+            layer_path.to_path_buf(),
+            next.clone(),
+        );
+        let prepared = blocking(move || -> Result<(u64, std::fs::File), EngineError> {
+            std::fs::rename(&ov, &lp)?;
+            let undo = |e: EngineError| {
+                let _ = std::fs::rename(&lp, &ov);
+                let _ = std::fs::remove_file(&nx);
+                e
+            };
+            let size = disks::info(&lp)
+                .map_err(|e| undo(EngineError::Other(e.to_string())))?
+                .virtual_size;
+            disks::create_overlay_on_layer(&lp, &nx, size)
+                .map_err(|e| undo(EngineError::Other(e.to_string())))?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&nx)
+                .map_err(|e| undo(e.into()))?;
+            Ok((size, f))
+        })
+        .await?;
+        let (size, overlay_file) = match prepared {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = qmp.cont().await;
+                return Err(e);
+            }
+        };
+        let switched = async {
+            let set = qmp.add_fd(overlay_file.as_fd()).await?;
+            let node = format!("ov-{}", random_hex(6));
+            qmp.snapshot_onto(ROOT_DRIVE, &format!("/dev/fdset/{set}"), &node)
+                .await
+        }
+        .await;
+        if let Err(e) = switched {
+            let _ = std::fs::rename(layer_path, &files.overlay);
+            let _ = std::fs::remove_file(&next);
+            let _ = qmp.cont().await;
+            return Err(err(e));
+        }
+        // From here the VM writes to the new overlay; its name is the one in argv.
+        std::fs::rename(&next, &files.overlay)?;
+        let saved = async {
+            qmp.getfd(FD_NAME, file.as_fd()).await.map_err(err)?;
+            qmp.migrate(&format!("fd:{FD_NAME}")).await.map_err(err)?;
+            wait_migration(&qmp, vm.pid, "checkpointing").await
+        }
+        .await;
+        if saved.is_err() {
+            let _ = qmp.migrate_cancel().await;
+        }
+        let resumed = qmp.cont().await;
+        let pause = paused_at.elapsed();
+        saved?;
+        resumed.map_err(err)?;
+        blocking(move || file.sync_all()).await??;
+        Ok((size, Some(pause), None))
+    }
+
+    /// The layer `files`' overlay backs onto, if the overlay holds nothing
+    /// of its own (so a checkpoint needs no new layer).
+    async fn reusable_layer(&self, files: &VmFiles) -> Option<String> {
+        let (overlay, layers) = (files.overlay.clone(), self.layers_dir());
+        blocking(move || {
+            let backing = disks::info(&overlay).ok()?.backing_filename?;
+            let backing = Path::new(&backing);
+            if backing.parent()? != layers || !disks::overlay_is_empty(&overlay).ok()? {
+                return None;
+            }
+            let id = backing.file_name()?.to_str()?.strip_suffix(".qcow2")?;
+            check_id(id).ok().map(|()| id.to_string())
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// A stopped VM: its saved state is the checkpoint's memory (a hard
+    /// link: a start removes the VM's own name for it); its overlay becomes
+    /// the layer, and a new overlay on it takes its place.
+    async fn checkpoint_stopped(
+        &self,
+        files: &VmFiles,
+        state: &Path,
+        layer_path: &Path,
+    ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
+        if let Some(current) = self.reusable_layer(files).await {
+            let (f, st) = (files.clone(), state.to_path_buf());
+            let size = blocking(move || -> Result<u64, EngineError> {
+                std::fs::hard_link(&f.state, &st)?;
+                disks::info(&f.overlay)
+                    .map(|i| i.virtual_size)
+                    .map_err(|e| EngineError::Other(e.to_string()))
+            })
+            .await??;
+            return Ok((size, None, Some(current)));
+        }
+        let (f, st, lp) = (files.clone(), state.to_path_buf(), layer_path.to_path_buf());
+        let size = blocking(move || -> Result<u64, EngineError> {
+            std::fs::hard_link(&f.state, &st)?;
+            std::fs::rename(&f.overlay, &lp)?;
+            let made = disks::info(&lp).and_then(|i| {
+                disks::create_overlay_on_layer(&lp, &f.overlay, i.virtual_size)?;
+                Ok(i.virtual_size)
+            });
+            made.map_err(|e| {
+                let _ = std::fs::rename(&lp, &f.overlay);
+                EngineError::Other(e.to_string())
+            })
+        })
+        .await??;
+        Ok((size, None, None))
+    }
+
+    /// See [`crate::engine::Engine::delete_checkpoint`].
+    pub(super) async fn remove_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError> {
+        check_id(checkpoint)?;
+        match std::fs::remove_dir_all(self.checkpoint_dir(checkpoint)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// See [`crate::engine::Engine::delete_layer`].
+    pub(super) async fn remove_layer(&self, layer: &str) -> Result<(), EngineError> {
+        check_id(layer)?;
+        match std::fs::remove_file(self.layer_path(layer)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// See [`crate::engine::Engine::restore_checkpoint`].
+    pub(super) async fn restore_into(
+        &self,
+        checkpoint: &str,
+        parent_token: &str,
+        spec: &SandboxSpec,
+    ) -> Result<VmRuntime, EngineError> {
+        self.check_spec(spec)?;
+        check_id(checkpoint)?;
+        let cp_dir = self.checkpoint_dir(checkpoint);
+        let cp: CheckpointInfo = std::fs::read(cp_dir.join("checkpoint.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| EngineError::NotFound(format!("checkpoint {checkpoint}")))?;
+        {
+            let mut busy = self
+                .busy
+                .lock()
+                .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
+            if self.vm(&spec.id).is_some() || !busy.insert(spec.id.clone()) {
+                return Err(EngineError::Other(format!(
+                    "a VM with id {} already exists",
+                    spec.id
+                )));
+            }
+        }
+        let files = VmFiles::new(self.sandbox_dir(&spec.id));
+        let mut guard = CreateGuard {
+            engine: self,
+            id: spec.id.clone(),
+            files: files.clone(),
+            ip: spec.ip,
+            pid: Mutex::new(None),
+            armed: false,
+        };
+        self.remove_leftovers(&spec.id, &files, None, None).await?;
+        std::fs::create_dir_all(&files.dir)?;
+        std::fs::set_permissions(
+            &files.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
+        guard.armed = true;
+        let qns = network::quarantine_netns(&self.net, &spec.id);
+        let started = Instant::now();
+        match self
+            .restore_steps(&cp, &cp_dir, parent_token, spec, &files, &qns, &guard.pid)
+            .await
+        {
+            Ok(vm) => {
+                guard.armed = false;
+                tracing::info!(id = %spec.id, checkpoint, ms = started.elapsed().as_millis() as u64, "VM restored into a new identity");
+                if let Ok(mut vms) = self.vms.lock() {
+                    vms.insert(spec.id.clone(), vm);
+                }
+                Ok(VmRuntime {
+                    ip: spec.ip,
+                    token: spec.token.clone(),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(id = %spec.id, error = %e, "restore into a new identity failed; cleaning up");
+                if let Some(pid) = guard.pid.lock().ok().and_then(|p| *p) {
+                    process::kill(pid);
+                    process::wait_exit(pid, Duration::from_secs(5)).await;
+                }
+                let q = qns.clone();
+                let _ = blocking(move || network::quarantine_delete(&q)).await;
+                if let Err(ce) = self
+                    .remove_leftovers(&spec.id, &files, Some(spec.ip), None)
+                    .await
+                {
+                    tracing::warn!(id = %spec.id, error = %ce, "cleanup after failed restore incomplete");
+                }
+                guard.armed = false;
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn restore_steps(
+        &self,
+        cp: &CheckpointInfo,
+        cp_dir: &Path,
+        parent_token: &str,
+        spec: &SandboxSpec,
+        files: &VmFiles,
+        qns: &str,
+        pid_slot: &Mutex<Option<u32>>,
+    ) -> Result<Arc<Vm>, EngineError> {
+        let tap = network::tap_name(&spec.id);
+        let mac = network::guest_mac(spec.ip);
+        let launch = process::LaunchSpec {
+            accel: self.accel,
+            tsc_khz: self.tsc_khz,
+            kernel: &self.cfg.images.kernel,
+            initramfs: &self.cfg.images.initramfs,
+            cpus: cp.cpus,
+            memory_mb: cp.memory_mb,
+            tap: &tap,
+            mac: &mac,
+            extra_cmdline: &self.cfg.extra_cmdline,
+            files,
+        };
+        let argv = process::qemu_argv(&launch);
+        let meta = VmMeta {
+            id: spec.id.clone(),
+            ip: spec.ip,
+            mac: mac.clone(),
+            tap: tap.clone(),
+            netns: self.net.netns.clone(),
+            accel: self.accel,
+            qemu: self.cfg.qemu_binary.clone(),
+            argv: argv.clone(),
+        };
+        // The guest read its boot config long ago; QEMU only needs the file.
+        let boot = config_drive::scrubbed(&self.boot_config(spec));
+        let (net, f, layer, q, t, pip, pmac, size) = (
+            self.net.clone(),
+            files.clone(),
+            self.layer_path(&cp.layer),
+            qns.to_string(),
+            tap.clone(),
+            cp.parent_ip,
+            cp.parent_mac.clone(),
+            cp.disk_size,
+        );
+        let t0 = Instant::now();
+        blocking(move || -> Result<(), EngineError> {
+            disks::create_overlay_on_layer(&layer, &f.overlay, size)
+                .map_err(|e| EngineError::Other(e.to_string()))?;
+            config_drive::write(&f.config, &boot).map_err(|e| EngineError::Other(e.to_string()))?;
+            let meta_json =
+                serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::Other(e.to_string()))?;
+            std::fs::write(&f.meta, meta_json)?;
+            network::quarantine_up(&net, &q, &t, pip, &pmac).map_err(net_err)
+        })
+        .await??;
+        let prepared = t0.elapsed();
+
+        let mut argv_in = argv.clone();
+        argv_in.extend(["-incoming".to_string(), "defer".to_string()]);
+        let pid = process::launch(&self.cfg.qemu_binary, qns, &argv_in, &files.pidfile)
+            .await
+            .map_err(|e| EngineError::Boot {
+                reason: format!("cannot start QEMU to restore the checkpoint: {e}"),
+                console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+            })?;
+        if let Ok(mut p) = pid_slot.lock() {
+            *p = Some(pid);
+        }
+        let qmp = load_state_from(files, &cp_dir.join("vm.state"), pid).await?;
+        qmp.cont().await.map_err(|e| EngineError::Boot {
+            reason: format!("the restored VM does not resume: {e}"),
+            console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+        })?;
+        let loaded = t0.elapsed();
+
+        // The copy answers as its parent, inside the quarantine namespace.
+        let q = qns.to_string();
+        let qsockets = blocking(move || NetnsSockets::new(&q))
+            .await?
+            .map_err(|e| EngineError::Network(e.to_string()))?;
+        let parent = AgentClient::new(
+            Arc::new(NetnsDialer::new(qsockets, cp.parent_ip)),
+            parent_token.as_bytes().to_vec(),
+        );
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let identity = bhatti_proto::Identity {
+            hostname: spec.name.clone(),
+            ip: format!("{}/{}", spec.ip, self.net.subnet.prefix()),
+            gateway: self.net.subnet.gateway().to_string(),
+            mac: mac.clone(),
+            token: spec.token.clone(),
+            machine_id: random_hex(16),
+            env: spec.env.clone(),
+            entropy_hex: random_hex(bhatti_proto::IDENTITY_ENTROPY_BYTES),
+            time_unix_ms: now_ms,
+        };
+        let deadline = Instant::now() + IDENTITY_TIMEOUT;
+        loop {
+            if !process::pid_alive(pid) {
+                return Err(EngineError::Boot {
+                    reason: format!("QEMU (pid {pid}) exited right after the restore"),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                });
+            }
+            match parent.identity(&identity).await {
+                Ok(_) => break,
+                Err(AgentError::Connect(_) | AgentError::Frame(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    return Err(EngineError::Timeout {
+                        secs: IDENTITY_TIMEOUT.as_secs(),
+                        reason: format!("the restored copy did not take its new identity: {e}"),
+                        console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                    })
+                }
+            }
+        }
+        drop(parent);
+        let identified = t0.elapsed();
+        let (net, q, t, ip, m) = (
+            self.net.clone(),
+            qns.to_string(),
+            tap.clone(),
+            spec.ip,
+            mac.clone(),
+        );
+        blocking(move || network::quarantine_release(&net, &q, &t, ip, &m))
+            .await?
+            .map_err(net_err)?;
+        let dialer = NetnsDialer::new(self.sockets.clone(), spec.ip);
+        match process::wait_ready(&dialer, spec.token.as_bytes(), pid, self.boot_timeout).await {
+            Ok(()) => {}
+            Err(NotReady::Died) => {
+                return Err(EngineError::Boot {
+                    reason: format!("QEMU (pid {pid}) exited after the copy took its identity"),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+            Err(NotReady::Timeout(last)) => {
+                return Err(EngineError::Timeout {
+                    secs: self.boot_timeout.as_secs(),
+                    reason: format!(
+                        "the copy never answered at its new address {} (last attempt: {last})",
+                        spec.ip
+                    ),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+        }
+        tracing::debug!(
+            id = %spec.id,
+            prepare_ms = prepared.as_millis() as u64,
+            load_ms = (loaded - prepared).as_millis() as u64,
+            identity_ms = (identified - loaded).as_millis() as u64,
+            ready_ms = (t0.elapsed() - identified).as_millis() as u64,
+            "restore phases"
+        );
+        Ok(Arc::new(Vm {
+            files: files.clone(),
+            pid,
+            ip: spec.ip,
+            tap,
+            qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
+        }))
+    }
+
+    /// Depth of a sandbox's disk chain (overlay, layers, base), for tests and diagnostics.
+    pub fn disk_chain_depth(&self, id: &str) -> Result<usize, EngineError> {
+        disks::chain_depth(&VmFiles::new(self.sandbox_dir(id)).overlay)
+            .map_err(|e| EngineError::Other(e.to_string()))
+    }
+
+    /// Removes quarantine namespaces no restore uses (after a crash).
+    pub(super) fn sweep_quarantines(&self) {
+        let busy: Vec<String> = self
+            .busy
+            .lock()
+            .map(|b| {
+                b.iter()
+                    .map(|id| network::quarantine_netns(&self.net, id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for q in network::list_quarantines(&self.net) {
+            if !busy.contains(&q) {
+                tracing::info!(netns = %q, "sweep: removing a leftover quarantine namespace");
+                network::quarantine_delete(&q);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_size_from_argv() {
+        let argv: Vec<String> = ["-M", "microvm", "-m", "512", "-smp", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(machine_size(&argv), Some((2, 512)));
+        assert_eq!(machine_size(&argv[..4]), None);
+    }
+}

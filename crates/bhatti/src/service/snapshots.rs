@@ -1,0 +1,318 @@
+//! Forks and named snapshots (issue 13; design in docs/forks.md).
+//!
+//! Both stand on two engine calls: a checkpoint (the source's memory, and
+//! its disk frozen into a read-only layer it keeps backing onto) and a
+//! restore into a new identity. A fork is a checkpoint used once and
+//! removed; a snapshot is a checkpoint kept under a name, resumed any
+//! number of times. Layers are recorded in the store and deleted once no
+//! sandbox, snapshot or other layer backs onto them.
+
+use rand::RngCore;
+use time::format_description::well_known::Rfc3339;
+
+use super::thermal::WakeMode;
+use super::{Result, Service, ServiceError};
+use crate::api::types::{CreateSandboxRequest, Snapshot};
+use crate::engine::{CheckpointInfo, SandboxSpec};
+use crate::store::{
+    validate_sandbox_name, SandboxRecord, SandboxStatus, SnapshotRecord, StoreError, User,
+};
+
+/// Where a new sandbox's VM comes from when it is not booted fresh.
+#[derive(Debug, Clone)]
+pub(crate) struct RestoreSource {
+    /// Engine checkpoint to restore.
+    pub checkpoint: String,
+    /// Opens the copy's agent before it has taken its identity.
+    pub parent_token: String,
+    /// The layer the copy's disk backs onto.
+    pub layer: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// A fork's checkpoint, removed once the copy runs (or failed).
+    pub temporary: bool,
+}
+
+impl RestoreSource {
+    /// The copy's machine size: the source's; a request may only repeat it.
+    pub fn machine(&self, cpus: Option<i64>, memory_mb: Option<i64>) -> Result<(u32, u32)> {
+        if cpus.is_some_and(|c| c != i64::from(self.cpus)) {
+            return Err(ServiceError::Invalid(format!(
+                "invalid field `cpus`: a copy has its source's {} vCPUs",
+                self.cpus
+            )));
+        }
+        if memory_mb.is_some_and(|m| m != i64::from(self.memory_mb)) {
+            return Err(ServiceError::Invalid(format!(
+                "invalid field `memory_mb`: a copy has its source's {} MB",
+                self.memory_mb
+            )));
+        }
+        Ok((self.cpus, self.memory_mb))
+    }
+}
+
+fn random_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("{prefix}{}", hex::encode(b))
+}
+
+fn view(s: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        sandbox: s.source_name.clone(),
+        cpus: s.cpus,
+        memory_mb: s.memory_mb,
+        memory_bytes: s.state_bytes,
+        disk_bytes: s.layer_bytes,
+        size_bytes: s.state_bytes + s.layer_bytes,
+        created_at: s.created_at.format(&Rfc3339).unwrap_or_default(),
+        pause_ms: None,
+    }
+}
+
+impl Service {
+    /// Checkpoints the caller's sandbox `key` (running, warm or stopped; it
+    /// runs on, or stays stopped) into checkpoint `checkpoint`, and records
+    /// the layer its disk was frozen into.
+    async fn checkpoint_sandbox(
+        &self,
+        user: &User,
+        key: &str,
+        checkpoint: &str,
+    ) -> Result<(SandboxRecord, CheckpointInfo)> {
+        let rec = self.find(user, key).await?;
+        // A paused VM would come back running from the checkpoint: wake it first.
+        let rec = if rec.status == SandboxStatus::Warm {
+            self.wake(rec, WakeMode::Wait).await?
+        } else {
+            rec
+        };
+        let _lock = self.thermal_lock(&rec.id).lock_owned().await;
+        let rec = self.reload(&rec.id).await?;
+        match rec.status {
+            SandboxStatus::Running | SandboxStatus::Cold | SandboxStatus::Stopped => {}
+            other => {
+                return Err(ServiceError::Conflict(format!(
+                    "sandbox {} is {other}; only a running or stopped sandbox can be copied",
+                    rec.name
+                )))
+            }
+        }
+        let layer = random_id("l");
+        let rt = super::thermal::runtime(&rec);
+        let info = self
+            .engine
+            .checkpoint(&rec.id, &rt, checkpoint, &layer)
+            .await?;
+        if !info.new_layer {
+            // The sandbox wrote nothing since its last freeze: same layer.
+            return Ok((rec, info));
+        }
+        let (sid, l) = (rec.id.clone(), layer.clone());
+        if let Err(e) = self.store.call(move |s| s.freeze_layer(&sid, &l)).await {
+            // The disk is already switched; without the record the layer is
+            // never collected, but every chain stays valid.
+            tracing::error!(sandbox = %rec.id, layer, error = %e, "cannot record a frozen layer");
+            let _ = self.engine.delete_checkpoint(checkpoint).await;
+            return Err(e.into());
+        }
+        Ok((rec, info))
+    }
+
+    /// `create --from`: a one-time checkpoint of the caller's sandbox `from`.
+    pub(super) async fn fork_source(&self, user: &User, from: &str) -> Result<RestoreSource> {
+        let cp = random_id("fork-");
+        let (rec, info) = self
+            .checkpoint_sandbox(user, from, &cp)
+            .await
+            .map_err(|e| match e {
+                ServiceError::NotFound(m) => {
+                    ServiceError::Invalid(format!("invalid field `from`: {m}"))
+                }
+                other => other,
+            })?;
+        Ok(RestoreSource {
+            checkpoint: cp,
+            parent_token: rec.token,
+            layer: info.layer,
+            cpus: info.cpus,
+            memory_mb: info.memory_mb,
+            temporary: true,
+        })
+    }
+
+    /// A resume of the caller's snapshot `key`.
+    pub(super) async fn snapshot_source(&self, user: &User, key: &str) -> Result<RestoreSource> {
+        let snap = self.find_snapshot(user, key).await?;
+        Ok(RestoreSource {
+            checkpoint: snap.id,
+            parent_token: snap.token,
+            layer: snap.layer_id,
+            cpus: snap.cpus,
+            memory_mb: snap.memory_mb,
+            temporary: false,
+        })
+    }
+
+    /// Restores `src` as the new sandbox `spec` (whose row exists) with its
+    /// own identity, and records the layer its disk backs onto. The path
+    /// every copy takes: forks, snapshot resumes (and templates).
+    pub(super) async fn restore_new_identity(
+        &self,
+        src: &RestoreSource,
+        spec: &SandboxSpec,
+    ) -> std::result::Result<(), crate::engine::EngineError> {
+        // The copy holds its layer before it boots: a source destroyed (or a
+        // snapshot deleted) meanwhile cannot take the layer away. A failed
+        // restore deletes the row, and the reference with it.
+        let (sid, layer) = (spec.id.clone(), src.layer.clone());
+        self.store
+            .call(move |s| s.set_sandbox_layer(&sid, &layer))
+            .await
+            .map_err(|e| {
+                crate::engine::EngineError::Other(format!(
+                    "cannot record the copy's disk layer: {e}"
+                ))
+            })?;
+        self.engine
+            .restore_checkpoint(&src.checkpoint, &src.parent_token, spec)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_snapshot(&self, user: &User, key: &str) -> Result<SnapshotRecord> {
+        let (uid, k) = (user.id, key.to_string());
+        self.store
+            .call(move |s| s.find_snapshot(uid, &k))
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound(m) => ServiceError::NotFound(m),
+                other => other.into(),
+            })
+    }
+
+    /// Snapshots the caller's sandbox `sandbox` (memory and disk) under
+    /// `name`; a running sandbox runs on after a short pause.
+    ///
+    /// Errors: `Invalid` for a bad name; `Conflict` for a name in use or a
+    /// sandbox that cannot be copied now; the store's `LimitExceeded` at
+    /// the user's snapshot quota; engine failures.
+    pub async fn create_snapshot(
+        &self,
+        user: &User,
+        sandbox: &str,
+        name: &str,
+    ) -> Result<Snapshot> {
+        validate_sandbox_name(name)
+            .map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
+        let (uid, n) = (user.id, name.to_string());
+        let exists = self
+            .store
+            .call(move |s| {
+                s.check_snapshot_quota(uid)?;
+                s.snapshot_exists(uid, &n)
+            })
+            .await?;
+        if exists {
+            return Err(ServiceError::Conflict(format!(
+                "a snapshot named {name} already exists"
+            )));
+        }
+        let id = random_id("snap-");
+        let (rec, info) = self.checkpoint_sandbox(user, sandbox, &id).await?;
+        let record = SnapshotRecord {
+            id: id.clone(),
+            user_id: user.id,
+            name: name.to_string(),
+            source_name: rec.name.clone(),
+            layer_id: info.layer.clone(),
+            cpus: info.cpus,
+            memory_mb: info.memory_mb,
+            token: rec.token.clone(),
+            state_bytes: info.state_bytes,
+            layer_bytes: info.layer_bytes,
+            created_at: time::OffsetDateTime::now_utc()
+                .replace_nanosecond(0)
+                .unwrap_or_else(|_| time::OffsetDateTime::now_utc()),
+        };
+        let r = record.clone();
+        if let Err(e) = self.store.call(move |s| s.insert_snapshot(&r)).await {
+            let _ = self.engine.delete_checkpoint(&id).await;
+            return Err(e.into());
+        }
+        tracing::info!(sandbox = %rec.name, snapshot = name, pause_ms = ?info.pause_ms, "snapshot taken");
+        Ok(Snapshot {
+            pause_ms: info.pause_ms,
+            ..view(&record)
+        })
+    }
+
+    /// The caller's snapshots, oldest first.
+    pub async fn list_snapshots(&self, user: &User) -> Result<Vec<Snapshot>> {
+        let uid = user.id;
+        Ok(self
+            .store
+            .call(move |s| s.list_snapshots(uid))
+            .await?
+            .iter()
+            .map(view)
+            .collect())
+    }
+
+    pub async fn get_snapshot(&self, user: &User, key: &str) -> Result<Snapshot> {
+        Ok(view(&self.find_snapshot(user, key).await?))
+    }
+
+    /// Deletes the caller's snapshot `key`; sandboxes resumed from it keep
+    /// working (their disks keep its layer).
+    pub async fn delete_snapshot(&self, user: &User, key: &str) -> Result<()> {
+        let snap = self.find_snapshot(user, key).await?;
+        let id = snap.id.clone();
+        self.store.call(move |s| s.delete_snapshot(&id)).await?;
+        if let Err(e) = self.engine.delete_checkpoint(&snap.id).await {
+            tracing::warn!(snapshot = %snap.name, error = %e, "cannot remove a snapshot's memory file");
+        }
+        self.collect_layers().await;
+        Ok(())
+    }
+
+    /// A new sandbox from the caller's snapshot `key`, as `req` names it.
+    pub async fn resume_snapshot(
+        &self,
+        user: &User,
+        key: &str,
+        req: CreateSandboxRequest,
+    ) -> Result<super::Created> {
+        self.create_with(user, req, Some(key)).await
+    }
+
+    /// Deletes the layers nothing uses any more (files first, then rows).
+    pub(super) async fn collect_layers(&self) {
+        // Each round frees the layers whose last user went in the round before.
+        for _ in 0..64 {
+            let unused = match self.store.call(|s| s.unused_layers()).await {
+                Ok(u) if !u.is_empty() => u,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list unused layers");
+                    return;
+                }
+            };
+            for layer in unused {
+                if let Err(e) = self.engine.delete_layer(&layer).await {
+                    tracing::warn!(layer, error = %e, "cannot delete a layer");
+                    return;
+                }
+                let l = layer.clone();
+                if let Err(e) = self.store.call(move |s| s.delete_layer(&l)).await {
+                    tracing::warn!(layer, error = %e, "cannot forget a deleted layer");
+                    return;
+                }
+                tracing::debug!(layer, "unused layer deleted");
+            }
+        }
+    }
+}

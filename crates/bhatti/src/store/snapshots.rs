@@ -1,0 +1,233 @@
+//! Named snapshots and the disk layers forks and snapshots share (see
+//! `migrations/004_snapshots.sql` and docs/forks.md).
+
+use rusqlite::{params, OptionalExtension, Row};
+use time::OffsetDateTime;
+
+use super::{fmt_ts, is_unique_violation, now, ts_col, Store, StoreError};
+
+/// A named snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// Also the engine's checkpoint id.
+    pub id: String,
+    pub user_id: i64,
+    pub name: String,
+    pub source_name: String,
+    pub layer_id: String,
+    pub cpus: u32,
+    pub memory_mb: u32,
+    /// The source's agent token (opens a restored copy before it takes its identity).
+    pub token: String,
+    pub state_bytes: u64,
+    pub layer_bytes: u64,
+    pub created_at: OffsetDateTime,
+}
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+    Ok(SnapshotRecord {
+        id: row.get("id")?,
+        user_id: row.get("user_id")?,
+        name: row.get("name")?,
+        source_name: row.get("source_name")?,
+        layer_id: row.get("layer_id")?,
+        cpus: row.get("cpus")?,
+        memory_mb: row.get("memory_mb")?,
+        token: row.get("token")?,
+        state_bytes: row.get::<_, i64>("state_bytes")?.max(0) as u64,
+        layer_bytes: row.get::<_, i64>("layer_bytes")?.max(0) as u64,
+        created_at: ts_col(row, "created_at")?,
+    })
+}
+
+impl Store {
+    /// The layer sandbox `sandbox_id`'s overlay backs onto (`None`: the base image).
+    pub fn sandbox_layer(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT layer_id FROM sandbox_layers WHERE sandbox_id = ?1",
+                params![sandbox_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Records the new layer `layer` frozen from `sandbox_id`'s disk (on
+    /// top of the layer it backed onto) and makes the sandbox back onto it.
+    pub fn freeze_layer(&self, sandbox_id: &str, layer: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let parent: Option<String> = tx
+            .query_row(
+                "SELECT layer_id FROM sandbox_layers WHERE sandbox_id = ?1",
+                params![sandbox_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        tx.execute(
+            "INSERT INTO layers (id, parent, created_at) VALUES (?1, ?2, ?3)",
+            params![layer, parent, fmt_ts(now())],
+        )?;
+        tx.execute(
+            "INSERT INTO sandbox_layers (sandbox_id, layer_id) VALUES (?1, ?2)
+             ON CONFLICT (sandbox_id) DO UPDATE SET layer_id = excluded.layer_id",
+            params![sandbox_id, layer],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Makes `sandbox_id`'s overlay back onto the existing `layer` (a restored copy).
+    pub fn set_sandbox_layer(&self, sandbox_id: &str, layer: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO sandbox_layers (sandbox_id, layer_id) VALUES (?1, ?2)
+             ON CONFLICT (sandbox_id) DO UPDATE SET layer_id = excluded.layer_id",
+            params![sandbox_id, layer],
+        )?;
+        Ok(())
+    }
+
+    /// The user's snapshot quota.
+    pub fn snapshot_quota(&self, user_id: i64) -> Result<u32, StoreError> {
+        let max: i64 = self.conn().query_row(
+            "SELECT max_snapshots FROM users WHERE id = ?1",
+            params![user_id],
+            |r| r.get(0),
+        )?;
+        Ok(max.max(0) as u32)
+    }
+
+    /// Fails with `LimitExceeded` if the user is at their snapshot quota.
+    pub fn check_snapshot_quota(&self, user_id: i64) -> Result<(), StoreError> {
+        let max = self.snapshot_quota(user_id)?;
+        let have: i64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM snapshots WHERE user_id = ?1",
+            params![user_id],
+            |r| r.get(0),
+        )?;
+        if have >= i64::from(max) {
+            return Err(StoreError::LimitExceeded(format!(
+                "snapshot quota reached: {have} of {max}; delete one with `bhatti snapshot delete NAME`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stores a snapshot (quota and name checked again inside the transaction).
+    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let max: i64 = tx.query_row(
+            "SELECT max_snapshots FROM users WHERE id = ?1",
+            params![s.user_id],
+            |r| r.get(0),
+        )?;
+        let have: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM snapshots WHERE user_id = ?1",
+            params![s.user_id],
+            |r| r.get(0),
+        )?;
+        if have >= max {
+            return Err(StoreError::LimitExceeded(format!(
+                "snapshot quota reached: {have} of {max}; delete one with `bhatti snapshot delete NAME`"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO snapshots (id, user_id, name, source_name, layer_id, cpus, memory_mb,
+                                    token, state_bytes, layer_bytes, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                s.id,
+                s.user_id,
+                s.name,
+                s.source_name,
+                s.layer_id,
+                s.cpus,
+                s.memory_mb,
+                s.token,
+                s.state_bytes as i64,
+                s.layer_bytes as i64,
+                fmt_ts(s.created_at)
+            ],
+        )
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a snapshot named {} already exists", s.name))
+            } else {
+                e.into()
+            }
+        })?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Whether the user already has a snapshot of that name.
+    pub fn snapshot_exists(&self, user_id: i64, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM snapshots WHERE user_id = ?1 AND name = ?2",
+                params![user_id, name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// The user's snapshot named (or with id) `key`.
+    pub fn find_snapshot(&self, user_id: i64, key: &str) -> Result<SnapshotRecord, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT * FROM snapshots WHERE user_id = ?1 AND (name = ?2 OR id = ?2)",
+                params![user_id, key],
+                from_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no snapshot named {key}")))
+    }
+
+    /// The user's snapshots, oldest first.
+    pub fn list_snapshots(&self, user_id: i64) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st =
+            conn.prepare("SELECT * FROM snapshots WHERE user_id = ?1 ORDER BY created_at, name")?;
+        let rows = st.query_map(params![user_id], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a snapshot (its layer stays until [`Store::unused_layers`] lists it).
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM snapshots WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Layers nothing uses: no sandbox, snapshot or other layer backs onto them.
+    pub fn unused_layers(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT id FROM layers l
+             WHERE NOT EXISTS (SELECT 1 FROM sandbox_layers s WHERE s.layer_id = l.id)
+               AND NOT EXISTS (SELECT 1 FROM snapshots p WHERE p.layer_id = l.id)
+               AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent = l.id)",
+        )?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets a layer whose file is gone.
+    pub fn delete_layer(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM layers WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// How many layers are recorded (tests, diagnostics).
+    pub fn layer_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM layers", [], |r| r.get(0))?;
+        Ok(n.max(0) as u64)
+    }
+}

@@ -1,0 +1,291 @@
+//! Forks and snapshots through the API on real VMs (issue 13): a running
+//! sandbox with a file and an in-memory counter behind a published port is
+//! forked; the copy has both, an identity of its own, and runs apart from
+//! its source, also after the source is destroyed; snapshot → change →
+//! resume gives the snapshot's state, also after a daemon restart; quota
+//! and name errors are clear; layers go when their last user goes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Api, TestDaemon};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn status_of(r: reqwest::Response) -> (StatusCode, Value) {
+    let s = r.status();
+    let text = r.text().await.unwrap_or_default();
+    (
+        s,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn err_text(v: &Value) -> String {
+    v["error"].as_str().unwrap_or_default().to_string()
+}
+
+/// An HTTP server in the guest keeping a counter in memory: every request
+/// gets the counter, incremented.
+const COUNTER: &str = r#"
+cat > /tmp/counter.py <<'PY'
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7070)); s.listen(8)
+n = 0
+while True:
+    c, _ = s.accept(); c.recv(4096); n += 1
+    body = b"%d" % n
+    c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    c.close()
+PY
+setsid -f python3 /tmp/counter.py >/dev/null 2>&1 </dev/null
+for i in $(seq 1 200); do python3 -c 'import socket; socket.create_connection(("127.0.0.1", 7070)).close()' 2>/dev/null && exit 0; sleep 0.05; done; exit 1
+"#;
+
+async fn sh(api: &Api, sb: &str, script: &str) -> String {
+    let (code, out, err) = api.exec(sb, &["bash", "-c", script]).await;
+    assert_eq!(code, 0, "{sb}: {script}: {out} {err}");
+    out.trim().to_string()
+}
+
+/// The counter through the public proxy (the published port).
+async fn bump(http: &reqwest::Client, d: &TestDaemon, alias: &str) -> String {
+    let r = http
+        .get(format!("http://{}/", d.public_addr))
+        .header("Host", format!("{alias}.bhatti.test"))
+        .send()
+        .await
+        .expect("public GET");
+    assert_eq!(r.status(), 200, "{alias}");
+    r.text().await.unwrap_or_default()
+}
+
+async fn publish(api: &Api, sb: &str, alias: &str) {
+    let (s, v) = status_of(
+        api.post(
+            &format!("/sandboxes/{sb}/publish"),
+            json!({"port": 7070, "alias": alias}),
+        )
+        .await,
+    )
+    .await;
+    assert!(s.is_success(), "publish {sb}: {v}");
+}
+
+const IDENTITY: &str = "hostname; cat /etc/machine-id 2>/dev/null || echo none; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+
+fn layer_files(d: &TestDaemon) -> usize {
+    std::fs::read_dir(d.data_dir.path().join("layers"))
+        .map(|r| r.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fork_snapshot_resume_through_the_api() {
+    let mut d = TestDaemon::start("fork");
+    let key = d.create_user("alice", &["--max-sandboxes", "6"]);
+    let api = Api::new(&d.url, &key);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+
+    // --- A: a file and a counter process behind a published port.
+    let (s, a) = status_of(api.post("/sandboxes", json!({"name": "a"})).await).await;
+    assert_eq!(s, 201, "{a}");
+    sh(&api, "a", "echo from-a > /workspace/file.txt && sync").await;
+    sh(&api, "a", COUNTER).await;
+    publish(&api, "a", "ctr-a").await;
+    assert_eq!(bump(&http, &d, "ctr-a").await, "2");
+
+    // --- errors first (cheap): unknown source, machine size, names.
+    let (s, v) = status_of(
+        api.post("/sandboxes", json!({"name": "x", "from": "nope"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        err_text(&v).contains("from") && err_text(&v).contains("nope"),
+        "{v}"
+    );
+    let (s, v) = status_of(
+        api.post(
+            "/sandboxes",
+            json!({"name": "x", "from": "a", "memory_mb": 1024}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(err_text(&v).contains("memory_mb"), "{v}");
+    let (s, v) = status_of(
+        api.post("/sandboxes/a/checkpoint", json!({"name": "bad name"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(err_text(&v).contains("name"), "{v}");
+    let (s, v) = status_of(
+        api.post("/snapshots/nope/resume", json!({"name": "x"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 404, "{v}");
+    assert!(err_text(&v).contains("no snapshot named nope"), "{v}");
+
+    // --- fork B from running A.
+    let t = Instant::now();
+    let (s, b) = status_of(
+        api.post("/sandboxes", json!({"name": "b", "from": "a"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{b}");
+    let fork_ms = t.elapsed().as_millis();
+    assert_eq!(b["memory_mb"], a["memory_mb"]);
+    assert_ne!(b["ip"], a["ip"]);
+    assert_eq!(b["status"], "running");
+    assert_eq!(sh(&api, "b", "cat /workspace/file.txt").await, "from-a");
+    eprintln!(
+        "fork → created {fork_ms} ms (first exec answered {:?})",
+        t.elapsed()
+    );
+    publish(&api, "b", "ctr-b").await;
+    // The counter came along at its fork-time value; from here on each counts alone.
+    assert_eq!(bump(&http, &d, "ctr-b").await, "3");
+    assert_eq!(bump(&http, &d, "ctr-b").await, "4");
+    assert_eq!(bump(&http, &d, "ctr-a").await, "3");
+    // Files apart, both ways.
+    sh(
+        &api,
+        "b",
+        "echo from-b > /workspace/file.txt; touch /workspace/only-b; sync",
+    )
+    .await;
+    sh(&api, "a", "touch /workspace/only-a; sync").await;
+    assert_eq!(
+        sh(
+            &api,
+            "a",
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-a\nfile.txt only-a"
+    );
+    assert_eq!(
+        sh(
+            &api,
+            "b",
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-b\nfile.txt only-b"
+    );
+    // Identity.
+    let ia: Vec<String> = sh(&api, "a", IDENTITY)
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ib: Vec<String> = sh(&api, "b", IDENTITY)
+        .await
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!((ia[0].as_str(), ib[0].as_str()), ("a", "b"));
+    assert_ne!(ia[1], ib[1], "machine-id");
+    assert_ne!(ia[2], ib[2], "urandom");
+    let ip_b = b["ip"].as_str().unwrap_or_default().to_string();
+    assert!(sh(&api, "b", "cat /proc/net/fib_trie")
+        .await
+        .contains(&ip_b));
+
+    // --- A goes; B works on.
+    let (s, _) = status_of(api.delete("/sandboxes/a").await).await;
+    assert_eq!(s, 204);
+    assert_eq!(sh(&api, "b", "cat /workspace/file.txt").await, "from-b");
+    assert_eq!(bump(&http, &d, "ctr-b").await, "5");
+
+    // --- snapshot → change → resume gives the snapshot's state.
+    let (s, snap) = status_of(
+        api.post("/sandboxes/b/checkpoint", json!({"name": "s1"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{snap}");
+    assert!(snap["size_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{snap}");
+    assert_eq!(snap["sandbox"], "b");
+    sh(&api, "b", "echo after > /workspace/file.txt; sync").await;
+    assert_eq!(bump(&http, &d, "ctr-b").await, "6");
+    let (s, v) = status_of(
+        api.post("/sandboxes/b/checkpoint", json!({"name": "s1"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(err_text(&v).contains("s1"), "{v}");
+    let (s, c) = status_of(api.post("/snapshots/s1/resume", json!({"name": "c"})).await).await;
+    assert_eq!(s, 201, "{c}");
+    assert_eq!(
+        sh(&api, "c", "cat /workspace/file.txt; hostname").await,
+        "from-b\nc"
+    );
+    publish(&api, "c", "ctr-c").await;
+    assert_eq!(bump(&http, &d, "ctr-c").await, "6");
+    assert_eq!(bump(&http, &d, "ctr-b").await, "7");
+
+    // --- quota: 5 by default.
+    for n in 2..=5 {
+        let (s, v) = status_of(
+            api.post(
+                "/snapshots",
+                json!({"sandbox": "c", "name": format!("s{n}")}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, v) = status_of(
+        api.post("/sandboxes/c/checkpoint", json!({"name": "s6"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 429, "{v}");
+    assert!(err_text(&v).contains("quota"), "{v}");
+    let (s, list) = status_of(api.get("/snapshots").await).await;
+    assert_eq!(s, 200);
+    assert_eq!(list.as_array().map(Vec::len), Some(5), "{list}");
+    for n in 3..=5 {
+        let (s, _) = status_of(api.delete(&format!("/snapshots/s{n}")).await).await;
+        assert_eq!(s, 204);
+    }
+
+    // --- snapshots survive a daemon restart.
+    d.restart();
+    let (s, v) = status_of(api.get("/snapshots/s1").await).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, e) = status_of(api.post("/snapshots/s1/resume", json!({"name": "e"})).await).await;
+    assert_eq!(s, 201, "{e}");
+    assert_eq!(sh(&api, "e", "cat /workspace/file.txt").await, "from-b");
+    assert_eq!(sh(&api, "c", "cat /workspace/file.txt").await, "from-b");
+
+    // --- the last user of a layer takes it along.
+    for sb in ["b", "c", "e"] {
+        let (s, _) = status_of(api.delete(&format!("/sandboxes/{sb}")).await).await;
+        assert_eq!(s, 204);
+    }
+    assert!(layer_files(&d) > 0, "snapshots s1, s2 keep their layers");
+    for n in ["s1", "s2"] {
+        let (s, _) = status_of(api.delete(&format!("/snapshots/{n}")).await).await;
+        assert_eq!(s, 204);
+    }
+    assert_eq!(layer_files(&d), 0, "layers left behind");
+    let cps = std::fs::read_dir(d.data_dir.path().join("checkpoints"))
+        .map(|r| r.count())
+        .unwrap_or(0);
+    assert_eq!(cps, 0, "checkpoints left behind");
+}

@@ -1,0 +1,278 @@
+//! Checkpoints and restores into a new identity on real VMs (issue 13), at
+//! the engine: a running VM forked twice (memory, files and a listening
+//! process carry over; identity, address, token, machine-id and random
+//! state differ; changes stay apart), a stopped VM forked, the parent
+//! destroyed under its forks, and the disk chain kept short.
+//!
+//! Needs root and the guest images, like `vm_engine.rs`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bhatti::engine::agent_client::{AgentClient, ExecOutput};
+use bhatti::engine::qemu::accel::AccelMode;
+use bhatti::engine::qemu::image::{self, ImagePaths};
+use bhatti::engine::qemu::network::{self, Subnet};
+use bhatti::engine::qemu::{process, QemuConfig, QemuEngine};
+use bhatti::engine::{Engine, SandboxSpec, VmRuntime};
+use bhatti_proto::ExecRequest;
+
+fn require_root() {
+    // Engine logs (`RUST_LOG=bhatti=debug` shows the boot phases).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "VM tests need root (network namespaces, TAPs, nftables); CI runs them as root"
+    );
+}
+
+async fn images() -> ImagePaths {
+    let dir = PathBuf::from(
+        std::env::var("BHATTI_IMAGES_DIR")
+            .unwrap_or_else(|_| image::DEFAULT_IMAGES_DIR.to_string()),
+    );
+    tokio::task::spawn_blocking(move || image::ensure_images(&dir, &image::LogProgress))
+        .await
+        .expect("image task")
+        .unwrap_or_else(|e| panic!("guest images unavailable: {e}"))
+}
+
+/// An engine with its own namespace and data dir, both removed on drop.
+struct TestEngine {
+    engine: QemuEngine,
+    cfg: QemuConfig,
+    _data: tempfile::TempDir,
+}
+
+impl TestEngine {
+    async fn new(
+        tag: &str,
+        subnet: &str,
+        images: ImagePaths,
+        tweak: impl FnOnce(&mut QemuConfig),
+    ) -> TestEngine {
+        require_root();
+        // Short paths: the QMP socket path must fit a Unix socket address.
+        let data = tempfile::Builder::new()
+            .prefix("bhvm")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let mut cfg = QemuConfig::new(data.path(), images);
+        cfg.netns = format!("bhvm-{tag}-{}", std::process::id());
+        cfg.bridge = format!("brvm{tag}");
+        cfg.subnet = subnet.parse::<Subnet>().expect("subnet");
+        cfg.egress = false;
+        cfg.accel = AccelMode::Auto;
+        tweak(&mut cfg);
+        let engine = QemuEngine::new(cfg.clone()).await.expect("engine");
+        TestEngine {
+            engine,
+            cfg,
+            _data: data,
+        }
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        // Whatever a failed assertion left running.
+        for (pid, _) in process::find_qemus_under(&self.cfg.data_dir.join("sandboxes")) {
+            process::kill(pid);
+        }
+        let _ = network::delete_all(&self.cfg.netns);
+    }
+}
+
+fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
+    SandboxSpec {
+        id: id.into(),
+        name: id.into(),
+        cpus: 1,
+        memory_mb: 384,
+        ip,
+        token: format!("token-{id}-{}", std::process::id()),
+        env: BTreeMap::new(),
+        init: None,
+    }
+}
+
+async fn sh(agent: &AgentClient, script: &str) -> ExecOutput {
+    let req = ExecRequest::command(["bash", "-c", script]);
+    tokio::time::timeout(Duration::from_secs(30), agent.exec_buffered(req))
+        .await
+        .unwrap_or_else(|_| panic!("exec timed out: {script}"))
+        .unwrap_or_else(|e| panic!("exec failed: {script}: {e}"))
+}
+
+async fn sh_ok(agent: &AgentClient, script: &str) -> String {
+    let out = sh(agent, script).await;
+    assert_eq!(
+        out.exit_code,
+        0,
+        "{script}: stdout {:?} stderr {:?}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A server in the guest keeping a counter in memory: every connection to
+/// `port` gets the counter, incremented.
+const COUNTER: &str = r#"
+cat > /tmp/counter.py <<'PY'
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7070)); s.listen(8)
+n = 0
+while True:
+    c, _ = s.accept(); n += 1; c.sendall(b"%d\n" % n); c.close()
+PY
+nohup python3 /tmp/counter.py >/dev/null 2>&1 &
+for i in $(seq 1 200); do python3 -c 'import socket; socket.create_connection(("127.0.0.1", 7070)).close()' 2>/dev/null && exit 0; sleep 0.05; done; exit 1
+"#;
+
+const BUMP: &str =
+    "python3 -c 'import socket; print(socket.create_connection((\"127.0.0.1\", 7070)).recv(16).decode().strip())'";
+
+async fn identity(agent: &AgentClient) -> (String, String, String, String) {
+    let out = sh_ok(
+        agent,
+        "hostname; cat /etc/machine-id 2>/dev/null || echo none; ip -4 -o addr show eth0 | awk '{print $4}'; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+    )
+    .await;
+    let l: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(l.len(), 4, "{out}");
+    (l[0].clone(), l[1].clone(), l[2].clone(), l[3].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_running_and_stopped_vms_into_new_identities() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("f", "192.168.141.0/24", images, |_| {}).await;
+    let e = &t.engine;
+    let ip = |n| Ipv4Addr::new(192, 168, 141, n);
+
+    let mut a = spec("fk-a", ip(10));
+    a.name = "alpha".into();
+    a.env.insert("WHO".into(), "alpha".into());
+    let rt_a = e.create(&a).await.expect("create a");
+    let ag_a = e.agent("fk-a", &rt_a);
+    sh_ok(&ag_a, "echo from-a > /workspace/file.txt && sync").await;
+    sh_ok(&ag_a, COUNTER).await;
+    assert_eq!(sh_ok(&ag_a, BUMP).await, "2");
+
+    // Fork A (running) into B.
+    let t0 = Instant::now();
+    let cp = e
+        .checkpoint("fk-a", &rt_a, "cp1", "layer1")
+        .await
+        .expect("checkpoint");
+    let pause = cp.pause_ms.expect("a running VM is paused");
+    eprintln!(
+        "checkpoint of a running VM: pause {pause} ms, total {:?}",
+        t0.elapsed()
+    );
+    let mut b = spec("fk-b", ip(11));
+    b.name = "bravo".into();
+    b.env.insert("WHO".into(), "bravo".into());
+    let t1 = Instant::now();
+    let rt_b = e
+        .restore_checkpoint("cp1", &rt_a.token, &b)
+        .await
+        .expect("restore b");
+    let ag_b = e.agent("fk-b", &rt_b);
+    assert_eq!(sh_ok(&ag_b, "cat /workspace/file.txt").await, "from-a");
+    eprintln!("restore → first exec answered: {:?}", t1.elapsed());
+
+    // The counter process came along with its memory; from here each runs on its own.
+    assert_eq!(sh_ok(&ag_b, BUMP).await, "3");
+    assert_eq!(sh_ok(&ag_b, BUMP).await, "4");
+    assert_eq!(sh_ok(&ag_a, BUMP).await, "3");
+    // A still runs and serves.
+    assert_eq!(sh_ok(&ag_a, "cat /workspace/file.txt").await, "from-a");
+    // Files apart, both ways.
+    sh_ok(
+        &ag_b,
+        "echo from-b > /workspace/file.txt; touch /workspace/only-b; sync",
+    )
+    .await;
+    sh_ok(&ag_a, "touch /workspace/only-a; sync").await;
+    assert_eq!(
+        sh_ok(
+            &ag_a,
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-a\nfile.txt only-a"
+    );
+    assert_eq!(
+        sh_ok(
+            &ag_b,
+            "cat /workspace/file.txt; ls /workspace | tr '\\n' ' '"
+        )
+        .await,
+        "from-b\nfile.txt only-b"
+    );
+    // Identity: hostname, machine-id, address, random state; env; token.
+    let (ha, ma, ia, ra) = identity(&ag_a).await;
+    let (hb, mb, ib, rb) = identity(&ag_b).await;
+    assert_eq!((ha.as_str(), ia.as_str()), ("alpha", "192.168.141.10/24"));
+    assert_eq!((hb.as_str(), ib.as_str()), ("bravo", "192.168.141.11/24"));
+    assert_ne!(ma, mb, "machine-ids");
+    assert_ne!(ra, rb, "urandom");
+    assert_eq!(sh_ok(&ag_b, "echo $WHO").await, "bravo");
+    assert_eq!(sh_ok(&ag_a, "echo $WHO").await, "alpha");
+    let wrong = e.agent(
+        "fk-b",
+        &VmRuntime {
+            ip: rt_b.ip,
+            token: rt_a.token.clone(),
+        },
+    );
+    assert!(wrong.activity().await.is_err(), "B must refuse A's token");
+
+    // A second fork of A, and a fork of a stopped A.
+    let cp2 = e
+        .checkpoint("fk-a", &rt_a, "cp2", "layer2")
+        .await
+        .expect("checkpoint 2");
+    e.stop("fk-a").await.expect("stop a");
+    let cp3 = e
+        .checkpoint("fk-a", &rt_a, "cp3", "layer3")
+        .await
+        .expect("checkpoint of stopped a");
+    assert!(cp3.pause_ms.is_none());
+    let c = spec("fk-c", ip(12));
+    let rt_c = e
+        .restore_checkpoint("cp3", &rt_a.token, &c)
+        .await
+        .expect("restore c");
+    let ag_c = e.agent("fk-c", &rt_c);
+    assert_eq!(sh_ok(&ag_c, "cat /workspace/file.txt").await, "from-a");
+    assert_eq!(sh_ok(&ag_c, BUMP).await, "4");
+    e.start("fk-a", &rt_a).await.expect("start a");
+    assert_eq!(sh_ok(&ag_a, BUMP).await, "4");
+    drop(cp2);
+
+    // The parent goes; its forks' chains stay valid.
+    e.destroy("fk-a").await.expect("destroy a");
+    assert_eq!(
+        sh_ok(&ag_b, "cat /workspace/file.txt; cat /etc/hostname").await,
+        "from-b\nbravo"
+    );
+    assert_eq!(sh_ok(&ag_c, BUMP).await, "5");
+    let depth = e.disk_chain_depth("fk-c").expect("depth");
+    assert!(depth <= 5, "chain depth {depth}");
+    for id in ["fk-b", "fk-c"] {
+        e.destroy(id).await.expect("destroy");
+    }
+    for cp in ["cp1", "cp2", "cp3"] {
+        e.delete_checkpoint(cp).await.expect("delete checkpoint");
+    }
+}

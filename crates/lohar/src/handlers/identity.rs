@@ -1,0 +1,220 @@
+//! IDENTITY: a VM restored from another VM's memory (a fork, a resumed
+//! snapshot) takes an identity of its own: token, env, hostname,
+//! machine-id, a reseeded RNG, the clock, and last the network (MAC,
+//! address, route), once the host has read the answer and hung up (the
+//! answer travels on the parent's address).
+
+use std::time::Duration;
+
+use bhatti_proto::{ErrorCode, Identity, IdentityResp, Message, IDENTITY_ENTROPY_BYTES};
+
+use super::{refuse, HandlerError};
+use crate::init::{clock, network, say, set_hostname, write_etc};
+use crate::server::Agent;
+use crate::stream::Stream;
+use crate::wire;
+
+/// How long the host may take to hang up after the answer before eth0 changes anyway.
+const HANGUP_WAIT: Duration = Duration::from_secs(2);
+
+/// `_IOW('R', 0x03, int[2])`: add entropy to the input pool, crediting it.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && !h.starts_with('-')
+        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Checks every field before anything changes: a bad request changes nothing.
+fn check(id: &Identity) -> Result<Vec<u8>, String> {
+    if !valid_hostname(&id.hostname) {
+        return Err(format!(
+            "hostname {:?} is not a valid host name",
+            id.hostname
+        ));
+    }
+    network::parse_cidr(&id.ip)?;
+    id.gateway
+        .parse::<std::net::Ipv4Addr>()
+        .map_err(|_| format!("gateway {:?} is not IPv4", id.gateway))?;
+    network::parse_mac(&id.mac)?;
+    if id.token.is_empty() {
+        return Err("token must not be empty".into());
+    }
+    if id.machine_id.len() != 32
+        || !id
+            .machine_id
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        return Err("machine_id must be 32 lowercase hex digits".into());
+    }
+    let entropy = decode_hex(&id.entropy_hex)
+        .filter(|e| e.len() == IDENTITY_ENTROPY_BYTES)
+        .ok_or_else(|| format!("entropy_hex must be {IDENTITY_ENTROPY_BYTES} bytes of hex"))?;
+    Ok(entropy)
+}
+
+/// Mixes `entropy` into the kernel's input pool (credited) and reseeds the
+/// CRNG, so /dev/urandom of this copy diverges from its parent's at once.
+fn reseed(entropy: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    // Aligned for the kernel's reads of the header ints.
+    let words: Vec<u32> = info
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            u32::from_ne_bytes(w)
+        })
+        .collect();
+    // SAFETY: `words` holds a complete rand_pool_info for the whole call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, words.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// New host keys when the image has an SSH server: the parent's keys must
+/// not serve a second machine. Runs in the background (key generation is
+/// slow under TCG).
+fn renew_ssh_host_keys() {
+    let keygen = std::path::Path::new("/usr/bin/ssh-keygen");
+    let Ok(dir) = std::fs::read_dir("/etc/ssh") else {
+        return;
+    };
+    let keys: Vec<_> = dir
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("ssh_host_"))
+        })
+        .collect();
+    if keys.is_empty() || !keygen.exists() {
+        return;
+    }
+    std::thread::spawn(move || {
+        for k in keys {
+            let _ = std::fs::remove_file(k);
+        }
+        if let Err(e) = std::process::Command::new(keygen).arg("-A").status() {
+            say(&format!("warning: ssh-keygen -A: {e}"));
+        }
+    });
+}
+
+/// Applies `id` and answers IDENTITY_RESP; then, in a VM, changes eth0.
+pub fn apply(agent: &Agent, conn: &Stream, id: Identity) -> Result<(), HandlerError> {
+    let entropy = match check(&id) {
+        Ok(e) => e,
+        Err(msg) => return refuse(ErrorCode::Invalid, format!("IDENTITY: {msg}")),
+    };
+    let before = clock::now_unix_ms();
+    if agent.cfg.owns_machine {
+        if let Err(e) = reseed(&entropy) {
+            return refuse(ErrorCode::Internal, format!("cannot reseed the RNG: {e}"));
+        }
+        if let Err(e) = set_hostname(&id.hostname) {
+            return refuse(ErrorCode::Internal, e);
+        }
+        if let Err(e) = write_etc("/etc/machine-id", &format!("{}\n", id.machine_id)) {
+            return refuse(ErrorCode::Internal, e);
+        }
+        renew_ssh_host_keys();
+    }
+    if agent.cfg.owns_clock {
+        if let Err(e) = clock::set_wall_clock(id.time_unix_ms) {
+            say(&format!("warning: {e}"));
+        }
+    }
+    *agent
+        .cfg
+        .sandbox_env
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = id.env.clone();
+    *agent.cfg.token.write().unwrap_or_else(|p| p.into_inner()) =
+        Some(id.token.as_bytes().to_vec());
+    wire::send(
+        conn,
+        &Message::IdentityResp(IdentityResp {
+            status: "ok".into(),
+            clock_before_unix_ms: before,
+        }),
+    )?;
+    if agent.cfg.owns_machine {
+        // Wait for the host to hang up: it has the answer then, and nothing
+        // more travels on the old address.
+        let _ = conn.set_read_timeout(Some(HANGUP_WAIT));
+        let mut buf = [0u8; 64];
+        let _ = std::io::Read::read(&mut &*conn, &mut buf);
+        if let Err(e) = network::readdress(&id.ip, &id.gateway, &id.mac) {
+            say(&format!("IDENTITY: network: {e}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Identity {
+        Identity {
+            hostname: "b".into(),
+            ip: "10.0.0.7/24".into(),
+            gateway: "10.0.0.1".into(),
+            mac: "52:54:00:0a:00:07".into(),
+            token: "t".into(),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            env: Default::default(),
+            entropy_hex: "ab".repeat(IDENTITY_ENTROPY_BYTES),
+            time_unix_ms: 1,
+        }
+    }
+
+    #[test]
+    fn checks() {
+        assert!(check(&good()).is_ok());
+        let bad: [fn(&mut Identity); 6] = [
+            |i| i.hostname = "a b".into(),
+            |i| i.ip = "10.0.0.7".into(),
+            |i| i.mac = "52:54:00".into(),
+            |i| i.token.clear(),
+            |i| i.machine_id = "ABC".into(),
+            |i| i.entropy_hex = "abc".into(),
+        ];
+        for f in bad {
+            let mut i = good();
+            f(&mut i);
+            assert!(check(&i).is_err(), "{i:?}");
+        }
+    }
+}
