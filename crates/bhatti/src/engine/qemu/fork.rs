@@ -26,8 +26,7 @@ use super::netns_dialer::{NetnsDialer, NetnsSockets};
 use super::process::{self, NotReady, VmFiles};
 use super::snapshot::{load_state_from, wait_migration, FD_NAME, SAVE_BANDWIDTH};
 use super::{
-    blocking, check_id, config_drive, disks, net_err, network, QemuEngine, Vm, VmMeta,
-    CONSOLE_TAIL_LINES,
+    blocking, check_id, config_drive, disks, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES,
 };
 use crate::engine::agent_client::{AgentClient, AgentError};
 use crate::engine::{CheckpointInfo, EngineError, SandboxSpec, VmRuntime};
@@ -419,31 +418,8 @@ impl QemuEngine {
         qns: &str,
         pid_slot: &Mutex<Option<u32>>,
     ) -> Result<Arc<Vm>, EngineError> {
-        let tap = network::tap_name(&spec.id);
-        let mac = network::guest_mac(spec.ip);
-        let launch = process::LaunchSpec {
-            accel: self.accel,
-            tsc_khz: self.tsc_khz,
-            kernel: &self.cfg.images.kernel,
-            initramfs: &self.cfg.images.initramfs,
-            cpus: cp.cpus,
-            memory_mb: cp.memory_mb,
-            tap: &tap,
-            mac: &mac,
-            extra_cmdline: &self.cfg.extra_cmdline,
-            files,
-        };
-        let argv = process::qemu_argv(&launch);
-        let meta = VmMeta {
-            id: spec.id.clone(),
-            ip: spec.ip,
-            mac: mac.clone(),
-            tap: tap.clone(),
-            netns: self.net.netns.clone(),
-            accel: self.accel,
-            qemu: self.cfg.qemu_binary.clone(),
-            argv: argv.clone(),
-        };
+        let meta = self.vm_meta(spec, cp.cpus, cp.memory_mb, files);
+        let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         // The guest read its boot config long ago; QEMU only needs the file.
         let boot = config_drive::scrubbed(&self.boot_config(spec));
         let (net, f, layer, q, t, pip, pmac, size) = (

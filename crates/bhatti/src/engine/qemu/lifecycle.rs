@@ -78,13 +78,15 @@ impl QemuEngine {
         }
     }
 
-    /// Everything of `create` after the id was reserved; the caller cleans up on error.
-    pub(super) async fn boot(
+    /// The QEMU command line and the record of a VM for `spec` with this
+    /// machine size (a restored copy takes its source's).
+    pub(super) fn vm_meta(
         &self,
         spec: &SandboxSpec,
+        cpus: u32,
+        memory_mb: u32,
         files: &VmFiles,
-        pid_slot: &Mutex<Option<u32>>,
-    ) -> Result<Arc<Vm>, EngineError> {
+    ) -> VmMeta {
         let tap = network::tap_name(&spec.id);
         let mac = network::guest_mac(spec.ip);
         let launch = process::LaunchSpec {
@@ -92,24 +94,35 @@ impl QemuEngine {
             tsc_khz: self.tsc_khz,
             kernel: &self.cfg.images.kernel,
             initramfs: &self.cfg.images.initramfs,
-            cpus: spec.cpus,
-            memory_mb: spec.memory_mb,
+            cpus,
+            memory_mb,
             tap: &tap,
             mac: &mac,
             extra_cmdline: &self.cfg.extra_cmdline,
             files,
         };
         let argv = process::qemu_argv(&launch);
-        let meta = VmMeta {
+        VmMeta {
             id: spec.id.clone(),
             ip: spec.ip,
-            mac: mac.clone(),
-            tap: tap.clone(),
+            mac,
+            tap,
             netns: self.net.netns.clone(),
             accel: self.accel,
             qemu: self.cfg.qemu_binary.clone(),
-            argv: argv.clone(),
-        };
+            argv,
+        }
+    }
+
+    /// Everything of `create` after the id was reserved; the caller cleans up on error.
+    pub(super) async fn boot(
+        &self,
+        spec: &SandboxSpec,
+        files: &VmFiles,
+        pid_slot: &Mutex<Option<u32>>,
+    ) -> Result<Arc<Vm>, EngineError> {
+        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files);
+        let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let boot_cfg = self.boot_config(spec);
 
         // Host-side preparation: plain blocking work (files, `ip`, `qemu-img`).
