@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use super::lifecycle::{read_meta, CreateGuard};
+use super::lifecycle::read_meta;
 use super::netns_dialer::{NetnsDialer, NetnsSockets};
 use super::process::{self, NotReady, VmFiles};
 use super::snapshot::{load_state_from, wait_migration, FD_NAME, SAVE_BANDWIDTH};
@@ -342,27 +342,7 @@ impl QemuEngine {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| EngineError::NotFound(format!("checkpoint {checkpoint}")))?;
-        {
-            let mut busy = self
-                .busy
-                .lock()
-                .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
-            if self.vm(&spec.id).is_some() || !busy.insert(spec.id.clone()) {
-                return Err(EngineError::Other(format!(
-                    "a VM with id {} already exists",
-                    spec.id
-                )));
-            }
-        }
-        let files = VmFiles::new(self.sandbox_dir(&spec.id));
-        let mut guard = CreateGuard {
-            engine: self,
-            id: spec.id.clone(),
-            files: files.clone(),
-            ip: spec.ip,
-            pid: Mutex::new(None),
-            armed: false,
-        };
+        let (files, mut guard) = self.begin_create(spec)?;
         self.remove_leftovers(&spec.id, &files, None, None).await?;
         std::fs::create_dir_all(&files.dir)?;
         std::fs::set_permissions(

@@ -78,6 +78,38 @@ impl QemuEngine {
         }
     }
 
+    /// Reserves `spec.id` for a new VM (boot or restore) and returns its
+    /// files and the guard that undoes everything if the start fails.
+    ///
+    /// Errors: `Other` when a VM with that id exists or is being made.
+    pub(super) fn begin_create(
+        &self,
+        spec: &SandboxSpec,
+    ) -> Result<(VmFiles, CreateGuard<'_>), EngineError> {
+        {
+            let mut busy = self
+                .busy
+                .lock()
+                .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
+            if self.vm(&spec.id).is_some() || !busy.insert(spec.id.clone()) {
+                return Err(EngineError::Other(format!(
+                    "a VM with id {} already exists",
+                    spec.id
+                )));
+            }
+        }
+        let files = VmFiles::new(self.sandbox_dir(&spec.id));
+        let guard = CreateGuard {
+            engine: self,
+            id: spec.id.clone(),
+            files: files.clone(),
+            ip: spec.ip,
+            pid: Mutex::new(None),
+            armed: false,
+        };
+        Ok((files, guard))
+    }
+
     /// The QEMU command line and the record of a VM for `spec` with this
     /// machine size (a restored copy takes its source's).
     pub(super) fn vm_meta(

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use self::accel::{Accel, AccelMode};
 use self::image::ImagePaths;
-use self::lifecycle::{read_meta, CreateGuard};
+use self::lifecycle::read_meta;
 use self::netns_dialer::{NetnsDialer, NetnsSockets};
 use self::network::{NetConfig, NetworkError, Subnet};
 use self::process::VmFiles;
@@ -337,27 +337,7 @@ impl Engine for QemuEngine {
 
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError> {
         self.check_spec(spec)?;
-        {
-            let mut busy = self
-                .busy
-                .lock()
-                .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
-            if self.vm(&spec.id).is_some() || !busy.insert(spec.id.clone()) {
-                return Err(EngineError::Other(format!(
-                    "a VM with id {} already exists",
-                    spec.id
-                )));
-            }
-        }
-        let files = VmFiles::new(self.sandbox_dir(&spec.id));
-        let mut guard = CreateGuard {
-            engine: self,
-            id: spec.id.clone(),
-            files: files.clone(),
-            ip: spec.ip,
-            pid: Mutex::new(None),
-            armed: false,
-        };
+        let (files, mut guard) = self.begin_create(spec)?;
         if let Some(pid) =
             process::read_pidfile(&files.pidfile).filter(|p| process::is_our_qemu(*p, &files.dir))
         {
