@@ -1,3 +1,5 @@
+// Tests may unwrap; shipped code handles every error (issue 10).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 use clap::Parser;
 
 fn main() {

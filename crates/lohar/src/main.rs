@@ -4,6 +4,9 @@
 //! server. With `LOHAR_TEST=1` it skips everything but the server and listens
 //! on Unix sockets, so the whole protocol is testable without a VM or root.
 
+// Tests may unwrap; shipped code handles every error (issue 10).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod acceptors;
 mod activity;
 mod config;

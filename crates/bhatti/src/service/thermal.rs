@@ -274,10 +274,10 @@ impl Service {
                 store
                     .call(move |s| s.set_sandbox_status(&id, status))
                     .await?;
-                if let Err(e) = &result {
+                if let Err(e) = result {
                     tracing::warn!(sandbox = %sid, error = %e, %status, "resume incomplete");
                     if status == SandboxStatus::Error {
-                        return Err(result.unwrap_err().into());
+                        return Err(e.into());
                     }
                 }
                 Ok(())
