@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod model;
 pub mod proxy;
 pub mod secrets;
 pub mod service;

@@ -10,25 +10,28 @@ use std::time::Instant;
 use rand::Rng;
 use time::format_description::well_known::Rfc3339;
 
-use crate::api::types::{CreateSandboxRequest, Health, PatchSandboxRequest, Sandbox, SecretInfo};
 use crate::config::Ipv4Subnet;
-use crate::engine::agent_client::{AgentClient, AgentError};
+use crate::engine::agent_client::{AgentClient, AgentError, ErrorCode};
 use crate::engine::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
-use crate::proxy::ProxyState;
+use crate::model::{CreateSandboxRequest, Health, PatchSandboxRequest, Sandbox, SecretInfo};
 use crate::secrets::{validate_secret_name, SecretCipher, SecretsError};
 use crate::store::{NewSandbox, SandboxPatch, SandboxRecord, SandboxStatus};
 use crate::store::{Store, StoreError, User};
 
 pub mod exec;
 pub mod exec_session;
+pub mod files;
 mod idle;
 mod inspect;
 mod ports;
 mod proxy;
 mod publish;
+pub mod routes;
+pub mod sessions;
 pub mod share;
 mod snapshots;
 mod thermal;
+pub mod upstream;
 mod usage;
 
 pub use idle::MAX_SAVE_FAILURES;
@@ -46,7 +49,9 @@ pub const DEFAULT_MEMORY_MB: i64 = 512;
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
 
-/// Why a service call failed; mapped to HTTP once, in `api::error`.
+/// Why a service call failed: the one error type of the service, whatever
+/// layer below it failed. Callers decide by [`ServiceError::kind`] (mapped
+/// to HTTP once, in `api::error`); the message is the error's `Display`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     /// Bad input: the message names the field and why.
@@ -63,11 +68,15 @@ pub enum ServiceError {
     /// The sandbox's status does not allow the operation.
     #[error("{0}")]
     Conflict(String),
+    /// The request carries more than a limit allows (the message names it).
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error(transparent)]
+    /// The guest agent refused (its message as it is) or could not be reached.
+    #[error("{}", agent_message(.0))]
     Agent(#[from] AgentError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
@@ -77,6 +86,95 @@ pub enum ServiceError {
         retry_after_secs: u64,
         message: String,
     },
+}
+
+/// What kind of failure a [`ServiceError`] is: what a caller tells apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Bad input (also a guest path that is not a directory, or is one).
+    Invalid,
+    /// No or an unknown API key.
+    Unauthorized,
+    /// The guest's permissions forbid it.
+    Forbidden,
+    NotFound,
+    /// In use, already exists, or a status that does not allow it.
+    Conflict,
+    /// Over a size limit.
+    TooLarge,
+    /// Over a user's quota.
+    LimitExceeded,
+    /// The guest's disk is full.
+    NoSpace,
+    /// Cannot serve now (not running, agent unreachable, VM failures).
+    Unavailable,
+    /// Too many cold restores at once: retry after this many seconds.
+    Busy {
+        retry_after_secs: u64,
+    },
+    /// A fault on our side.
+    Internal,
+}
+
+impl ServiceError {
+    /// The kind of this failure, wherever it came from: the one place where
+    /// store, engine and agent errors are classified.
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
+        match self {
+            ServiceError::Invalid(_) => K::Invalid,
+            ServiceError::NotFound(_) => K::NotFound,
+            ServiceError::Unauthorized => K::Unauthorized,
+            ServiceError::Unavailable(_) => K::Unavailable,
+            ServiceError::Conflict(_) => K::Conflict,
+            ServiceError::TooLarge(_) => K::TooLarge,
+            ServiceError::Busy {
+                retry_after_secs, ..
+            } => K::Busy {
+                retry_after_secs: *retry_after_secs,
+            },
+            ServiceError::Secrets(_) => K::Internal,
+            ServiceError::Store(e) => match e {
+                StoreError::NotFound(_) => K::NotFound,
+                StoreError::Conflict(_) => K::Conflict,
+                StoreError::LimitExceeded(_) => K::LimitExceeded,
+                StoreError::Invalid(_) => K::Invalid,
+                StoreError::SubnetFull(_) => K::Unavailable,
+                _ => K::Internal,
+            },
+            ServiceError::Engine(e) => match e {
+                EngineError::NotFound(_) => K::NotFound,
+                EngineError::Busy(_) | EngineError::AlreadyExists(_) => K::Conflict,
+                EngineError::InvalidSpec(_) => K::Invalid,
+                EngineError::Internal(_) => K::Internal,
+                _ => K::Unavailable,
+            },
+            ServiceError::Agent(AgentError::Remote { code, .. }) => kind_of_code(*code),
+            ServiceError::Agent(_) => K::Unavailable,
+        }
+    }
+}
+
+/// The kind of each agent error code: the one place they are classified.
+fn kind_of_code(code: ErrorCode) -> ErrorKind {
+    use ErrorKind as K;
+    match code {
+        ErrorCode::NotFound => K::NotFound,
+        ErrorCode::Invalid | ErrorCode::NotADirectory | ErrorCode::IsADirectory => K::Invalid,
+        ErrorCode::PermissionDenied => K::Forbidden,
+        ErrorCode::TooLarge => K::TooLarge,
+        ErrorCode::NoSpace => K::NoSpace,
+        ErrorCode::Busy | ErrorCode::Exists => K::Conflict,
+        ErrorCode::Internal => K::Internal,
+    }
+}
+
+/// An agent's refusal as it said it; anything else says the agent is unavailable.
+fn agent_message(e: &AgentError) -> String {
+    match e {
+        AgentError::Remote { message, .. } => message.clone(),
+        other => format!("sandbox agent unavailable: {other}"),
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
@@ -100,7 +198,7 @@ pub struct Service {
     subnet: Ipv4Subnet,
     started: Instant,
     /// Route cache and upstream connections of the proxies.
-    proxy: Arc<ProxyState>,
+    proxy: Arc<upstream::ProxyState>,
     /// Published URLs are `<url_scheme>://<alias>.<domain>`; `domain` may
     /// carry a `:port` (see `DaemonConfig::public_url_host_suffix`).
     domain: String,
@@ -131,7 +229,7 @@ impl Service {
             cipher,
             subnet,
             started: Instant::now(),
-            proxy: Arc::new(ProxyState::default()),
+            proxy: Arc::new(upstream::ProxyState::default()),
             domain: "localhost".into(),
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
@@ -147,11 +245,6 @@ impl Service {
         self.url_scheme = scheme.to_string();
         self.domain = domain.to_string();
         self
-    }
-
-    /// State shared by the public and the authenticated proxy.
-    pub fn proxy_state(&self) -> &ProxyState {
-        &self.proxy
     }
 
     pub fn store(&self) -> &Store {
@@ -340,7 +433,12 @@ impl Service {
             init: rec.init.clone(),
         };
         let booted = match &source {
-            None => self.engine.create(&spec).await.map(|_| ()),
+            None => self
+                .engine
+                .create(&spec)
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
             Some(src) => self.restore_new_identity(src, &spec).await,
         };
         if let Err(e) = booted {
@@ -353,7 +451,7 @@ impl Service {
                 // Its layer may have had no other user left.
                 self.collect_layers().await;
             }
-            return Err(e.into());
+            return Err(e);
         }
         let id = rec.id.clone();
         self.store
@@ -453,7 +551,7 @@ impl Service {
     /// A client of the sandbox's agent; a warm, cold or stopped sandbox is
     /// woken first. The request counts as in flight (the sandbox stays hot)
     /// while the client or any connection it opened lives.
-    pub async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
+    pub(in crate::service) async fn agent(&self, user: &User, id: &str) -> Result<AgentClient> {
         let rec = self.find(user, id).await?;
         let hold = self.enter(&rec).await;
         // The manager may have cooled it between the lookup and `enter`.
@@ -700,6 +798,51 @@ pub fn format_uptime(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_codes_are_kinds_not_message_text() {
+        use ErrorCode as C;
+        use ErrorKind as K;
+        for (code, kind) in [
+            (C::NotFound, K::NotFound),
+            (C::Invalid, K::Invalid),
+            (C::NotADirectory, K::Invalid),
+            (C::IsADirectory, K::Invalid),
+            (C::PermissionDenied, K::Forbidden),
+            (C::TooLarge, K::TooLarge),
+            (C::NoSpace, K::NoSpace),
+            (C::Busy, K::Conflict),
+            (C::Exists, K::Conflict),
+            (C::Internal, K::Internal),
+        ] {
+            // The text says "not found", the code decides.
+            let e = ServiceError::from(AgentError::remote(code, "/srv/not found/x"));
+            assert_eq!(e.kind(), kind, "{code}");
+            assert_eq!(e.to_string(), "/srv/not found/x");
+        }
+        let e = ServiceError::from(AgentError::Protocol("x".into()));
+        assert_eq!(e.kind(), K::Unavailable);
+        assert!(
+            e.to_string().starts_with("sandbox agent unavailable: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn engine_errors_callers_tell_apart() {
+        use ErrorKind as K;
+        for (e, kind) in [
+            (EngineError::Busy("b".into()), K::Conflict),
+            (EngineError::AlreadyExists("a".into()), K::Conflict),
+            (EngineError::InvalidSpec("i".into()), K::Invalid),
+            (EngineError::NotFound("n".into()), K::NotFound),
+            (EngineError::Internal("x".into()), K::Internal),
+            (EngineError::State("s".into()), K::Unavailable),
+            (EngineError::Network("n".into()), K::Unavailable),
+        ] {
+            assert_eq!(ServiceError::from(e).kind(), kind);
+        }
+    }
 
     #[test]
     fn uptime_format() {

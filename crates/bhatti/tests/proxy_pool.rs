@@ -71,11 +71,7 @@ impl Agent {
     }
 
     fn target(&self, sandbox_id: &str, port: u16) -> Target {
-        Target {
-            sandbox_id: sandbox_id.into(),
-            port,
-            agent: self.client.clone(),
-        }
+        Target::new(sandbox_id.into(), port, self.client.clone())
     }
 }
 
@@ -205,14 +201,16 @@ async fn errors_say_what_failed() {
 
     // The agent is gone.
     drop(agent);
-    let gone = Agent::start();
-    let mut t = gone.target("sb_0123456789ab", closed);
-    t.agent = AgentClient::new(
-        Arc::new(UnixDialer {
-            control: "/nonexistent/c".into(),
-            forward: "/nonexistent/f".into(),
-        }),
-        b"t".to_vec(),
+    let t = Target::new(
+        "sb_0123456789ab".into(),
+        closed,
+        AgentClient::new(
+            Arc::new(UnixDialer {
+                control: "/nonexistent/c".into(),
+                forward: "/nonexistent/f".into(),
+            }),
+            b"t".to_vec(),
+        ),
     );
     let pool = UpstreamPool::default();
     match peer(&pool, &t).await {

@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::service::{ErrorKind, ServiceError};
+
 /// An error answer: `{"error": "<clear message>"}` with a fitting status.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -69,86 +71,59 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::engine::agent_client::AgentError> for ApiError {
-    fn from(e: crate::engine::agent_client::AgentError) -> Self {
-        use crate::engine::agent_client::AgentError;
-        match e {
-            AgentError::Remote { code, message } => ApiError::new(status_of(code), message),
-            other => ApiError::unavailable(format!("sandbox agent unavailable: {other}")),
-        }
+/// The HTTP status of each kind of service failure: the one place they are mapped.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorKind::Unavailable | ErrorKind::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-/// The HTTP status of each agent error code: the one place they are mapped.
-pub fn status_of(code: crate::engine::agent_client::ErrorCode) -> StatusCode {
-    use crate::engine::agent_client::ErrorCode as C;
-    match code {
-        C::NotFound => StatusCode::NOT_FOUND,
-        C::Invalid | C::NotADirectory | C::IsADirectory => StatusCode::BAD_REQUEST,
-        C::PermissionDenied => StatusCode::FORBIDDEN,
-        C::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        C::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-        C::Busy | C::Exists => StatusCode::CONFLICT,
-        C::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-impl From<crate::service::ServiceError> for ApiError {
-    fn from(e: crate::service::ServiceError) -> Self {
-        use crate::engine::EngineError;
-        use crate::service::ServiceError as S;
-        use crate::store::StoreError;
-        match e {
-            S::Invalid(m) => ApiError::bad_request(m),
-            S::NotFound(m) => ApiError::not_found(m),
-            S::Unauthorized => {
-                ApiError::unauthorized("invalid API key: check the key, or run `bhatti setup`")
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let message = match e {
+            ServiceError::Unauthorized => {
+                "invalid API key: check the key, or run `bhatti setup`".to_string()
             }
-            S::Unavailable(m) => ApiError::unavailable(m),
-            S::Busy { message, .. } => ApiError::unavailable(message),
-            S::Conflict(m) => ApiError::conflict(m),
-            S::Agent(a) => a.into(),
-            S::Secrets(s) => ApiError::internal(s.to_string()),
-            S::Store(s) => match s {
-                StoreError::NotFound(m) => ApiError::not_found(m),
-                StoreError::Conflict(m) => ApiError::conflict(m),
-                StoreError::LimitExceeded(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
-                StoreError::Invalid(m) => ApiError::bad_request(m),
-                StoreError::SubnetFull(_) => ApiError::unavailable(s.to_string()),
-                other => ApiError::internal(other.to_string()),
-            },
-            S::Engine(e) => match e {
-                EngineError::NotFound(m) => ApiError::not_found(m),
-                other => ApiError::unavailable(other.to_string()),
-            },
-        }
+            ref other => other.to_string(),
+        };
+        ApiError::new(status_of(e.kind()), message)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::agent_client::AgentError;
-    use crate::engine::agent_client::ErrorCode as C;
 
     #[test]
-    fn agent_codes_map_to_statuses_not_message_text() {
-        for (code, status) in [
-            (C::NotFound, 404),
-            (C::Invalid, 400),
-            (C::NotADirectory, 400),
-            (C::IsADirectory, 400),
-            (C::PermissionDenied, 403),
-            (C::TooLarge, 413),
-            (C::NoSpace, 507),
-            (C::Busy, 409),
-            (C::Exists, 409),
-            (C::Internal, 500),
+    fn every_kind_has_its_status() {
+        for (kind, status) in [
+            (ErrorKind::Invalid, 400),
+            (ErrorKind::Unauthorized, 401),
+            (ErrorKind::Forbidden, 403),
+            (ErrorKind::NotFound, 404),
+            (ErrorKind::Conflict, 409),
+            (ErrorKind::TooLarge, 413),
+            (ErrorKind::LimitExceeded, 429),
+            (ErrorKind::Internal, 500),
+            (ErrorKind::Unavailable, 503),
+            (
+                ErrorKind::Busy {
+                    retry_after_secs: 1,
+                },
+                503,
+            ),
+            (ErrorKind::NoSpace, 507),
         ] {
-            // The text says "not found", the code decides.
-            let e: ApiError = AgentError::remote(code, "/srv/not found/x").into();
-            assert_eq!(e.status.as_u16(), status, "{code}");
-            assert_eq!(e.message, "/srv/not found/x");
+            assert_eq!(status_of(kind).as_u16(), status, "{kind:?}");
         }
     }
 }

@@ -30,8 +30,8 @@ pub struct AppState {
 #[openapi(info(title = "bhatti", description = "Self-hosted microVM sandboxes"),
     modifiers(&BearerAuth), security(("bearer" = [])),
     // Messages of the WebSockets, which no request body names.
-    components(schemas(super::types::ExecWsStart, super::types::ExecWsControl,
-        super::types::ExecEvent, super::types::ShellControl)))]
+    components(schemas(crate::model::ExecWsStart, crate::model::ExecWsControl,
+        crate::model::ExecEvent, crate::model::ShellControl)))]
 struct ApiDoc;
 
 struct BearerAuth;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::api::types::Sandbox;
+use crate::model::Sandbox;
 
 use super::client::Target;
 use super::{output, Ctx};

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::client::Target;
 use super::{output, Ctx};
-use crate::api::types::Sandbox;
+use crate::model::Sandbox;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("thermal").args(["keep_hot", "allow_cold"])))]

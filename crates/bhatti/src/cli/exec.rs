@@ -24,7 +24,7 @@ use reqwest::Method;
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::api::types::{ExecEvent, ExecWsControl, ExecWsStart};
+use crate::model::{ExecEvent, ExecWsControl, ExecWsStart};
 
 use super::client::{ApiClient, Target};
 use super::Ctx;

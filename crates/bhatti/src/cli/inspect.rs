@@ -2,7 +2,7 @@
 //! state, IP, resources, disk use, labels, published URLs, sessions),
 //! without waking it.
 
-use crate::api::types::SandboxDetail;
+use crate::model::SandboxDetail;
 
 use super::client::Target;
 use super::{output, Ctx};

@@ -1,7 +1,7 @@
 //! `bhatti list` / `bhatti ls`: your sandboxes, optionally only those with
 //! given labels; `-o wide` adds keep-hot and the labels.
 
-use crate::api::types::Sandbox;
+use crate::model::Sandbox;
 
 use super::client::Target;
 use super::{output, Ctx};

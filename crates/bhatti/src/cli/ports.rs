@@ -1,7 +1,7 @@
 //! `bhatti ports <sandbox>`: TCP ports listening inside a sandbox, with the
 //! authenticated proxy URL that reaches each.
 
-use crate::api::types::ListeningPort;
+use crate::model::ListeningPort;
 
 use super::client::Target;
 use super::{output, Ctx};

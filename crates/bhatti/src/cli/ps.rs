@@ -1,6 +1,6 @@
 //! `bhatti ps <sandbox>`: the sessions (shells, init script) in a sandbox.
 
-use crate::api::types::Session;
+use crate::model::Session;
 
 use super::client::Target;
 use super::{output, Ctx};

@@ -7,8 +7,8 @@
 use anyhow::{anyhow, bail, Context};
 use reqwest::Method;
 
-use crate::api::types::Sandbox;
 use crate::config::{ClientConfig, ClientSettings, Resolved, Source, DEFAULT_API_URL};
+use crate::model::Sandbox;
 
 use super::client::{ApiClient, Target};
 use super::{output, terminal, GlobalArgs};

@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use serde::Serialize;
 
-use crate::api::types::{Sandbox, Snapshot};
+use crate::model::{Sandbox, Snapshot};
 
 use super::client::Target;
 use super::{output, Ctx};

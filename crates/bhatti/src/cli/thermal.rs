@@ -3,7 +3,7 @@
 
 use super::client::Target;
 use super::{output, Ctx};
-use crate::api::types::Sandbox;
+use crate::model::Sandbox;
 
 #[derive(Debug, clap::Args)]
 pub struct ThermalArgs {

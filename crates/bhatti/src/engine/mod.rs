@@ -104,10 +104,60 @@ pub enum EngineError {
     /// No such VM.
     #[error("no VM with id {0}")]
     NotFound(String),
+    /// Another operation on the VM is in progress; try again when it is done.
     #[error("{0}")]
-    Other(String),
+    Busy(String),
+    /// A VM, checkpoint or layer of that id (or a QEMU for it) already exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The spec cannot be run as it is (id, size, address): the message says why.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// The host's setup cannot run VMs (paths, acceleration).
+    #[error("{0}")]
+    Config(String),
+    /// QEMU failed or refused a QMP command.
+    #[error("{context}: {source}")]
+    Qmp {
+        /// What the engine was doing, e.g. "pausing VM sb_x".
+        context: String,
+        #[source]
+        source: qemu::qmp::QmpError,
+    },
+    /// A disk image could not be created or read.
+    #[error(transparent)]
+    Disk(#[from] qemu::disks::DiskError),
+    /// The VM's config drive could not be written or scrubbed.
+    #[error(transparent)]
+    ConfigDrive(#[from] qemu::config_drive::ConfigDriveError),
+    /// The QEMU process could not be managed.
+    #[error(transparent)]
+    Process(#[from] qemu::process::ProcessError),
+    /// A saved VM state (memory file, VM record) is missing or unusable, or
+    /// saving or loading it failed.
+    #[error("{0}")]
+    State(String),
+    /// The VM's agent could not be told something the engine must tell it.
+    #[error("{context}: {source}")]
+    Agent {
+        context: String,
+        #[source]
+        source: agent_client::AgentError,
+    },
+    /// A fault in the engine itself (a task that panicked, a record that
+    /// cannot be serialised).
+    #[error("{0}")]
+    Internal(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl EngineError {
+    /// A QMP failure while doing `context`.
+    pub fn qmp(context: impl Into<String>) -> impl FnOnce(qemu::qmp::QmpError) -> EngineError {
+        let context = context.into();
+        move |source| EngineError::Qmp { context, source }
+    }
 }
 
 /// A VM engine.

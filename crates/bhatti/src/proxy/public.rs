@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 use super::rate_limit::RateLimiter;
 use super::relay::{relay, Forwarded};
-use super::ProxyError;
+use super::{ProxyError, UpstreamPool};
 use crate::service::{Service, ServiceError};
 
 /// A client must send its request headers within this time.
@@ -37,6 +37,8 @@ pub struct PublicConfig {
 
 struct State {
     service: Arc<Service>,
+    /// The service's upstream connections, taken once at start-up.
+    pool: Arc<UpstreamPool>,
     domain_suffix: String,
     scheme: &'static str,
     limiter: RateLimiter,
@@ -50,6 +52,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let state = Arc::new(State {
+        pool: service.upstream(),
         service,
         domain_suffix: format!(".{}", cfg.domain.trim_end_matches('.').to_ascii_lowercase()),
         scheme: cfg.scheme,
@@ -164,15 +167,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
         host: None,
         strip_authorization: false,
     };
-    match relay(
-        &state.service.proxy_state().pool,
-        &route.target,
-        req,
-        &path,
-        &fwd,
-    )
-    .await
-    {
+    match relay(&state.pool, &route.target, req, &path, &fwd).await {
         Ok(resp) => route.hold_until_sent(resp),
         Err(e) => error_page(&e),
     }

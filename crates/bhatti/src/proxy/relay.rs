@@ -13,17 +13,12 @@ use axum::body::Body;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{Request, Response, StatusCode, Uri, Version};
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 
 use super::{ProxyError, Target, UpstreamPool, MAX_REQUEST_BODY};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Request body type of upstream connections.
-pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub use crate::service::upstream::{BoxError, UpstreamBody};
 
 /// How the request reached the proxy, for `X-Forwarded-*` and `Host`.
 #[derive(Debug, Clone, Default)]

@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::{Result, Service, ServiceError};
-use crate::api::types::{ExecDetached, ExecResult};
 use crate::engine::agent_client::{AgentError, ErrorCode, ExecEvent, ExecReader, ExecWriter};
+use crate::model::{ExecDetached, ExecResult};
 use crate::store::User;
 
 /// Deadline of an exec that names none (seconds): long builds fit, a hung

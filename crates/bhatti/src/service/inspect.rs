@@ -1,7 +1,7 @@
 //! `inspect`: one sandbox and what it uses, without waking it.
 
 use super::{view, Result, Service};
-use crate::api::types::{SandboxDetail, Session};
+use crate::model::SandboxDetail;
 use crate::store::{SandboxStatus, User};
 
 impl Service {
@@ -26,7 +26,7 @@ impl Service {
                     .sessions()
                     .await
                     .ok()
-                    .map(|l| l.into_iter().map(Session::from).collect()),
+                    .map(|l| l.into_iter().map(super::sessions::session).collect()),
                 Err(_) => None,
             }
         } else {

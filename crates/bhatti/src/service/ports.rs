@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use bhatti_proto::ExecRequest;
 
 use super::{Result, Service, ServiceError};
-use crate::api::types::ListeningPort;
+use crate::model::ListeningPort;
 use crate::store::User;
 
 /// The agent's own listeners (control and forward), never shown.

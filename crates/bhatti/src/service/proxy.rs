@@ -8,10 +8,11 @@ use axum::body::Body;
 use axum::http::Response;
 use http_body_util::BodyExt;
 
+use super::routes::Route;
 use super::thermal::WakeMode;
+use super::upstream::{Target, UpstreamPool};
 use super::usage::InFlight;
 use super::{Result, Service, ServiceError};
-use crate::proxy::{Route, Target};
 use crate::store::{StoreError, User};
 
 /// The store's activity time is written at most this often per route.
@@ -49,6 +50,11 @@ pub fn hold_until_sent(resp: Response<Body>, hold: InFlight) -> Response<Body> {
 }
 
 impl Service {
+    /// The keep-alive connections to guest ports both proxies send through.
+    pub fn upstream(&self) -> Arc<UpstreamPool> {
+        self.proxy.pool.clone()
+    }
+
     /// A port of one of the user's sandboxes, for the authenticated proxy;
     /// a warm or cold sandbox is woken. The request is in flight while the
     /// returned hold lives.
@@ -66,14 +72,7 @@ impl Service {
         let sid = rec.id.clone();
         // Best effort: activity bookkeeping must never fail a request.
         let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
-        Ok((
-            Target {
-                sandbox_id: rec.id.clone(),
-                port,
-                agent: self.agent_of(&rec),
-            },
-            hold,
-        ))
+        Ok((Target::new(rec.id.clone(), port, self.agent_of(&rec)), hold))
     }
 
     /// The published port behind `alias`, for the public proxy. Served from
@@ -115,11 +114,7 @@ impl Service {
         self.require_running(&rec)?;
         let route = Arc::new(Route::new(
             rule.alias,
-            Target {
-                sandbox_id: rec.id.clone(),
-                port: rule.port,
-                agent: self.agent_of(&rec),
-            },
+            Target::new(rec.id.clone(), rule.port, self.agent_of(&rec)),
         ));
         self.proxy.routes.insert(generation, route.clone());
         self.note_activity(&route);

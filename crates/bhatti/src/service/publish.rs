@@ -1,7 +1,7 @@
 //! Publish rules: a public URL (`<alias>.<domain>`) for a sandbox port.
 
 use super::{rfc3339, Result, Service, ServiceError};
-use crate::api::types::{PublishRequest, PublishedPort};
+use crate::model::{PublishRequest, PublishedPort};
 use crate::store::{generate_alias, validate_alias, PublishRule, StoreError, User};
 
 /// Generated aliases tried before giving up on a (very unlikely) clash.

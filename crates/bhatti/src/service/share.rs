@@ -16,7 +16,6 @@ use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use super::{rfc3339, Result, Service, ServiceError};
-use crate::engine::agent_client::AgentClient;
 use crate::proxy::rate_limit::KeyedLimit;
 use crate::store::User;
 
@@ -231,7 +230,8 @@ impl Service {
         &self,
         sandbox_id: &str,
         token: &str,
-    ) -> std::result::Result<(AgentClient, TerminalSlot), ShareError> {
+        open: &super::sessions::ShellOpen,
+    ) -> std::result::Result<(super::sessions::Shell, TerminalSlot), ShareError> {
         self.check_share_token(sandbox_id, token).await?;
         let slot = self.shares.acquire(sandbox_id)?;
         // Again, now that the slot watches for revocations: a revoke that
@@ -249,8 +249,8 @@ impl Service {
             .call(move |s| s.get_user(uid))
             .await
             .map_err(ServiceError::from)?;
-        let agent = self.agent(&user, &rec.id).await?;
-        Ok((agent, slot))
+        let shell = self.open_shell(&user, &rec.id, open).await?;
+        Ok((shell, slot))
     }
 }
 

@@ -12,8 +12,8 @@ use time::format_description::well_known::Rfc3339;
 
 use super::thermal::WakeMode;
 use super::{Result, Service, ServiceError};
-use crate::api::types::{CreateSandboxRequest, Snapshot};
 use crate::engine::{CheckpointInfo, SandboxSpec};
+use crate::model::{CreateSandboxRequest, Snapshot};
 use crate::store::{
     validate_sandbox_name, SandboxRecord, SandboxStatus, SnapshotRecord, StoreError, User,
 };
@@ -164,19 +164,14 @@ impl Service {
         &self,
         src: &RestoreSource,
         spec: &SandboxSpec,
-    ) -> std::result::Result<(), crate::engine::EngineError> {
+    ) -> Result<()> {
         // The copy holds its layer before it boots: a source destroyed (or a
         // snapshot deleted) meanwhile cannot take the layer away. A failed
         // restore deletes the row, and the reference with it.
         let (sid, layer) = (spec.id.clone(), src.layer.clone());
         self.store
             .call(move |s| s.set_sandbox_layer(&sid, &layer))
-            .await
-            .map_err(|e| {
-                crate::engine::EngineError::Other(format!(
-                    "cannot record the copy's disk layer: {e}"
-                ))
-            })?;
+            .await?;
         self.engine
             .restore_checkpoint(&src.checkpoint, &src.parent_token, spec)
             .await?;

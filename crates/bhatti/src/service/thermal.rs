@@ -17,9 +17,9 @@ use tokio::sync::Semaphore;
 
 use super::usage::{InFlight, ThermalConfig, TrackedDialer, UsageTable};
 use super::{view, Result, Service, ServiceError};
-use crate::api::types::Sandbox;
 use crate::engine::agent_client::AgentClient;
 use crate::engine::{VmRuntime, VmState};
+use crate::model::Sandbox;
 use crate::store::{SandboxRecord, SandboxStatus, StoreError, User};
 
 /// What the public proxy tells a client to wait when restores are saturated.

@@ -22,7 +22,7 @@ use crate::api::auth::{ApiKey, AuthUser};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{
+use crate::model::{
     ExecBody, ExecDetached, ExecEvent, ExecResult, ExecWsControl, ExecWsQuery, ExecWsStart,
 };
 use crate::service::exec::{ExecSpec, ExecUpdate, Stdin};

@@ -5,16 +5,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bhatti_proto::FileReadRequest;
 use futures_util::TryStreamExt;
 
 use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
-use crate::api::types::{FileEntry, FilesQuery};
-
-/// Largest file one PUT may write.
-pub const MAX_WRITE_BYTES: u64 = 100 * 1024 * 1024;
+use crate::model::{FileEntry, FilesQuery};
+use crate::service::files::ReadRange;
 
 fn path_of(q: &FilesQuery) -> Result<String, ApiError> {
     match q.path.as_deref() {
@@ -32,39 +29,17 @@ pub async fn read(
     Query(q): Query<FilesQuery>,
 ) -> Result<Response, ApiError> {
     let path = path_of(&q)?;
-    let agent = state.service.agent(&user, &id).await?;
     if q.ls.unwrap_or(false) {
-        let list: Vec<FileEntry> = agent.ls(&path).await?.into_iter().map(Into::into).collect();
+        let list = state.service.list_dir(&user, &id, &path).await?;
         return Ok(Json(list).into_response());
     }
-    let (info, mut file) = agent
-        .read_file(FileReadRequest {
-            path,
-            offset: q.offset,
-            limit: q.limit,
-            max_bytes: q.max_bytes,
-        })
-        .await?;
-    // Stream the file to the client as the agent sends it.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
-    tokio::spawn(async move {
-        loop {
-            let chunk = tokio::select! {
-                _ = tx.closed() => return,
-                c = file.next_chunk() => c,
-            };
-            let item = match chunk {
-                Ok(Some(b)) => Ok(bytes::Bytes::from(b)),
-                Ok(None) => return,
-                Err(e) => Err(std::io::Error::other(e.to_string())),
-            };
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    let mut rx = rx;
+    let range = ReadRange {
+        offset: q.offset,
+        limit: q.limit,
+        max_bytes: q.max_bytes,
+    };
+    let file = state.service.read_file(&user, &id, &path, range).await?;
+    let mut rx = file.chunks;
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
@@ -72,7 +47,7 @@ pub async fn read(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    size_and_mode(h, info.size, &info.mode);
+    size_and_mode(h, file.size, &file.mode);
     Ok(resp)
 }
 
@@ -93,8 +68,7 @@ pub async fn stat(
     Query(q): Query<FilesQuery>,
 ) -> Result<Response, ApiError> {
     let path = path_of(&q)?;
-    let agent = state.service.agent(&user, &id).await?;
-    let info = agent.stat(&path).await?;
+    let info = state.service.stat_file(&user, &id, &path).await?;
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     size_and_mode(h, info.size, &info.mode);
@@ -129,28 +103,13 @@ pub async fn write(
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?;
-    if len > MAX_WRITE_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("file is {len} bytes; writes are capped at {MAX_WRITE_BYTES} bytes (100 MiB)"),
-        ));
-    }
-    let mode = match q.mode {
-        Some(m) => Some(
-            bhatti_proto::fs::parse_mode(&m)
-                .map(bhatti_proto::fs::mode_string)
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "invalid query parameter `mode`: {m:?} is not an octal mode like 0644"
-                    ))
-                })?,
-        ),
-        None => None,
-    };
-    let agent = state.service.agent(&user, &id).await?;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let mut reader = tokio_util::io::StreamReader::new(stream);
-    if let Err(e) = agent.write_file(&path, mode, len, &mut reader).await {
+    let written = state
+        .service
+        .write_file(&user, &id, &path, q.mode.as_deref(), len, &mut reader)
+        .await;
+    if let Err(e) = written {
         drain_upload(&mut reader).await;
         return Err(e.into());
     }

@@ -7,7 +7,7 @@ use axum::Json;
 use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
-use crate::api::types::ListeningPort;
+use crate::model::ListeningPort;
 
 #[utoipa::path(get, path = "/sandboxes/{id}/ports", tag = "ports", params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = [ListeningPort], description = "listening TCP ports, without the agent's own"), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]

@@ -57,14 +57,8 @@ async fn proxy(
         .nth(5)
         .unwrap_or("")
         .to_string();
-    authed::forward(
-        &state.service.proxy_state().pool,
-        &target,
-        req,
-        &rest,
-        client,
-    )
-    .await
-    .map(|resp| crate::service::hold_until_sent(resp, hold))
-    .map_err(|e| ApiError::new(e.status(), e.to_string()))
+    authed::forward(&state.service.upstream(), &target, req, &rest, client)
+        .await
+        .map(|resp| crate::service::hold_until_sent(resp, hold))
+        .map_err(|e| ApiError::new(e.status(), e.to_string()))
 }

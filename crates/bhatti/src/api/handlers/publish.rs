@@ -8,7 +8,7 @@ use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{PublishRequest, PublishedPort};
+use crate::model::{PublishRequest, PublishedPort};
 
 #[utoipa::path(post, path = "/sandboxes/{id}/publish", tag = "publish", params(("id" = String, Path, description = "sandbox id or name")), request_body = PublishRequest,
     responses((status = 201, body = PublishedPort), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "alias taken or port already published")))]

@@ -9,7 +9,7 @@ use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{CreateSandboxRequest, PatchSandboxRequest, Sandbox, SandboxDetail};
+use crate::model::{CreateSandboxRequest, PatchSandboxRequest, Sandbox, SandboxDetail};
 
 #[utoipa::path(post, path = "/sandboxes", tag = "sandboxes", request_body = CreateSandboxRequest,
     responses((status = 201, body = Sandbox, description = "created"),

@@ -8,7 +8,7 @@ use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{SecretBody, SecretInfo};
+use crate::model::{SecretBody, SecretInfo};
 
 #[utoipa::path(post, path = "/secrets", tag = "secrets", request_body = SecretBody, responses((status = 201, body = SecretInfo), (status = 400, body = ErrorBody)))]
 pub async fn set(

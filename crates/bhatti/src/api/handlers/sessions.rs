@@ -7,7 +7,7 @@ use axum::Json;
 use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
-use crate::api::types::Session;
+use crate::model::Session;
 
 #[utoipa::path(get, path = "/sandboxes/{id}/sessions", tag = "sessions", params(("id" = String, Path, description = "sandbox id or name")),
     responses((status = 200, body = [Session]), (status = 404, body = ErrorBody)))]
@@ -16,15 +16,7 @@ pub async fn list(
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<Session>>, ApiError> {
-    let agent = state.service.agent(&user, &id).await?;
-    Ok(Json(
-        agent
-            .sessions()
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    ))
+    Ok(Json(state.service.list_sessions(&user, &id).await?))
 }
 
 #[utoipa::path(delete, path = "/sandboxes/{id}/sessions/{session_id}", tag = "sessions",
@@ -35,17 +27,6 @@ pub async fn kill(
     AuthUser(user): AuthUser,
     Path((id, session_id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let agent = state.service.agent(&user, &id).await?;
-    if !agent
-        .sessions()
-        .await?
-        .iter()
-        .any(|s| s.session_id == session_id)
-    {
-        return Err(ApiError::not_found(format!(
-            "no session {session_id} in sandbox {id}"
-        )));
-    }
-    agent.kill_session(&session_id).await?;
+    state.service.kill_session(&user, &id, &session_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -26,11 +26,11 @@ use axum::Json;
 use rand::Rng;
 use serde::Deserialize;
 
-use super::shell::{open_session, relay};
+use super::shell::{relay, shell_open};
 use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
-use crate::api::types::ShellQuery;
+use crate::model::ShellQuery;
 use crate::service::share::{ShareError, ShareInfo, ShareStatus};
 
 /// How long a web terminal may take to send its token.
@@ -240,7 +240,17 @@ async fn serve(state: AppState, id: String, mut socket: WebSocket) {
         let msg = r#"the first message must be {"type":"auth","token":"…"}"#.to_string();
         return refuse(socket, close_code::INVALID_TOKEN, msg).await;
     };
-    let (agent, mut slot) = match state.service.open_shared_terminal(&id, &token).await {
+    let q = ShellQuery {
+        session,
+        token: None,
+        rows,
+        cols,
+    };
+    let opened = state
+        .service
+        .open_shared_terminal(&id, &token, &shell_open(&q))
+        .await;
+    let (stream, mut slot) = match opened {
         Ok(v) => v,
         Err(e) => {
             let code = match e {
@@ -250,16 +260,6 @@ async fn serve(state: AppState, id: String, mut socket: WebSocket) {
             };
             return refuse(socket, code, e.to_string()).await;
         }
-    };
-    let q = ShellQuery {
-        session,
-        token: None,
-        rows,
-        cols,
-    };
-    let stream = match open_session(&agent, &q).await {
-        Ok(s) => s,
-        Err(e) => return refuse(socket, close_code::INTERNAL, e.message).await,
     };
     tracing::info!(sandbox = %id, "web terminal opened");
     let revoked = async move {

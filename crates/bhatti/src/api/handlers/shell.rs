@@ -8,16 +8,12 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
-use bhatti_proto::ExecRequest;
 
 use crate::api::auth::{ApiKey, AuthUser};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
-use crate::api::types::{ShellControl, ShellQuery};
-use crate::engine::agent_client::{AgentClient, ExecEvent, ExecStream};
-
-/// The login shell every new shell session runs.
-pub const SHELL_ARGV: [&str; 2] = ["/bin/bash", "-l"];
+use crate::model::{ShellControl, ShellQuery};
+use crate::service::sessions::{Shell, ShellEvent, ShellOpen};
 
 #[utoipa::path(get, path = "/sandboxes/{id}/ws", tag = "sessions", params(("id" = String, Path, description = "sandbox id or name"), ShellQuery),
     responses((status = 101, description = "WebSocket shell"), (status = 404, body = ErrorBody)))]
@@ -30,10 +26,13 @@ pub async fn shell(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Look the sandbox up first: another user's sandbox is a 404 whatever the request.
-    let agent = state.service.agent(&user, &id).await?;
+    state.service.get_sandbox(&user, &id).await?;
     let ws = ws
         .map_err(|e| ApiError::bad_request(format!("this route needs a WebSocket upgrade: {e}")))?;
-    let stream = open_session(&agent, &q).await?;
+    let stream = state
+        .service
+        .open_shell(&user, &id, &shell_open(&q))
+        .await?;
     let service = state.service.clone();
     Ok(ws.on_upgrade(move |socket| async move {
         let revoked = async move {
@@ -56,68 +55,30 @@ pub(crate) fn key_revoked_close() -> (String, CloseFrame) {
     )
 }
 
-/// Attaches to the requested session, else to the newest detached login
-/// shell, else starts a new one.
-pub(crate) async fn open_session(
-    agent: &AgentClient,
-    q: &ShellQuery,
-) -> Result<ExecStream, ApiError> {
-    let (rows, cols) = (q.rows.filter(|r| *r > 0), q.cols.filter(|c| *c > 0));
-    let shell_line = SHELL_ARGV.join(" ");
-    let mut attach = q.session.clone();
-    let explicit = attach.is_some();
-    if attach.is_none() {
-        let mut detached: Vec<_> = agent
-            .sessions()
-            .await?
-            .into_iter()
-            .filter(|s| s.tty && s.running && !s.attached && s.argv == shell_line)
-            .collect();
-        detached.sort_by_key(|s| s.created_at);
-        attach = detached.pop().map(|s| s.session_id);
+/// What the shell query asks the service for.
+pub(crate) fn shell_open(q: &ShellQuery) -> ShellOpen {
+    ShellOpen {
+        session: q.session.clone(),
+        rows: q.rows,
+        cols: q.cols,
     }
-    if let Some(session_id) = attach {
-        let req = ExecRequest {
-            argv: vec![],
-            tty: true,
-            rows,
-            cols,
-            session_id: Some(session_id),
-            if_detached: !explicit,
-            ..Default::default()
-        };
-        match agent.exec(req).await {
-            Ok(s) => return Ok(s),
-            Err(e) if explicit => return Err(e.into()),
-            // Someone attached first: fall through to a new shell.
-            Err(_) => {}
-        }
-    }
-    let req = ExecRequest {
-        argv: SHELL_ARGV.iter().map(|s| s.to_string()).collect(),
-        tty: true,
-        rows,
-        cols,
-        ..Default::default()
-    };
-    Ok(agent.exec(req).await?)
 }
 
 /// Relays terminal bytes and resizes until either side ends or `stop`
 /// completes; `stop`'s `(message, close frame)` is sent to the client then.
 pub(crate) async fn relay(
     mut socket: WebSocket,
-    stream: ExecStream,
+    stream: Shell,
     stop: impl std::future::Future<Output = (String, CloseFrame)>,
 ) {
     tokio::pin!(stop);
-    let ExecStream {
-        session,
-        mut reader,
-        mut writer,
+    let Shell {
+        session_id,
+        output: mut reader,
+        input: mut writer,
     } = stream;
-    if let Some(s) = session {
-        let hello = serde_json::json!({"type": "session", "session_id": s.session_id});
+    if let Some(session_id) = session_id {
+        let hello = serde_json::json!({"type": "session", "session_id": session_id});
         if socket
             .send(WsMessage::Text(hello.to_string().into()))
             .await
@@ -135,12 +96,12 @@ pub(crate) async fn relay(
                 return;
             }
             ev = reader.next() => match ev {
-                Ok(ExecEvent::Stdout(b)) | Ok(ExecEvent::Stderr(b)) => {
+                Ok(ShellEvent::Output(b)) => {
                     if socket.send(WsMessage::Binary(b.into())).await.is_err() {
                         return;
                     }
                 }
-                Ok(ExecEvent::Exit(code)) => {
+                Ok(ShellEvent::Exit(code)) => {
                     let msg = serde_json::json!({"type": "exit", "exit_code": code});
                     let _ = socket.send(WsMessage::Text(msg.to_string().into())).await;
                     let _ = socket.send(WsMessage::Close(None)).await;
@@ -153,7 +114,7 @@ pub(crate) async fn relay(
             },
             msg = socket.recv() => match msg {
                 Some(Ok(WsMessage::Binary(b))) => {
-                    if writer.stdin(&b).await.is_err() {
+                    if writer.write(&b).await.is_err() {
                         return;
                     }
                 }

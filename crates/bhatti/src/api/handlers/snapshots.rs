@@ -9,7 +9,7 @@ use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
-use crate::api::types::{
+use crate::model::{
     CheckpointRequest, CreateSandboxRequest, CreateSnapshotRequest, Sandbox, Snapshot,
 };
 

@@ -2,9 +2,9 @@
 
 use reqwest::Method;
 
-use crate::api::types::FileEntry;
 use crate::cli::client::Target;
 use crate::cli::{output, Ctx};
+use crate::model::FileEntry;
 
 #[derive(Debug, clap::Args)]
 pub struct LsArgs {

@@ -1,8 +1,8 @@
 //! `bhatti secret list`: names and timestamps, never values.
 
-use crate::api::types::SecretInfo;
 use crate::cli::client::Target;
 use crate::cli::{output, Ctx};
+use crate::model::SecretInfo;
 
 pub async fn run(ctx: Ctx) -> anyhow::Result<i32> {
     let secrets: Vec<SecretInfo> = ctx.client.get_json(&["secrets"], Target::None).await?;

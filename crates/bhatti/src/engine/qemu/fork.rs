@@ -84,12 +84,12 @@ impl QemuEngine {
         let files = VmFiles::new(self.sandbox_dir(id));
         let meta = read_meta(&files.meta).ok_or_else(|| EngineError::NotFound(id.to_string()))?;
         let (cpus, memory_mb) = machine_size(&meta.argv).ok_or_else(|| {
-            EngineError::Other(format!("cannot read the machine size of VM {id}"))
+            EngineError::State(format!("cannot read the machine size of VM {id}"))
         })?;
         let cp_dir = self.checkpoint_dir(checkpoint);
         let layer_path = self.layer_path(layer);
         if cp_dir.exists() || layer_path.exists() {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::AlreadyExists(format!(
                 "checkpoint {checkpoint} or layer {layer} already exists"
             )));
         }
@@ -136,7 +136,7 @@ impl QemuEngine {
             pause_ms: pause.map(|p| p.as_millis() as u64),
         };
         let json =
-            serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Other(e.to_string()))?;
+            serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Internal(e.to_string()))?;
         std::fs::write(cp_dir.join("checkpoint.json"), json)?;
         tracing::info!(id, checkpoint, layer = %info.layer, new_layer = info.new_layer, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
         Ok(info)
@@ -154,7 +154,10 @@ impl QemuEngine {
         layer_path: &Path,
     ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
         let qmp = self.qmp_of(id).await?;
-        let err = |e: super::qmp::QmpError| EngineError::Other(format!("checkpoint of {id}: {e}"));
+        let err = |source| EngineError::Qmp {
+            context: format!("checkpoint of {id}"),
+            source,
+        };
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
             .await
             .map_err(err)?;
@@ -185,9 +188,7 @@ impl QemuEngine {
             saved?;
             resumed.map_err(err)?;
             blocking(move || file.sync_all()).await??;
-            let size = disks::info(&files.overlay)
-                .map_err(|e| EngineError::Other(e.to_string()))?
-                .virtual_size;
+            let size = disks::info(&files.overlay)?.virtual_size;
             return Ok((size, Some(pause), Some(current)));
         }
         // The guest stands still: its disk (flushed by `stop`) becomes the layer.
@@ -203,11 +204,8 @@ impl QemuEngine {
                 let _ = std::fs::remove_file(&nx);
                 e
             };
-            let size = disks::info(&lp)
-                .map_err(|e| undo(EngineError::Other(e.to_string())))?
-                .virtual_size;
-            disks::create_overlay_on_layer(&lp, &nx, size)
-                .map_err(|e| undo(EngineError::Other(e.to_string())))?;
+            let size = disks::info(&lp).map_err(|e| undo(e.into()))?.virtual_size;
+            disks::create_overlay_on_layer(&lp, &nx, size).map_err(|e| undo(e.into()))?;
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -286,9 +284,7 @@ impl QemuEngine {
             let (f, st) = (files.clone(), state.to_path_buf());
             let size = blocking(move || -> Result<u64, EngineError> {
                 std::fs::hard_link(&f.state, &st)?;
-                disks::info(&f.overlay)
-                    .map(|i| i.virtual_size)
-                    .map_err(|e| EngineError::Other(e.to_string()))
+                Ok(disks::info(&f.overlay)?.virtual_size)
             })
             .await??;
             return Ok((size, None, Some(current)));
@@ -303,7 +299,7 @@ impl QemuEngine {
             });
             made.map_err(|e| {
                 let _ = std::fs::rename(&lp, &f.overlay);
-                EngineError::Other(e.to_string())
+                EngineError::Disk(e)
             })
         })
         .await??;
@@ -359,9 +355,7 @@ impl QemuEngine {
             Ok(vm) => {
                 guard.armed = false;
                 tracing::info!(id = %spec.id, checkpoint, ms = started.elapsed().as_millis() as u64, "VM restored into a new identity");
-                if let Ok(mut vms) = self.vms.lock() {
-                    vms.insert(spec.id.clone(), vm);
-                }
+                self.registry().insert(spec.id.clone(), vm);
                 Ok(VmRuntime {
                     ip: spec.ip,
                     token: spec.token.clone(),
@@ -414,11 +408,10 @@ impl QemuEngine {
         );
         let t0 = Instant::now();
         blocking(move || -> Result<(), EngineError> {
-            disks::create_overlay_on_layer(&layer, &f.overlay, size)
-                .map_err(|e| EngineError::Other(e.to_string()))?;
-            config_drive::write(&f.config, &boot).map_err(|e| EngineError::Other(e.to_string()))?;
-            let meta_json =
-                serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::Other(e.to_string()))?;
+            disks::create_overlay_on_layer(&layer, &f.overlay, size)?;
+            config_drive::write(&f.config, &boot)?;
+            let meta_json = serde_json::to_vec_pretty(&meta)
+                .map_err(|e| EngineError::Internal(format!("VM record: {e}")))?;
             std::fs::write(&f.meta, meta_json)?;
             network::quarantine_up(&net, &q, &t, pip, &pmac).map_err(net_err)
         })
@@ -539,8 +532,9 @@ impl QemuEngine {
 
     /// Depth of a sandbox's disk chain (overlay, layers, base), for tests and diagnostics.
     pub fn disk_chain_depth(&self, id: &str) -> Result<usize, EngineError> {
-        disks::chain_depth(&VmFiles::new(self.sandbox_dir(id)).overlay)
-            .map_err(|e| EngineError::Other(e.to_string()))
+        Ok(disks::chain_depth(
+            &VmFiles::new(self.sandbox_dir(id)).overlay,
+        )?)
     }
 
     /// Removes quarantine namespaces no restore uses (after a crash).

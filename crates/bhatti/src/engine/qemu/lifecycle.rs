@@ -22,19 +22,19 @@ impl QemuEngine {
     pub(super) fn check_spec(&self, spec: &SandboxSpec) -> Result<(), EngineError> {
         check_id(&spec.id)?;
         if !self.net.subnet.is_guest_addr(spec.ip) {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::InvalidSpec(format!(
                 "guest address {} is not a host address of {} other than the gateway",
                 spec.ip, self.net.subnet
             )));
         }
         if !(1..=64).contains(&spec.cpus) {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::InvalidSpec(format!(
                 "cpus must be 1-64, got {}",
                 spec.cpus
             )));
         }
         if spec.memory_mb < 128 {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::InvalidSpec(format!(
                 "memory must be at least 128 MiB, got {}",
                 spec.memory_mb
             )));
@@ -54,7 +54,7 @@ impl QemuEngine {
         }
         let qmp_path = self.sandbox_dir(&spec.id).join("qmp.sock");
         if qmp_path.as_os_str().len() >= 108 {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::Config(format!(
                 "QMP socket path {} is too long for a Unix socket; use a shorter data dir",
                 qmp_path.display()
             )));
@@ -87,12 +87,9 @@ impl QemuEngine {
         spec: &SandboxSpec,
     ) -> Result<(VmFiles, CreateGuard<'_>), EngineError> {
         {
-            let mut busy = self
-                .busy
-                .lock()
-                .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
+            let mut busy = self.busy_ids();
             if self.vm(&spec.id).is_some() || !busy.insert(spec.id.clone()) {
-                return Err(EngineError::Other(format!(
+                return Err(EngineError::AlreadyExists(format!(
                     "a VM with id {} already exists",
                     spec.id
                 )));
@@ -174,11 +171,11 @@ impl QemuEngine {
             }
             disks::create_overlay(&rootfs, &f.overlay).map_err(|e| match e {
                 disks::DiskError::MissingBase(_) => EngineError::Image(e.to_string()),
-                e => EngineError::Other(e.to_string()),
+                e => EngineError::Disk(e),
             })?;
-            config_drive::write(&f.config, &b).map_err(|e| EngineError::Other(e.to_string()))?;
-            let meta_json =
-                serde_json::to_vec_pretty(&meta).map_err(|e| EngineError::Other(e.to_string()))?;
+            config_drive::write(&f.config, &b)?;
+            let meta_json = serde_json::to_vec_pretty(&meta)
+                .map_err(|e| EngineError::Internal(format!("VM record: {e}")))?;
             std::fs::write(&f.meta, meta_json)?;
             network::add_tap(&net, &t, ip, &m).map_err(net_err)
         })
@@ -197,14 +194,13 @@ impl QemuEngine {
                 reason: e.to_string(),
                 console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
             },
-            e => EngineError::Other(e.to_string()),
+            e => EngineError::Process(e),
         })?;
         if let Ok(mut p) = pid_slot.lock() {
             *p = Some(pid);
         }
         // QEMU holds the config in memory now: no secret stays on disk.
-        config_drive::scrub(&files.config, &boot_cfg)
-            .map_err(|e| EngineError::Other(e.to_string()))?;
+        config_drive::scrub(&files.config, &boot_cfg)?;
         let qmp = Qmp::connect_retry(&files.qmp, Duration::from_secs(5))
             .await
             .map_err(|e| EngineError::Boot {
@@ -299,7 +295,7 @@ impl QemuEngine {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(EngineError::Other(format!(
+                Err(e) => Err(EngineError::State(format!(
                     "cannot remove {}: {e}",
                     dir.display()
                 ))),
@@ -325,9 +321,7 @@ pub(super) struct CreateGuard<'a> {
 
 impl Drop for CreateGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.engine.busy.lock() {
-            c.remove(&self.id);
-        }
+        self.engine.busy_ids().remove(&self.id);
         if !self.armed {
             return;
         }

@@ -144,7 +144,7 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, EngineError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| EngineError::Other(format!("engine task failed: {e}")))
+        .map_err(|e| EngineError::Internal(format!("engine task failed: {e}")))
 }
 
 /// Ids name directories, TAPs and processes: keep them plain.
@@ -158,7 +158,7 @@ fn check_id(id: &str) -> Result<(), EngineError> {
     if ok {
         Ok(())
     } else {
-        Err(EngineError::Other(format!(
+        Err(EngineError::InvalidSpec(format!(
             "invalid sandbox id {id:?}: use 1-64 characters of [A-Za-z0-9_-]"
         )))
     }
@@ -180,13 +180,13 @@ impl QemuEngine {
         let sandboxes_dir = data_dir.join("sandboxes");
         // QEMU's option syntax splits on commas; keep paths it sees free of them.
         if sandboxes_dir.to_string_lossy().contains([',', '\n']) {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::Config(format!(
                 "data dir {} must not contain commas",
                 data_dir.display()
             )));
         }
         std::fs::create_dir_all(&sandboxes_dir)?;
-        let accel = accel::resolve(cfg.accel).map_err(|e| EngineError::Other(e.to_string()))?;
+        let accel = accel::resolve(cfg.accel).map_err(|e| EngineError::Config(e.to_string()))?;
         let tsc_khz = accel::host_tsc_khz();
         if tsc_khz.is_none() {
             tracing::warn!(
@@ -239,18 +239,28 @@ impl QemuEngine {
         self.sandboxes_dir.join(id)
     }
 
+    /// The running VMs. A panic while the lock was held cannot leave the map
+    /// half-updated (every change is one insert or remove), so a poisoned
+    /// lock is used as it is: a VM is never dropped from the registry, nor
+    /// an insert lost, because some other thread panicked.
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Vm>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ids with an operation in progress (poisoning handled as in [`registry`](Self::registry)).
+    fn busy_ids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn vm(&self, id: &str) -> Option<Arc<Vm>> {
-        self.vms.lock().ok()?.get(id).cloned()
+        self.registry().get(id).cloned()
     }
 
     /// Marks `id` busy until the guard drops; refuses a second operation at once.
     fn reserve(&self, id: &str) -> Result<Busy<'_>, EngineError> {
-        let mut busy = self
-            .busy
-            .lock()
-            .map_err(|_| EngineError::Other("engine state poisoned".into()))?;
+        let mut busy = self.busy_ids();
         if !busy.insert(id.to_string()) {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::Busy(format!(
                 "another operation on VM {id} is in progress"
             )));
         }
@@ -272,7 +282,7 @@ impl QemuEngine {
         let q = Arc::new(
             Qmp::connect(&vm.files.qmp)
                 .await
-                .map_err(|e| EngineError::Other(e.to_string()))?,
+                .map_err(EngineError::qmp(format!("connecting to VM {id}")))?,
         );
         *slot = Some(q.clone());
         Ok(q)
@@ -284,7 +294,7 @@ impl QemuEngine {
             .await?
             .stop()
             .await
-            .map_err(|e| EngineError::Other(e.to_string()))
+            .map_err(EngineError::qmp(format!("pausing VM {id}")))
     }
 
     /// Resumes a paused VM.
@@ -293,7 +303,7 @@ impl QemuEngine {
             .await?
             .cont()
             .await
-            .map_err(|e| EngineError::Other(e.to_string()))
+            .map_err(EngineError::qmp(format!("resuming VM {id}")))
     }
 
     /// QEMU's run state of the VM ("running", "paused", ...).
@@ -303,7 +313,7 @@ impl QemuEngine {
             .await?
             .query_status()
             .await
-            .map_err(|e| EngineError::Other(e.to_string()))?
+            .map_err(EngineError::qmp(format!("querying the state of VM {id}")))?
             .status
             .as_str()
             .to_string())
@@ -323,9 +333,7 @@ struct Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        if let Ok(mut b) = self.engine.busy.lock() {
-            b.remove(&self.id);
-        }
+        self.engine.busy_ids().remove(&self.id);
     }
 }
 
@@ -341,7 +349,7 @@ impl Engine for QemuEngine {
         if let Some(pid) =
             process::read_pidfile(&files.pidfile).filter(|p| process::is_our_qemu(*p, &files.dir))
         {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::AlreadyExists(format!(
                 "a QEMU (pid {pid}) already runs for sandbox {}; destroy it first",
                 spec.id
             )));
@@ -360,9 +368,7 @@ impl Engine for QemuEngine {
             Ok(vm) => {
                 guard.armed = false;
                 tracing::info!(id = %spec.id, ip = %spec.ip, pid = vm.pid, ms = started.elapsed().as_millis() as u64, "VM ready");
-                if let Ok(mut vms) = self.vms.lock() {
-                    vms.insert(spec.id.clone(), vm);
-                }
+                self.registry().insert(spec.id.clone(), vm);
                 Ok(VmRuntime {
                     ip: spec.ip,
                     token: spec.token.clone(),
@@ -394,7 +400,7 @@ impl Engine for QemuEngine {
     /// Idempotent: destroying a VM that is already gone succeeds.
     async fn destroy(&self, id: &str) -> Result<(), EngineError> {
         check_id(id)?;
-        let vm = self.vms.lock().ok().and_then(|mut v| v.remove(id));
+        let vm = self.registry().remove(id);
         let files = VmFiles::new(self.sandbox_dir(id));
         self.stop_qemu(vm.as_deref(), &files).await;
         self.remove_leftovers(
@@ -424,8 +430,9 @@ impl Engine for QemuEngine {
         let sent = crate::engine::Engine::agent(self, id, rt)
             .send_time()
             .await
-            .map_err(|e| {
-                EngineError::Other(format!("cannot set the resumed guest's clock: {e}"))
+            .map_err(|source| EngineError::Agent {
+                context: "cannot set the resumed guest's clock".into(),
+                source,
             })?;
         let total_us = started.elapsed().as_micros() as u64;
         let id = id.to_string();
@@ -453,7 +460,7 @@ impl Engine for QemuEngine {
             .await?
             .query_status()
             .await
-            .map_err(|e| EngineError::Other(e.to_string()))?;
+            .map_err(EngineError::qmp(format!("querying the state of VM {id}")))?;
         Ok(!s.running)
     }
 
@@ -565,9 +572,7 @@ impl Engine for QemuEngine {
             tap,
             qmp: tokio::sync::Mutex::new(Some(Arc::new(qmp))),
         });
-        if let Ok(mut vms) = self.vms.lock() {
-            vms.insert(id.to_string(), vm);
-        }
+        self.registry().insert(id.to_string(), vm);
         VmState::Running
     }
 
@@ -613,9 +618,7 @@ impl Engine for QemuEngine {
                 continue;
             }
             tracing::info!(id = %name, "sweep: removing leftovers of an unknown sandbox");
-            if let Ok(mut vms) = self.vms.lock() {
-                vms.remove(&name);
-            }
+            self.registry().remove(&name);
             let files = VmFiles::new(entry.path());
             self.stop_qemu(None, &files).await;
             self.remove_leftovers(&name, &files, None, None).await?;

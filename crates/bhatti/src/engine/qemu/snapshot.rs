@@ -42,8 +42,11 @@ pub(super) fn partial_state(files: &VmFiles) -> PathBuf {
     files.dir.join("vm.state.tmp")
 }
 
-fn save_err(e: QmpError) -> EngineError {
-    EngineError::Other(format!("saving the VM to disk failed: {e}"))
+fn save_err(source: QmpError) -> EngineError {
+    EngineError::Qmp {
+        context: "saving the VM to disk failed".into(),
+        source,
+    }
 }
 
 impl QemuEngine {
@@ -61,7 +64,7 @@ impl QemuEngine {
         };
         if read_meta(&files.meta).is_some_and(|m| !m.argv.iter().any(|a| a.contains(DRIVE_OPTION)))
         {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::State(format!(
                 "VM {id} was started by an older bhatti whose QEMU options do not allow \
                  saving it to disk; it keeps running (recreate the sandbox to be able to stop it)"
             )));
@@ -89,9 +92,7 @@ impl QemuEngine {
         };
         let saved_in = started.elapsed();
         // From here on the VM is stopped, whatever happens to its process.
-        if let Ok(mut vms) = self.vms.lock() {
-            vms.remove(id);
-        }
+        self.registry().remove(id);
         self.stop_qemu(Some(&vm), &files).await;
         // QEMU (as nobody) cannot remove these itself.
         let _ = std::fs::remove_file(&files.pidfile);
@@ -162,12 +163,12 @@ impl QemuEngine {
         }
         let files = VmFiles::new(self.sandbox_dir(id));
         if !files.state.is_file() {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::State(format!(
                 "sandbox {id} has no saved state to start from"
             )));
         }
         let meta = read_meta(&files.meta).ok_or_else(|| {
-            EngineError::Other(format!(
+            EngineError::State(format!(
                 "{} is missing or unreadable; the VM cannot be restored",
                 files.meta.display()
             ))
@@ -192,7 +193,7 @@ impl QemuEngine {
             );
             process::kill(pid);
             if !process::wait_exit(pid, Duration::from_secs(5)).await {
-                return Err(EngineError::Other(format!(
+                return Err(EngineError::Busy(format!(
                     "a QEMU (pid {pid}) of sandbox {id} does not exit; cannot restore"
                 )));
             }
@@ -241,9 +242,7 @@ impl QemuEngine {
             tap: meta.tap.clone(),
             qmp: tokio::sync::Mutex::new(Some(qmp.clone())),
         });
-        if let Ok(mut vms) = self.vms.lock() {
-            vms.insert(id.to_string(), vm);
-        }
+        self.registry().insert(id.to_string(), vm);
         qmp.cont().await.map_err(|e| EngineError::Boot {
             reason: format!("the restored VM does not resume: {e}"),
             console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
@@ -333,12 +332,12 @@ pub(super) async fn wait_migration(
         let m = match qmp.query_migrate().await {
             Ok(m) => m,
             Err(_) if !process::pid_alive(pid) => {
-                return Err(EngineError::Other(format!(
+                return Err(EngineError::State(format!(
                     "QEMU (pid {pid}) exited while {what} the VM's state"
                 )))
             }
             Err(e) => {
-                return Err(EngineError::Other(format!(
+                return Err(EngineError::State(format!(
                     "{what} the VM's state: QEMU does not report progress: {e}"
                 )))
             }
@@ -346,7 +345,7 @@ pub(super) async fn wait_migration(
         match m.status {
             Some(MigrationStatus::Completed) => return Ok(m),
             Some(MigrationStatus::Failed | MigrationStatus::Cancelled) => {
-                return Err(EngineError::Other(format!(
+                return Err(EngineError::State(format!(
                     "{what} the VM's state failed: {}",
                     m.error_desc.as_deref().unwrap_or("QEMU gives no reason")
                 )))
@@ -354,7 +353,7 @@ pub(super) async fn wait_migration(
             _ => {}
         }
         if Instant::now() >= deadline {
-            return Err(EngineError::Other(format!(
+            return Err(EngineError::State(format!(
                 "{what} the VM's state did not finish within {} s (status {:?})",
                 MIGRATION_TIMEOUT.as_secs(),
                 m.status

@@ -1,4 +1,5 @@
-//! Keep-alive HTTP/1.1 connections to guest ports, shared by both proxies:
+//! Keep-alive HTTP/1.1 connections to guest ports, shared by both proxies
+//! (the service owns the pool and hands it to them at start-up):
 //! hyper-util's pooled client over a connector that opens a forward through
 //! the sandbox's agent (a TCP connect, an AUTH frame and a dial inside the
 //! guest), so an app that keeps connections alive is reused.
@@ -24,9 +25,87 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::relay::UpstreamBody;
-use super::{ProxyError, Target};
+use axum::http::StatusCode;
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+
 use crate::engine::agent_client::{AgentClient, AgentError, BoxStream};
+
+/// Error type of upstream request bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Request body type of upstream connections.
+pub type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest request body either proxy forwards.
+pub const MAX_REQUEST_BODY: u64 = 50 * 1024 * 1024;
+
+/// A port inside one sandbox, and how to reach it.
+#[derive(Clone)]
+pub struct Target {
+    pub sandbox_id: String,
+    pub port: u16,
+    agent: AgentClient,
+}
+
+impl Target {
+    /// `port` of sandbox `sandbox_id`, reached through `agent`.
+    pub fn new(sandbox_id: String, port: u16, agent: AgentClient) -> Target {
+        Target {
+            sandbox_id,
+            port,
+            agent,
+        }
+    }
+}
+
+/// Route cache and upstream connections of the proxies, owned by the
+/// service so that sandbox lifecycle changes (unpublish, destroy) can
+/// invalidate them at once.
+#[derive(Default)]
+pub struct ProxyState {
+    /// `alias` → published target, for the public proxy.
+    pub routes: super::routes::RouteCache,
+    /// Idle keep-alive connections to guest ports.
+    pub pool: Arc<UpstreamPool>,
+}
+
+impl ProxyState {
+    /// Forgets every route and idle connection of a sandbox.
+    pub fn forget_sandbox(&self, sandbox_id: &str) {
+        self.routes.forget_sandbox(sandbox_id);
+        self.pool.forget_sandbox(sandbox_id);
+    }
+}
+
+/// Why a request could not be relayed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// Nothing accepts connections on the port inside the guest.
+    #[error("the app is not listening on port {port} in the sandbox")]
+    NotListening { port: u16 },
+    /// The sandbox's agent could not be reached.
+    #[error("the sandbox cannot be reached: {0}")]
+    Unreachable(String),
+    /// The request body is over [`MAX_REQUEST_BODY`].
+    #[error("request body is larger than {} MiB", MAX_REQUEST_BODY >> 20)]
+    TooLarge,
+    /// The app accepted the connection but did not answer with valid HTTP.
+    #[error("the app on port {port} did not answer: {detail}")]
+    Upstream { port: u16, detail: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NotListening { .. } | ProxyError::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+}
 
 /// An idle connection older than this is closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);

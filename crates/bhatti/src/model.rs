@@ -1,4 +1,5 @@
-//! JSON shapes of the HTTP API. Field names follow the original bhatti v1 API.
+//! JSON shapes of the HTTP API, shared by `api`, `service` and `cli` (so they
+//! live below all three). Field names follow the original bhatti v1 API.
 
 use std::collections::BTreeMap;
 

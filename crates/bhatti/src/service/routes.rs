@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::Target;
+use super::upstream::Target;
 
 /// Entries kept at most; past it the cache starts over (lookups refill it).
 const MAX_ROUTES: usize = 10_000;
@@ -126,11 +126,7 @@ mod tests {
         );
         Arc::new(Route::new(
             alias.into(),
-            Target {
-                sandbox_id: sandbox.into(),
-                port,
-                agent,
-            },
+            Target::new(sandbox.into(), port, agent),
         ))
     }
 
