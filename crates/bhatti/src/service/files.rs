@@ -38,6 +38,19 @@ pub struct FileRead {
     pub chunks: mpsc::Receiver<std::io::Result<bytes::Bytes>>,
 }
 
+/// Refuses a write over [`MAX_WRITE_BYTES`] by its announced length, so a
+/// caller can answer before reading any of the body.
+///
+/// Errors: `TooLarge`, naming the cap.
+pub fn check_write_size(len: u64) -> Result<()> {
+    if len > MAX_WRITE_BYTES {
+        return Err(ServiceError::TooLarge(format!(
+            "file is {len} bytes; writes are capped at {MAX_WRITE_BYTES} bytes (100 MiB)"
+        )));
+    }
+    Ok(())
+}
+
 fn entry(f: FileInfo) -> FileEntry {
     FileEntry {
         name: f.name,
@@ -123,11 +136,7 @@ impl Service {
         len: u64,
         body: &mut R,
     ) -> Result<()> {
-        if len > MAX_WRITE_BYTES {
-            return Err(ServiceError::TooLarge(format!(
-                "file is {len} bytes; writes are capped at {MAX_WRITE_BYTES} bytes (100 MiB)"
-            )));
-        }
+        check_write_size(len)?;
         let mode = match mode {
             Some(m) => Some(
                 bhatti_proto::fs::parse_mode(m)

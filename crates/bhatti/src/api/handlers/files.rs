@@ -11,7 +11,7 @@ use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
 use crate::api::router::AppState;
 use crate::model::{FileEntry, FilesQuery};
-use crate::service::files::ReadRange;
+use crate::service::files::{self, ReadRange};
 
 fn path_of(q: &FilesQuery) -> Result<String, ApiError> {
     match q.path.as_deref() {
@@ -103,6 +103,8 @@ pub async fn write(
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .ok_or_else(|| ApiError::bad_request("invalid Content-Length"))?;
+    // Refused before any of the body is read (nothing to drain).
+    files::check_write_size(len)?;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let mut reader = tokio_util::io::StreamReader::new(stream);
     let written = state
