@@ -193,7 +193,7 @@ impl QemuEngine {
             );
             process::kill(pid);
             if !process::wait_exit(pid, Duration::from_secs(5)).await {
-                return Err(EngineError::Busy(format!(
+                return Err(EngineError::State(format!(
                     "a QEMU (pid {pid}) of sandbox {id} does not exit; cannot restore"
                 )));
             }
