@@ -83,6 +83,29 @@ async fn refusal(ws: &mut Socket, within: Duration) -> (String, Option<CloseCode
     panic!("the web terminal was not closed within {within:?} (message so far: {message:?})");
 }
 
+/// Polls until the terminal's `session` in sandbox `dev` is listed,
+/// detached and running (the agent notices a closed socket asynchronously).
+async fn wait_detached(api: &Api, session: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let sessions: Value = api
+            .get("/sandboxes/dev/sessions")
+            .await
+            .json()
+            .await
+            .expect("sessions");
+        let s = sessions
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["session_id"] == session).cloned())
+            .expect("the web terminal's session is listed");
+        if s["attached"] == false && s["running"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "session not detached: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn share(api: &Api, sandbox: &str) -> Value {
     let r = api
         .post(&format!("/sandboxes/{sandbox}/share"), json!({}))
@@ -249,28 +272,7 @@ async fn web_terminal_share() {
     ws.close(None).await.expect("close");
     drop(ws);
     // Same session as `bhatti shell`: it is listed, detached and running.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let sessions: Value = alice
-            .get("/sandboxes/dev/sessions")
-            .await
-            .json()
-            .await
-            .expect("sessions");
-        let s = sessions
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|s| s["session_id"] == session.as_str())
-                    .cloned()
-            })
-            .expect("the web terminal's session is listed");
-        if s["attached"] == false && s["running"] == true {
-            break;
-        }
-        assert!(Instant::now() < deadline, "session not detached: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_detached(&alice, &session).await;
     let mut ws = connect_ok(&d.url, &id).await;
     auth(&mut ws, &token).await;
     let (out, texts) = read_until(&mut ws, "42").await;
@@ -285,7 +287,7 @@ async fn web_terminal_share() {
     // The API's shell attaches to the same session by id.
     ws.close(None).await.expect("close");
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_detached(&alice, &session).await;
     let seen = common::ws_collect(
         &d.url,
         &key,
