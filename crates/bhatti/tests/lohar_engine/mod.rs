@@ -153,6 +153,8 @@ async fn spawn_agent(vm: &mut Vm, small_disk: bool) -> Result<(), EngineError> {
             serde_json::to_string(&env).expect("env is JSON"),
         )
         .env_remove("LOHAR_INIT")
+        // Login shells read this home's (absent) profile, not the tester's.
+        .env("HOME", &home)
         .current_dir(&home)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
