@@ -373,3 +373,75 @@ async fn dead_agent_is_unavailable() {
     assert_eq!(s, 503, "{m}");
     assert!(m.contains("sandbox agent unavailable"), "{m}");
 }
+
+/// An app on this host's loopback, which a test agent's forwards reach:
+/// answers every request with `hello from <path>`.
+async fn loopback_app() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let app = axum::Router::new()
+        .fallback(|uri: axum::http::Uri| async move { format!("hello from {}", uri.path()) });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+/// Both proxies through the service's route cache and upstream pool: the
+/// public one by alias, the authenticated one by port; unpublish and
+/// destroy end the public route at once.
+#[tokio::test]
+async fn proxies_reach_a_published_port() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "web").await;
+    let port = loopback_app().await;
+    let http = reqwest::Client::new();
+    let public = |alias: &str, path: &str| {
+        http.get(format!("http://{}{path}", d.public))
+            .header("host", format!("{alias}.localhost"))
+            .send()
+    };
+
+    let r = api
+        .post(
+            "/sandboxes/web/publish",
+            serde_json::json!({"port": port, "alias": "my-app"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    for _ in 0..3 {
+        let r = public("my-app", "/x").await.expect("public");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.expect("body"), "hello from /x");
+    }
+    assert_eq!(public("nope", "/").await.expect("public").status(), 404);
+
+    let r = api.get(&format!("/sandboxes/web/proxy/{port}/y")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "hello from /y");
+    // Nothing listens on the port: 502 from either proxy.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let r = api.get(&format!("/sandboxes/web/proxy/{closed}/")).await;
+    assert_eq!(r.status(), 502);
+
+    let r = api.delete(&format!("/sandboxes/web/publish/{port}")).await;
+    assert_eq!(r.status(), 204);
+    assert_eq!(public("my-app", "/x").await.expect("public").status(), 404);
+
+    let r = api
+        .post(
+            "/sandboxes/web/publish",
+            serde_json::json!({"port": port, "alias": "again"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(public("again", "/").await.expect("public").status(), 200);
+    assert_eq!(api.delete("/sandboxes/web").await.status(), 204);
+    assert_eq!(public("again", "/").await.expect("public").status(), 404);
+}

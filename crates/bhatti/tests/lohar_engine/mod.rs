@@ -471,6 +471,8 @@ impl Engine for LoharEngine {
 /// The real service and HTTP API on a loopback port, over a [`LoharEngine`].
 pub struct FastDaemon {
     pub url: String,
+    /// The public proxy's address; published hosts are `<alias>.localhost`.
+    pub public: SocketAddr,
     pub engine: Arc<LoharEngine>,
     pub service: Arc<Service>,
     pub store: Store,
@@ -500,15 +502,35 @@ impl FastDaemon {
         let app = router(AppState {
             service: service.clone(),
         });
+        let public_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let public = public_listener.local_addr().expect("addr");
+        let cfg = bhatti::proxy::public::PublicConfig {
+            domain: "localhost".into(),
+            scheme: "http",
+            rate_per_alias: 0,
+            rate_global: 0,
+        };
+        let public_proxy = bhatti::proxy::public::serve(
+            public_listener,
+            service.clone(),
+            cfg,
+            std::future::pending(),
+        );
         let server = tokio::spawn(async move {
-            let _ = axum::serve(
+            let api = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await;
+            );
+            tokio::select! {
+                _ = api => {}
+                _ = public_proxy => {}
+            }
         });
         FastDaemon {
             url: format!("http://{addr}"),
+            public,
             engine,
             service,
             store,
