@@ -844,7 +844,12 @@ async fn api_scenario() {
         let a = alice.clone();
         tokio::spawn(async move { a.exec("worker", &["sleep", "3"]).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Measure only once the slow exec is really running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alice.exec("worker", &["pgrep", "-x", "sleep"]).await.0 != 0 {
+        assert!(Instant::now() < deadline, "the slow exec never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let t0 = Instant::now();
     let _ = alice.exec("web2", &["true"]).await;
     let (s, _) = status_of(alice.get("/sandboxes").await).await;

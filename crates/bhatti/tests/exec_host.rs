@@ -512,7 +512,25 @@ async fn exec_stdin_limits_and_dead_guests() {
                 .status()
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Crash the guest only once that exec is really in flight.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = api
+            .post(
+                "/sandboxes/ex/exec",
+                json!({"cmd": ["pgrep", "-fx", "sleep 100"]}),
+            )
+            .await;
+        let v: Value = r.json().await.expect("exec json");
+        if v["exit_code"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow exec never started: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let started = Instant::now();
     let crash = api
         .post(

@@ -509,7 +509,11 @@ async fn guest_faults_stay_fixed() {
         })
         .await
         .expect("tty");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sh(&ag, "pgrep -fx 'sleep 100'").await.exit_code != 0 {
+        assert!(Instant::now() < deadline, "sleep never started on the TTY");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.writer.stdin(&[0x03]).await.expect("ctrl-c");
     let code = tokio::time::timeout(Duration::from_secs(10), tty_exit_code(&mut s.reader))
         .await

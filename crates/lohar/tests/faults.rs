@@ -96,7 +96,12 @@ fn tty_children_start_with_a_clean_signal_state_and_ctrl_c_works() {
 
     // Ctrl+C on the terminal interrupts the foreground program.
     let (mut c, _) = start_session(&a, tty(&["sleep", "100"]));
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        a.wait_for(Duration::from_secs(5), || !a
+            .children_named("sleep")
+            .is_empty()),
+        "sleep never started"
+    );
     let t = Instant::now();
     c.send(&Message::Stdin(vec![0x03]));
     let code = loop {

@@ -91,9 +91,14 @@ fn detach_keeps_running_and_reattach_replays_then_goes_live_without_gaps() {
     let mut first = Vec::new();
     c.read_until(&mut first, "tick-3");
     drop(c);
-    std::thread::sleep(Duration::from_millis(300));
+    // The agent notices the detach asynchronously.
+    a.wait_for(Duration::from_secs(5), || {
+        a.session(&info.session_id).is_some_and(|s| !s.attached)
+    });
     let listed = a.session(&info.session_id).unwrap();
     assert!(listed.running && !listed.attached, "{listed:?}");
+    // Time passing on purpose: the process must tick on while nobody listens.
+    std::thread::sleep(Duration::from_millis(300));
 
     let (mut c, info2) = attach(&a, &info.session_id);
     assert!(info2.running && info2.attached);

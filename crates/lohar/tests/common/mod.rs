@@ -179,6 +179,30 @@ impl Agent {
     }
 
     /// Polls `cond` for up to `limit`.
+    /// Pids of the agent's direct children whose command name
+    /// (`/proc/PID/comm`) is `comm`: lets a test wait until a program has
+    /// really started instead of sleeping.
+    pub fn children_named(&self, comm: &str) -> Vec<i32> {
+        let me = self.child.id().to_string();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                // stat: "pid (comm) state ppid …"; comm may hold spaces.
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                let Some((head, rest)) = stat.rsplit_once(") ") else {
+                    return false;
+                };
+                let name = head.split_once(" (").map(|(_, n)| n);
+                let ppid = rest.split_whitespace().nth(1);
+                name == Some(comm) && ppid == Some(me.as_str())
+            })
+            .collect()
+    }
+
     pub fn wait_for(&self, limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         let start = Instant::now();
         while start.elapsed() < limit {
