@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod engine;
 pub mod proxy;
 pub mod secrets;

@@ -34,6 +34,8 @@ impl TestNet {
             bridge: "brtest0".into(),
             subnet: "192.168.137.0/24".parse::<Subnet>().expect("subnet"),
             egress: false,
+            uplink_netns: None,
+            dns: false,
         };
         network::ensure_base(&cfg).expect("ensure_base");
         TestNet { cfg }
