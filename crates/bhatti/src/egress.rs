@@ -184,7 +184,8 @@ pub fn check_host_pattern(h: &str) -> Result<String, String> {
 }
 
 /// Parses an IPv4 CIDR (`10.0.0.0/8`) or a single address (as /32), and
-/// refuses networks that touch [`NEVER`] ranges. Host bits are cleared.
+/// refuses networks inside [`NEVER`] ranges (those inside a wider allowed
+/// network stay closed all the same). Host bits are cleared.
 pub fn parse_cidr(c: &str) -> Result<Ipv4Net, String> {
     let c = c.trim();
     let net = match c.parse::<Ipv4Net>() {
@@ -199,10 +200,13 @@ pub fn parse_cidr(c: &str) -> Result<Ipv4Net, String> {
         },
     };
     for never in NEVER {
-        let never: Ipv4Net = never.parse().map_err(|_| "bad built-in range".to_string())?;
-        if never.contains(&net) || net.contains(&never) {
+        let never: Ipv4Net = never
+            .parse()
+            .map_err(|_| "bad built-in range".to_string())?;
+        // A wider network is fine: the never-ranges inside it stay closed.
+        if never.contains(&net) {
             return Err(format!(
-                "{c} overlaps {never}, which is never reachable from a sandbox"
+                "{c} is inside {never}, which is never reachable from a sandbox"
             ));
         }
     }
@@ -219,12 +223,8 @@ mod tests {
 
     #[test]
     fn hosts() {
-        let p = EgressPolicy::parse(
-            Posture::Deny,
-            &s(&["API.example.com.", "*.pkg.dev"]),
-            &[],
-        )
-        .expect("valid");
+        let p = EgressPolicy::parse(Posture::Deny, &s(&["API.example.com.", "*.pkg.dev"]), &[])
+            .expect("valid");
         assert_eq!(p.allow_hosts, vec!["api.example.com", "*.pkg.dev"]);
         assert!(p.allows_name("api.example.com"));
         assert!(p.allows_name("API.Example.com."));
@@ -234,7 +234,9 @@ mod tests {
         assert!(p.allows_name("a.b.pkg.dev"));
         assert!(!p.allows_name("pkg.dev"));
         assert!(!p.allows_name("evilpkg.dev"));
-        for bad in ["", "*", "*.", "a..b", "-a.com", "a b.com", "1.2.3.4", "a.*.com", "x/y"] {
+        for bad in [
+            "", "*", "*.", "a..b", "-a.com", "a b.com", "1.2.3.4", "a.*.com", "x/y",
+        ] {
             assert!(
                 EgressPolicy::parse(Posture::Deny, &s(&[bad]), &[]).is_err(),
                 "{bad:?}"
@@ -261,7 +263,6 @@ mod tests {
         for bad in [
             "169.254.169.254",
             "169.254.0.0/16",
-            "0.0.0.0/0",
             "127.0.0.1",
             "10.0.0.0/33",
             "fd00::/8",
@@ -275,8 +276,8 @@ mod tests {
 
     #[test]
     fn json_shape() {
-        let p = EgressPolicy::parse(Posture::Deny, &s(&["a.com"]), &s(&["10.0.0.0/8"]))
-            .expect("valid");
+        let p =
+            EgressPolicy::parse(Posture::Deny, &s(&["a.com"]), &s(&["10.0.0.0/8"])).expect("valid");
         let v = serde_json::to_value(&p).expect("json");
         assert_eq!(
             v,

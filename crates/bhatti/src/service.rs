@@ -160,7 +160,10 @@ impl Service {
     /// The egress policy of a create request: its fields, else the defaults.
     fn egress_of(&self, req: &CreateSandboxRequest) -> Result<EgressPolicy> {
         let d = &self.default_egress;
-        let hosts = req.allow_hosts.clone().unwrap_or_else(|| d.allow_hosts.clone());
+        let hosts = req
+            .allow_hosts
+            .clone()
+            .unwrap_or_else(|| d.allow_hosts.clone());
         let cidrs = req
             .allow_cidrs
             .clone()

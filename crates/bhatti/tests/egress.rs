@@ -87,11 +87,8 @@ fn dns_server(ns: &str, addr: &str) {
                 };
                 match a {
                     Some(a) if query.query_type == hickory_proto::rr::RecordType::A => {
-                        r.answers.push(Record::from_rdata(
-                            query.name.clone(),
-                            300,
-                            RData::A(A(a)),
-                        ));
+                        r.answers
+                            .push(Record::from_rdata(query.name.clone(), 300, RData::A(A(a))));
                     }
                     Some(_) => {}
                     None => r.metadata.response_code = ResponseCode::NXDomain,
@@ -139,8 +136,24 @@ impl Outside {
             ip(&["-n", out, "addr", "add", a, "dev", "lo"]);
         }
         ip(&["-n", out, "route", "add", "default", "via", "198.51.100.1"]);
-        ip(&["-n", up, "route", "add", "203.0.113.0/24", "via", "198.51.100.2"]);
-        ip(&["-n", up, "route", "add", "10.99.0.0/24", "via", "198.51.100.2"]);
+        ip(&[
+            "-n",
+            up,
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "198.51.100.2",
+        ]);
+        ip(&[
+            "-n",
+            up,
+            "route",
+            "add",
+            "10.99.0.0/24",
+            "via",
+            "198.51.100.2",
+        ]);
         web_server(out, "203.0.113.10:80", "public");
         web_server(out, "203.0.113.11:80", "allowed");
         web_server(out, "10.99.0.10:80", "private");
@@ -167,19 +180,36 @@ async fn create(api: &Api, body: serde_json::Value) -> serde_json::Value {
     v
 }
 
-/// Connects from the guest to each `host:port` at once; one line per
-/// probe: `<label> open` or `<label> closed (<why>)`.
+/// A Python script (run in the guest) that connects to each `host:port`
+/// at once and prints one line per probe: `<label> open` or
+/// `<label> closed (<why>)` (timeout: the packets were dropped).
 fn probe_script(probes: &[(String, String)]) -> String {
-    let mut s = String::from(
-        "probe() { out=$(timeout 4 bash -c \"exec 3<>/dev/tcp/$1\" 2>&1); rc=$?; \
-         if [ $rc = 0 ]; then echo \"$2 open\"; elif [ $rc = 124 ]; then echo \"$2 closed (timeout)\"; \
-         else echo \"$2 closed (${out##*: })\"; fi; }\n",
-    );
-    for (target, label) in probes {
-        s += &format!("probe {} {label} &\n", target.replace(':', "/"));
-    }
-    s += "wait\n";
-    s
+    let list = probes
+        .iter()
+        .map(|(t, l)| {
+            let (h, p) = t.rsplit_once(':').expect("host:port");
+            format!("('{h}', {p}, '{l}')")
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "import socket, selectors, time, errno\n\
+         sel = selectors.DefaultSelector()\n\
+         res = {{}}\n\
+         for h, p, l in [{list}]:\n\
+         \x20   s = socket.socket(); s.setblocking(False)\n\
+         \x20   e = s.connect_ex((h, p))\n\
+         \x20   if e in (0, errno.EINPROGRESS): sel.register(s, selectors.EVENT_WRITE, l)\n\
+         \x20   else: res[l] = 'closed (' + errno.errorcode.get(e, str(e)) + ')'\n\
+         end = time.time() + 5\n\
+         while sel.get_map() and time.time() < end:\n\
+         \x20   for k, _ in sel.select(0.2):\n\
+         \x20       e = k.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)\n\
+         \x20       res[k.data] = 'open' if e == 0 else 'closed (' + errno.errorcode.get(e, str(e)) + ')'\n\
+         \x20       sel.unregister(k.fileobj)\n\
+         for k in list(sel.get_map().values()): res[k.data] = 'closed (timeout)'\n\
+         for l, r in sorted(res.items()): print(l, r)\n"
+    )
 }
 
 fn outcome<'a>(out: &'a str, label: &str) -> &'a str {
@@ -207,9 +237,18 @@ async fn egress_policy_and_guest_probes() {
 
     // Bad policies are refused before anything is made.
     for (body, field) in [
-        (json!({"name": "x", "allow_cidrs": ["169.254.169.254/32"]}), "allow_cidrs"),
-        (json!({"name": "x", "allow_cidrs": ["10.0.0.0/40"]}), "allow_cidrs"),
-        (json!({"name": "x", "allow_hosts": ["bad host"]}), "allow_hosts"),
+        (
+            json!({"name": "x", "allow_cidrs": ["169.254.169.254/32"]}),
+            "allow_cidrs",
+        ),
+        (
+            json!({"name": "x", "allow_cidrs": ["10.0.0.0/40"]}),
+            "allow_cidrs",
+        ),
+        (
+            json!({"name": "x", "allow_hosts": ["bad host"]}),
+            "allow_hosts",
+        ),
         (json!({"name": "x", "egress": "open"}), "egress"),
     ] {
         let r = alice.post("/sandboxes", body.clone()).await;
@@ -232,7 +271,11 @@ async fn egress_policy_and_guest_probes() {
     );
     eprintln!("3 sandboxes in {:?}", t0.elapsed());
     assert_eq!(a1["egress"]["mode"], "deny", "{a1}");
-    assert_eq!(a1["egress"]["allow_cidrs"], json!(["10.99.0.10/32"]), "{a1}");
+    assert_eq!(
+        a1["egress"]["allow_cidrs"],
+        json!(["10.99.0.10/32"]),
+        "{a1}"
+    );
     assert_eq!(a2["egress"]["mode"], "public", "{a2}");
     let ip_of = |v: &serde_json::Value| v["ip"].as_str().expect("ip").to_string();
     let (a1_ip, a2_ip, b1_ip) = (ip_of(&a1), ip_of(&a2), ip_of(&b1));
@@ -244,7 +287,7 @@ async fn egress_policy_and_guest_probes() {
         ("203.0.113.11:80".into(), "allowed-unresolved".into()),
         ("10.99.0.10:80".into(), "private-cidr".into()),
     ]);
-    let (_, out, _) = alice.exec("a1", &["bash", "-c", &before]).await;
+    let (_, out, _) = alice.exec("a1", &["python3", "-c", &before]).await;
     eprintln!("a1 before resolving:\n{out}");
     assert!(outcome(&out, "public").starts_with("closed"), "{out}");
     assert!(
@@ -322,7 +365,9 @@ async fn egress_policy_and_guest_probes() {
     .map(str::to_string)
     .expect("the egress link has an address in the uplink namespace");
     probes.push((format!("{link}:80"), "uplink-link".into()));
-    let (_, out, _) = alice.exec("a2", &["bash", "-c", &probe_script(&probes)]).await;
+    let (_, out, _) = alice
+        .exec("a2", &["python3", "-c", &probe_script(&probes)])
+        .await;
     eprintln!("a2 probes:\n{out}");
     assert_eq!(outcome(&out, "public"), "open", "{out}");
     assert_eq!(outcome(&out, "same-user-agent"), "open", "peers: {out}");
@@ -356,7 +401,7 @@ async fn egress_policy_and_guest_probes() {
         .exec(
             "b1",
             &[
-                "bash",
+                "python3",
                 "-c",
                 &probe_script(&[
                     (format!("{a1_ip}:1024"), "a1".into()),
@@ -394,7 +439,10 @@ async fn egress_policy_and_guest_probes() {
     .into_owned();
     let veth = {
         use sha2::Digest;
-        format!("bhv{}", hex::encode(&sha2::Sha256::digest(d.netns.as_bytes())[..4]))
+        format!(
+            "bhv{}",
+            hex::encode(&sha2::Sha256::digest(d.netns.as_bytes())[..4])
+        )
     };
     assert!(!host_links.contains(&veth), "{veth} in the host namespace");
 

@@ -14,10 +14,10 @@ use rusqlite::{params, OptionalExtension, Row};
 use time::OffsetDateTime;
 
 use super::labels::{self, Labels};
-use crate::egress::EgressPolicy;
 use super::users::is_valid_name;
 use super::{conversion_err, fmt_ts, is_unique_violation, now, ts_col, Store, StoreError};
 use crate::config::Ipv4Subnet;
+use crate::egress::EgressPolicy;
 
 /// Lifecycle and thermal state of a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -48,7 +48,10 @@ impl Uplink {
     async fn socket(&self) -> std::io::Result<UdpSocket> {
         match self {
             Uplink::Host => UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await,
-            Uplink::Netns(s) => s.udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).await,
+            Uplink::Netns(s) => {
+                s.udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+                    .await
+            }
         }
     }
 }
@@ -164,7 +167,9 @@ async fn serve(
 enum Verdict {
     Refuse,
     /// Forward; `true`: open the answer's addresses for the sandbox (on its TAP).
-    Forward { open_on: Option<String> },
+    Forward {
+        open_on: Option<String>,
+    },
 }
 
 fn decide(firewall: &Firewall, guest: Ipv4Addr, name: &str) -> Verdict {
@@ -243,7 +248,12 @@ async fn handle(
 }
 
 /// Asks the upstream servers in turn; the first answer with the query's id wins.
-async fn forward(query: &[u8], id: u16, uplink: &Uplink, upstream: &[SocketAddr]) -> Option<Vec<u8>> {
+async fn forward(
+    query: &[u8],
+    id: u16,
+    uplink: &Uplink,
+    upstream: &[SocketAddr],
+) -> Option<Vec<u8>> {
     for server in upstream {
         let Ok(sock) = uplink.socket().await else {
             continue;

@@ -27,6 +27,9 @@ struct Entry {
 pub struct Firewall {
     cfg: NetConfig,
     entries: Mutex<HashMap<String, Entry>>,
+    /// One install or removal at a time: two sandboxes of a group created
+    /// at once must each see the other, or neither gets the pair.
+    changing: Mutex<()>,
 }
 
 impl Firewall {
@@ -34,6 +37,7 @@ impl Firewall {
         Firewall {
             cfg,
             entries: Mutex::new(HashMap::new()),
+            changing: Mutex::new(()),
         }
     }
 
@@ -51,6 +55,10 @@ impl Firewall {
         policy: &EgressPolicy,
         group: Option<&str>,
     ) -> Result<(), NetworkError> {
+        let _one = self
+            .changing
+            .lock()
+            .map_err(|_| NetworkError::Invalid("firewall state poisoned".into()))?;
         let peers: Vec<Ipv4Addr> = match group {
             Some(g) => self
                 .entries
@@ -71,7 +79,7 @@ impl Firewall {
             peers,
         };
         // Whatever was there for this id goes first (its peers may differ).
-        self.remove(id);
+        self.remove_locked(id);
         match network::install_sandbox(&self.cfg, &net) {
             Ok(()) => {
                 if let Ok(mut e) = self.entries.lock() {
@@ -94,6 +102,11 @@ impl Firewall {
 
     /// Removes sandbox `id`'s rules, if the firewall knows it. Blocking.
     pub fn remove(&self, id: &str) {
+        let _one = self.changing.lock();
+        self.remove_locked(id);
+    }
+
+    fn remove_locked(&self, id: &str) {
         let entry = self.entries.lock().ok().and_then(|mut entries| {
             let mut entry = entries.remove(id)?;
             // Pairs with members that joined later were added by their

@@ -239,7 +239,9 @@ impl QemuEngine {
                     firewall.clone(),
                 )
                 .await
-                .map_err(|e| EngineError::Network(format!("cannot start the guests' resolver: {e}")))?,
+                .map_err(|e| {
+                    EngineError::Network(format!("cannot start the guests' resolver: {e}"))
+                })?,
             )
         } else {
             None

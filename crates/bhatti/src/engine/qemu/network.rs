@@ -19,6 +19,8 @@ pub const TAP_PREFIX: &str = "bt-";
 const NS_VETH: &str = "bhe0";
 /// nftables table (inet and bridge families) inside the namespace.
 const NS_TABLE: &str = "bhatti";
+/// Packet mark of guest-to-guest traffic the bridge table allowed (see [`ns_ruleset`]).
+const PEER_MARK: u32 = 0x6268_7031;
 
 /// Errors of host network setup, naming the command that failed.
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +351,13 @@ pub fn base_present(cfg: &NetConfig) -> bool {
 
 /// The namespace's whole ruleset, replaced atomically in one `nft -f`.
 ///
+/// Guest-to-guest frames are judged by the bridge table (source check,
+/// peer pairs). Where `br_netfilter` is loaded, bridged IPv4 also passes the
+/// inet forward hook, with the bridge as both devices: the bridge table
+/// marks the pairs it let through ([`PEER_MARK`]) and the inet table lets
+/// exactly those pass. Routed packets never cross the bridge's forward
+/// hook, so a guest cannot reach another through the gateway.
+///
 /// Per-sandbox parts are added by [`install_sandbox`] into its sets and
 /// map: until then (and after a failed install) a guest's frames do not
 /// pass the bridge's source check and its packets match no egress verdict,
@@ -402,6 +411,7 @@ pub fn ns_ruleset(cfg: &NetConfig) -> String {
          \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy drop;\n\
+         \x20   iifname \"{br}\" oifname \"{br}\" meta mark {PEER_MARK:#x} accept\n\
          {egress_fwd}\
          \x20 }}\n\
          }}\n\
@@ -418,7 +428,7 @@ pub fn ns_ruleset(cfg: &NetConfig) -> String {
          \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
-         \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" ip saddr . ip daddr @peers accept\n\
+         \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" ip saddr . ip daddr @peers meta mark set {PEER_MARK:#x} accept\n\
          \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" arp saddr ip . arp daddr ip @peers accept\n\
          \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n\
          \x20 }}\n\
