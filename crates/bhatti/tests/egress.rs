@@ -46,7 +46,17 @@ fn web_server(ns: &str, addr: &str, name: &'static str) {
         let l = std::net::TcpListener::bind(addr).expect("bind web server");
         let _ = tx.send(());
         for mut c in l.incoming().flatten() {
-            use std::io::Write;
+            use std::io::{Read, Write};
+            // Read the request first: closing on unread bytes sends a reset.
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(n) if n > 0 => req.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
             let body = format!("hello {name}\n");
             let _ = write!(
                 c,
@@ -258,6 +268,18 @@ async fn egress_policy_and_guest_probes() {
     }
     let listed: serde_json::Value = alice.get("/sandboxes").await.json().await.expect("list");
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    let doc: serde_json::Value = alice.get("/openapi.json").await.json().await.expect("doc");
+    let schemas = &doc["components"]["schemas"];
+    for field in ["egress", "allow_hosts", "allow_cidrs"] {
+        assert!(
+            schemas["CreateSandboxRequest"]["properties"]
+                .get(field)
+                .is_some(),
+            "openapi lacks {field}"
+        );
+    }
+    assert!(schemas["Sandbox"]["properties"].get("egress").is_some());
+    assert!(schemas.get("EgressPolicy").is_some() && schemas.get("Posture").is_some());
 
     let t0 = Instant::now();
     let (a1, a2, b1) = tokio::join!(
@@ -301,8 +323,8 @@ async fn egress_policy_and_guest_probes() {
             &[
                 "bash",
                 "-c",
-                "getent hosts other.test; echo other=$?; curl -s -m 5 http://allowed.test/; \
-                 curl -s -m 5 http://x.wild.test/; curl -s -m 5 http://10.99.0.10/",
+                "getent hosts other.test; echo other=$?; curl -sS -m 20 http://allowed.test/; \
+                 curl -sS -m 20 http://x.wild.test/; curl -sS -m 20 http://10.99.0.10/",
             ],
         )
         .await;
@@ -388,7 +410,7 @@ async fn egress_policy_and_guest_probes() {
             &[
                 "bash",
                 "-c",
-                "curl -s -m 5 http://other.test/; getent hosts private.test; \
+                "curl -sS -m 20 http://other.test/; getent hosts private.test; \
                  curl -s -m 4 http://private.test/ || echo private-blocked",
             ],
         )
@@ -450,16 +472,18 @@ async fn egress_policy_and_guest_probes() {
     let flood = format!(
         "import socket, time\n\
          socks = []\n\
+         opened = 0\n\
          end = time.time() + 12\n\
          while time.time() < end:\n\
          \x20   try:\n\
          \x20       s = socket.create_connection(('{a2_ip}', 1024), timeout=2)\n\
          \x20       s.send(b'\\xff\\xff\\xff\\xff\\x01' + b'x' * 65536)\n\
-         \x20       socks.append(s)\n\
+         \x20       socks.append(s); opened += 1\n\
          \x20       if len(socks) > 800:\n\
          \x20           [c.close() for c in socks[:400]]; socks = socks[400:]\n\
          \x20   except OSError:\n\
-         \x20       pass\n"
+         \x20       pass\n\
+         print('opened', opened)\n"
     );
     let r = alice
         .post(
@@ -479,7 +503,23 @@ async fn egress_policy_and_guest_probes() {
         worst = worst.max(t.elapsed());
         n += 1;
     }
-    eprintln!("b1 answered {n} execs during a2's flood; slowest {worst:?}");
+    // The flood ran and a2's own agent still answers.
+    let mut flood_log = String::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !flood_log.contains("opened") && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        flood_log = alice.exec("a2", &["cat", "/tmp/flood.log"]).await.1;
+    }
+    eprintln!(
+        "b1 answered {n} execs during a2's flood ({}); slowest {worst:?}",
+        flood_log.trim()
+    );
+    let opened: u64 = flood_log
+        .trim()
+        .strip_prefix("opened ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("flood log: {flood_log:?}"));
+    assert!(opened > 100, "the flood opened only {opened} connections");
     assert!(worst < Duration::from_secs(10), "slowest exec {worst:?}");
 
     // --- Fail closed: a rule that cannot be installed fails the create and

@@ -31,7 +31,8 @@ pub struct AppState {
     modifiers(&BearerAuth), security(("bearer" = [])),
     // Messages of the WebSockets, which no request body names.
     components(schemas(super::types::ExecWsStart, super::types::ExecWsControl,
-        super::types::ExecEvent, super::types::ShellControl)))]
+        super::types::ExecEvent, super::types::ShellControl,
+        crate::egress::EgressPolicy, crate::egress::Posture)))]
 struct ApiDoc;
 
 struct BearerAuth;
