@@ -39,6 +39,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let service = Arc::new(
         Service::new(store, engine, cipher, cfg.subnet)
             .with_public_urls(cfg.public_scheme(), &cfg.public_url_host_suffix())
+            .with_egress(cfg.default_egress()?, cfg.same_user_peers)
             .with_thermal(ThermalConfig::from_secs(
                 cfg.idle_warm_secs,
                 cfg.idle_cold_secs,
@@ -104,6 +105,10 @@ fn qemu_config(
     q.bridge = cfg.bridge.clone();
     q.subnet = cfg.subnet;
     q.egress = cfg.egress;
+    q.uplink_netns = cfg.uplink_netns.clone();
+    q.dns_upstream = cfg
+        .dns_upstream_addrs()
+        .map_err(|m| anyhow::anyhow!("dns_upstream: {m}"))?;
     q.boot_timeout = Some(std::time::Duration::from_secs(cfg.boot_timeout_secs));
     Ok(q)
 }

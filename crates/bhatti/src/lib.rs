@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod engine;
 pub mod model;
 pub mod proxy;

@@ -24,6 +24,17 @@ pub struct CreateSandboxRequest {
     /// stopped); the new sandbox starts from its current memory and disk,
     /// with an identity of its own. cpus and memory_mb are the source's.
     pub from: Option<String>,
+    /// Egress posture: `public` (any public address) or `deny` (only the
+    /// allowances below). Absent: the daemon's `egress_default`.
+    pub egress: Option<crate::egress::Posture>,
+    /// Host names (`api.example.com`) or `*.suffix` patterns the guest may
+    /// resolve (through the daemon's resolver) and connect to; at most 64.
+    /// Absent: the daemon's `egress_allow_hosts`.
+    pub allow_hosts: Option<Vec<String>>,
+    /// IPv4 networks (`10.1.0.0/16`, or one address) the guest may reach,
+    /// private ranges included; link-local, loopback and multicast are
+    /// refused (400); at most 64. Absent: the daemon's `egress_allow_cidrs`.
+    pub allow_cidrs: Option<Vec<String>>,
 }
 
 /// A sandbox as the API shows it.
@@ -47,6 +58,9 @@ pub struct Sandbox {
     pub thermal: Option<String>,
     /// RFC 3339.
     pub created_at: String,
+    /// Where the guest may connect to (absent from older daemons).
+    #[serde(default)]
+    pub egress: crate::egress::EgressPolicy,
 }
 
 /// `PATCH /sandboxes/{id}`.

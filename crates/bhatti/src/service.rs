@@ -11,6 +11,7 @@ use rand::Rng;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::Ipv4Subnet;
+use crate::egress::EgressPolicy;
 use crate::engine::agent_client::{AgentClient, AgentError, ErrorCode};
 use crate::engine::{Engine, EngineError, SandboxSpec, VmRuntime, VmState};
 use crate::model::{CreateSandboxRequest, Health, PatchSandboxRequest, Sandbox, SecretInfo};
@@ -214,6 +215,10 @@ pub struct Service {
     thermal: thermal::Thermal,
     /// Open web terminals and their connection budget.
     shares: share::ShareHub,
+    /// Egress policy of a sandbox whose create names none.
+    default_egress: EgressPolicy,
+    /// Sandboxes of one user reach each other.
+    same_user_peers: bool,
 }
 
 impl Service {
@@ -237,7 +242,32 @@ impl Service {
             exec_sessions: Default::default(),
             thermal: thermal::Thermal::new(ThermalConfig::disabled()),
             shares: share::ShareHub::default(),
+            default_egress: EgressPolicy::default(),
+            same_user_peers: false,
         }
+    }
+
+    /// Egress of sandboxes whose create names none, and whether one user's
+    /// sandboxes reach each other (config `egress_*`, `same_user_peers`).
+    pub fn with_egress(mut self, default: EgressPolicy, same_user_peers: bool) -> Self {
+        self.default_egress = default;
+        self.same_user_peers = same_user_peers;
+        self
+    }
+
+    /// The egress policy of a create request: its fields, else the defaults.
+    fn egress_of(&self, req: &CreateSandboxRequest) -> Result<EgressPolicy> {
+        let d = &self.default_egress;
+        let hosts = req
+            .allow_hosts
+            .clone()
+            .unwrap_or_else(|| d.allow_hosts.clone());
+        let cidrs = req
+            .allow_cidrs
+            .clone()
+            .unwrap_or_else(|| d.allow_cidrs.iter().map(|n| n.to_string()).collect());
+        EgressPolicy::parse(req.egress.unwrap_or(d.mode), &hosts, &cidrs)
+            .map_err(|e| ServiceError::Invalid(e.to_string()))
     }
 
     /// Published URLs become `<scheme>://<alias>.<domain>` (`domain` may end in `:port`).
@@ -307,6 +337,8 @@ impl Service {
         req: CreateSandboxRequest,
         snapshot: Option<&str>,
     ) -> Result<Created> {
+        // Bad egress fields are a 400 before anything is made (a fork's checkpoint included).
+        self.egress_of(&req)?;
         let name = match req.name.clone() {
             Some(n) => n,
             None => generate_name(),
@@ -366,6 +398,7 @@ impl Service {
         req: CreateSandboxRequest,
         source: Option<snapshots::RestoreSource>,
     ) -> Result<Sandbox> {
+        let egress = self.egress_of(&req)?;
         let (cpus, memory_mb) = match &source {
             // A restored VM has its source's machine: QEMU needs the same size.
             Some(src) => src.machine(req.cpus, req.memory_mb)?,
@@ -416,6 +449,7 @@ impl Service {
         new.secrets = secret_names;
         new.init = req.init.filter(|s| !s.trim().is_empty());
         new.labels = req.labels.unwrap_or_default();
+        new.egress = egress;
         let subnet = self.subnet;
         let rec = self
             .store
@@ -431,6 +465,8 @@ impl Service {
             token: rec.token.clone(),
             env: guest_env,
             init: rec.init.clone(),
+            egress: rec.egress.clone(),
+            peer_group: self.same_user_peers.then(|| format!("user-{}", user.id)),
         };
         let booted = match &source {
             None => self
@@ -745,6 +781,7 @@ pub fn view(r: &SandboxRecord) -> Sandbox {
         labels: r.labels.clone(),
         thermal: thermal_of(r.status).map(str::to_string),
         created_at: rfc3339(r.created_at),
+        egress: r.egress.clone(),
     }
 }
 

@@ -34,6 +34,8 @@ impl TestNet {
             bridge: "brtest0".into(),
             subnet: "192.168.137.0/24".parse::<Subnet>().expect("subnet"),
             egress: false,
+            uplink_netns: None,
+            dns: false,
         };
         network::ensure_base(&cfg).expect("ensure_base");
         TestNet { cfg }
@@ -263,8 +265,21 @@ fn egress_rules_pass_nft_check() {
         egress: true,
         ..net.cfg.clone()
     };
+    let sandbox = network::SandboxNet {
+        tap: "bt-0123456789ab".into(),
+        ip: "192.168.137.7".parse().expect("ip"),
+        mac: "02:b4:c0:a8:89:07".into(),
+        policy: bhatti::egress::EgressPolicy::parse(
+            bhatti::egress::Posture::Deny,
+            &["api.example.com".into()],
+            &["10.99.0.0/24".into()],
+        )
+        .expect("policy"),
+        peers: vec!["192.168.137.8".parse().expect("ip")],
+    };
     for script in [
-        network::ns_ruleset(&with_egress),
+        // The base ruleset, then one sandbox's part on top of it.
+        network::ns_ruleset(&with_egress) + &network::install_sandbox_script(&sandbox),
         network::host_egress_ruleset(&net.cfg.netns),
     ] {
         let mut child = std::process::Command::new("ip")

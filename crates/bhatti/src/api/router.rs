@@ -31,7 +31,8 @@ pub struct AppState {
     modifiers(&BearerAuth), security(("bearer" = [])),
     // Messages of the WebSockets, which no request body names.
     components(schemas(crate::model::ExecWsStart, crate::model::ExecWsControl,
-        crate::model::ExecEvent, crate::model::ShellControl)))]
+        crate::model::ExecEvent, crate::model::ShellControl,
+        crate::egress::EgressPolicy, crate::egress::Posture)))]
 struct ApiDoc;
 
 struct BearerAuth;

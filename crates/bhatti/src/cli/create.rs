@@ -40,6 +40,25 @@ pub struct CreateArgs {
     /// `bhatti list --label KEY=VALUE`
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Egress posture: `public` (any public address) or `deny` (only what
+    /// --allow-host and --allow-cidr open) [default: the daemon's `egress_default`]
+    #[arg(long, value_name = "public|deny")]
+    pub egress: Option<crate::egress::Posture>,
+    /// A host name (or `*.suffix`) the sandbox may resolve and reach (repeatable)
+    #[arg(long = "allow-host", value_name = "HOST", value_parser = parse_allow_host)]
+    pub allow_hosts: Vec<String>,
+    /// An IPv4 network (or address) the sandbox may reach, private ones
+    /// included (repeatable)
+    #[arg(long = "allow-cidr", value_name = "CIDR", value_parser = parse_allow_cidr)]
+    pub allow_cidrs: Vec<String>,
+}
+
+fn parse_allow_host(s: &str) -> Result<String, String> {
+    crate::egress::check_host_pattern(s)
+}
+
+fn parse_allow_cidr(s: &str) -> Result<String, String> {
+    crate::egress::parse_cidr(s).map(|n| n.to_string())
 }
 
 /// `KEY=VALUE` of `--label`, checked with the server's rules.
@@ -70,6 +89,12 @@ struct CreateBody<'a> {
     labels: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress: Option<crate::egress::Posture>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_hosts: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_cidrs: Option<Vec<String>>,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -84,6 +109,9 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         keep_hot: args.keep_hot,
         labels: args.labels.into_iter().collect(),
         from: args.from.as_deref(),
+        egress: args.egress,
+        allow_hosts: (!args.allow_hosts.is_empty()).then_some(args.allow_hosts),
+        allow_cidrs: (!args.allow_cidrs.is_empty()).then_some(args.allow_cidrs),
     };
     let spinner = spinner(args.name.as_deref());
     let result = async {

@@ -49,6 +49,22 @@ pub async fn run(ctx: Ctx, args: InspectArgs) -> anyhow::Result<i32> {
             labels.join(", ")
         }
     ));
+    let e = &s.egress;
+    let allow: Vec<String> = e
+        .allow_hosts
+        .iter()
+        .cloned()
+        .chain(e.allow_cidrs.iter().map(|n| n.to_string()))
+        .collect();
+    lines.push(format!(
+        "egress:    {}{}",
+        e.mode.as_str(),
+        if allow.is_empty() {
+            String::new()
+        } else {
+            format!(", allow {}", allow.join(", "))
+        }
+    ));
     if d.published.is_empty() {
         lines.push("published: -".into());
     } else {

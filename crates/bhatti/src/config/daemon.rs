@@ -91,6 +91,24 @@ pub struct DaemonConfig {
     pub public_rate_per_alias: u32,
     /// Public proxy: requests per second allowed in total; 0 = unlimited. Default 500.
     pub public_rate_global: u32,
+    /// Egress posture of a sandbox whose create names none: `public`
+    /// (default) or `deny` (see `crate::egress`).
+    pub egress_default: crate::egress::Posture,
+    /// Host names (or `*.suffix`) a sandbox may reach when its create names none.
+    pub egress_allow_hosts: Vec<String>,
+    /// IPv4 networks a sandbox may reach when its create names none.
+    pub egress_allow_cidrs: Vec<String>,
+    /// Sandboxes of one user may reach each other. Default `false`; other
+    /// users' sandboxes never.
+    pub same_user_peers: bool,
+    /// Upstream name servers of the guests' resolver (`IP` or `IP:PORT`);
+    /// empty (default): those of the host's `/etc/resolv.conf`.
+    pub dns_upstream: Vec<String>,
+    /// Namespace that plays the host for egress (the veth's outer end and
+    /// NAT go there, upstream DNS is asked from there). Default: none, the
+    /// host's own namespace. For tests that keep all traffic in namespaces
+    /// of their own.
+    pub uplink_netns: Option<String>,
 }
 
 impl Default for DaemonConfig {
@@ -113,6 +131,12 @@ impl Default for DaemonConfig {
             boot_timeout_secs: 60,
             public_rate_per_alias: 50,
             public_rate_global: 500,
+            egress_default: crate::egress::Posture::Public,
+            egress_allow_hosts: Vec::new(),
+            egress_allow_cidrs: Vec::new(),
+            same_user_peers: false,
+            dns_upstream: Vec::new(),
+            uplink_netns: None,
         }
     }
 }
@@ -276,6 +300,12 @@ impl DaemonConfig {
         "boot_timeout_secs",
         "public_rate_per_alias",
         "public_rate_global",
+        "egress_default",
+        "egress_allow_hosts",
+        "egress_allow_cidrs",
+        "same_user_peers",
+        "dns_upstream",
+        "uplink_netns",
     ];
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -332,7 +362,49 @@ impl DaemonConfig {
                 "must be at least 1".into(),
             ));
         }
+        if let Err(e) = self.default_egress() {
+            return Err(invalid(e.field_key(), e.message));
+        }
+        if let Err(m) = self.dns_upstream_addrs() {
+            return Err(invalid("dns_upstream", m));
+        }
+        if let Some(up) = &self.uplink_netns {
+            if up.is_empty() || up.len() > 64 || up.contains(['/', ' ']) || up == &self.netns {
+                return Err(invalid(
+                    "uplink_netns",
+                    format!("{up:?} is not a usable namespace name other than netns"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The egress policy of a sandbox whose create names none.
+    ///
+    /// Errors: a bad `egress_allow_hosts` or `egress_allow_cidrs` entry.
+    pub fn default_egress(
+        &self,
+    ) -> Result<crate::egress::EgressPolicy, crate::egress::PolicyError> {
+        crate::egress::EgressPolicy::parse(
+            self.egress_default,
+            &self.egress_allow_hosts,
+            &self.egress_allow_cidrs,
+        )
+    }
+
+    /// `dns_upstream` as socket addresses (port 53 unless given).
+    pub fn dns_upstream_addrs(&self) -> Result<Vec<SocketAddr>, String> {
+        self.dns_upstream
+            .iter()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .or_else(|_| {
+                        s.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| format!("{s:?} is not an IP or IP:PORT"))
+            })
+            .collect()
     }
 
     /// `<data_dir>/state.db`.

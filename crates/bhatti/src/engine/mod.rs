@@ -28,6 +28,11 @@ pub struct SandboxSpec {
     pub env: BTreeMap<String, String>,
     /// Init script, run as TTY session "init".
     pub init: Option<String>,
+    /// Where the guest may connect to (see [`crate::egress`]).
+    pub egress: crate::egress::EgressPolicy,
+    /// Sandboxes of one group reach each other over the bridge (the daemon
+    /// uses the owner when its config allows it); `None`: no other sandbox.
+    pub peer_group: Option<String>,
 }
 
 /// What a running VM needs to be reached again, also after a daemon restart.

@@ -67,6 +67,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "004_snapshots",
         include_str!("../../migrations/004_snapshots.sql"),
     ),
+    (
+        "005_egress",
+        include_str!("../../migrations/005_egress.sql"),
+    ),
 ];
 
 /// Errors of the store. The API maps them: `NotFound` → 404,

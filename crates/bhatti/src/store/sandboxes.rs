@@ -17,6 +17,7 @@ use super::labels::{self, Labels};
 use super::users::is_valid_name;
 use super::{conversion_err, fmt_ts, is_unique_violation, now, ts_col, Store, StoreError};
 use crate::config::Ipv4Subnet;
+use crate::egress::EgressPolicy;
 
 /// Lifecycle and thermal state of a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,6 +95,8 @@ pub struct SandboxRecord {
     pub init: Option<String>,
     /// The owner's labels (see `store::labels`).
     pub labels: Labels,
+    /// Where the guest may connect to.
+    pub egress: EgressPolicy,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub last_active_at: OffsetDateTime,
@@ -115,6 +118,7 @@ pub struct NewSandbox {
     pub secrets: Vec<String>,
     pub init: Option<String>,
     pub labels: Labels,
+    pub egress: EgressPolicy,
 }
 
 impl NewSandbox {
@@ -132,6 +136,7 @@ impl NewSandbox {
             secrets: Vec::new(),
             init: None,
             labels: Labels::new(),
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -171,7 +176,7 @@ pub fn validate_sandbox_name(name: &str) -> Result<(), StoreError> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, user_id, name, status, ip, cpus, memory_mb, keep_hot, token, \
-     env, secrets, init, labels, created_at, updated_at, last_active_at";
+     env, secrets, init, labels, egress, created_at, updated_at, last_active_at";
 
 fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let status: String = row.get("status")?;
@@ -179,6 +184,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let env: String = row.get("env")?;
     let secrets: String = row.get("secrets")?;
     let labels: String = row.get("labels")?;
+    let egress: String = row.get("egress")?;
     Ok(SandboxRecord {
         id: row.get("id")?,
         user_id: row.get("user_id")?,
@@ -198,6 +204,8 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         init: row.get("init")?,
         labels: serde_json::from_str(&labels)
             .map_err(|e| conversion_err(format!("bad sandbox labels: {e}")))?,
+        egress: serde_json::from_str(&egress)
+            .map_err(|e| conversion_err(format!("bad sandbox egress: {e}")))?,
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,
         last_active_at: ts_col(row, "last_active_at")?,
@@ -236,6 +244,7 @@ impl Store {
         let env = json(&new.env)?;
         let secrets = json(&new.secrets)?;
         let labels = json(&new.labels)?;
+        let egress = json(&new.egress)?;
         let at = now();
         let ip = self.write_tx(|tx| {
             let user: Option<(String, u32)> = tx
@@ -282,8 +291,8 @@ impl Store {
                 .ok_or_else(|| StoreError::SubnetFull(subnet.to_string()))?;
             tx.execute(
                 "INSERT INTO sandboxes (id, user_id, name, status, ip, cpus, memory_mb, keep_hot,
-                     token, env, secrets, init, labels, created_at, updated_at, last_active_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?14, ?13, ?13, ?13)",
+                     token, env, secrets, init, labels, egress, created_at, updated_at, last_active_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?14, ?15, ?13, ?13, ?13)",
                 params![
                     new.id,
                     new.user_id,
@@ -299,6 +308,7 @@ impl Store {
                     new.init,
                     fmt_ts(at),
                     labels,
+                    egress,
                 ],
             )
             .map_err(|e| {
@@ -324,6 +334,7 @@ impl Store {
             secrets: new.secrets.clone(),
             init: new.init.clone(),
             labels: new.labels.clone(),
+            egress: new.egress.clone(),
             created_at: at,
             updated_at: at,
             last_active_at: at,

@@ -62,6 +62,12 @@ impl TestDaemon {
             data_dir.path().display(),
             images_dir().display()
         ) + extra_yaml;
+        // A test that sets egress itself (inside namespaces of its own) overrides the default.
+        let yaml = if extra_yaml.contains("\negress:") || extra_yaml.starts_with("egress:") {
+            yaml.replacen("egress: false\n", "", 1)
+        } else {
+            yaml
+        };
         std::fs::write(&config, yaml).expect("write config");
         let mut d = TestDaemon {
             url: format!("http://127.0.0.1:{port}"),

@@ -99,6 +99,8 @@ pub fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
         token: format!("token-{id}-{}", std::process::id()),
         env: BTreeMap::new(),
         init: None,
+        egress: Default::default(),
+        peer_group: None,
     }
 }
 

@@ -83,6 +83,8 @@ fn spec(i: usize, memory_mb: u32) -> SandboxSpec {
         token: format!("bench-token-{i}"),
         env: Default::default(),
         init: None,
+        egress: Default::default(),
+        peer_group: None,
     }
 }
 

@@ -394,6 +394,7 @@ impl QemuEngine {
     ) -> Result<Arc<Vm>, EngineError> {
         let meta = self.vm_meta(spec, cp.cpus, cp.memory_mb, files);
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
+        let record = meta.clone();
         // The guest read its boot config long ago; QEMU only needs the file.
         let boot = config_drive::scrubbed(&self.boot_config(spec));
         let (net, f, layer, q, t, pip, pmac, size) = (
@@ -483,6 +484,8 @@ impl QemuEngine {
         }
         drop(parent);
         let identified = t0.elapsed();
+        // Its rules are in place before its TAP joins the bridge.
+        self.install_firewall(&record).await?;
         let (net, q, t, ip, m) = (
             self.net.clone(),
             qns.to_string(),

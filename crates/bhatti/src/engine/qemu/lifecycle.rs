@@ -71,7 +71,11 @@ impl QemuEngine {
             token: spec.token.clone(),
             ip: format!("{}/{}", spec.ip, self.net.subnet.prefix()),
             gateway: self.net.subnet.gateway().to_string(),
-            dns: self.cfg.dns.clone(),
+            dns: if self.resolver.is_some() {
+                vec![self.net.subnet.gateway().to_string()]
+            } else {
+                self.cfg.dns.clone()
+            },
             env: spec.env.clone(),
             init: spec.init.clone(),
             time_unix_ms: i64::try_from(now.as_millis()).unwrap_or(i64::MAX),
@@ -140,6 +144,8 @@ impl QemuEngine {
             accel: self.accel,
             qemu: self.cfg.qemu_binary.clone(),
             argv,
+            egress: spec.egress.clone(),
+            peer_group: spec.peer_group.clone(),
         }
     }
 
@@ -153,6 +159,7 @@ impl QemuEngine {
         let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files);
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let boot_cfg = self.boot_config(spec);
+        let record = meta.clone();
 
         // Host-side preparation: plain blocking work (files, `ip`, `qemu-img`).
         let (net, f, rootfs, b, ip, t, m) = (
@@ -180,6 +187,7 @@ impl QemuEngine {
             network::add_tap(&net, &t, ip, &m).map_err(net_err)
         })
         .await??;
+        self.install_firewall(&record).await?;
 
         let prepared = t0.elapsed();
         let pid = process::launch(
@@ -290,7 +298,9 @@ impl QemuEngine {
             .unwrap_or_else(|| network::tap_name(id));
         let ip = ip.or(meta.map(|m| m.ip));
         let (net, dir) = (self.net.clone(), files.dir.clone());
+        let (fw, fid) = (self.firewall.clone(), id.to_string());
         blocking(move || -> Result<(), EngineError> {
+            fw.remove(&fid);
             network::remove_tap(&net, &tap, ip).map_err(net_err)?;
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),

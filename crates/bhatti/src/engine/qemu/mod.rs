@@ -10,6 +10,8 @@
 pub mod accel;
 pub mod config_drive;
 pub mod disks;
+pub mod dns;
+pub mod firewall;
 mod fork;
 pub mod image;
 mod lifecycle;
@@ -57,8 +59,15 @@ pub struct QemuConfig {
     pub subnet: Subnet,
     /// Veth + NAT to the outside world. Tests keep this off.
     pub egress: bool,
-    /// Name servers written to the guest's resolv.conf.
+    /// Name servers written to the guest's resolv.conf when egress is off
+    /// (with egress on, guests use the daemon's resolver on the gateway).
     pub dns: Vec<String>,
+    /// Where the daemon's resolver sends guests' queries (port 53 if none
+    /// given); queried from the uplink namespace. Empty: the host's
+    /// `/etc/resolv.conf`.
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+    /// Namespace that plays the host for egress (see [`NetConfig::uplink_netns`]).
+    pub uplink_netns: Option<String>,
     /// How long a VM may take to answer; `None`: 30 s under TCG, 10 s with KVM.
     pub boot_timeout: Option<Duration>,
     /// QEMU binary (name on PATH or absolute path).
@@ -81,6 +90,8 @@ impl QemuConfig {
                 .expect("the default subnet is valid"),
             egress: true,
             dns: vec!["1.1.1.1".into(), "8.8.8.8".into()],
+            dns_upstream: Vec::new(),
+            uplink_netns: None,
             boot_timeout: None,
             qemu_binary: "qemu-system-x86_64".into(),
             extra_cmdline: String::new(),
@@ -100,6 +111,12 @@ pub struct VmMeta {
     pub qemu: String,
     /// The exact argv (without `-daemonize`); a snapshot restore reuses it.
     pub argv: Vec<String>,
+    /// Egress policy (absent in records of older daemons: `public`).
+    #[serde(default)]
+    pub egress: crate::egress::EgressPolicy,
+    /// Peer group (see [`SandboxSpec::peer_group`]).
+    #[serde(default)]
+    pub peer_group: Option<String>,
 }
 
 /// A VM the engine knows to be running.
@@ -121,6 +138,10 @@ pub struct QemuEngine {
     tsc_khz: Option<u64>,
     boot_timeout: Duration,
     sockets: NetnsSockets,
+    /// Per-sandbox rules (source check, egress, peers).
+    firewall: Arc<firewall::Firewall>,
+    /// The guests' resolver; runs while egress is on.
+    resolver: Option<dns::Resolver>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Ids with a create, stop or start in progress.
     busy: Mutex<HashSet<String>>,
@@ -174,6 +195,8 @@ impl QemuEngine {
             bridge: cfg.bridge.clone(),
             subnet: cfg.subnet,
             egress: cfg.egress,
+            uplink_netns: cfg.uplink_netns.clone(),
+            dns: cfg.egress,
         };
         net.validate().map_err(net_err)?;
         let data_dir = std::path::absolute(&cfg.data_dir)?;
@@ -205,7 +228,25 @@ impl QemuEngine {
         let sockets = blocking(move || NetnsSockets::new(&netns))
             .await?
             .map_err(|e| EngineError::Network(e.to_string()))?;
-        tracing::info!(netns = %net.netns, bridge = %net.bridge, subnet = %net.subnet, egress = net.egress, ?accel, "QEMU engine ready");
+        let firewall = Arc::new(firewall::Firewall::new(net.clone()));
+        let resolver = if net.egress {
+            Some(
+                dns::Resolver::start(
+                    &sockets,
+                    net.subnet.gateway(),
+                    &cfg.dns_upstream,
+                    cfg.uplink_netns.as_deref(),
+                    firewall.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    EngineError::Network(format!("cannot start the guests' resolver: {e}"))
+                })?,
+            )
+        } else {
+            None
+        };
+        tracing::info!(netns = %net.netns, bridge = %net.bridge, subnet = %net.subnet, egress = net.egress, uplink = ?net.uplink_netns, ?accel, "QEMU engine ready");
         Ok(QemuEngine {
             cfg,
             net,
@@ -214,8 +255,33 @@ impl QemuEngine {
             tsc_khz,
             boot_timeout,
             sockets,
+            firewall,
+            resolver,
             vms: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Installs a VM's per-sandbox firewall rules from its record, before
+    /// the VM runs (see [`firewall`]).
+    ///
+    /// Errors: `Network` when `nft` fails; the caller fails the start.
+    async fn install_firewall(&self, meta: &VmMeta) -> Result<(), EngineError> {
+        let fw = self.firewall.clone();
+        let m = meta.clone();
+        blocking(move || {
+            fw.install(
+                &m.id,
+                &m.tap,
+                m.ip,
+                &m.mac,
+                &m.egress,
+                m.peer_group.as_deref(),
+            )
+        })
+        .await?
+        .map_err(|e| {
+            EngineError::Network(format!("cannot install the sandbox's firewall rules: {e}"))
         })
     }
 
@@ -532,6 +598,12 @@ impl Engine for QemuEngine {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => return VmState::Dead(reason),
             Err(e) => return VmState::Dead(e.to_string()),
+        }
+        // The namespace's ruleset was replaced at engine start.
+        if let Some(m) = read_meta(&files.meta) {
+            if let Err(e) = self.install_firewall(&m).await {
+                return VmState::Dead(e.to_string());
+            }
         }
         let qmp = match tokio::time::timeout(Duration::from_secs(5), Qmp::connect(&files.qmp)).await
         {

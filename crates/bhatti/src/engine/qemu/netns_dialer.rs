@@ -21,9 +21,10 @@ use crate::engine::agent_client::{AgentStream, Channel, DialFuture, Dialer};
 /// How long a connect to a guest may take before it counts as failed.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Reply = oneshot::Sender<io::Result<OwnedFd>>;
+/// A socket request: its type and where the socket goes.
+type Reply = (SockType, oneshot::Sender<io::Result<OwnedFd>>);
 
-/// Creates TCP sockets inside one network namespace. Cheap to clone.
+/// Creates TCP and UDP sockets inside one network namespace. Cheap to clone.
 #[derive(Clone)]
 pub struct NetnsSockets {
     netns: Arc<str>,
@@ -63,10 +64,10 @@ impl NetnsSockets {
                 }
                 drop(ns_file);
                 let _ = ready_tx.send(Ok(()));
-                while let Ok(reply) = rx.recv() {
+                while let Ok((kind, reply)) = rx.recv() {
                     let sock = socket(
                         AddressFamily::Inet,
-                        SockType::Stream,
+                        kind,
                         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
                         None,
                     )
@@ -88,18 +89,32 @@ impl NetnsSockets {
         &self.netns
     }
 
-    /// A fresh, unconnected, non-blocking IPv4 TCP socket inside the namespace.
-    pub async fn tcp_socket(&self) -> io::Result<tokio::net::TcpSocket> {
+    async fn socket(&self, kind: SockType) -> io::Result<OwnedFd> {
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(tx)
+            .send((kind, tx))
             .map_err(|_| io::Error::other("network namespace socket thread is gone"))?;
-        let fd = rx
-            .await
-            .map_err(|_| io::Error::other("network namespace socket thread is gone"))??;
+        rx.await
+            .map_err(|_| io::Error::other("network namespace socket thread is gone"))?
+    }
+
+    /// A fresh, unconnected, non-blocking IPv4 TCP socket inside the namespace.
+    pub async fn tcp_socket(&self) -> io::Result<tokio::net::TcpSocket> {
+        let fd = self.socket(SockType::Stream).await?;
         Ok(tokio::net::TcpSocket::from_std_stream(
             std::net::TcpStream::from(fd),
         ))
+    }
+
+    /// A UDP socket inside the namespace, bound to `addr` (port 0: any).
+    pub async fn udp_bind(&self, addr: SocketAddrV4) -> io::Result<tokio::net::UdpSocket> {
+        let fd = self.socket(SockType::Datagram).await?;
+        let std_sock = std::net::UdpSocket::from(fd);
+        nix::sys::socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&std_sock),
+            &nix::sys::socket::SockaddrIn::from(addr),
+        )?;
+        tokio::net::UdpSocket::from_std(std_sock)
     }
 
     /// Connects to `addr` from inside the namespace, with [`CONNECT_TIMEOUT`].

@@ -19,6 +19,8 @@ pub const TAP_PREFIX: &str = "bt-";
 const NS_VETH: &str = "bhe0";
 /// nftables table (inet and bridge families) inside the namespace.
 const NS_TABLE: &str = "bhatti";
+/// Packet mark of guest-to-guest traffic the bridge table allowed (see [`ns_ruleset`]).
+const PEER_MARK: u32 = 0x6268_7031;
 
 /// Errors of host network setup, naming the command that failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,13 @@ pub struct NetConfig {
     pub bridge: String,
     pub subnet: Subnet,
     pub egress: bool,
+    /// Namespace that plays "the host" for egress: the outer end of the
+    /// egress veth and the NAT live there. `None`: the host's own namespace.
+    /// Tests point it at a namespace of their own, so that no guest packet
+    /// ever reaches the machine's real network.
+    pub uplink_netns: Option<String>,
+    /// Guests may query the daemon's resolver on the gateway, port 53.
+    pub dns: bool,
 }
 
 impl NetConfig {
@@ -55,6 +64,9 @@ impl NetConfig {
     pub fn validate(&self) -> Result<(), NetworkError> {
         check_name(&self.netns, "netns", 64)?;
         check_name(&self.bridge, "bridge", 15)?;
+        if let Some(up) = &self.uplink_netns {
+            check_name(up, "uplink_netns", 64)?;
+        }
         if self.bridge.starts_with(TAP_PREFIX) {
             return Err(NetworkError::Invalid(format!(
                 "bridge name {:?} must not start with {TAP_PREFIX:?}",
@@ -327,7 +339,7 @@ pub fn ensure_base(cfg: &NetConfig) -> Result<(), NetworkError> {
     if cfg.egress {
         ensure_egress(cfg)?;
     } else {
-        remove_egress(&cfg.netns)?;
+        remove_egress(&cfg.netns, cfg.uplink_netns.as_deref())?;
     }
     Ok(())
 }
@@ -338,12 +350,34 @@ pub fn base_present(cfg: &NetConfig) -> bool {
 }
 
 /// The namespace's whole ruleset, replaced atomically in one `nft -f`.
+///
+/// Guest-to-guest frames are judged by the bridge table (source check,
+/// peer pairs). Where `br_netfilter` is loaded, bridged IPv4 also passes the
+/// inet forward hook, with the bridge as both devices: the bridge table
+/// marks the pairs it let through ([`PEER_MARK`]) and the inet table lets
+/// exactly those pass. Routed packets never cross the bridge's forward
+/// hook, so a guest cannot reach another through the gateway.
+///
+/// Per-sandbox parts are added by [`install_sandbox`] into its sets and
+/// map: until then (and after a failed install) a guest's frames do not
+/// pass the bridge's source check and its packets match no egress verdict,
+/// so everything it sends is dropped (fail closed).
 pub fn ns_ruleset(cfg: &NetConfig) -> String {
     let br = &cfg.bridge;
+    let gw = cfg.subnet.gateway();
+    let never = crate::egress::NEVER
+        .iter()
+        .map(|n| n.to_string())
+        .chain([cfg.subnet.to_string()])
+        .collect::<Vec<_>>()
+        .join(", ");
+    let private = crate::egress::PRIVATE.join(", ");
     let (egress_fwd, egress_nat) = if cfg.egress {
         (
             format!(
-                "    iifname \"{br}\" oifname \"{NS_VETH}\" accept\n    iifname \"{NS_VETH}\" oifname \"{br}\" ct state established,related accept\n"
+                "    iifname \"{NS_VETH}\" oifname \"{br}\" ct state established,related accept\n\
+                 \x20   iifname \"{br}\" oifname \"{NS_VETH}\" ip daddr @never drop\n\
+                 \x20   iifname \"{br}\" oifname \"{NS_VETH}\" ip saddr vmap @egress\n"
             ),
             format!(
                 "table ip {NS_TABLE}_nat {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{NS_VETH}\" ip saddr {} masquerade\n  }}\n}}\n",
@@ -353,48 +387,262 @@ pub fn ns_ruleset(cfg: &NetConfig) -> String {
     } else {
         (String::new(), String::new())
     };
+    let dns_in = if cfg.dns {
+        format!(
+            "    iifname \"{br}\" ip daddr {gw} udp dport 53 accept\n\
+             \x20   iifname \"{br}\" ip daddr {gw} tcp dport 53 accept\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
         "table inet {NS_TABLE} {{}}\ndelete table inet {NS_TABLE}\n\
          table ip {NS_TABLE}_nat {{}}\ndelete table ip {NS_TABLE}_nat\n\
          table bridge {NS_TABLE} {{}}\ndelete table bridge {NS_TABLE}\n\
          table inet {NS_TABLE} {{\n\
+         \x20 set never {{ type ipv4_addr; flags interval; elements = {{ {never} }} }}\n\
+         \x20 set private {{ type ipv4_addr; flags interval; elements = {{ {private} }} }}\n\
+         \x20 map egress {{ type ipv4_addr : verdict; }}\n\
          \x20 chain input {{\n\
          \x20   type filter hook input priority filter; policy accept;\n\
          \x20   iifname \"{br}\" ct state established,related accept\n\
+         {dns_in}\
          \x20   iifname \"{br}\" drop\n\
          \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy drop;\n\
+         \x20   iifname \"{br}\" oifname \"{br}\" meta mark {PEER_MARK:#x} accept\n\
          {egress_fwd}\
          \x20 }}\n\
          }}\n\
          {egress_nat}\
          table bridge {NS_TABLE} {{\n\
+         \x20 set guest {{ type ifname . ether_addr . ipv4_addr; }}\n\
+         \x20 set peers {{ type ipv4_addr . ipv4_addr; }}\n\
+         \x20 chain prerouting {{\n\
+         \x20   type filter hook prerouting priority filter; policy accept;\n\
+         \x20   iifname != \"{TAP_PREFIX}*\" accept\n\
+         \x20   ether type ip iifname . ether saddr . ip saddr @guest accept\n\
+         \x20   ether type arp iifname . ether saddr . arp saddr ip @guest iifname . arp saddr ether . arp saddr ip @guest accept\n\
+         \x20   counter drop\n\
+         \x20 }}\n\
          \x20 chain forward {{\n\
          \x20   type filter hook forward priority filter; policy accept;\n\
+         \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" ip saddr . ip daddr @peers meta mark set {PEER_MARK:#x} accept\n\
+         \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" arp saddr ip . arp daddr ip @peers accept\n\
          \x20   iifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" drop\n\
          \x20 }}\n\
          }}\n"
     )
 }
 
-/// Veth into the host namespace, routing and NAT on both sides.
+/// What the firewall needs to know of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNet {
+    pub tap: String,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub policy: crate::egress::EgressPolicy,
+    /// Guests this one may reach and be reached by (same owner, when the config allows it).
+    pub peers: Vec<Ipv4Addr>,
+}
+
+/// Suffix naming a sandbox's nftables objects: the hash part of its TAP.
+fn sandbox_tag(tap: &str) -> &str {
+    tap.strip_prefix(TAP_PREFIX).unwrap_or(tap)
+}
+
+/// The name of the set the resolver fills for a sandbox (see [`add_resolved`]).
+pub fn resolved_set(tap: &str) -> String {
+    format!("d_{}", sandbox_tag(tap))
+}
+
+/// The `nft` script that gives one sandbox its source check, egress chain
+/// (allowed networks, resolved names, private ranges dropped, then the
+/// posture) and peer pairs. Assumes [`remove_sandbox_script`] ran first.
+pub fn install_sandbox_script(sb: &SandboxNet) -> String {
+    use crate::egress::Posture;
+    let tag = sandbox_tag(&sb.tap);
+    let (tap, ip, mac) = (&sb.tap, sb.ip, &sb.mac);
+    let mut s = format!(
+        "add set inet {NS_TABLE} c_{tag} {{ type ipv4_addr; flags interval; }}\n\
+         add set inet {NS_TABLE} d_{tag} {{ type ipv4_addr; flags timeout; }}\n\
+         add chain inet {NS_TABLE} s_{tag}\n"
+    );
+    if !sb.policy.allow_cidrs.is_empty() {
+        let nets = sb
+            .policy
+            .allow_cidrs
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        s += &format!("add element inet {NS_TABLE} c_{tag} {{ {nets} }}\n");
+    }
+    s += &format!(
+        "add rule inet {NS_TABLE} s_{tag} ip daddr @c_{tag} accept\n\
+         add rule inet {NS_TABLE} s_{tag} ip daddr @d_{tag} accept\n\
+         add rule inet {NS_TABLE} s_{tag} ip daddr @private drop\n"
+    );
+    s += &match sb.policy.mode {
+        Posture::Public => format!("add rule inet {NS_TABLE} s_{tag} accept\n"),
+        Posture::Deny => format!("add rule inet {NS_TABLE} s_{tag} drop\n"),
+    };
+    s += &format!(
+        "add element inet {NS_TABLE} egress {{ {ip} : jump s_{tag} }}\n\
+         add element bridge {NS_TABLE} guest {{ \"{tap}\" . {mac} . {ip} }}\n"
+    );
+    if !sb.peers.is_empty() {
+        let pairs = sb
+            .peers
+            .iter()
+            .flat_map(|p| [format!("{ip} . {p}"), format!("{p} . {ip}")])
+            .collect::<Vec<_>>()
+            .join(", ");
+        s += &format!("add element bridge {NS_TABLE} peers {{ {pairs} }}\n");
+    }
+    s
+}
+
+/// The `nft` script removing what [`install_sandbox_script`] added (absent
+/// objects are fine), except the egress map element: see [`remove_sandbox`].
+fn remove_sandbox_script(sb: &SandboxNet) -> String {
+    let tag = sandbox_tag(&sb.tap);
+    let (tap, ip, mac) = (&sb.tap, sb.ip, &sb.mac);
+    // `add` then `delete`: deleting what may not exist, in one transaction.
+    let mut s = format!(
+        "add element bridge {NS_TABLE} guest {{ \"{tap}\" . {mac} . {ip} }}\n\
+         delete element bridge {NS_TABLE} guest {{ \"{tap}\" . {mac} . {ip} }}\n\
+         add chain inet {NS_TABLE} s_{tag}\n\
+         flush chain inet {NS_TABLE} s_{tag}\n\
+         delete chain inet {NS_TABLE} s_{tag}\n\
+         add set inet {NS_TABLE} c_{tag} {{ type ipv4_addr; flags interval; }}\n\
+         delete set inet {NS_TABLE} c_{tag}\n\
+         add set inet {NS_TABLE} d_{tag} {{ type ipv4_addr; flags timeout; }}\n\
+         delete set inet {NS_TABLE} d_{tag}\n"
+    );
+    if !sb.peers.is_empty() {
+        let pairs = sb
+            .peers
+            .iter()
+            .flat_map(|p| [format!("{ip} . {p}"), format!("{p} . {ip}")])
+            .collect::<Vec<_>>()
+            .join(", ");
+        s += &format!(
+            "add element bridge {NS_TABLE} peers {{ {pairs} }}\n\
+             delete element bridge {NS_TABLE} peers {{ {pairs} }}\n"
+        );
+    }
+    s
+}
+
+/// Puts a sandbox's firewall in place, replacing an earlier one of the
+/// same TAP or address. The guest's frames pass the bridge only once this
+/// succeeded: call it before the VM starts, and fail the start if it fails.
+pub fn install_sandbox(cfg: &NetConfig, sb: &SandboxNet) -> Result<(), NetworkError> {
+    remove_sandbox(cfg, sb)?;
+    nft_in(&cfg.netns, &install_sandbox_script(sb))?;
+    Ok(())
+}
+
+/// Removes a sandbox's firewall (absent parts are fine).
+pub fn remove_sandbox(cfg: &NetConfig, sb: &SandboxNet) -> Result<(), NetworkError> {
+    if !netns_path(&cfg.netns).exists() {
+        return Ok(());
+    }
+    // The map element goes first (it references the chain); by key, so a
+    // stale element of an earlier sandbox with this address goes too.
+    let _ = nft_in(
+        &cfg.netns,
+        &format!("delete element inet {NS_TABLE} egress {{ {} }}\n", sb.ip),
+    );
+    nft_in(&cfg.netns, &remove_sandbox_script(sb))?;
+    Ok(())
+}
+
+/// Adds addresses the resolver answered for an allowed name to the
+/// sandbox's set, each for `ttl_secs`.
+pub fn add_resolved(
+    cfg: &NetConfig,
+    tap: &str,
+    addrs: &[Ipv4Addr],
+    ttl_secs: u32,
+) -> Result<(), NetworkError> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let elems = addrs
+        .iter()
+        .map(|a| format!("{a} timeout {ttl_secs}s"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // `add` keeps an element's old timeout; delete first so the TTL is renewed.
+    let plain = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let set = resolved_set(tap);
+    nft_in(
+        &cfg.netns,
+        &format!(
+            "add element inet {NS_TABLE} {set} {{ {plain} }}\n\
+             delete element inet {NS_TABLE} {set} {{ {plain} }}\n\
+             add element inet {NS_TABLE} {set} {{ {elems} }}\n"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Runs `ip` in the uplink namespace (`None`: the host's own).
+fn ip_up(uplink: Option<&str>, args: &[&str]) -> Result<String, NetworkError> {
+    match uplink {
+        Some(up) => ip_in(up, args),
+        None => run("ip", args, None),
+    }
+}
+
+/// Runs a command in the uplink namespace (`None`: the host's own).
+fn run_up(
+    uplink: Option<&str>,
+    prog: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, NetworkError> {
+    match uplink {
+        Some(up) => {
+            let mut full = vec!["netns", "exec", up, prog];
+            full.extend_from_slice(args);
+            run("ip", &full, stdin)
+        }
+        None => run(prog, args, stdin),
+    }
+}
+
+/// Veth into the uplink (by default the host) namespace, routing and NAT on both sides.
 fn ensure_egress(cfg: &NetConfig) -> Result<(), NetworkError> {
     let ns = cfg.netns.as_str();
+    let up = cfg.uplink_netns.as_deref();
+    if let Some(u) = up {
+        if !netns_path(u).exists() {
+            return Err(NetworkError::Invalid(format!(
+                "uplink namespace {u:?} does not exist"
+            )));
+        }
+    }
     let host_veth = host_veth_name(ns);
     let (host_ip, ns_ip) = egress_link(ns);
-    if run("ip", &["link", "show", "dev", &host_veth], None).is_err() {
+    if ip_up(up, &["link", "show", "dev", &host_veth]).is_err() {
         let _ = ip_in(ns, &["link", "del", NS_VETH]);
-        run(
-            "ip",
+        ip_up(
+            up,
             &[
                 "link", "add", &host_veth, "type", "veth", "peer", "name", NS_VETH, "netns", ns,
             ],
-            None,
         )?;
     }
-    run(
-        "ip",
+    ip_up(
+        up,
         &[
             "addr",
             "replace",
@@ -402,9 +650,8 @@ fn ensure_egress(cfg: &NetConfig) -> Result<(), NetworkError> {
             "dev",
             &host_veth,
         ],
-        None,
     )?;
-    run("ip", &["link", "set", &host_veth, "up"], None)?;
+    ip_up(up, &["link", "set", &host_veth, "up"])?;
     ip_in(
         ns,
         &["addr", "replace", &format!("{ns_ip}/30"), "dev", NS_VETH],
@@ -426,8 +673,8 @@ fn ensure_egress(cfg: &NetConfig) -> Result<(), NetworkError> {
         ],
         None,
     )?;
-    run("sysctl", &["-qw", "net.ipv4.ip_forward=1"], None)?;
-    run("nft", &["-f", "-"], Some(&host_egress_ruleset(ns)))?;
+    run_up(up, "sysctl", &["-qw", "net.ipv4.ip_forward=1"], None)?;
+    run_up(up, "nft", &["-f", "-"], Some(&host_egress_ruleset(ns)))?;
     Ok(())
 }
 
@@ -460,15 +707,23 @@ pub fn host_egress_ruleset(ns: &str) -> String {
     )
 }
 
-/// Removes the egress veth and host rules of a namespace, if any.
-pub fn remove_egress(netns: &str) -> Result<(), NetworkError> {
+/// Removes the egress veth and uplink rules of a namespace, if any
+/// (`uplink`: where they live; `None`: the host's own namespace).
+pub fn remove_egress(netns: &str, uplink: Option<&str>) -> Result<(), NetworkError> {
+    if uplink.is_some_and(|u| !netns_path(u).exists()) {
+        // The uplink namespace took its end of the veth and its rules with it.
+        if netns_path(netns).exists() {
+            let _ = ip_in(netns, &["link", "del", NS_VETH]);
+        }
+        return Ok(());
+    }
     let host_veth = host_veth_name(netns);
-    if run("ip", &["link", "show", "dev", &host_veth], None).is_ok() {
-        run("ip", &["link", "del", &host_veth], None)?;
+    if ip_up(uplink, &["link", "show", "dev", &host_veth]).is_ok() {
+        ip_up(uplink, &["link", "del", &host_veth])?;
     }
     let table = host_table_name(netns);
-    if run("nft", &["list", "table", "inet", &table], None).is_ok() {
-        run("nft", &["delete", "table", "inet", &table], None)?;
+    if run_up(uplink, "nft", &["list", "table", "inet", &table], None).is_ok() {
+        run_up(uplink, "nft", &["delete", "table", "inet", &table], None)?;
     }
     if netns_path(netns).exists() {
         let _ = ip_in(netns, &["route", "del", "default"]);
@@ -605,9 +860,10 @@ fn parse_link_names(out: &str) -> Vec<String> {
         .collect()
 }
 
-/// Deletes the namespace and everything in it, egress included (tests, uninstall).
+/// Deletes the namespace and everything in it, egress in the host
+/// namespace included (tests, uninstall).
 pub fn delete_all(netns: &str) -> Result<(), NetworkError> {
-    remove_egress(netns)?;
+    remove_egress(netns, None)?;
     if netns_path(netns).exists() {
         run("ip", &["netns", "delete", netns], None)?;
     }
@@ -650,6 +906,8 @@ mod tests {
             bridge: "brbhatti0".into(),
             subnet,
             egress: false,
+            uplink_netns: None,
+            dns: false,
         };
         assert!(ok.validate().is_ok());
         for (netns, bridge) in [
@@ -665,6 +923,8 @@ mod tests {
                 bridge: bridge.into(),
                 subnet,
                 egress: false,
+                uplink_netns: None,
+                dns: false,
             };
             assert!(c.validate().is_err(), "{netns} {bridge}");
         }
@@ -696,6 +956,8 @@ mod tests {
             bridge: "br0".into(),
             subnet,
             egress: false,
+            uplink_netns: None,
+            dns: false,
         };
         let r = ns_ruleset(&cfg);
         assert!(r.contains("iifname \"br0\" drop"));

@@ -208,6 +208,7 @@ impl QemuEngine {
         })
         .await?
         .map_err(net_err)?;
+        self.install_firewall(&meta).await?;
 
         let _ = std::fs::remove_file(&files.pidfile);
         let mut argv = meta.argv.clone();
