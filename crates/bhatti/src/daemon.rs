@@ -12,6 +12,7 @@ use crate::config::DaemonConfig;
 use crate::engine::qemu::image::{ensure_images, LogProgress};
 use crate::engine::qemu::{QemuConfig, QemuEngine};
 use crate::proxy::public::PublicConfig;
+use crate::rate_limit::UserLimits;
 use crate::secrets::SecretCipher;
 use crate::service::{Service, ThermalConfig};
 use crate::store::Store;
@@ -64,6 +65,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
         scheme: cfg.public_scheme(),
         rate_per_alias: cfg.public_rate_per_alias,
         rate_global: cfg.public_rate_global,
+        rate_per_client: cfg.public_rate_per_client,
     };
     let public_task = tokio::spawn(crate::proxy::public::serve(
         public,
@@ -73,7 +75,10 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     ));
     tracing::info!(public_listen = %cfg.public_listen, domain = %cfg.domain, "public proxy listening");
 
-    let app = router(AppState { service });
+    let app = router(AppState {
+        service,
+        limits: Arc::new(UserLimits::new(cfg.api_rates())),
+    });
     tracing::info!(listen = %cfg.listen, "bhatti API listening");
     // Streamed answers (exec, files, the proxy) write headers and body
     // separately: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod proxy;
+pub mod rate_limit;
 pub mod secrets;
 pub mod service;
 pub mod store;

@@ -91,6 +91,18 @@ pub struct DaemonConfig {
     pub public_rate_per_alias: u32,
     /// Public proxy: requests per second allowed in total; 0 = unlimited. Default 500.
     pub public_rate_global: u32,
+    /// Public proxy: requests per second allowed per client address (the
+    /// TCP peer, or from loopback the last `X-Forwarded-For` hop); 0 =
+    /// unlimited. Default 30.
+    pub public_rate_per_client: u32,
+    /// API: sandbox creations (create, fork, snapshot resume) per minute
+    /// per user; 0 = unlimited. Default 30.
+    pub api_create_per_min: u32,
+    /// API: other changing requests (exec, shells, file writes, edits,
+    /// deletes, ...) per minute per user; 0 = unlimited. Default 600.
+    pub api_write_per_min: u32,
+    /// API: reads (GET) per minute per user; 0 = unlimited. Default 1200.
+    pub api_read_per_min: u32,
 }
 
 impl Default for DaemonConfig {
@@ -113,6 +125,10 @@ impl Default for DaemonConfig {
             boot_timeout_secs: 60,
             public_rate_per_alias: 50,
             public_rate_global: 500,
+            public_rate_per_client: 30,
+            api_create_per_min: 30,
+            api_write_per_min: 600,
+            api_read_per_min: 1200,
         }
     }
 }
@@ -276,6 +292,10 @@ impl DaemonConfig {
         "boot_timeout_secs",
         "public_rate_per_alias",
         "public_rate_global",
+        "public_rate_per_client",
+        "api_create_per_min",
+        "api_write_per_min",
+        "api_read_per_min",
     ];
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -333,6 +353,15 @@ impl DaemonConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The API's per-user budgets.
+    pub fn api_rates(&self) -> crate::rate_limit::UserRates {
+        crate::rate_limit::UserRates {
+            create_per_min: self.api_create_per_min,
+            write_per_min: self.api_write_per_min,
+            read_per_min: self.api_read_per_min,
+        }
     }
 
     /// `<data_dir>/state.db`.
@@ -481,7 +510,11 @@ mod tests {
                  max_concurrent_restores: 2\n\
                  boot_timeout_secs: 5\n\
                  public_rate_per_alias: 0\n\
-                 public_rate_global: 7\n";
+                 public_rate_global: 7\n\
+                 public_rate_per_client: 3\n\
+                 api_create_per_min: 2\n\
+                 api_write_per_min: 0\n\
+                 api_read_per_min: 9\n";
         let c = DaemonConfig::from_yaml(y, &p()).expect("parses");
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.accel, Accel::Tcg);
@@ -490,6 +523,15 @@ mod tests {
         assert!(!c.egress);
         assert_eq!(c.public_url("x"), "http://x.sb.example.com");
         assert_eq!(c.public_rate_global, 7);
+        assert_eq!(c.public_rate_per_client, 3);
+        assert_eq!(
+            c.api_rates(),
+            crate::rate_limit::UserRates {
+                create_per_min: 2,
+                write_per_min: 0,
+                read_per_min: 9
+            }
+        );
     }
 
     #[test]

@@ -11,7 +11,6 @@
 pub mod authed;
 pub mod pool;
 pub mod public;
-pub mod rate_limit;
 pub mod relay;
 pub mod routes;
 

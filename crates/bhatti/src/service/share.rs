@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use super::{rfc3339, Result, Service, ServiceError};
 use crate::engine::agent_client::AgentClient;
-use crate::proxy::rate_limit::KeyedLimit;
+use crate::rate_limit::KeyedLimit;
 use crate::store::User;
 
 /// Web terminals open at once on one sandbox.
