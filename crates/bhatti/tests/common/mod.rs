@@ -75,6 +75,13 @@ impl TestDaemon {
         d
     }
 
+    /// Whether the daemon process is still running (it has not crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.path().join("daemon.log")
     }
