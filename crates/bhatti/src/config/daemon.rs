@@ -47,13 +47,28 @@ fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Erro
     })
 }
 
+/// `listen`: an address, or `off` / empty / null for no TCP listener.
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    match s.as_deref().map(str::trim) {
+        None | Some("" | "off") => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not an IP:PORT address like 127.0.0.1:8080 (or `off`)"
+            ))
+        }),
+    }
+}
+
 /// The daemon's configuration (`config.yaml`). All keys are optional.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
-    /// API listen address. Default `127.0.0.1:8080`.
-    #[serde(deserialize_with = "de_socket_addr")]
-    pub listen: SocketAddr,
+    /// API listen address (TCP). Default `127.0.0.1:8080`; `off` (or empty)
+    /// for none: the API is then only on the control socket,
+    /// [`DaemonConfig::socket_path`].
+    #[serde(deserialize_with = "de_listen")]
+    pub listen: Option<SocketAddr>,
     /// State directory: state.db, age.key, sandboxes/. Default `/var/lib/bhatti`.
     pub data_dir: PathBuf,
     /// Guest images, shared by all daemons on the host. Default `/var/lib/bhatti/images`.
@@ -108,7 +123,7 @@ pub struct DaemonConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             images_dir: PathBuf::from(DEFAULT_IMAGES_DIR),
             accel: Accel::Auto,
@@ -337,7 +352,7 @@ impl DaemonConfig {
         if let Err(m) = check_domain(&self.domain) {
             return Err(invalid("domain", m));
         }
-        if self.listen == self.public_listen {
+        if self.listen == Some(self.public_listen) {
             return Err(invalid(
                 "public_listen",
                 format!("{} is the same address as listen", self.public_listen),
@@ -362,6 +377,13 @@ impl DaemonConfig {
             write_per_min: self.api_write_per_min,
             read_per_min: self.api_read_per_min,
         }
+    }
+
+    /// The control socket: the API on a Unix socket, mode 0600,
+    /// `<data_dir>/api.sock`. Always served; the local CLI uses it when no
+    /// URL is configured.
+    pub fn socket_path(&self) -> PathBuf {
+        self.data_dir.join(super::SOCKET_FILE)
     }
 
     /// `<data_dir>/state.db`.
@@ -465,7 +487,8 @@ mod tests {
     #[test]
     fn defaults() {
         let c = DaemonConfig::default();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.listen, Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
+        assert_eq!(c.socket_path(), PathBuf::from("/var/lib/bhatti/api.sock"));
         assert_eq!(c.public_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/bhatti"));
         assert_eq!(c.images_dir, PathBuf::from("/var/lib/bhatti/images"));
@@ -516,7 +539,7 @@ mod tests {
                  api_write_per_min: 0\n\
                  api_read_per_min: 9\n";
         let c = DaemonConfig::from_yaml(y, &p()).expect("parses");
-        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.listen.map(|l| l.port()), Some(9000));
         assert_eq!(c.accel, Accel::Tcg);
         assert_eq!(c.max_concurrent_restores, 2);
         assert_eq!(c.subnet.prefix(), 16);
@@ -550,6 +573,26 @@ mod tests {
             DaemonConfig::from_yaml(&text, &p()).expect("roundtrip"),
             DaemonConfig::default()
         );
+    }
+
+    #[test]
+    fn listen_can_be_off() {
+        for y in [
+            "listen: off\n",
+            "listen: ''\n",
+            "listen: null\n",
+            "listen: ~\n",
+        ] {
+            let c = DaemonConfig::from_yaml(y, &p()).expect(y);
+            assert_eq!(c.listen, None, "{y}");
+            // And it is written back as null, which reads as off again.
+            let text = serde_yaml_ng::to_string(&c).expect("yaml");
+            assert_eq!(DaemonConfig::from_yaml(&text, &p()).expect("again"), c);
+        }
+        let e = DaemonConfig::from_yaml("listen: nope\n", &p()).expect_err("bad");
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = DaemonConfig::from_yaml("listen: 127.0.0.1:8081\n", &p()).expect_err("same");
+        assert!(e.to_string().contains("public_listen"), "{e}");
     }
 
     #[test]
