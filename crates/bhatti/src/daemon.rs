@@ -87,8 +87,8 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
         limits: Arc::new(UserLimits::new(cfg.api_rates())),
     });
     let mut servers = Vec::new();
-    if let Some(listener) = listener {
-        tracing::info!(listen = ?cfg.listen, "bhatti API listening");
+    if let (Some(listener), Some(addr)) = (listener, cfg.listen) {
+        tracing::info!(listen = %addr, "bhatti API listening");
         // Streamed answers (exec, files, the proxy) write headers and body
         // separately: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms.
         let listener = listener.tap_io(|tcp| {
