@@ -19,6 +19,7 @@ fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
         .env("HOME", home.path())
         .env_remove("BHATTI_URL")
         .env_remove("BHATTI_TOKEN")
+        .env_remove("BHATTI_SOCKET")
         .stdin(Stdio::null());
     for (k, v) in env {
         c.env(k, v);
@@ -68,6 +69,22 @@ fn cli_over_the_control_socket() {
         "echo over-the-socket",
     ]));
     assert_eq!(out.trim(), "over-the-socket");
+    // With no URL configured anywhere, the CLI finds the socket by itself
+    // (here named by BHATTI_SOCKET instead of /var/lib/bhatti/api.sock).
+    let sock = d.socket().display().to_string();
+    let listed = ok(cli(
+        &["--json", "list"],
+        &[
+            ("BHATTI_SOCKET", sock.as_str()),
+            ("BHATTI_TOKEN", key.as_str()),
+        ],
+    ));
+    assert!(listed.contains("\"s1\""), "{listed}");
+    let v = ok(cli(
+        &["--json", "version"],
+        &[("BHATTI_SOCKET", sock.as_str())],
+    ));
+    assert!(v.contains(&url), "{v}");
     // The environment names the socket just as well.
     let listed = ok(cli(
         &["--json", "list"],

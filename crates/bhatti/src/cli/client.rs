@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::config::{
-    ClientConfig, ClientSettings, ConfigError, Resolved, Source, DEFAULT_SOCKET_PATH,
+    ClientConfig, ClientSettings, ConfigError, Resolved, Source, DEFAULT_SOCKET_PATH, SOCKET_ENV,
 };
 
 use super::GlobalArgs;
@@ -67,7 +67,11 @@ pub fn resolve_settings(global: &GlobalArgs) -> anyhow::Result<ClientSettings> {
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(settings.prefer_socket(std::path::Path::new(DEFAULT_SOCKET_PATH)))
+    let socket = std::env::var_os(SOCKET_ENV)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
+    Ok(settings.prefer_socket(&socket))
 }
 
 impl ApiClient {

@@ -40,6 +40,9 @@ pub const SOCKET_FILE: &str = "api.sock";
 pub const DEFAULT_SOCKET_PATH: &str = "/var/lib/bhatti/api.sock";
 /// Environment variable with the API URL (CLI).
 pub const URL_ENV: &str = "BHATTI_URL";
+/// Environment variable naming the control socket the CLI uses when no URL
+/// is configured (default [`DEFAULT_SOCKET_PATH`]).
+pub const SOCKET_ENV: &str = "BHATTI_SOCKET";
 /// Environment variable with the API key (CLI).
 pub const TOKEN_ENV: &str = "BHATTI_TOKEN";
 
