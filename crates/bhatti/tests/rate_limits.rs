@@ -80,6 +80,17 @@ async fn per_user_budgets_and_per_client_public_limit() {
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
     assert_limited(alice.delete("/sandboxes/nope").await, "write", 4).await;
+    // A WebSocket upgrade is a GET that runs commands: it counts as a write.
+    let ws = alice
+        .req(reqwest::Method::GET, "/sandboxes/nope/exec/ws")
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("GET ws");
+    assert_limited(ws, "write", 4).await;
 
     // --- another user is unaffected by alice's empty budgets.
     assert_eq!(bad_create(&bob).await.status(), StatusCode::BAD_REQUEST);
