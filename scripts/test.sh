@@ -18,6 +18,9 @@ export BHATTI_LOHAR="$PWD/target/x86_64-unknown-linux-gnu/release/lohar"
 echo "test: Python venv for the SDK and browser tests"
 bash scripts/sdk-venv.sh
 
+echo "test: Python venv for the API fuzz (schemathesis)"
+bash scripts/api-fuzz-venv.sh
+
 echo "test: guest images"
 cargo build -p bhatti --bins
 target/debug/bhatti image build

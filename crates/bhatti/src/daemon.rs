@@ -12,6 +12,7 @@ use crate::config::DaemonConfig;
 use crate::engine::qemu::image::{ensure_images, LogProgress};
 use crate::engine::qemu::{QemuConfig, QemuEngine};
 use crate::proxy::public::PublicConfig;
+use crate::rate_limit::UserLimits;
 use crate::secrets::SecretCipher;
 use crate::service::{Service, ThermalConfig};
 use crate::store::Store;
@@ -56,43 +57,106 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let public = tokio::net::TcpListener::bind(cfg.public_listen)
         .await
         .with_context(|| format!("listening on {} (public_listen)", cfg.public_listen))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = match cfg.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    let socket_path = cfg.socket_path();
+    let control = bind_control_socket(&socket_path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let public_cfg = PublicConfig {
         domain: cfg.domain.clone(),
         scheme: cfg.public_scheme(),
         rate_per_alias: cfg.public_rate_per_alias,
         rate_global: cfg.public_rate_global,
+        rate_per_client: cfg.public_rate_per_client,
     };
     let public_task = tokio::spawn(crate::proxy::public::serve(
         public,
         service.clone(),
         public_cfg,
-        stopped(stop_rx),
+        stopped(stop_rx.clone()),
     ));
     tracing::info!(public_listen = %cfg.public_listen, domain = %cfg.domain, "public proxy listening");
 
-    let app = router(AppState { service });
-    tracing::info!(listen = %cfg.listen, "bhatti API listening");
-    // Streamed answers (exec, files, the proxy) write headers and body
-    // separately: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY");
-        }
+    let app = router(AppState {
+        service,
+        limits: Arc::new(UserLimits::new(cfg.api_rates())),
     });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    let mut servers = Vec::new();
+    if let (Some(listener), Some(addr)) = (listener, cfg.listen) {
+        tracing::info!(listen = %addr, "bhatti API listening");
+        // Streamed answers (exec, files, the proxy) write headers and body
+        // separately: without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        });
+        let serve = axum::serve(
+            listener,
+            app.clone()
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        servers.push(tokio::spawn(async move { serve.await }));
+    } else {
+        tracing::info!("no TCP listener (listen: off)");
+    }
+    tracing::info!(socket = %socket_path.display(), "bhatti API on the control socket");
+    // Handlers that limit per client address see the socket's clients as
+    // one local address.
+    let local = axum::extract::ConnectInfo(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let serve = axum::serve(control, app.layer(axum::Extension(local)))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    servers.push(tokio::spawn(async move { serve.await }));
+
+    shutdown_signal().await;
     let _ = stop_tx.send(true);
+    for s in servers {
+        if let Err(e) = s.await? {
+            tracing::warn!(error = %e, "API listener");
+        }
+    }
+    let _ = std::fs::remove_file(&socket_path);
     let _ = public_task.await;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
+}
+
+/// Binds the control socket at `path`, mode 0600 (root only). A socket
+/// left by a daemon that is gone is replaced; one that answers belongs to a
+/// running daemon, which is an error.
+fn bind_control_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket; move it away (the control socket goes there)",
+                path.display()
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another daemon answers on {}: one data dir, one daemon",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    // connect(2) needs write permission on the socket: with 0600 only root
+    // (the daemon's user) gets in. Before this chmod the umask's mode
+    // (0755 with the usual 022) gives no one else write access either.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
 }
 
 fn qemu_config(

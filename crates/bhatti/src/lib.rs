@@ -14,6 +14,7 @@ pub mod egress;
 pub mod engine;
 pub mod model;
 pub mod proxy;
+pub mod rate_limit;
 pub mod secrets;
 pub mod service;
 pub mod store;

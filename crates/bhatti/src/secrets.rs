@@ -37,6 +37,9 @@ pub enum SecretsError {
     /// The value is too large.
     #[error("secret value is {len} bytes; the limit is {MAX_SECRET_VALUE_LEN}")]
     ValueTooLarge { len: usize },
+    /// The value holds a NUL byte, which an environment variable cannot.
+    #[error("secret value holds a NUL byte, which an environment variable cannot carry")]
+    ValueHasNul,
     #[error("encrypting secret failed: {0}")]
     Encrypt(String),
     /// Wrong key, or corrupted ciphertext.
@@ -74,6 +77,9 @@ pub fn validate_secret_name(name: &str) -> Result<(), SecretsError> {
 pub fn validate_secret_value(value: &str) -> Result<(), SecretsError> {
     if value.len() > MAX_SECRET_VALUE_LEN {
         return Err(SecretsError::ValueTooLarge { len: value.len() });
+    }
+    if value.contains('\0') {
+        return Err(SecretsError::ValueHasNul);
     }
     Ok(())
 }

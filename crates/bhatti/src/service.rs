@@ -415,9 +415,11 @@ impl Service {
             ),
         };
         let env = req.env.unwrap_or_default();
-        for key in env.keys() {
+        for (key, value) in &env {
             validate_secret_name(key)
                 .map_err(|e| ServiceError::Invalid(format!("invalid field `env`: {e}")))?;
+            // Every exec in the sandbox carries these: one NUL would fail them all.
+            exec::no_nul("env", value)?;
         }
         let secret_names = req.secrets.unwrap_or_default();
         let mut guest_env = env.clone();

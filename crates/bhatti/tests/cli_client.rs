@@ -40,6 +40,8 @@ impl Env {
             .env_remove("BHATTI_URL")
             .env_remove("BHATTI_TOKEN")
             .env_remove("BHATTI_CONFIG")
+            // No control socket: the host's own daemon must not change the defaults.
+            .env("BHATTI_SOCKET", self.home.path().join("no-daemon.sock"))
             .stdin(Stdio::null());
         c
     }

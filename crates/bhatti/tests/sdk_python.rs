@@ -17,7 +17,9 @@ fn python(d: &TestDaemon, key: &str, home: &std::path::Path) -> Command {
         .env("HOME", home)
         .env("BHATTI_URL", &d.url)
         .env("BHATTI_TOKEN", key)
-        .env("BHATTI_TEST_PUBLIC_ADDR", &d.public_addr);
+        .env("BHATTI_TEST_PUBLIC_ADDR", &d.public_addr)
+        .env("BHATTI_TEST_SOCKET", d.socket())
+        .env_remove("BHATTI_SOCKET");
     c
 }
 

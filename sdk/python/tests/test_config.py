@@ -11,6 +11,8 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("BHATTI_URL", raising=False)
     monkeypatch.delenv("BHATTI_TOKEN", raising=False)
+    # The host's own daemon must not change the defaults.
+    monkeypatch.setenv("BHATTI_SOCKET", str(tmp_path / "no-daemon.sock"))
     return tmp_path
 
 
@@ -57,3 +59,28 @@ def test_bad_url(home):
 def test_error_for_status(status, cls):
     e = errors.error_for(status, {"error": "why"})
     assert type(e) is cls and e.status == status and e.message == "why"
+
+
+def test_control_socket(home, monkeypatch):
+    import socket
+
+    s = resolve("unix:///run/x/api.sock")
+    assert (s.api_url, s.api_url_source) == ("unix:///run/x/api.sock", "argument")
+    with pytest.raises(errors.ConfigError):
+        resolve("unix://relative.sock")
+    with pytest.raises(errors.ConfigError):
+        resolve("ftp://x")
+    # No URL configured: a usable socket at $BHATTI_SOCKET is the default...
+    path = home / "api.sock"
+    monkeypatch.setenv("BHATTI_SOCKET", str(path))
+    assert resolve().api_url == "http://127.0.0.1:8080", "no socket there yet"
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    try:
+        s = resolve()
+        assert (s.api_url, s.api_url_source) == (f"unix://{path}", "default")
+        # ...and any configured URL wins over it.
+        monkeypatch.setenv("BHATTI_URL", "http://env:1")
+        assert resolve().api_url == "http://env:1"
+    finally:
+        srv.close()

@@ -12,6 +12,7 @@ use super::handlers::{
     exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
     snapshots,
 };
+use crate::rate_limit::UserLimits;
 use crate::service::Service;
 
 /// Largest JSON request body (exec stdin travels base64-encoded in it).
@@ -24,6 +25,8 @@ pub const VERSION_HEADER: &str = "x-bhatti-version";
 #[derive(Clone)]
 pub struct AppState {
     pub service: Arc<Service>,
+    /// Per-user request budgets, counted when a request authenticates.
+    pub limits: Arc<UserLimits>,
 }
 
 #[derive(OpenApi)]

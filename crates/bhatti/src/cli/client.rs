@@ -14,16 +14,23 @@ use reqwest::{header, Method, RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::config::{ClientConfig, ClientSettings, ConfigError, Resolved, Source};
+use crate::config::{
+    ClientConfig, ClientSettings, ConfigError, Resolved, Source, DEFAULT_SOCKET_PATH, SOCKET_ENV,
+};
 
 use super::GlobalArgs;
 
 /// How long to wait for a TCP (and TLS) connection to the API.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A WebSocket to the API (shell, exec).
+/// A byte stream to the API: TCP or the control socket.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A WebSocket to the API (shell, exec), over TCP (maybe TLS) or the
+/// control socket.
 pub type WsStream =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn Io>>>;
 
 /// What a request is about, to explain a 404.
 #[derive(Debug, Clone, Copy)]
@@ -43,21 +50,28 @@ pub struct ApiClient {
     token: Option<Resolved<String>>,
     /// Set for https URLs; the shell's WebSocket uses it too.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Set for `unix://` URLs: every connection goes to this socket.
+    socket: Option<std::path::PathBuf>,
 }
 
 /// Resolves the connection settings from the global flags, the config file
 /// (`$HOME/.bhatti/config.yaml`) and the environment.
 pub fn resolve_settings(global: &GlobalArgs) -> anyhow::Result<ClientSettings> {
     let (url, token) = (global.url.as_deref(), global.token.as_deref());
-    match ClientConfig::default_path() {
-        Ok(path) => Ok(ClientSettings::resolve(url, token, Some(&path))?),
+    let settings = match ClientConfig::default_path() {
+        Ok(path) => ClientSettings::resolve(url, token, Some(&path))?,
         // No home directory: there is no config file, but flags and the
         // environment still work.
-        Err(ConfigError::NoHome) => Ok(ClientSettings::resolve_with(url, token, None, |k| {
-            std::env::var(k).ok()
-        })),
-        Err(e) => Err(e.into()),
-    }
+        Err(ConfigError::NoHome) => {
+            ClientSettings::resolve_with(url, token, None, |k| std::env::var(k).ok())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let socket = std::env::var_os(SOCKET_ENV)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
+    Ok(settings.prefer_socket(&socket))
 }
 
 impl ApiClient {
@@ -73,10 +87,13 @@ impl ApiClient {
             api_url,
             auth_token,
         } = settings;
-        let base = parse_base_url(&api_url)?;
+        let (base, socket) = parse_base_url(&api_url)?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("bhatti-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &socket {
+            builder = builder.unix_socket(path.as_path());
+        }
         let tls = if base.scheme() == "https" {
             let config = super::tls::client_config()?;
             builder = builder.use_preconfigured_tls((*config).clone());
@@ -91,6 +108,7 @@ impl ApiClient {
             url: api_url,
             token: auth_token,
             tls,
+            socket,
         })
     }
 
@@ -330,7 +348,11 @@ impl ApiClient {
             req.headers_mut().insert(ws_header::AUTHORIZATION, value);
         }
         let connector = self.tls().map(tokio_tungstenite::Connector::Rustls);
-        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, connector).await {
+        let stream = match self.connect().await {
+            Ok(s) => s,
+            Err(e) => return Err(self.unreachable(&e.to_string())),
+        };
+        match tokio_tungstenite::client_async_tls_with_config(req, stream, None, connector).await {
             Ok((ws, _)) => Ok(ws),
             Err(WsError::Http(resp)) => {
                 let status =
@@ -348,6 +370,30 @@ impl ApiClient {
         }
     }
 
+    /// A connection to the API: the control socket, or TCP to the URL's
+    /// host and port (with TCP_NODELAY; TLS, if any, is the caller's).
+    async fn connect(&self) -> std::io::Result<Box<dyn Io>> {
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+        if let Some(path) = &self.socket {
+            let s = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(path))
+                .await
+                .map_err(|_| timed_out())??;
+            return Ok(Box::new(s));
+        }
+        let host = self.base.host_str().unwrap_or("localhost");
+        // IPv6 literals come bracketed in URLs.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = self.base.port_or_known_default().unwrap_or(80);
+        let s = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((host, port)),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        let _ = s.set_nodelay(true);
+        Ok(Box::new(s))
+    }
+
     pub fn request_unauthenticated(&self, method: Method, segments: &[&str]) -> RequestBuilder {
         self.http.request(method, self.url(segments))
     }
@@ -358,8 +404,24 @@ impl ApiClient {
     }
 }
 
-/// Parses and checks the configured base URL.
-fn parse_base_url(url: &Resolved<String>) -> anyhow::Result<Url> {
+/// Parses and checks the configured base URL. `unix:///path/to/api.sock`
+/// is the control socket: requests then go to `http://localhost` over it.
+fn parse_base_url(url: &Resolved<String>) -> anyhow::Result<(Url, Option<std::path::PathBuf>)> {
+    if let Some(path) = url.value.strip_prefix("unix://") {
+        if !path.starts_with('/') {
+            return Err(anyhow!(
+                "invalid API URL {:?} (from {}): a control socket is unix:// and an absolute path, like unix:///var/lib/bhatti/api.sock",
+                url.value,
+                url.source
+            ));
+        }
+        let base = Url::parse("http://localhost/").expect("a valid constant URL");
+        return Ok((base, Some(std::path::PathBuf::from(path))));
+    }
+    parse_http_url(url).map(|u| (u, None))
+}
+
+fn parse_http_url(url: &Resolved<String>) -> anyhow::Result<Url> {
     let parsed = Url::parse(&url.value).map_err(|e| {
         anyhow!(
             "invalid API URL {:?} (from {}): {e}; use a URL like http://127.0.0.1:8080",

@@ -176,6 +176,22 @@ impl ClientSettings {
     }
 }
 
+impl ClientSettings {
+    /// With no URL configured (flag, file, environment), the control socket
+    /// at `socket` when this process may use it (it exists, is a socket and
+    /// is writable: root's 0600 socket is not for other users, who keep
+    /// the TCP default). A configured URL always wins.
+    pub fn prefer_socket(mut self, socket: &Path) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        let usable = std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket())
+            && nix::unistd::access(socket, nix::unistd::AccessFlags::W_OK).is_ok();
+        if self.api_url.source == Source::Default && usable {
+            self.api_url.value = format!("unix://{}", socket.display());
+        }
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +306,27 @@ mod tests {
         std::fs::write(&path, "api_url: http://x\nauth-token: bht_x\n").expect("write");
         let e = ClientConfig::load(&path).expect_err("unknown key");
         assert!(e.to_string().contains("auth-token"), "{e}");
+    }
+
+    #[test]
+    fn socket_is_the_default_only_when_usable_and_nothing_is_configured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("api.sock");
+        let none = || ClientSettings::resolve_with(None, None, None, env_of(&[]));
+        // Missing, or a plain file: the TCP default stays.
+        assert_eq!(none().prefer_socket(&sock).api_url.value, DEFAULT_API_URL);
+        std::fs::write(&sock, "").expect("file");
+        assert_eq!(none().prefer_socket(&sock).api_url.value, DEFAULT_API_URL);
+        std::fs::remove_file(&sock).expect("rm");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let s = none().prefer_socket(&sock);
+        assert_eq!(s.api_url.value, format!("unix://{}", sock.display()));
+        assert_eq!(s.api_url.source, Source::Default);
+        // Any configured URL wins over the socket.
+        let flag = ClientSettings::resolve_with(Some("http://h:1"), None, None, env_of(&[]));
+        assert_eq!(flag.prefer_socket(&sock).api_url.value, "http://h:1");
+        let env =
+            ClientSettings::resolve_with(None, None, None, env_of(&[(URL_ENV, "http://e:1")]));
+        assert_eq!(env.prefer_socket(&sock).api_url.value, "http://e:1");
     }
 }

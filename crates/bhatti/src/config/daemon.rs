@@ -47,13 +47,28 @@ fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Erro
     })
 }
 
+/// `listen`: an address, or `off` / empty / null for no TCP listener.
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    match s.as_deref().map(str::trim) {
+        None | Some("" | "off") => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not an IP:PORT address like 127.0.0.1:8080 (or `off`)"
+            ))
+        }),
+    }
+}
+
 /// The daemon's configuration (`config.yaml`). All keys are optional.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
-    /// API listen address. Default `127.0.0.1:8080`.
-    #[serde(deserialize_with = "de_socket_addr")]
-    pub listen: SocketAddr,
+    /// API listen address (TCP). Default `127.0.0.1:8080`; `off` (or empty)
+    /// for none: the API is then only on the control socket,
+    /// [`DaemonConfig::socket_path`].
+    #[serde(deserialize_with = "de_listen")]
+    pub listen: Option<SocketAddr>,
     /// State directory: state.db, age.key, sandboxes/. Default `/var/lib/bhatti`.
     pub data_dir: PathBuf,
     /// Guest images, shared by all daemons on the host. Default `/var/lib/bhatti/images`.
@@ -109,12 +124,24 @@ pub struct DaemonConfig {
     /// host's own namespace. For tests that keep all traffic in namespaces
     /// of their own.
     pub uplink_netns: Option<String>,
+    /// Public proxy: requests per second allowed per client address (the
+    /// TCP peer, or from loopback the last `X-Forwarded-For` hop); 0 =
+    /// unlimited. Default 30.
+    pub public_rate_per_client: u32,
+    /// API: sandbox creations (create, fork, snapshot resume) per minute
+    /// per user; 0 = unlimited. Default 30.
+    pub api_create_per_min: u32,
+    /// API: other changing requests (exec, shells, file writes, edits,
+    /// deletes, ...) per minute per user; 0 = unlimited. Default 600.
+    pub api_write_per_min: u32,
+    /// API: reads (GET) per minute per user; 0 = unlimited. Default 1200.
+    pub api_read_per_min: u32,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             images_dir: PathBuf::from(DEFAULT_IMAGES_DIR),
             accel: Accel::Auto,
@@ -137,6 +164,10 @@ impl Default for DaemonConfig {
             same_user_peers: false,
             dns_upstream: Vec::new(),
             uplink_netns: None,
+            public_rate_per_client: 30,
+            api_create_per_min: 30,
+            api_write_per_min: 600,
+            api_read_per_min: 1200,
         }
     }
 }
@@ -306,6 +337,10 @@ impl DaemonConfig {
         "same_user_peers",
         "dns_upstream",
         "uplink_netns",
+        "public_rate_per_client",
+        "api_create_per_min",
+        "api_write_per_min",
+        "api_read_per_min",
     ];
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -347,7 +382,7 @@ impl DaemonConfig {
         if let Err(m) = check_domain(&self.domain) {
             return Err(invalid("domain", m));
         }
-        if self.listen == self.public_listen {
+        if self.listen == Some(self.public_listen) {
             return Err(invalid(
                 "public_listen",
                 format!("{} is the same address as listen", self.public_listen),
@@ -405,6 +440,22 @@ impl DaemonConfig {
                     .map_err(|_| format!("{s:?} is not an IP or IP:PORT"))
             })
             .collect()
+    }
+
+    /// The API's per-user budgets.
+    pub fn api_rates(&self) -> crate::rate_limit::UserRates {
+        crate::rate_limit::UserRates {
+            create_per_min: self.api_create_per_min,
+            write_per_min: self.api_write_per_min,
+            read_per_min: self.api_read_per_min,
+        }
+    }
+
+    /// The control socket: the API on a Unix socket, mode 0600,
+    /// `<data_dir>/api.sock`. Always served; the local CLI uses it when no
+    /// URL is configured.
+    pub fn socket_path(&self) -> PathBuf {
+        self.data_dir.join(super::SOCKET_FILE)
     }
 
     /// `<data_dir>/state.db`.
@@ -508,7 +559,8 @@ mod tests {
     #[test]
     fn defaults() {
         let c = DaemonConfig::default();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.listen, Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
+        assert_eq!(c.socket_path(), PathBuf::from("/var/lib/bhatti/api.sock"));
         assert_eq!(c.public_listen.to_string(), "127.0.0.1:8081");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/bhatti"));
         assert_eq!(c.images_dir, PathBuf::from("/var/lib/bhatti/images"));
@@ -553,15 +605,28 @@ mod tests {
                  max_concurrent_restores: 2\n\
                  boot_timeout_secs: 5\n\
                  public_rate_per_alias: 0\n\
-                 public_rate_global: 7\n";
+                 public_rate_global: 7\n\
+                 public_rate_per_client: 3\n\
+                 api_create_per_min: 2\n\
+                 api_write_per_min: 0\n\
+                 api_read_per_min: 9\n";
         let c = DaemonConfig::from_yaml(y, &p()).expect("parses");
-        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.listen.map(|l| l.port()), Some(9000));
         assert_eq!(c.accel, Accel::Tcg);
         assert_eq!(c.max_concurrent_restores, 2);
         assert_eq!(c.subnet.prefix(), 16);
         assert!(!c.egress);
         assert_eq!(c.public_url("x"), "http://x.sb.example.com");
         assert_eq!(c.public_rate_global, 7);
+        assert_eq!(c.public_rate_per_client, 3);
+        assert_eq!(
+            c.api_rates(),
+            crate::rate_limit::UserRates {
+                create_per_min: 2,
+                write_per_min: 0,
+                read_per_min: 9
+            }
+        );
     }
 
     #[test]
@@ -580,6 +645,26 @@ mod tests {
             DaemonConfig::from_yaml(&text, &p()).expect("roundtrip"),
             DaemonConfig::default()
         );
+    }
+
+    #[test]
+    fn listen_can_be_off() {
+        for y in [
+            "listen: off\n",
+            "listen: ''\n",
+            "listen: null\n",
+            "listen: ~\n",
+        ] {
+            let c = DaemonConfig::from_yaml(y, &p()).expect(y);
+            assert_eq!(c.listen, None, "{y}");
+            // And it is written back as null, which reads as off again.
+            let text = serde_yaml_ng::to_string(&c).expect("yaml");
+            assert_eq!(DaemonConfig::from_yaml(&text, &p()).expect("again"), c);
+        }
+        let e = DaemonConfig::from_yaml("listen: nope\n", &p()).expect_err("bad");
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = DaemonConfig::from_yaml("listen: 127.0.0.1:8081\n", &p()).expect_err("same");
+        assert!(e.to_string().contains("public_listen"), "{e}");
     }
 
     #[test]

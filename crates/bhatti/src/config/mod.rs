@@ -29,10 +29,20 @@ pub const CONFIG_ENV: &str = "BHATTI_CONFIG";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/bhatti";
 /// Default images directory, shared by every daemon on the host.
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/bhatti/images";
-/// Default API address used by the CLI when nothing else is configured.
+/// Default API address used by the CLI when nothing else is configured
+/// and the default control socket is not there.
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8080";
+/// File name of the daemon's control socket inside its data dir.
+pub const SOCKET_FILE: &str = "api.sock";
+/// The control socket of a daemon with the default data dir: what the CLI
+/// uses (as `unix:///var/lib/bhatti/api.sock`) when no URL is configured and
+/// the socket is there.
+pub const DEFAULT_SOCKET_PATH: &str = "/var/lib/bhatti/api.sock";
 /// Environment variable with the API URL (CLI).
 pub const URL_ENV: &str = "BHATTI_URL";
+/// Environment variable naming the control socket the CLI uses when no URL
+/// is configured (default [`DEFAULT_SOCKET_PATH`]).
+pub const SOCKET_ENV: &str = "BHATTI_SOCKET";
 /// Environment variable with the API key (CLI).
 pub const TOKEN_ENV: &str = "BHATTI_TOKEN";
 

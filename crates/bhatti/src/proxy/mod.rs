@@ -12,7 +12,6 @@
 
 pub mod authed;
 pub mod public;
-pub mod rate_limit;
 pub mod relay;
 
 pub use crate::service::upstream::{ProxyError, Target, UpstreamPool, MAX_REQUEST_BODY};

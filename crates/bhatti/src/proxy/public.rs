@@ -1,9 +1,10 @@
 //! The public listener: `Host: <alias>.<domain>` → the published port of a
-//! sandbox, without authentication, rate limited per alias and globally.
+//! sandbox, without authentication, rate limited in total, per client
+//! address and per alias.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +15,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use super::rate_limit::RateLimiter;
 use super::relay::{relay, Forwarded};
 use super::{ProxyError, UpstreamPool};
+use crate::rate_limit::{KeyedLimit, Limit};
 use crate::service::{Service, ServiceError};
 
 /// A client must send its request headers within this time.
@@ -33,6 +34,67 @@ pub struct PublicConfig {
     pub rate_per_alias: u32,
     /// Requests per second in total; 0 = unlimited.
     pub rate_global: u32,
+    /// Requests per second per client address (see [`client_key`]); 0 = unlimited.
+    pub rate_per_client: u32,
+}
+
+/// The public proxy's limits: in total, per client and per alias
+/// (requests per second; 0 = unlimited).
+pub struct RateLimiter {
+    global: Limit,
+    clients: KeyedLimit<IpAddr>,
+    aliases: KeyedLimit<String>,
+}
+
+impl RateLimiter {
+    pub fn new(per_alias: u32, global: u32, per_client: u32) -> RateLimiter {
+        RateLimiter {
+            global: Limit::per_second(global),
+            clients: KeyedLimit::per_second(per_client),
+            aliases: KeyedLimit::per_second(per_alias),
+        }
+    }
+
+    /// One request against the global limit.
+    pub fn allow_global(&self) -> bool {
+        self.global.allow()
+    }
+
+    /// One request against `client`'s limit.
+    pub fn allow_client(&self, client: IpAddr) -> bool {
+        self.clients.allow(&client)
+    }
+
+    /// One request against `alias`'s limit.
+    pub fn allow_alias(&self, alias: &str) -> bool {
+        // The key is owned: governor clones it into its map for new keys.
+        self.aliases.allow(&alias.to_string())
+    }
+
+    /// Forgets clients and aliases whose budget is full again.
+    pub fn forget_idle(&self) {
+        self.clients.forget_idle();
+        self.aliases.forget_idle();
+    }
+}
+
+/// The client a request is counted against: its TCP peer, except that a
+/// request from loopback carrying `X-Forwarded-For` (a TLS terminator on
+/// this host, in front of the listener) counts against the address the
+/// terminator appended last. A loopback client can claim any address this
+/// way, but not get past the per-alias and global limits.
+pub fn client_key<B>(peer: IpAddr, req: &Request<B>) -> IpAddr {
+    if !peer.is_loopback() {
+        return peer;
+    }
+    req.headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .and_then(|last| last.trim().parse().ok())
+        .unwrap_or(peer)
 }
 
 struct State {
@@ -56,7 +118,7 @@ pub async fn serve(
         service,
         domain_suffix: format!(".{}", cfg.domain.trim_end_matches('.').to_ascii_lowercase()),
         scheme: cfg.scheme,
-        limiter: RateLimiter::new(cfg.rate_per_alias, cfg.rate_global),
+        limiter: RateLimiter::new(cfg.rate_per_alias, cfg.rate_global, cfg.rate_per_client),
     });
     let sweeper = {
         let state = state.clone();
@@ -118,7 +180,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
             "No app is published at this address.",
         );
     };
-    if !state.limiter.allow_global() {
+    if !state.limiter.allow_global() || !state.limiter.allow_client(client_key(peer.ip(), &req)) {
         return too_many();
     }
     let route = match state.service.public_route(&alias).await {
@@ -257,6 +319,54 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_are_per_alias_client_and_global() {
+        let l = RateLimiter::new(3, 0, 0);
+        assert_eq!((0..10).filter(|_| l.allow_alias("a")).count(), 3);
+        assert!(l.allow_alias("b"), "other aliases are unaffected");
+        assert!((0..1000).all(|_| l.allow_global()), "0 = unlimited");
+        let g = RateLimiter::new(0, 4, 0);
+        assert_eq!((0..10).filter(|_| g.allow_global()).count(), 4);
+        assert!((0..1000).all(|_| g.allow_alias("a")));
+        assert_eq!(g.aliases.keys(), 0, "unlimited keeps no state");
+        let c = RateLimiter::new(0, 0, 2);
+        let one: IpAddr = [192, 0, 2, 1].into();
+        assert_eq!((0..10).filter(|_| c.allow_client(one)).count(), 2);
+        assert!(
+            c.allow_client([192, 0, 2, 2].into()),
+            "other clients are unaffected"
+        );
+    }
+
+    #[test]
+    fn client_key_trusts_forwarded_for_only_from_loopback() {
+        let req = |xff: &[&str]| {
+            let mut b = Request::builder().uri("/");
+            for v in xff {
+                b = b.header("x-forwarded-for", *v);
+            }
+            b.body(()).expect("request")
+        };
+        let lo: IpAddr = [127, 0, 0, 1].into();
+        let remote: IpAddr = [198, 51, 100, 7].into();
+        assert_eq!(client_key(lo, &req(&[])), lo);
+        assert_eq!(
+            client_key(lo, &req(&["203.0.113.9, 203.0.113.5"])),
+            IpAddr::from([203, 0, 113, 5]),
+            "the last hop the terminator appended"
+        );
+        assert_eq!(
+            client_key(lo, &req(&["203.0.113.9", "2001:db8::1"])),
+            "2001:db8::1".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(client_key(lo, &req(&["not an ip"])), lo);
+        assert_eq!(
+            client_key(remote, &req(&["203.0.113.5"])),
+            remote,
+            "a remote client cannot choose its key"
+        );
+    }
 
     #[test]
     fn hosts_to_aliases() {

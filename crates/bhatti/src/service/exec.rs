@@ -62,6 +62,18 @@ impl ExecSpec {
                 "invalid field `cmd`: must name a command".into(),
             ));
         }
+        // The guest passes these to execve, which cannot carry a NUL byte
+        // (nor an environment name holding '='): refuse them here rather
+        // than let the guest fail to spawn.
+        for arg in &cmd {
+            no_nul("cmd", arg)?;
+        }
+        for (k, v) in env.iter().flatten() {
+            check_env_pair("env", k, v)?;
+        }
+        if let Some(c) = &cwd {
+            no_nul("cwd", c)?;
+        }
         let secs = match timeout_secs {
             None | Some(0) => DEFAULT_TIMEOUT_SECS,
             Some(s) if s > MAX_TIMEOUT_SECS => {
@@ -78,6 +90,32 @@ impl ExecSpec {
             timeout: Duration::from_secs(secs),
         })
     }
+}
+
+/// Refuses a string holding a NUL byte, naming `field`.
+///
+/// Errors: [`ServiceError::Invalid`].
+pub fn no_nul(field: &str, value: &str) -> Result<()> {
+    if value.contains('\0') {
+        return Err(ServiceError::Invalid(format!(
+            "invalid field `{field}`: must not contain a NUL byte"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks one environment variable: a non-empty name without `=`, and no
+/// NUL byte in either part.
+///
+/// Errors: [`ServiceError::Invalid`] naming `field`.
+pub fn check_env_pair(field: &str, name: &str, value: &str) -> Result<()> {
+    if name.is_empty() || name.contains('=') {
+        return Err(ServiceError::Invalid(format!(
+            "invalid field `{field}`: {name:?} is not a variable name (empty or holding '=')"
+        )));
+    }
+    no_nul(field, name)?;
+    no_nul(field, value)
 }
 
 /// Where a command's stdin comes from.
@@ -213,7 +251,10 @@ impl Service {
                     "invalid field `output_file`: {p:?} must be an absolute path"
                 )))
             }
-            Some(p) => p,
+            Some(p) => {
+                no_nul("output_file", &p)?;
+                p
+            }
             None => format!("/tmp/bhatti-exec-{}.log", random_suffix()),
         };
         let mut env = spec.env.unwrap_or_default();
@@ -373,6 +414,38 @@ async fn pump_stdin(mut rx: mpsc::Receiver<Bytes>, writer: Arc<tokio::sync::Mute
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the API fuzz: a NUL in an env value reached the guest,
+    /// which could not spawn the command (503 for a detached exec).
+    #[test]
+    fn nul_bytes_and_bad_env_names_are_refused() {
+        let ok = || vec!["true".to_string()];
+        let env = |k: &str, v: &str| Some([(k.to_string(), v.to_string())].into());
+        let refused = |r: Result<ExecSpec>, field: &str| {
+            let e = r.expect_err("refused").to_string();
+            assert!(e.contains(&format!("`{field}`")), "{e}");
+        };
+        refused(ExecSpec::new(vec!["a\0b".into()], None, None, None), "cmd");
+        refused(
+            ExecSpec::new(
+                vec!["sh".into(), "-c".into(), "\0".into()],
+                None,
+                None,
+                None,
+            ),
+            "cmd",
+        );
+        refused(ExecSpec::new(ok(), env("K", "v\0"), None, None), "env");
+        refused(ExecSpec::new(ok(), env("K\0", "v"), None, None), "env");
+        refused(ExecSpec::new(ok(), env("A=B", "v"), None, None), "env");
+        refused(ExecSpec::new(ok(), env("", "v"), None, None), "env");
+        refused(
+            ExecSpec::new(ok(), None, Some("/tmp\0".into()), None),
+            "cwd",
+        );
+        // Anything else a variable may hold is passed as it is.
+        ExecSpec::new(ok(), env("K", "ünï\u{7f} =\n"), Some("/tmp".into()), None).expect("ok");
+    }
 
     #[test]
     fn timeout_default_max_and_past_max() {

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use super::{rfc3339, Result, Service, ServiceError};
-use crate::proxy::rate_limit::KeyedLimit;
+use crate::rate_limit::KeyedLimit;
 use crate::store::User;
 
 /// Web terminals open at once on one sandbox.

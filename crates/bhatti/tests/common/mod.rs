@@ -37,6 +37,8 @@ pub struct TestDaemon {
     pub data_dir: tempfile::TempDir,
     pub config: PathBuf,
     pub netns: String,
+    /// Whether the API listens on TCP (`url`); it is always on [`Self::socket`].
+    pub tcp: bool,
     child: Option<Child>,
 }
 
@@ -57,8 +59,16 @@ impl TestDaemon {
         let public_port = free_port();
         let netns = format!("bt-{tag}-{}", std::process::id());
         let config = data_dir.path().join("config.yaml");
-        let yaml = format!(
-            "listen: 127.0.0.1:{port}\npublic_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n",
+        // `listen: off` in the extra lines: the API is only on the socket.
+        let tcp = !extra_yaml.lines().any(|l| l.trim() == "listen: off");
+        let listen = if tcp {
+            format!("listen: 127.0.0.1:{port}\n")
+        } else {
+            String::new()
+        };
+        let yaml = listen
+            + &format!(
+            "public_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n",
             data_dir.path().display(),
             images_dir().display()
         ) + extra_yaml;
@@ -75,10 +85,18 @@ impl TestDaemon {
             data_dir,
             config,
             netns,
+            tcp,
             child: None,
         };
         d.spawn();
         d
+    }
+
+    /// Whether the daemon process is still running (it has not crashed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -109,17 +127,32 @@ impl TestDaemon {
         self.wait_healthy(Duration::from_secs(600));
     }
 
+    /// The daemon's control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.path().join("api.sock")
+    }
+
     fn wait_healthy(&mut self, within: Duration) {
+        use std::io::{Read, Write};
+        fn healthy(mut s: impl Read + Write) -> bool {
+            let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+        }
         let deadline = Instant::now() + within;
         let addr = self.url.trim_start_matches("http://").to_string();
         loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
-                use std::io::{Read, Write};
+            if self.tcp {
+                if let Ok(s) = std::net::TcpStream::connect(&addr) {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    if healthy(s) {
+                        return;
+                    }
+                }
+            } else if let Ok(s) = std::os::unix::net::UnixStream::connect(self.socket()) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
-                let mut buf = String::new();
-                let _ = s.read_to_string(&mut buf);
-                if buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200") {
+                if healthy(s) {
                     return;
                 }
             }

@@ -499,8 +499,16 @@ impl FastDaemon {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
+        // Rate limits off: these tests are about the service, not budgets.
         let app = router(AppState {
             service: service.clone(),
+            limits: std::sync::Arc::new(bhatti::rate_limit::UserLimits::new(
+                bhatti::rate_limit::UserRates {
+                    create_per_min: 0,
+                    write_per_min: 0,
+                    read_per_min: 0,
+                },
+            )),
         });
         let public_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -511,6 +519,7 @@ impl FastDaemon {
             scheme: "http",
             rate_per_alias: 0,
             rate_global: 0,
+            rate_per_client: 0,
         };
         let public_proxy = bhatti::proxy::public::serve(
             public_listener,

@@ -67,7 +67,13 @@ def check(status: int, body: bytes) -> None:
     raise error_for(status, parsed)
 
 
+def http_base(api_url: str) -> str:
+    """The base URL requests name: ``http://localhost`` over a control socket."""
+    return "http://localhost" if api_url.startswith("unix://") else api_url
+
+
 def ws_url(api_url: str, p: str, query: Optional[Mapping[str, Any]] = None) -> str:
+    api_url = http_base(api_url)
     base = "wss://" + api_url[len("https://"):] if api_url.startswith("https://") \
         else "ws://" + api_url[len("http://"):]
     url = base + p

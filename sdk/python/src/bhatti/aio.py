@@ -12,12 +12,12 @@ from typing import (Any, AsyncIterator, Awaitable, Callable, Dict, List, Mapping
                     Sequence, Union)
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from . import _core
 from ._core import Data, Req, path
-from .config import resolve
+from .config import resolve, socket_path
 from .errors import BhattiConnectionError, StreamError
 from .models import (
     DetachedExec,
@@ -50,9 +50,12 @@ class AsyncBhatti:
         self.settings = resolve(url, token)
         self.api_url = self.settings.api_url
         self._timeout = httpx.Timeout(timeout, connect=10.0)
-        self._http = httpx.AsyncClient(base_url=self.api_url,
+        self._socket = socket_path(self.api_url)
+        self._http = httpx.AsyncClient(base_url=_core.http_base(self.api_url),
                                        headers=_core.headers(self.settings.token),
-                                       timeout=self._timeout)
+                                       timeout=self._timeout,
+                                       transport=httpx.AsyncHTTPTransport(uds=self._socket)
+                                       if self._socket else None)
         self.secrets = AsyncSecrets(self)
 
     async def close(self) -> None:
@@ -87,8 +90,12 @@ class AsyncBhatti:
         if self.settings.token:
             hdrs["Authorization"] = f"Bearer {self.settings.token}"
         try:
-            return await connect(_core.ws_url(self.api_url, p, query), additional_headers=hdrs,
-                                 open_timeout=self._timeout.connect or 10, max_size=None)
+            uri = _core.ws_url(self.api_url, p, query)
+            opts: Dict[str, Any] = dict(additional_headers=hdrs,
+                                        open_timeout=self._timeout.connect or 10, max_size=None)
+            if self._socket:
+                return await unix_connect(self._socket, uri, **opts)
+            return await connect(uri, **opts)
         except OSError as e:
             raise BhattiConnectionError(f"cannot reach {self.api_url}: {e}") from e
         except Exception as e:  # an HTTP refusal of the upgrade

@@ -8,11 +8,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import httpx
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import ClientConnection, connect, unix_connect
 
 from . import _core
 from ._core import Data, Req, path
-from .config import resolve
+from .config import resolve, socket_path
 from .errors import BhattiConnectionError, StreamError
 from .models import (
     DetachedExec,
@@ -52,8 +52,11 @@ class Bhatti:
         self.settings = resolve(url, token)
         self.api_url = self.settings.api_url
         self._timeout = httpx.Timeout(timeout, connect=10.0)
-        self._http = httpx.Client(base_url=self.api_url, headers=_core.headers(self.settings.token),
-                                  timeout=self._timeout)
+        self._socket = socket_path(self.api_url)
+        self._http = httpx.Client(base_url=_core.http_base(self.api_url),
+                                  headers=_core.headers(self.settings.token), timeout=self._timeout,
+                                  transport=httpx.HTTPTransport(uds=self._socket)
+                                  if self._socket else None)
         self.secrets = Secrets(self)
 
     # --- plumbing
@@ -90,8 +93,11 @@ class Bhatti:
         if self.settings.token:
             hdrs["Authorization"] = f"Bearer {self.settings.token}"
         try:
-            conn = connect(_core.ws_url(self.api_url, p, query), additional_headers=hdrs,
-                           open_timeout=self._timeout.connect or 10, max_size=None)
+            uri = _core.ws_url(self.api_url, p, query)
+            opts: Dict[str, Any] = dict(additional_headers=hdrs,
+                                        open_timeout=self._timeout.connect or 10, max_size=None)
+            conn = unix_connect(self._socket, uri, **opts) if self._socket \
+                else connect(uri, **opts)
             # Entered as a context manager (websockets >= 17.1 wants that);
             # Terminal.close exits it.
             return conn.__enter__()

@@ -10,6 +10,7 @@ default token.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +21,10 @@ from .errors import ConfigError
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 URL_ENV = "BHATTI_URL"
+#: Names the daemon's control socket tried when no URL is configured.
+SOCKET_ENV = "BHATTI_SOCKET"
+#: The control socket of a daemon with the default data dir.
+DEFAULT_SOCKET_PATH = "/var/lib/bhatti/api.sock"
 TOKEN_ENV = "BHATTI_TOKEN"
 
 
@@ -63,6 +68,21 @@ def load_config(path: Optional[Path] = None) -> dict:
     return data
 
 
+def _usable_socket(p: str) -> bool:
+    """A socket this process may connect to (root's 0600 socket is not for
+    other users, who keep the TCP default)."""
+    try:
+        st = os.stat(p)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and os.access(p, os.W_OK)
+
+
+def socket_path(api_url: str) -> Optional[str]:
+    """The control socket a ``unix:///path`` URL names, else None."""
+    return api_url[len("unix://"):] if api_url.startswith("unix://") else None
+
+
 def resolve(url: Optional[str] = None, token: Optional[str] = None,
             config_file: Optional[Path] = None) -> Settings:
     """Resolves the API URL and key (see the module docstring).
@@ -75,12 +95,17 @@ def resolve(url: Optional[str] = None, token: Optional[str] = None,
         (url, "argument"),
         (cfg.get("api_url"), "config"),
         (os.environ.get(URL_ENV), "env"),
-        (DEFAULT_API_URL, "default"),
     ]
-    api_url, url_src = next((v, s) for v, s in candidates if v)
+    sock = os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
+    default = f"unix://{sock}" if _usable_socket(sock) else DEFAULT_API_URL
+    api_url, url_src = next(((v, s) for v, s in candidates if v), (default, "default"))
     api_url = str(api_url).rstrip("/")
-    if not api_url.startswith(("http://", "https://")):
-        raise ConfigError(f"API URL {api_url!r} must start with http:// or https://")
+    if api_url.startswith("unix://"):
+        if not api_url[len("unix://"):].startswith("/"):
+            raise ConfigError(f"API URL {api_url!r}: a control socket is unix:// and an "
+                              "absolute path, like unix:///var/lib/bhatti/api.sock")
+    elif not api_url.startswith(("http://", "https://")):
+        raise ConfigError(f"API URL {api_url!r} must start with http://, https:// or unix://")
     tok_candidates = [
         (token, "argument"),
         (cfg.get("auth_token"), "config"),

@@ -119,6 +119,7 @@ impl Daemon {
             format!(
                 "listen: 127.0.0.1:{port}\npublic_listen: 127.0.0.1:{public_port}\ndomain: bhatti.bench\n\
                  public_url_scheme: http\npublic_rate_per_alias: 0\npublic_rate_global: 0\n\
+                 public_rate_per_client: 0\napi_create_per_min: 0\napi_write_per_min: 0\napi_read_per_min: 0\n\
                  data_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbench0\n\
                  subnet: 192.168.171.0/24\negress: false\n{extra_yaml}",
                 dir.path().display(),
