@@ -30,11 +30,13 @@ pub mod share;
 mod snapshots;
 mod thermal;
 mod usage;
+mod volumes;
 
 pub use idle::MAX_SAVE_FAILURES;
 pub use proxy::{hold_until_sent, Routed};
 pub use thermal::{thermal_of, RESTORE_RETRY_AFTER_SECS};
 pub use usage::{InFlight, ThermalConfig};
+pub use volumes::parse_volume_arg;
 
 /// How often a long-lived connection (shell, exec WebSocket) re-checks its
 /// API key: `bhatti user rotate-key` works on the database directly.
@@ -116,6 +118,8 @@ pub struct Service {
     thermal: thermal::Thermal,
     /// Open web terminals and their connection budget.
     shares: share::ShareHub,
+    /// One lock per volume: a grow and a create that attaches it never overlap.
+    volume_locks: Mutex<HashMap<String, AsyncLock>>,
 }
 
 impl Service {
@@ -139,6 +143,7 @@ impl Service {
             exec_sessions: Default::default(),
             thermal: thermal::Thermal::new(ThermalConfig::disabled()),
             shares: share::ShareHub::default(),
+            volume_locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -249,6 +254,11 @@ impl Service {
             (None, Some(snap)) => Some(self.snapshot_source(user, snap).await?),
             (None, None) => None,
         };
+        if source.is_some() && req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(ServiceError::Invalid(
+                "invalid field `volumes`: a fork or a resumed snapshot has its source's devices and cannot take volumes".into(),
+            ));
+        }
         let temporary = source
             .as_ref()
             .filter(|s| s.temporary)
@@ -328,6 +338,19 @@ impl Service {
             .store
             .call(move |s| s.create_sandbox(&new, &subnet))
             .await?;
+        let (volumes, _volume_locks) = match self
+            .attach_for_create(user, &rec.id, req.volumes.as_deref().unwrap_or_default())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let id = rec.id.clone();
+                if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
+                    tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
+                }
+                return Err(e);
+            }
+        };
 
         let spec = SandboxSpec {
             id: rec.id.clone(),
@@ -338,6 +361,7 @@ impl Service {
             token: rec.token.clone(),
             env: guest_env,
             init: rec.init.clone(),
+            volumes,
         };
         let booted = match &source {
             None => self.engine.create(&spec).await.map(|_| ()),

@@ -6,3 +6,4 @@ pub mod handlers;
 pub mod json;
 pub mod router;
 pub mod types;
+pub mod volume_types;

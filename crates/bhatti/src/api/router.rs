@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 
 use super::handlers::{
     exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
-    snapshots,
+    snapshots, volumes,
 };
 use crate::service::Service;
 
@@ -96,6 +96,9 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(snapshots::create, snapshots::list))
         .routes(routes!(snapshots::get, snapshots::delete))
         .routes(routes!(snapshots::resume))
+        .routes(routes!(volumes::create, volumes::list))
+        .routes(routes!(volumes::get, volumes::delete))
+        .routes(routes!(volumes::resize))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

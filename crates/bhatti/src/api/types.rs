@@ -23,6 +23,9 @@ pub struct CreateSandboxRequest {
     /// stopped); the new sandbox starts from its current memory and disk,
     /// with an identity of its own. cpus and memory_mb are the source's.
     pub from: Option<String>,
+    /// Volumes to attach, in this order; mounted before the init script runs.
+    /// Not with `from` or a snapshot resume.
+    pub volumes: Option<Vec<super::volume_types::VolumeMountRequest>>,
 }
 
 /// A sandbox as the API shows it.

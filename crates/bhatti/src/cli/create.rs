@@ -40,6 +40,11 @@ pub struct CreateArgs {
     /// `bhatti list --label KEY=VALUE`
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Attach a volume (repeatable): NAME:/mount, read-write (one sandbox
+    /// at a time), or NAME:/mount:ro, read-only (many); mounted before the
+    /// init script runs
+    #[arg(long = "volume", value_name = "NAME:/MOUNT[:ro]", value_parser = crate::service::parse_volume_arg)]
+    pub volumes: Vec<crate::api::volume_types::VolumeMountRequest>,
 }
 
 /// `KEY=VALUE` of `--label`, checked with the server's rules.
@@ -70,6 +75,8 @@ struct CreateBody<'a> {
     labels: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    volumes: Vec<crate::api::volume_types::VolumeMountRequest>,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -84,6 +91,7 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         keep_hot: args.keep_hot,
         labels: args.labels.into_iter().collect(),
         from: args.from.as_deref(),
+        volumes: args.volumes,
     };
     let spinner = spinner(args.name.as_deref());
     let result = async {

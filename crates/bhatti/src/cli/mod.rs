@@ -35,6 +35,7 @@ pub mod tls;
 pub mod unpublish;
 pub mod user;
 pub mod version;
+pub mod volume;
 
 /// bhatti: self-hosted microVM sandboxes.
 #[derive(Debug, Parser)]
@@ -102,6 +103,9 @@ pub enum Command {
     /// Named snapshots of a sandbox's memory and disk
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Persistent volumes: disks of their own that outlive sandboxes
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Manage users and API keys on this host (operator only; works on the
     /// local database directly).
     User(user::UserArgs),
@@ -158,6 +162,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
         Command::Snapshot(cmd) => with_client(global, |c| snapshot::run(c, cmd)),
+        Command::Volume(cmd) => with_client(global, |c| volume::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),
         Command::Share(args) => with_client(global, |c| share::run(c, args)),
         Command::Unpublish(args) => with_client(global, |c| unpublish::run(c, args)),

@@ -28,6 +28,19 @@ pub struct SandboxSpec {
     pub env: BTreeMap<String, String>,
     /// Init script, run as TTY session "init".
     pub init: Option<String>,
+    /// Volumes, in device order (kept for the VM's life: a saved VM
+    /// restores onto the same devices).
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A volume attached to a VM: its disk (by volume id) and where the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// The volume's id: names its disk on the host and is the disk's serial in the guest.
+    pub id: String,
+    /// Absolute mount point in the guest.
+    pub mount: String,
+    pub read_only: bool,
 }
 
 /// What a running VM needs to be reached again, also after a daemon restart.
@@ -173,4 +186,20 @@ pub trait Engine: Send + Sync {
     async fn delete_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError>;
     /// Deletes a disk layer; the caller makes sure no disk backs onto it any more.
     async fn delete_layer(&self, layer: &str) -> Result<(), EngineError>;
+    /// Makes the disk of volume `id`: `size_mb` MiB, sparse, ext4 whose root
+    /// directory belongs to uid/gid 1000 (the guest's `lohar` user).
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), EngineError>;
+    /// Removes the disk of volume `id`; the caller makes sure no VM has it.
+    async fn delete_volume(&self, id: &str) -> Result<(), EngineError>;
+    /// Grows volume `id`'s disk and filesystem to `size_mb` MiB. `attached`:
+    /// the running VM that has it read-write, whose guest grows the mounted
+    /// filesystem; `None`: no VM has it, and it is grown on the host.
+    async fn grow_volume(
+        &self,
+        id: &str,
+        size_mb: u64,
+        attached: Option<(&str, &VmRuntime)>,
+    ) -> Result<(), EngineError>;
+    /// Host bytes the volume's disk takes (allocated; the disk is sparse).
+    fn volume_usage(&self, id: &str) -> Result<u64, EngineError>;
 }

@@ -29,6 +29,7 @@ mod secrets;
 mod shares;
 mod snapshots;
 mod users;
+mod volumes;
 
 pub use labels::Labels;
 pub use publish::{generate_alias, validate_alias, PublishRule};
@@ -42,6 +43,10 @@ pub use snapshots::SnapshotRecord;
 pub use users::{
     generate_api_key, hash_api_key, validate_user_name, User, UserLimits, UserSummary,
     API_KEY_PREFIX,
+};
+pub use volumes::{
+    generate_volume_id, validate_mount_path, validate_volume_name, VolumeAttachment, VolumeRecord,
+    VolumeRequest, MAX_VOLUMES_PER_SANDBOX, MAX_VOLUME_MB,
 };
 
 /// Database file name inside the data dir.
@@ -66,6 +71,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "004_snapshots",
         include_str!("../../migrations/004_snapshots.sql"),
+    ),
+    (
+        "005_volumes",
+        include_str!("../../migrations/005_volumes.sql"),
     ),
 ];
 

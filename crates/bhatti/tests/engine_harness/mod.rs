@@ -99,6 +99,7 @@ pub fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
         token: format!("token-{id}-{}", std::process::id()),
         env: BTreeMap::new(),
         init: None,
+        volumes: Vec::new(),
     }
 }
 

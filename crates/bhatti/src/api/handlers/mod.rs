@@ -12,3 +12,4 @@ pub mod sessions;
 pub mod share;
 pub mod shell;
 pub mod snapshots;
+pub mod volumes;

@@ -83,6 +83,7 @@ fn spec(i: usize, memory_mb: u32) -> SandboxSpec {
         token: format!("bench-token-{i}"),
         env: Default::default(),
         init: None,
+        volumes: Vec::new(),
     }
 }
 

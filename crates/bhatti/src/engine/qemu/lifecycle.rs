@@ -52,6 +52,22 @@ impl QemuEngine {
                 )));
             }
         }
+        for v in &spec.volumes {
+            check_id(&v.id)?;
+            if v.id.len() > 20 {
+                return Err(EngineError::Other(format!(
+                    "volume id {} is longer than a virtio serial (20 bytes)",
+                    v.id
+                )));
+            }
+            if !self.volume_path(&v.id).is_file() {
+                return Err(EngineError::Other(format!(
+                    "the disk of volume {} is missing ({})",
+                    v.id,
+                    self.volume_path(&v.id).display()
+                )));
+            }
+        }
         let qmp_path = self.sandbox_dir(&spec.id).join("qmp.sock");
         if qmp_path.as_os_str().len() >= 108 {
             return Err(EngineError::Other(format!(
@@ -75,6 +91,15 @@ impl QemuEngine {
             env: spec.env.clone(),
             init: spec.init.clone(),
             time_unix_ms: i64::try_from(now.as_millis()).unwrap_or(i64::MAX),
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| bhatti_proto::VolumeMount {
+                    serial: v.id.clone(),
+                    path: v.mount.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
         }
     }
 
@@ -121,6 +146,15 @@ impl QemuEngine {
     ) -> VmMeta {
         let tap = network::tap_name(&spec.id);
         let mac = network::guest_mac(spec.ip);
+        let volumes: Vec<process::VolumeDisk> = spec
+            .volumes
+            .iter()
+            .map(|v| process::VolumeDisk {
+                id: v.id.clone(),
+                path: self.volume_path(&v.id),
+                read_only: v.read_only,
+            })
+            .collect();
         let launch = process::LaunchSpec {
             accel: self.accel,
             tsc_khz: self.tsc_khz,
@@ -132,6 +166,7 @@ impl QemuEngine {
             mac: &mac,
             extra_cmdline: &self.cfg.extra_cmdline,
             files,
+            volumes: &volumes,
         };
         let argv = process::qemu_argv(&launch);
         VmMeta {

@@ -19,6 +19,7 @@ pub mod prereq;
 pub mod process;
 pub mod qmp;
 mod snapshot;
+mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -678,6 +679,27 @@ impl Engine for QemuEngine {
 
     async fn delete_layer(&self, layer: &str) -> Result<(), EngineError> {
         self.remove_layer(layer).await
+    }
+
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), EngineError> {
+        self.make_volume(id, size_mb).await
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<(), EngineError> {
+        self.remove_volume(id).await
+    }
+
+    async fn grow_volume(
+        &self,
+        id: &str,
+        size_mb: u64,
+        attached: Option<(&str, &VmRuntime)>,
+    ) -> Result<(), EngineError> {
+        self.grow(id, size_mb, attached).await
+    }
+
+    fn volume_usage(&self, id: &str) -> Result<u64, EngineError> {
+        self.volume_bytes(id)
     }
 
     fn agent(&self, _id: &str, rt: &VmRuntime) -> AgentClient {
