@@ -202,10 +202,19 @@ impl QemuEngine {
             tap.clone(),
             mac.clone(),
         );
+        let read_only: Vec<std::path::PathBuf> = spec
+            .volumes
+            .iter()
+            .filter(|v| v.read_only)
+            .map(|v| self.volume_path(&v.id))
+            .collect();
         let t0 = std::time::Instant::now();
         blocking(move || -> Result<(), EngineError> {
             if !network::base_present(&net) {
                 network::ensure_base(&net).map_err(net_err)?;
+            }
+            for p in &read_only {
+                super::volumes::make_clean(p)?;
             }
             disks::create_overlay(&rootfs, &f.overlay).map_err(|e| match e {
                 disks::DiskError::MissingBase(_) => EngineError::Image(e.to_string()),
