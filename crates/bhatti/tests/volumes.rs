@@ -56,6 +56,21 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     let mut d = TestDaemon::start("vol");
     let key = d.create_user("vol", &["--max-storage", "300"]);
     let api = Api::new(&d.url, &key);
+    let doc: Value = reqwest::get(format!("{}/openapi.json", d.url))
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("openapi json");
+    for p in ["/volumes", "/volumes/{name}", "/volumes/{name}/resize"] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    assert!(
+        doc["components"]["schemas"]["CreateSandboxRequest"]["properties"]
+            .get("volumes")
+            .is_some(),
+        "openapi: create lacks volumes"
+    );
 
     // Names, sizes and the storage quota.
     let (s, v) = status_of(
