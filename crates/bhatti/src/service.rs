@@ -22,6 +22,7 @@ use crate::store::{Store, StoreError, User};
 pub mod exec;
 pub mod exec_session;
 mod idle;
+mod images;
 mod inspect;
 mod ports;
 mod proxy;
@@ -33,6 +34,7 @@ mod usage;
 mod volumes;
 
 pub use idle::MAX_SAVE_FAILURES;
+pub use images::{WorkDir, MAX_IMPORT_BYTES};
 pub use proxy::{hold_until_sent, Routed};
 pub use thermal::{thermal_of, RESTORE_RETRY_AFTER_SECS};
 pub use usage::{InFlight, ThermalConfig};
@@ -254,6 +256,11 @@ impl Service {
             (None, Some(snap)) => Some(self.snapshot_source(user, snap).await?),
             (None, None) => None,
         };
+        if source.is_some() && req.image.is_some() {
+            return Err(ServiceError::Invalid(
+                "invalid field `image`: a fork or a resumed snapshot has its source's disk".into(),
+            ));
+        }
         if source.is_some() && req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(ServiceError::Invalid(
                 "invalid field `volumes`: a fork or a resumed snapshot has its source's devices and cannot take volumes".into(),
@@ -325,6 +332,10 @@ impl Service {
             }
         }
 
+        let image = match req.image.as_deref() {
+            None => None,
+            Some(key) => Some(self.image_for_create(user, key).await?),
+        };
         let mut new = NewSandbox::new(user.id, name);
         new.cpus = cpus;
         new.memory_mb = memory_mb;
@@ -338,6 +349,18 @@ impl Service {
             .store
             .call(move |s| s.create_sandbox(&new, &subnet))
             .await?;
+        if let Some(img) = &image {
+            let (sid, iid) = (rec.id.clone(), img.clone());
+            if let Err(e) = self
+                .store
+                .call(move |s| s.set_sandbox_image(&sid, &iid))
+                .await
+            {
+                let id = rec.id.clone();
+                let _ = self.store.call(move |s| s.delete_sandbox(&id)).await;
+                return Err(e.into());
+            }
+        }
         let (volumes, _volume_locks) = match self
             .attach_for_create(user, &rec.id, req.volumes.as_deref().unwrap_or_default())
             .await
@@ -362,6 +385,7 @@ impl Service {
             env: guest_env,
             init: rec.init.clone(),
             volumes,
+            image,
         };
         let booted = match &source {
             None => self.engine.create(&spec).await.map(|_| ()),

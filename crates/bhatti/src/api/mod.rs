@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod error;
 pub mod handlers;
+pub mod image_types;
 pub mod json;
 pub mod router;
 pub mod types;

@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::handlers::{
-    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
+    exec, files, health, images, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
     snapshots, volumes,
 };
 use crate::service::Service;
@@ -99,6 +99,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(volumes::create, volumes::list))
         .routes(routes!(volumes::get, volumes::delete))
         .routes(routes!(volumes::resize))
+        .routes(routes!(images::list))
+        .routes(routes!(images::get, images::delete))
+        .routes(routes!(images::save))
+        .routes(routes!(images::import))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

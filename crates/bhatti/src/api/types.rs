@@ -26,6 +26,9 @@ pub struct CreateSandboxRequest {
     /// Volumes to attach, in this order; mounted before the init script runs.
     /// Not with `from` or a snapshot resume.
     pub volumes: Option<Vec<super::volume_types::VolumeMountRequest>>,
+    /// Name or id of a custom image (the caller's or an operator's) to boot
+    /// instead of the default rootfs. Not with `from` or a snapshot resume.
+    pub image: Option<String>,
 }
 
 /// A sandbox as the API shows it.

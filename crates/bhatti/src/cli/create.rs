@@ -45,6 +45,9 @@ pub struct CreateArgs {
     /// init script runs
     #[arg(long = "volume", value_name = "NAME:/MOUNT[:ro]", value_parser = crate::service::parse_volume_arg)]
     pub volumes: Vec<crate::api::volume_types::VolumeMountRequest>,
+    /// Boot from a custom image (yours or the operator's; see `bhatti image list`)
+    #[arg(long, value_name = "NAME", conflicts_with = "from")]
+    pub image: Option<String>,
 }
 
 /// `KEY=VALUE` of `--label`, checked with the server's rules.
@@ -77,6 +80,8 @@ struct CreateBody<'a> {
     from: Option<&'a str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     volumes: Vec<crate::api::volume_types::VolumeMountRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<&'a str>,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -92,6 +97,7 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         labels: args.labels.into_iter().collect(),
         from: args.from.as_deref(),
         volumes: args.volumes,
+        image: args.image.as_deref(),
     };
     let spinner = spinner(args.name.as_deref());
     let result = async {

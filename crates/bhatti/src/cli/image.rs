@@ -1,4 +1,5 @@
-//! `bhatti image build`.
+//! `bhatti image build` (local, the operator's); the other subcommands go
+//! through the API (`image_client.rs`).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -38,6 +39,46 @@ pub enum ImageCommand {
         #[arg(long, value_name = "PATH", env = image::LOHAR_ENV)]
         lohar: Option<PathBuf>,
     },
+    /// List your custom images and the operator's
+    #[command(visible_alias = "ls")]
+    List,
+    /// Save a sandbox's disk as a new image (the sandbox keeps running)
+    Save {
+        /// Sandbox name or id
+        sandbox: String,
+        /// Image name
+        #[arg(long)]
+        name: String,
+    },
+    /// Import a `docker save` tarball or an OCI image layout (as a tar)
+    Import {
+        /// Image name
+        #[arg(long)]
+        name: String,
+        /// The tarball
+        #[arg(long, value_name = "FILE")]
+        tar: PathBuf,
+    },
+    /// Delete one of your images (refused while a sandbox or snapshot uses it)
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Image name or id
+        name: String,
+    },
+}
+
+impl ImageCommand {
+    /// The API side of the command, if it has one (everything but `build`).
+    pub fn remote(self) -> Result<super::image_client::Remote, ImageCommand> {
+        use super::image_client::Remote;
+        match self {
+            ImageCommand::List => Ok(Remote::List),
+            ImageCommand::Save { sandbox, name } => Ok(Remote::Save { sandbox, name }),
+            ImageCommand::Import { name, tar } => Ok(Remote::Import { name, tar }),
+            ImageCommand::Delete { name } => Ok(Remote::Delete { name }),
+            other => Err(other),
+        }
+    }
 }
 
 pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
@@ -69,6 +110,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             eprintln!("images ready in {:.1?}", started.elapsed());
             Ok(0)
         }
+        other => anyhow::bail!("`bhatti image {other:?}` goes through the API"),
     }
 }
 

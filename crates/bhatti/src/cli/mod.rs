@@ -17,6 +17,7 @@ pub mod edit;
 pub mod exec;
 pub mod file;
 pub mod image;
+pub mod image_client;
 pub mod inspect;
 pub mod list;
 pub mod output;
@@ -124,7 +125,7 @@ pub enum Command {
     /// qemu-img, nft, network namespaces, images, free disk) and print the fix
     /// for each one missing.
     Doctor(doctor::DoctorArgs),
-    /// Build or inspect the guest images (kernel, initramfs, rootfs).
+    /// Build the guest images (operator), or manage custom images (save, import, list, delete).
     #[command(subcommand)]
     Image(image::ImageCommand),
 }
@@ -138,7 +139,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Image(cmd) => image::run(cmd),
+        Command::Image(cmd) => match cmd.remote() {
+            Ok(remote) => with_client(global, |c| image_client::run(c, remote)),
+            Err(local) => image::run(local),
+        },
         Command::Doctor(args) => doctor::run(args, cli.json),
         Command::User(args) => user::run(args, cli.json),
         Command::Completion(args) => completion::run(args),

@@ -31,6 +31,8 @@ pub struct SandboxSpec {
     /// Volumes, in device order (kept for the VM's life: a saved VM
     /// restores onto the same devices).
     pub volumes: Vec<VolumeSpec>,
+    /// Custom base image (its id) the disk backs onto; `None`: the built rootfs.
+    pub image: Option<String>,
 }
 
 /// A volume attached to a VM: its disk (by volume id) and where the guest mounts it.
@@ -202,4 +204,20 @@ pub trait Engine: Send + Sync {
     ) -> Result<(), EngineError>;
     /// Host bytes the volume's disk takes (allocated; the disk is sparse).
     fn volume_usage(&self, id: &str) -> Result<u64, EngineError>;
+    /// Flattens VM `id`'s disk into the new custom image `image` (a running
+    /// VM syncs, is paused for the copy and runs on); returns the image's
+    /// host bytes.
+    async fn save_image(&self, id: &str, rt: &VmRuntime, image: &str) -> Result<u64, EngineError>;
+    /// Makes custom image `image` from the root filesystem tree `tree`
+    /// (`mke2fs -d`, sparse, `size_mb` MiB); returns its host bytes.
+    async fn import_image(
+        &self,
+        image: &str,
+        tree: &std::path::Path,
+        size_mb: u64,
+    ) -> Result<u64, EngineError>;
+    /// Removes custom image `image`'s file.
+    async fn delete_image(&self, image: &str) -> Result<(), EngineError>;
+    /// What backs onto custom image `image` (sandbox ids, `layer <id>`); empty: unused.
+    fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError>;
 }

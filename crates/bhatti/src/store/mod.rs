@@ -22,6 +22,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod images;
 pub mod labels;
 mod publish;
 mod sandboxes;
@@ -31,6 +32,7 @@ mod snapshots;
 mod users;
 mod volumes;
 
+pub use images::{validate_image_name, ImageRecord};
 pub use labels::Labels;
 pub use publish::{generate_alias, validate_alias, PublishRule};
 pub use sandboxes::{
@@ -75,6 +77,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "005_volumes",
         include_str!("../../migrations/005_volumes.sql"),
+    ),
+    (
+        "006_images",
+        include_str!("../../migrations/006_images.sql"),
     ),
 ];
 

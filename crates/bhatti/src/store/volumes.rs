@@ -8,7 +8,7 @@
 //! volumes stay within `users.max_storage_mb`.
 
 use rand::Rng;
-use rusqlite::{params, OptionalExtension, Row, Transaction};
+use rusqlite::{params, OptionalExtension, Row};
 use time::OffsetDateTime;
 
 use super::users::is_valid_name;
@@ -160,23 +160,40 @@ fn find_in(tx: &rusqlite::Connection, user_id: i64, key: &str) -> Result<VolumeR
     .ok_or_else(|| StoreError::NotFound(format!("no volume named {key}")))
 }
 
-/// Fails with `LimitExceeded` if `extra_mb` more would take the user over their storage quota.
-fn check_quota(tx: &Transaction<'_>, user_id: i64, extra_mb: u64) -> Result<(), StoreError> {
+/// MiB of storage the user has: the sizes of their volumes plus the host
+/// bytes of their images (rounded up).
+pub(crate) fn storage_used_mb(tx: &rusqlite::Connection, user_id: i64) -> Result<u64, StoreError> {
+    let volumes: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE user_id = ?1",
+        params![user_id],
+        |r| r.get(0),
+    )?;
+    let image_bytes: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(size_bytes), 0) FROM images WHERE user_id = ?1",
+        params![user_id],
+        |r| r.get(0),
+    )?;
+    Ok(volumes.max(0) as u64 + (image_bytes.max(0) as u64).div_ceil(1024 * 1024))
+}
+
+/// Fails with `LimitExceeded` if `extra_mb` more would take the user over
+/// their storage quota (volumes and images together).
+pub(crate) fn check_quota(
+    tx: &rusqlite::Connection,
+    user_id: i64,
+    extra_mb: u64,
+) -> Result<(), StoreError> {
     let max: i64 = tx.query_row(
         "SELECT max_storage_mb FROM users WHERE id = ?1",
         params![user_id],
         |r| r.get(0),
     )?;
-    let used: i64 = tx.query_row(
-        "SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE user_id = ?1",
-        params![user_id],
-        |r| r.get(0),
-    )?;
-    let (max, used) = (max.max(0) as u64, used.max(0) as u64);
+    let used = storage_used_mb(tx, user_id)?;
+    let max = max.max(0) as u64;
     if used.saturating_add(extra_mb) > max {
         return Err(StoreError::LimitExceeded(format!(
             "storage quota exceeded: {used} MB of {max} MB in use, {extra_mb} MB more asked; \
-             delete or shrink what you no longer need (`bhatti volume delete NAME`)"
+             delete what you no longer need (`bhatti volume delete NAME`, `bhatti image delete NAME`)"
         )));
     }
     Ok(())

@@ -100,6 +100,7 @@ pub fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
         env: BTreeMap::new(),
         init: None,
         volumes: Vec::new(),
+        image: None,
     }
 }
 

@@ -84,6 +84,7 @@ fn spec(i: usize, memory_mb: u32) -> SandboxSpec {
         env: Default::default(),
         init: None,
         volumes: Vec::new(),
+        image: None,
     }
 }
 

@@ -40,10 +40,11 @@ impl QemuEngine {
             )));
         }
         let images = &self.cfg.images;
+        let base = self.base_of(spec);
         for (what, p) in [
             ("kernel", &images.kernel),
             ("initramfs", &images.initramfs),
-            ("base rootfs", &images.rootfs),
+            ("base rootfs", &base),
         ] {
             if !p.is_file() {
                 return Err(EngineError::Image(format!(
@@ -76,6 +77,14 @@ impl QemuEngine {
             )));
         }
         Ok(())
+    }
+
+    /// The raw image the sandbox's overlay backs onto: its custom image, or the built rootfs.
+    pub(super) fn base_of(&self, spec: &SandboxSpec) -> std::path::PathBuf {
+        match &spec.image {
+            Some(id) => self.image_path(id),
+            None => self.cfg.images.rootfs.clone(),
+        }
     }
 
     pub(super) fn boot_config(&self, spec: &SandboxSpec) -> BootConfig {
@@ -196,7 +205,7 @@ impl QemuEngine {
         let (net, f, rootfs, b, ip, t, m) = (
             self.net.clone(),
             files.clone(),
-            self.cfg.images.rootfs.clone(),
+            self.base_of(spec),
             boot_cfg.clone(),
             spec.ip,
             tap.clone(),

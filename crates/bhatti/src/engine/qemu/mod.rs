@@ -12,6 +12,7 @@ pub mod config_drive;
 pub mod disks;
 mod fork;
 pub mod image;
+mod images;
 mod lifecycle;
 pub mod netns_dialer;
 pub mod network;
@@ -700,6 +701,27 @@ impl Engine for QemuEngine {
 
     fn volume_usage(&self, id: &str) -> Result<u64, EngineError> {
         self.volume_bytes(id)
+    }
+
+    async fn save_image(&self, id: &str, rt: &VmRuntime, image: &str) -> Result<u64, EngineError> {
+        self.save_disk(id, rt, image).await
+    }
+
+    async fn import_image(
+        &self,
+        image: &str,
+        tree: &std::path::Path,
+        size_mb: u64,
+    ) -> Result<u64, EngineError> {
+        self.image_from_tree(image, tree, size_mb).await
+    }
+
+    async fn delete_image(&self, image: &str) -> Result<(), EngineError> {
+        self.remove_image(image)
+    }
+
+    fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError> {
+        self.image_backers(image)
     }
 
     fn agent(&self, _id: &str, rt: &VmRuntime) -> AgentClient {
