@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod engine;
 pub mod oci;
 pub mod proxy;
+pub mod registry;
 pub mod secrets;
 pub mod service;
 pub mod store;

@@ -27,6 +27,7 @@ mod inspect;
 mod ports;
 mod proxy;
 mod publish;
+mod pull;
 pub mod share;
 mod snapshots;
 mod thermal;
@@ -122,6 +123,8 @@ pub struct Service {
     shares: share::ShareHub,
     /// One lock per volume: a grow and a create that attaches it never overlap.
     volume_locks: Mutex<HashMap<String, AsyncLock>>,
+    /// Image pulls running or recently finished.
+    tasks: pull::Tasks,
 }
 
 impl Service {
@@ -146,6 +149,7 @@ impl Service {
             thermal: thermal::Thermal::new(ThermalConfig::disabled()),
             shares: share::ShareHub::default(),
             volume_locks: Mutex::new(HashMap::new()),
+            tasks: pull::Tasks::default(),
         }
     }
 

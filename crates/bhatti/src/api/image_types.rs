@@ -33,3 +33,32 @@ pub struct Image {
     /// RFC 3339.
     pub created_at: String,
 }
+
+/// `POST /images/pull`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct PullImageRequest {
+    /// `[registry/]repository[:tag|@sha256:…]`; no registry: Docker Hub.
+    pub reference: String,
+    /// Image name [default: the repository's last part, plus `-<tag>` unless `latest`].
+    pub name: Option<String>,
+}
+
+/// A background task (`GET /tasks/{id}`): an image pull.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Task {
+    pub id: String,
+    /// `pull`.
+    pub kind: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// Layer bytes fetched so far.
+    pub bytes_done: u64,
+    /// Layer bytes in all (0 until the manifest is read).
+    pub bytes_total: u64,
+    /// The image, once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -103,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(images::get, images::delete))
         .routes(routes!(images::save))
         .routes(routes!(images::import))
+        .routes(routes!(images::pull))
+        .routes(routes!(images::task))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

@@ -59,6 +59,14 @@ pub enum ImageCommand {
         #[arg(long, value_name = "FILE")]
         tar: PathBuf,
     },
+    /// Pull an image from a registry (OCI distribution API over HTTPS) and import it
+    Pull {
+        /// `[registry/]repository[:tag|@sha256:…]` (no registry: Docker Hub)
+        reference: String,
+        /// Image name [default: the repository's last part, plus -TAG unless latest]
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Delete one of your images (refused while a sandbox or snapshot uses it)
     #[command(visible_alias = "rm")]
     Delete {
@@ -76,6 +84,7 @@ impl ImageCommand {
             ImageCommand::Save { sandbox, name } => Ok(Remote::Save { sandbox, name }),
             ImageCommand::Import { name, tar } => Ok(Remote::Import { name, tar }),
             ImageCommand::Delete { name } => Ok(Remote::Delete { name }),
+            ImageCommand::Pull { reference, name } => Ok(Remote::Pull { reference, name }),
             other => Err(other),
         }
     }

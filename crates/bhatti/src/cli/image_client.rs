@@ -8,7 +8,7 @@ use futures_util::TryStreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::api::image_types::Image;
+use crate::api::image_types::{Image, Task};
 
 use super::client::Target;
 use super::{output, Ctx};
@@ -17,9 +17,28 @@ use super::{output, Ctx};
 #[derive(Debug)]
 pub enum Remote {
     List,
-    Save { sandbox: String, name: String },
-    Import { name: String, tar: PathBuf },
-    Delete { name: String },
+    Save {
+        sandbox: String,
+        name: String,
+    },
+    Import {
+        name: String,
+        tar: PathBuf,
+    },
+    Delete {
+        name: String,
+    },
+    Pull {
+        reference: String,
+        name: Option<String>,
+    },
+}
+
+#[derive(Serialize)]
+struct PullBody<'a> {
+    reference: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -140,6 +159,44 @@ pub async fn run(ctx: Ctx, cmd: Remote) -> anyhow::Result<i32> {
                 pb.finish_and_clear();
             }
             print_one(&ctx, &r?, "imported")?;
+        }
+        Remote::Pull { reference, name } => {
+            let mut task: Task = ctx
+                .client
+                .post_json(
+                    &["images", "pull"],
+                    &PullBody {
+                        reference: &reference,
+                        name: name.as_deref(),
+                    },
+                    Target::None,
+                )
+                .await?;
+            let pb = bar(Some(0), &format!("pulling {reference}"));
+            while task.state == "running" {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                task = ctx
+                    .client
+                    .get_json(&["tasks", &task.id], Target::None)
+                    .await?;
+                if let Some(pb) = &pb {
+                    pb.set_length(task.bytes_total);
+                    pb.set_position(task.bytes_done);
+                    if task.bytes_total > 0 && task.bytes_done >= task.bytes_total {
+                        pb.set_message(format!("importing {reference}"));
+                    }
+                }
+            }
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            match (task.image, task.error) {
+                (Some(img), _) => print_one(&ctx, &img, "pulled")?,
+                (None, e) => anyhow::bail!(
+                    "pull of {reference} failed: {}",
+                    e.unwrap_or_else(|| "no reason given".into())
+                ),
+            }
         }
         Remote::Delete { name } => {
             ctx.client.delete(&["images", &name], Target::None).await?;

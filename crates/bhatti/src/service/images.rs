@@ -46,7 +46,7 @@ impl Drop for WorkDir {
 }
 
 impl Service {
-    async fn check_image_name(&self, user: &User, name: &str) -> Result<()> {
+    pub(super) async fn check_image_name(&self, user: &User, name: &str) -> Result<()> {
         crate::store::validate_image_name(name)?;
         let (uid, n) = (user.id, name.to_string());
         if self

@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::api::auth::AuthUser;
 use crate::api::error::{ApiError, ErrorBody};
-use crate::api::image_types::{Image, ImportImageQuery, SaveImageRequest};
+use crate::api::image_types::{Image, ImportImageQuery, PullImageRequest, SaveImageRequest, Task};
 use crate::api::json::ApiJson;
 use crate::api::router::AppState;
 use crate::service::MAX_IMPORT_BYTES;
@@ -103,4 +103,29 @@ pub async fn import(
         .import_image(&user, &q.name, &work, "import")
         .await?;
     Ok((StatusCode::CREATED, Json(img)))
+}
+
+#[utoipa::path(post, path = "/images/pull", tag = "images", request_body = PullImageRequest,
+    responses((status = 202, body = Task, description = "pulling in the background: poll GET /tasks/{id}"),
+        (status = 400, body = ErrorBody, description = "bad reference or name"), (status = 409, body = ErrorBody)))]
+pub async fn pull(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiJson(req): ApiJson<PullImageRequest>,
+) -> Result<(StatusCode, Json<Task>), ApiError> {
+    let t = state
+        .service
+        .pull_image(&user, &req.reference, req.name.as_deref())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(t)))
+}
+
+#[utoipa::path(get, path = "/tasks/{id}", tag = "images", params(("id" = String, Path, description = "task id")),
+    responses((status = 200, body = Task), (status = 404, body = ErrorBody)))]
+pub async fn task(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
+    Ok(Json(state.service.get_task(&user, &id)?))
 }
