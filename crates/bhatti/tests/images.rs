@@ -197,4 +197,29 @@ async fn import_a_docker_save_tarball_and_boot_it() {
     assert!(run("cat /etc/resolv.conf")
         .await
         .contains("written by lohar"));
+
+    // The operator shares it with every user; nobody can delete it through the API.
+    let out = d.operator(&["image", "promote", "tiny", "--user", "img"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = Api::new(&d.url, &d.create_user("other", &[]));
+    let (s, v) = status_of(other.get("/images").await).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["name"], "tiny", "{v}");
+    assert_eq!(v[0]["owner"], "operator", "{v}");
+    let (s, v) = status_of(other.delete("/images/tiny").await).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(err_text(&v).contains("belongs to the operator"), "{v}");
+    let (s, v) = status_of(
+        other
+            .post("/sandboxes", json!({"name": "t2", "image": "tiny"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (code, out, _) = other.exec("t2", &["/bin/cat", "/etc/added"]).await;
+    assert_eq!((code, out.trim()), (0, "layer-two"));
 }

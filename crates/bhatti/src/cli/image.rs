@@ -39,6 +39,27 @@ pub enum ImageCommand {
         #[arg(long, value_name = "PATH", env = image::LOHAR_ENV)]
         lohar: Option<PathBuf>,
     },
+    /// Operator: make a user's image an operator image, visible to every user
+    /// (works on the local database, like `bhatti user`)
+    Promote {
+        /// Image name
+        name: String,
+        /// The user who has it
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Operator: give an operator image to a user (who can then delete it)
+    Demote {
+        /// Operator image name
+        name: String,
+        /// The user who gets it
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// List your custom images and the operator's
     #[command(visible_alias = "ls")]
     List,
@@ -73,6 +94,27 @@ pub enum ImageCommand {
         /// Image name or id
         name: String,
     },
+}
+
+/// Where the database is, for the operator's image commands.
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    /// Data directory holding state.db [default: data_dir of the daemon config]
+    #[arg(long, value_name = "DIR", conflicts_with = "db_config")]
+    pub data_dir: Option<PathBuf>,
+    /// Daemon config file to read data_dir from
+    #[arg(long = "config", id = "db_config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl DbArgs {
+    fn store(&self) -> anyhow::Result<crate::store::Store> {
+        let dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => DaemonConfig::load(self.config.as_deref())?.config.data_dir,
+        };
+        Ok(crate::store::Store::open_existing(&dir)?)
+    }
 }
 
 impl ImageCommand {
@@ -117,6 +159,23 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             println!("initramfs  {}", paths.initramfs.display());
             println!("rootfs     {}", paths.rootfs.display());
             eprintln!("images ready in {:.1?}", started.elapsed());
+            Ok(0)
+        }
+        ImageCommand::Promote { name, user, db } => {
+            let store = db.store()?;
+            let u = store.get_user_by_name(&user)?;
+            let img = store.promote_image(u.id, &name)?;
+            println!(
+                "image {} ({}) is now an operator image, visible to every user",
+                img.name, img.id
+            );
+            Ok(0)
+        }
+        ImageCommand::Demote { name, user, db } => {
+            let store = db.store()?;
+            let u = store.get_user_by_name(&user)?;
+            store.demote_image(&name, u.id)?;
+            println!("operator image {name} now belongs to {user}");
             Ok(0)
         }
         other => anyhow::bail!("`bhatti image {other:?}` goes through the API"),

@@ -148,6 +148,63 @@ impl Store {
         Ok(())
     }
 
+    /// Makes the user's image `name` an operator image, visible to every user.
+    ///
+    /// Errors: `NotFound`; `Conflict` when an operator image has that name.
+    pub fn promote_image(&self, user_id: i64, name: &str) -> Result<ImageRecord, StoreError> {
+        self.write_tx(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE images SET user_id = NULL WHERE user_id = ?1 AND name = ?2",
+                    params![user_id, name],
+                )
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        StoreError::Conflict(format!(
+                            "an operator image named {name} already exists"
+                        ))
+                    } else {
+                        e.into()
+                    }
+                })?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "the user has no image named {name}"
+                )));
+            }
+            Ok(tx.query_row(
+                "SELECT * FROM images WHERE user_id IS NULL AND name = ?1",
+                params![name],
+                from_row,
+            )?)
+        })
+    }
+
+    /// Gives the operator image `name` back to a user (who may then delete it).
+    ///
+    /// Errors: `NotFound`; `Conflict` when the user has an image of that name.
+    pub fn demote_image(&self, name: &str, user_id: i64) -> Result<(), StoreError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE images SET user_id = ?2 WHERE user_id IS NULL AND name = ?1",
+                params![name, user_id],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!("the user already has an image named {name}"))
+                } else {
+                    e.into()
+                }
+            })?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!(
+                "no operator image named {name}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Forgets image `id` (the caller checked that nothing uses its file).
     ///
     /// Errors: `Conflict` while a sandbox records it as its image.
@@ -208,5 +265,24 @@ mod tests {
         assert!(matches!(e, StoreError::LimitExceeded(_)), "{e}");
         store.delete_image(&mine.id).expect("delete");
         store.create_volume(a.id, "v", 41).expect("room again");
+        // Promote to the operator (name clash refused), demote back.
+        store
+            .insert_image(&ImageRecord::new(Some(b.id), "py", "import", 1))
+            .expect("b py");
+        assert!(matches!(
+            store.promote_image(b.id, "py"),
+            Err(StoreError::Conflict(_))
+        ));
+        store.demote_image("py", a.id).expect("demote");
+        assert_eq!(
+            store.find_image(a.id, "py").expect("a py").user_id,
+            Some(a.id)
+        );
+        let op = store.promote_image(b.id, "py").expect("promote");
+        assert_eq!(op.user_id, None);
+        assert_eq!(
+            store.find_image(a.id, "py").expect("own first").user_id,
+            Some(a.id)
+        );
     }
 }
