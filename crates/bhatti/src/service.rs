@@ -638,6 +638,7 @@ impl Service {
             keep.push(rec.id);
         }
         self.engine.sweep(&keep).await?;
+        self.sweep_import_dirs();
         Ok(())
     }
 

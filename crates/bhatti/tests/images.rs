@@ -127,7 +127,18 @@ async fn save_an_image_and_boot_from_it() {
     let (s, v) = status_of(api.get("/images").await).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v.as_array().expect("arr").len(), 1, "{v}");
+    // A snapshot of a sandbox from the image keeps the image in use.
+    let (s, v) = status_of(
+        api.post("/sandboxes/copy/checkpoint", json!({"name": "snap"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
     assert!(api.delete("/sandboxes/copy").await.status().is_success());
+    let (s, v) = status_of(api.delete("/images/withpkg").await).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(err_text(&v).contains("a snapshot or fork"), "{v}");
+    assert!(api.delete("/snapshots/snap").await.status().is_success());
     let (s, v) = status_of(api.delete("/images/withpkg").await).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let files = std::fs::read_dir(d.data_dir.path().join("custom-images"))

@@ -218,6 +218,7 @@ pub trait Engine: Send + Sync {
     ) -> Result<u64, EngineError>;
     /// Removes custom image `image`'s file.
     async fn delete_image(&self, image: &str) -> Result<(), EngineError>;
-    /// What backs onto custom image `image` (sandbox ids, `layer <id>`); empty: unused.
+    /// What backs onto custom image `image` (sandbox ids, descriptions of
+    /// snapshot/fork layers); empty: unused.
     fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError>;
 }

@@ -140,6 +140,13 @@ impl Service {
         .await
     }
 
+    /// Removes the work dirs of imports and pulls a crash cut short (daemon start).
+    pub(super) fn sweep_import_dirs(&self) {
+        if let Some(d) = self.store.path().parent() {
+            let _ = std::fs::remove_dir_all(d.join("import-tmp"));
+        }
+    }
+
     /// A fresh work dir for an import (on the data dir's filesystem: images are big).
     pub fn import_dir(&self) -> Result<WorkDir> {
         let base = self

@@ -193,7 +193,8 @@ impl QemuEngine {
         }
     }
 
-    /// Sandboxes (by id) and layers (`layer <id>`) whose disk backs onto image `id` directly.
+    /// Sandboxes (by id) and layers ("a snapshot or fork (disk layer <id>)")
+    /// whose disk backs onto image `id` directly.
     pub(super) fn image_backers(&self, id: &str) -> Result<Vec<String>, EngineError> {
         check_id(id)?;
         let target = self.image_path(id).display().to_string();
@@ -210,7 +211,10 @@ impl QemuEngine {
             for e in rd.flatten() {
                 if qcow2_backing(&e.path()).as_deref() == Some(target.as_str()) {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    users.push(format!("layer {}", name.trim_end_matches(".qcow2")));
+                    users.push(format!(
+                        "a snapshot or fork (disk layer {})",
+                        name.trim_end_matches(".qcow2")
+                    ));
                 }
             }
         }
