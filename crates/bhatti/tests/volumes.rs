@@ -286,4 +286,40 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     assert!(!disk.exists(), "the disk goes with the volume");
     let (s, _) = status_of(api.get("/volumes/data").await).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The CLI: volume create, list, resize, delete; a bad --volume is refused before any request.
+    let home = tempfile::tempdir().expect("home");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN)
+            .args(["--url", &d.url, "--token", &key])
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("BHATTI_URL")
+            .env_remove("BHATTI_TOKEN")
+            .env_remove("BHATTI_CONFIG")
+            .output()
+            .expect("run bhatti");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["volume", "create", "--name", "clivol", "--size", "8"]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    assert!(out.contains("volume clivol created (8 MB)"), "{out}");
+    let (code, out, _) = cli(&["volume", "resize", "clivol", "--size", "16"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("now 16 MB"), "{out}");
+    let (code, out, _) = cli(&["volume", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("clivol") && out.contains("16 MB"), "{out}");
+    let (code, _, err) = cli(&["create", "--name", "x", "--volume", "clivol"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("expected NAME:/mount[:ro]"), "{err}");
+    let (code, out, err) = cli(&["volume", "delete", "clivol"]);
+    assert_eq!(code, Some(0), "{out} {err}");
+    let (code, _, err) = cli(&["volume", "delete", "clivol"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no volume named clivol"), "{err}");
 }

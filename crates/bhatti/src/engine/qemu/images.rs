@@ -119,12 +119,20 @@ impl QemuEngine {
             None
         };
         let (src, t) = (files.overlay.clone(), tmp.clone());
+        let started = std::time::Instant::now();
         let copied = blocking(move || flatten(&src, &t)).await;
         if let Some(q) = &qmp {
             if let Err(e) = q.cont().await {
                 tracing::error!(vm, error = %e, "cannot resume a VM after saving its disk");
             }
         }
+        tracing::info!(
+            vm,
+            image,
+            paused = running,
+            copy_ms = started.elapsed().as_millis() as u64,
+            "disk flattened into an image"
+        );
         let finish = move || -> Result<u64, EngineError> {
             copied??;
             // The copy is of a mounted filesystem: replay its journal now.
