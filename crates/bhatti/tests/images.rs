@@ -71,6 +71,9 @@ async fn save_an_image_and_boot_from_it() {
     assert_eq!(v["source"], "save src");
     let size = v["size_bytes"].as_u64().expect("size");
     assert!(size > 0);
+    if let Some(line) = d.log().lines().find(|l| l.contains("disk flattened")) {
+        eprintln!("measured: {line}");
+    }
     // The source runs on.
     assert_eq!(sh(&api, "src", "h10-hello").await, "hello-from-package");
     let (s, v) = status_of(
