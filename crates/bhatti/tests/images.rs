@@ -165,6 +165,22 @@ async fn import_a_docker_save_tarball_and_boot_it() {
         .send()
     };
 
+    let doc: Value = reqwest::get(format!("{}/openapi.json", d.url))
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("openapi json");
+    for p in [
+        "/images",
+        "/images/{name}",
+        "/images/save",
+        "/images/import",
+        "/images/pull",
+        "/tasks/{id}",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
     let (s, v) = status_of(
         import("junk", b"not a tarball at all".to_vec())
             .await
