@@ -17,7 +17,7 @@ declare -A TOOLS=(
   [mmdebstrap]=mmdebstrap [cpio]=cpio [zstd]=zstd [modinfo]=kmod
   [dpkg-deb]=dpkg [dpkg-architecture]=dpkg-dev [tmux]=tmux [python3]=python3
   [curl]=curl [strip]=binutils [update-ca-certificates]=ca-certificates
-  [chromium]=chromium
+  [chromium]=chromium [docker-registry]=docker-registry [openssl]=openssl
 )
 
 missing_tools() {

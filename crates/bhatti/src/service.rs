@@ -23,10 +23,12 @@ pub mod exec;
 pub mod exec_session;
 pub mod files;
 mod idle;
+mod images;
 mod inspect;
 mod ports;
 mod proxy;
 mod publish;
+mod pull;
 pub mod routes;
 pub mod sessions;
 pub mod share;
@@ -34,11 +36,14 @@ mod snapshots;
 mod thermal;
 pub mod upstream;
 mod usage;
+mod volumes;
 
 pub use idle::MAX_SAVE_FAILURES;
+pub use images::{WorkDir, MAX_IMPORT_BYTES};
 pub use proxy::{hold_until_sent, Routed};
 pub use thermal::{thermal_of, RESTORE_RETRY_AFTER_SECS};
 pub use usage::{InFlight, ThermalConfig};
+pub use volumes::parse_volume_arg;
 
 /// How often a long-lived connection (shell, exec WebSocket) re-checks its
 /// API key: `bhatti user rotate-key` works on the database directly.
@@ -147,7 +152,7 @@ impl ServiceError {
                 EngineError::NotFound(_) => K::NotFound,
                 EngineError::Busy(_) | EngineError::AlreadyExists(_) => K::Conflict,
                 EngineError::InvalidSpec(_) => K::Invalid,
-                EngineError::Internal(_) => K::Internal,
+                EngineError::Internal(_) | EngineError::Storage(_) => K::Internal,
                 _ => K::Unavailable,
             },
             ServiceError::Agent(AgentError::Remote { code, .. }) => kind_of_code(*code),
@@ -219,6 +224,10 @@ pub struct Service {
     default_egress: EgressPolicy,
     /// Sandboxes of one user reach each other.
     same_user_peers: bool,
+    /// One lock per volume: a grow and a create that attaches it never overlap.
+    volume_locks: Mutex<HashMap<String, AsyncLock>>,
+    /// Image pulls running or recently finished.
+    tasks: pull::Tasks,
 }
 
 impl Service {
@@ -244,6 +253,8 @@ impl Service {
             shares: share::ShareHub::default(),
             default_egress: EgressPolicy::default(),
             same_user_peers: false,
+            volume_locks: Mutex::new(HashMap::new()),
+            tasks: pull::Tasks::default(),
         }
     }
 
@@ -374,6 +385,16 @@ impl Service {
             (None, Some(snap)) => Some(self.snapshot_source(user, snap).await?),
             (None, None) => None,
         };
+        if source.is_some() && req.image.is_some() {
+            return Err(ServiceError::Invalid(
+                "invalid field `image`: a fork or a resumed snapshot has its source's disk".into(),
+            ));
+        }
+        if source.is_some() && req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(ServiceError::Invalid(
+                "invalid field `volumes`: a fork or a resumed snapshot has its source's devices and cannot take volumes".into(),
+            ));
+        }
         let temporary = source
             .as_ref()
             .filter(|s| s.temporary)
@@ -443,6 +464,10 @@ impl Service {
             }
         }
 
+        let image = match req.image.as_deref() {
+            None => None,
+            Some(key) => Some(self.image_for_create(user, key).await?),
+        };
         let mut new = NewSandbox::new(user.id, name);
         new.cpus = cpus;
         new.memory_mb = memory_mb;
@@ -457,6 +482,31 @@ impl Service {
             .store
             .call(move |s| s.create_sandbox(&new, &subnet))
             .await?;
+        if let Some(img) = &image {
+            let (sid, iid) = (rec.id.clone(), img.clone());
+            if let Err(e) = self
+                .store
+                .call(move |s| s.set_sandbox_image(&sid, &iid))
+                .await
+            {
+                let id = rec.id.clone();
+                let _ = self.store.call(move |s| s.delete_sandbox(&id)).await;
+                return Err(e.into());
+            }
+        }
+        let (volumes, _volume_locks) = match self
+            .attach_for_create(user, &rec.id, req.volumes.as_deref().unwrap_or_default())
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let id = rec.id.clone();
+                if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
+                    tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
+                }
+                return Err(e);
+            }
+        };
 
         let spec = SandboxSpec {
             id: rec.id.clone(),
@@ -469,6 +519,8 @@ impl Service {
             init: rec.init.clone(),
             egress: rec.egress.clone(),
             peer_group: self.same_user_peers.then(|| format!("user-{}", user.id)),
+            volumes,
+            image,
         };
         let booted = match &source {
             None => self
@@ -722,6 +774,7 @@ impl Service {
             keep.push(rec.id);
         }
         self.engine.sweep(&keep).await?;
+        self.sweep_import_dirs();
         Ok(())
     }
 

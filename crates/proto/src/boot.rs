@@ -33,6 +33,21 @@ pub struct BootConfig {
     /// Host wall clock at boot, unix milliseconds; the guest sets its clock from it.
     #[serde(default)]
     pub time_unix_ms: i64,
+    /// Volumes to mount before the init script runs, in device order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// One volume: a virtio-blk disk the guest finds by its serial and mounts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The disk's virtio serial (`/sys/block/vdX/serial`), at most 20 bytes.
+    pub serial: String,
+    /// Absolute mount point in the guest (created if missing).
+    pub path: String,
+    /// Mounted read-only (the host also opens the disk read-only).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// Directory of the initramfs that holds the kernel modules lohar loads in

@@ -9,8 +9,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::handlers::{
-    exec, files, health, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
-    snapshots,
+    exec, files, health, images, ports, proxy, publish, sandboxes, secrets, sessions, share, shell,
+    snapshots, volumes,
 };
 use crate::rate_limit::UserLimits;
 use crate::service::Service;
@@ -100,6 +100,15 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(snapshots::create, snapshots::list))
         .routes(routes!(snapshots::get, snapshots::delete))
         .routes(routes!(snapshots::resume))
+        .routes(routes!(volumes::create, volumes::list))
+        .routes(routes!(volumes::get, volumes::delete))
+        .routes(routes!(volumes::resize))
+        .routes(routes!(images::list))
+        .routes(routes!(images::get, images::delete))
+        .routes(routes!(images::save))
+        .routes(routes!(images::import))
+        .routes(routes!(images::pull))
+        .routes(routes!(images::task))
         .with_state(state)
         .split_for_parts();
     let api = Arc::new(openapi_paths(api));

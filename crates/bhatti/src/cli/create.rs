@@ -51,6 +51,14 @@ pub struct CreateArgs {
     /// included (repeatable)
     #[arg(long = "allow-cidr", value_name = "CIDR", value_parser = parse_allow_cidr)]
     pub allow_cidrs: Vec<String>,
+    /// Attach a volume (repeatable): NAME:/mount, read-write (one sandbox
+    /// at a time), or NAME:/mount:ro, read-only (many); mounted before the
+    /// init script runs
+    #[arg(long = "volume", value_name = "NAME:/MOUNT[:ro]", value_parser = crate::service::parse_volume_arg)]
+    pub volumes: Vec<crate::model::volumes::VolumeMountRequest>,
+    /// Boot from a custom image (yours or the operator's; see `bhatti image list`)
+    #[arg(long, value_name = "NAME", conflicts_with = "from")]
+    pub image: Option<String>,
 }
 
 fn parse_allow_host(s: &str) -> Result<String, String> {
@@ -95,6 +103,10 @@ struct CreateBody<'a> {
     allow_hosts: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     allow_cidrs: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    volumes: Vec<crate::model::volumes::VolumeMountRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    image: Option<&'a str>,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -112,6 +124,8 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         egress: args.egress,
         allow_hosts: (!args.allow_hosts.is_empty()).then_some(args.allow_hosts),
         allow_cidrs: (!args.allow_cidrs.is_empty()).then_some(args.allow_cidrs),
+        volumes: args.volumes,
+        image: args.image.as_deref(),
     };
     let spinner = spinner(args.name.as_deref());
     let result = async {

@@ -1,4 +1,5 @@
-//! `bhatti image build`.
+//! `bhatti image build` (local, the operator's); the other subcommands go
+//! through the API (`image_client.rs`).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -38,6 +39,97 @@ pub enum ImageCommand {
         #[arg(long, value_name = "PATH", env = image::LOHAR_ENV)]
         lohar: Option<PathBuf>,
     },
+    /// Operator: make a user's image an operator image, visible to every user
+    /// (works on the local database, like `bhatti user`)
+    Promote {
+        /// Image name
+        name: String,
+        /// The user who has it
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Operator: give an operator image to a user (who can then delete it)
+    Demote {
+        /// Operator image name
+        name: String,
+        /// The user who gets it
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List your custom images and the operator's
+    #[command(visible_alias = "ls")]
+    List,
+    /// Save a sandbox's disk as a new image (the sandbox keeps running)
+    Save {
+        /// Sandbox name or id
+        sandbox: String,
+        /// Image name
+        #[arg(long)]
+        name: String,
+    },
+    /// Import a `docker save` tarball or an OCI image layout (as a tar)
+    Import {
+        /// Image name
+        #[arg(long)]
+        name: String,
+        /// The tarball
+        #[arg(long, value_name = "FILE")]
+        tar: PathBuf,
+    },
+    /// Pull an image from a registry (OCI distribution API over HTTPS) and import it
+    Pull {
+        /// `[registry/]repository[:tag|@sha256:…]` (no registry: Docker Hub)
+        reference: String,
+        /// Image name [default: the repository's last part, plus -TAG unless latest]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete one of your images (refused while a sandbox or snapshot uses it)
+    #[command(visible_alias = "rm")]
+    Delete {
+        /// Image name or id
+        name: String,
+    },
+}
+
+/// Where the database is, for the operator's image commands.
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    /// Data directory holding state.db [default: data_dir of the daemon config]
+    #[arg(long, value_name = "DIR", conflicts_with = "db_config")]
+    pub data_dir: Option<PathBuf>,
+    /// Daemon config file to read data_dir from
+    #[arg(long = "config", id = "db_config", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+impl DbArgs {
+    fn store(&self) -> anyhow::Result<crate::store::Store> {
+        let dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => DaemonConfig::load(self.config.as_deref())?.config.data_dir,
+        };
+        Ok(crate::store::Store::open_existing(&dir)?)
+    }
+}
+
+impl ImageCommand {
+    /// The API side of the command, if it has one (everything but `build`).
+    pub fn remote(self) -> Result<super::image_client::Remote, ImageCommand> {
+        use super::image_client::Remote;
+        match self {
+            ImageCommand::List => Ok(Remote::List),
+            ImageCommand::Save { sandbox, name } => Ok(Remote::Save { sandbox, name }),
+            ImageCommand::Import { name, tar } => Ok(Remote::Import { name, tar }),
+            ImageCommand::Delete { name } => Ok(Remote::Delete { name }),
+            ImageCommand::Pull { reference, name } => Ok(Remote::Pull { reference, name }),
+            other => Err(other),
+        }
+    }
 }
 
 pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
@@ -69,6 +161,24 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             eprintln!("images ready in {:.1?}", started.elapsed());
             Ok(0)
         }
+        ImageCommand::Promote { name, user, db } => {
+            let store = db.store()?;
+            let u = store.get_user_by_name(&user)?;
+            let img = store.promote_image(u.id, &name)?;
+            println!(
+                "image {} ({}) is now an operator image, visible to every user",
+                img.name, img.id
+            );
+            Ok(0)
+        }
+        ImageCommand::Demote { name, user, db } => {
+            let store = db.store()?;
+            let u = store.get_user_by_name(&user)?;
+            store.demote_image(&name, u.id)?;
+            println!("operator image {name} now belongs to {user}");
+            Ok(0)
+        }
+        other => anyhow::bail!("`bhatti image {other:?}` goes through the API"),
     }
 }
 

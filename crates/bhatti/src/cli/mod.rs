@@ -17,6 +17,7 @@ pub mod edit;
 pub mod exec;
 pub mod file;
 pub mod image;
+pub mod image_client;
 pub mod inspect;
 pub mod list;
 pub mod output;
@@ -35,6 +36,7 @@ pub mod tls;
 pub mod unpublish;
 pub mod user;
 pub mod version;
+pub mod volume;
 
 /// bhatti: self-hosted microVM sandboxes.
 #[derive(Debug, Parser)]
@@ -102,6 +104,9 @@ pub enum Command {
     /// Named snapshots of a sandbox's memory and disk
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Persistent volumes: disks of their own that outlive sandboxes
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Manage users and API keys on this host (operator only; works on the
     /// local database directly).
     User(user::UserArgs),
@@ -120,7 +125,7 @@ pub enum Command {
     /// qemu-img, nft, network namespaces, images, free disk) and print the fix
     /// for each one missing.
     Doctor(doctor::DoctorArgs),
-    /// Build or inspect the guest images (kernel, initramfs, rootfs).
+    /// Build the guest images (operator), or manage custom images (save, import, list, delete).
     #[command(subcommand)]
     Image(image::ImageCommand),
 }
@@ -134,7 +139,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Image(cmd) => image::run(cmd),
+        Command::Image(cmd) => match cmd.remote() {
+            Ok(remote) => with_client(global, |c| image_client::run(c, remote)),
+            Err(local) => image::run(local),
+        },
         Command::Doctor(args) => doctor::run(args, cli.json),
         Command::User(args) => user::run(args, cli.json),
         Command::Completion(args) => completion::run(args),
@@ -158,6 +166,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::File(cmd) => with_client(global, |c| file::run(c, cmd)),
         Command::Secret(cmd) => with_client(global, |c| secret::run(c, cmd)),
         Command::Snapshot(cmd) => with_client(global, |c| snapshot::run(c, cmd)),
+        Command::Volume(cmd) => with_client(global, |c| volume::run(c, cmd)),
         Command::Publish(args) => with_client(global, |c| publish::run(c, args)),
         Command::Share(args) => with_client(global, |c| share::run(c, args)),
         Command::Unpublish(args) => with_client(global, |c| unpublish::run(c, args)),

@@ -33,6 +33,21 @@ pub struct SandboxSpec {
     /// Sandboxes of one group reach each other over the bridge (the daemon
     /// uses the owner when its config allows it); `None`: no other sandbox.
     pub peer_group: Option<String>,
+    /// Volumes, in device order (kept for the VM's life: a saved VM
+    /// restores onto the same devices).
+    pub volumes: Vec<VolumeSpec>,
+    /// Custom base image (its id) the disk backs onto; `None`: the built rootfs.
+    pub image: Option<String>,
+}
+
+/// A volume attached to a VM: its disk (by volume id) and where the guest mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// The volume's id: names its disk on the host and is the disk's serial in the guest.
+    pub id: String,
+    /// Absolute mount point in the guest.
+    pub mount: String,
+    pub read_only: bool,
 }
 
 /// What a running VM needs to be reached again, also after a daemon restart.
@@ -149,6 +164,11 @@ pub enum EngineError {
         #[source]
         source: agent_client::AgentError,
     },
+    /// A volume's or custom image's disk could not be made, checked, grown
+    /// or converted (host tools such as qemu-img, mke2fs, e2fsck, resize2fs,
+    /// or the guest's own `sync`/`resize2fs`), or is missing.
+    #[error("{0}")]
+    Storage(String),
     /// A fault in the engine itself (a task that panicked, a record that
     /// cannot be serialised).
     #[error("{0}")]
@@ -228,4 +248,37 @@ pub trait Engine: Send + Sync {
     async fn delete_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError>;
     /// Deletes a disk layer; the caller makes sure no disk backs onto it any more.
     async fn delete_layer(&self, layer: &str) -> Result<(), EngineError>;
+    /// Makes the disk of volume `id`: `size_mb` MiB, sparse, ext4 whose root
+    /// directory belongs to uid/gid 1000 (the guest's `lohar` user).
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), EngineError>;
+    /// Removes the disk of volume `id`; the caller makes sure no VM has it.
+    async fn delete_volume(&self, id: &str) -> Result<(), EngineError>;
+    /// Grows volume `id`'s disk and filesystem to `size_mb` MiB. `attached`:
+    /// the running VM that has it read-write, whose guest grows the mounted
+    /// filesystem; `None`: no VM has it, and it is grown on the host.
+    async fn grow_volume(
+        &self,
+        id: &str,
+        size_mb: u64,
+        attached: Option<(&str, &VmRuntime)>,
+    ) -> Result<(), EngineError>;
+    /// Host bytes the volume's disk takes (allocated; the disk is sparse).
+    fn volume_usage(&self, id: &str) -> Result<u64, EngineError>;
+    /// Flattens VM `id`'s disk into the new custom image `image` (a running
+    /// VM syncs, is paused for the copy and runs on); returns the image's
+    /// host bytes.
+    async fn save_image(&self, id: &str, rt: &VmRuntime, image: &str) -> Result<u64, EngineError>;
+    /// Makes custom image `image` from the root filesystem tree `tree`
+    /// (`mke2fs -d`, sparse, `size_mb` MiB); returns its host bytes.
+    async fn import_image(
+        &self,
+        image: &str,
+        tree: &std::path::Path,
+        size_mb: u64,
+    ) -> Result<u64, EngineError>;
+    /// Removes custom image `image`'s file.
+    async fn delete_image(&self, image: &str) -> Result<(), EngineError>;
+    /// What backs onto custom image `image` (sandbox ids, descriptions of
+    /// snapshot/fork layers); empty: unused.
+    fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError>;
 }

@@ -84,6 +84,7 @@ impl Service {
         checkpoint: &str,
     ) -> Result<(SandboxRecord, CheckpointInfo)> {
         let rec = self.find(user, key).await?;
+        self.refuse_copy_with_volumes(&rec.id, &rec.name).await?;
         // A paused VM would come back running from the checkpoint: wake it first.
         let rec = if rec.status == SandboxStatus::Warm {
             self.wake(rec, WakeMode::Wait).await?

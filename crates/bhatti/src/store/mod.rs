@@ -22,6 +22,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod images;
 pub mod labels;
 mod publish;
 mod sandboxes;
@@ -29,7 +30,9 @@ mod secrets;
 mod shares;
 mod snapshots;
 mod users;
+mod volumes;
 
+pub use images::{validate_image_name, ImageRecord};
 pub use labels::Labels;
 pub use publish::{generate_alias, validate_alias, PublishRule};
 pub use sandboxes::{
@@ -42,6 +45,10 @@ pub use snapshots::SnapshotRecord;
 pub use users::{
     generate_api_key, hash_api_key, validate_user_name, User, UserLimits, UserSummary,
     API_KEY_PREFIX,
+};
+pub use volumes::{
+    generate_volume_id, validate_mount_path, validate_volume_name, VolumeAttachment, VolumeRecord,
+    VolumeRequest, MAX_VOLUMES_PER_SANDBOX, MAX_VOLUME_MB,
 };
 
 /// Database file name inside the data dir.
@@ -70,6 +77,14 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "005_egress",
         include_str!("../../migrations/005_egress.sql"),
+    ),
+    (
+        "006_volumes",
+        include_str!("../../migrations/006_volumes.sql"),
+    ),
+    (
+        "007_images",
+        include_str!("../../migrations/007_images.sql"),
     ),
 ];
 

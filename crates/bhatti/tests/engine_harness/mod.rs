@@ -101,6 +101,8 @@ pub fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
         init: None,
         egress: Default::default(),
         peer_group: None,
+        volumes: Vec::new(),
+        image: None,
     }
 }
 

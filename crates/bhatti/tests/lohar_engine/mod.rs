@@ -466,6 +466,59 @@ impl Engine for LoharEngine {
     async fn delete_layer(&self, _layer: &str) -> Result<(), EngineError> {
         Ok(())
     }
+
+    // Volumes and custom images are disks of real VMs: tests/volumes.rs and
+    // tests/images.rs cover them; this engine refuses them plainly.
+    async fn create_volume(&self, _id: &str, _size_mb: u64) -> Result<(), EngineError> {
+        Err(no_disks())
+    }
+
+    async fn delete_volume(&self, _id: &str) -> Result<(), EngineError> {
+        Err(no_disks())
+    }
+
+    async fn grow_volume(
+        &self,
+        _id: &str,
+        _size_mb: u64,
+        _attached: Option<(&str, &VmRuntime)>,
+    ) -> Result<(), EngineError> {
+        Err(no_disks())
+    }
+
+    fn volume_usage(&self, _id: &str) -> Result<u64, EngineError> {
+        Ok(0)
+    }
+
+    async fn save_image(
+        &self,
+        _id: &str,
+        _rt: &VmRuntime,
+        _image: &str,
+    ) -> Result<u64, EngineError> {
+        Err(no_disks())
+    }
+
+    async fn import_image(
+        &self,
+        _image: &str,
+        _tree: &std::path::Path,
+        _size_mb: u64,
+    ) -> Result<u64, EngineError> {
+        Err(no_disks())
+    }
+
+    async fn delete_image(&self, _image: &str) -> Result<(), EngineError> {
+        Err(no_disks())
+    }
+
+    fn image_users(&self, _image: &str) -> Result<Vec<String>, EngineError> {
+        Ok(Vec::new())
+    }
+}
+
+fn no_disks() -> EngineError {
+    EngineError::InvalidSpec("the lohar test engine has no volumes or images".into())
 }
 
 /// The real service and HTTP API on a loopback port, over a [`LoharEngine`].

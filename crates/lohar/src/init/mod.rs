@@ -9,7 +9,8 @@
 //!    config from fw_cfg, mount the root disk and switch root ([`stage1`]);
 //! 3. PID 1 mounts in the real root ([`mounts`]);
 //! 4. hostname, /etc/hostname, /etc/hosts; wall clock; lo and eth0
-//!    ([`network`]); /etc/resolv.conf.
+//!    ([`network`]); /etc/resolv.conf;
+//! 5. the sandbox's volumes, found by virtio serial ([`volumes`]).
 
 use std::io::Write;
 
@@ -21,6 +22,7 @@ mod mounts;
 pub mod network;
 pub mod power;
 mod stage1;
+mod volumes;
 
 pub use power::poweroff;
 
@@ -88,6 +90,7 @@ pub fn boot() -> Result<Booted, String> {
     }
     network::configure(&config.ip, &config.gateway)?;
     write_resolv_conf(&config.dns)?;
+    volumes::mount_all(&config.volumes)?;
     Ok(Booted { config })
 }
 

@@ -3,6 +3,7 @@
 pub mod exec;
 pub mod files;
 pub mod health;
+pub mod images;
 pub mod ports;
 pub mod proxy;
 pub mod publish;
@@ -12,3 +13,4 @@ pub mod sessions;
 pub mod share;
 pub mod shell;
 pub mod snapshots;
+pub mod volumes;

@@ -85,6 +85,8 @@ fn spec(i: usize, memory_mb: u32) -> SandboxSpec {
         init: None,
         egress: Default::default(),
         peer_group: None,
+        volumes: Vec::new(),
+        image: None,
     }
 }
 

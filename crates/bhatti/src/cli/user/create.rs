@@ -1,4 +1,4 @@
-//! `bhatti user create --name NAME [--max-sandboxes N] [--max-cpus N] [--max-memory MB]`.
+//! `bhatti user create --name NAME [--max-sandboxes N] [--max-cpus N] [--max-memory MB] [--max-storage MB]`.
 
 use clap::Args;
 
@@ -20,6 +20,9 @@ pub struct CreateArgs {
     /// Maximum memory (MB) per sandbox
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_memory: u32,
+    /// Storage quota (MB): the total size of the user's volumes
+    #[arg(long, default_value_t = 20480)]
+    pub max_storage: u64,
 }
 
 pub fn run(store: &Store, args: CreateArgs, json: bool) -> anyhow::Result<i32> {
@@ -30,6 +33,7 @@ pub fn run(store: &Store, args: CreateArgs, json: bool) -> anyhow::Result<i32> {
         max_memory_mb: args.max_memory,
     };
     let (user, key) = store.create_user(&args.name, limits)?;
+    store.set_storage_quota(user.id, args.max_storage)?;
     if json {
         let out = serde_json::json!({
             "id": user.id,
@@ -38,6 +42,7 @@ pub fn run(store: &Store, args: CreateArgs, json: bool) -> anyhow::Result<i32> {
             "max_sandboxes": user.max_sandboxes,
             "max_cpus": user.max_cpus,
             "max_memory_mb": user.max_memory_mb,
+            "max_storage_mb": args.max_storage,
             "created_at": format_time(user.created_at),
         });
         println!("{out}");

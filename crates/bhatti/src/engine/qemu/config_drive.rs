@@ -86,6 +86,7 @@ mod tests {
             env: [("API_KEY".to_string(), "sk-secret".to_string())].into(),
             init: Some("echo secret-init".into()),
             time_unix_ms: 1,
+            volumes: Vec::new(),
         };
         write(&path, &cfg).expect("write");
         assert_eq!(

@@ -40,15 +40,32 @@ impl QemuEngine {
             )));
         }
         let images = &self.cfg.images;
+        let base = self.base_of(spec);
         for (what, p) in [
             ("kernel", &images.kernel),
             ("initramfs", &images.initramfs),
-            ("base rootfs", &images.rootfs),
+            ("base rootfs", &base),
         ] {
             if !p.is_file() {
                 return Err(EngineError::Image(format!(
                     "{what} {} does not exist (run the image build first)",
                     p.display()
+                )));
+            }
+        }
+        for v in &spec.volumes {
+            check_id(&v.id)?;
+            if v.id.len() > 20 {
+                return Err(EngineError::InvalidSpec(format!(
+                    "volume id {} is longer than a virtio serial (20 bytes)",
+                    v.id
+                )));
+            }
+            if !self.volume_path(&v.id).is_file() {
+                return Err(EngineError::Storage(format!(
+                    "the disk of volume {} is missing ({})",
+                    v.id,
+                    self.volume_path(&v.id).display()
                 )));
             }
         }
@@ -60,6 +77,14 @@ impl QemuEngine {
             )));
         }
         Ok(())
+    }
+
+    /// The raw image the sandbox's overlay backs onto: its custom image, or the built rootfs.
+    pub(super) fn base_of(&self, spec: &SandboxSpec) -> std::path::PathBuf {
+        match &spec.image {
+            Some(id) => self.image_path(id),
+            None => self.cfg.images.rootfs.clone(),
+        }
     }
 
     pub(super) fn boot_config(&self, spec: &SandboxSpec) -> BootConfig {
@@ -79,6 +104,15 @@ impl QemuEngine {
             env: spec.env.clone(),
             init: spec.init.clone(),
             time_unix_ms: i64::try_from(now.as_millis()).unwrap_or(i64::MAX),
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| bhatti_proto::VolumeMount {
+                    serial: v.id.clone(),
+                    path: v.mount.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
         }
     }
 
@@ -122,6 +156,15 @@ impl QemuEngine {
     ) -> VmMeta {
         let tap = network::tap_name(&spec.id);
         let mac = network::guest_mac(spec.ip);
+        let volumes: Vec<process::VolumeDisk> = spec
+            .volumes
+            .iter()
+            .map(|v| process::VolumeDisk {
+                id: v.id.clone(),
+                path: self.volume_path(&v.id),
+                read_only: v.read_only,
+            })
+            .collect();
         let launch = process::LaunchSpec {
             accel: self.accel,
             tsc_khz: self.tsc_khz,
@@ -133,6 +176,7 @@ impl QemuEngine {
             mac: &mac,
             extra_cmdline: &self.cfg.extra_cmdline,
             files,
+            volumes: &volumes,
         };
         let argv = process::qemu_argv(&launch);
         VmMeta {
@@ -165,16 +209,25 @@ impl QemuEngine {
         let (net, f, rootfs, b, ip, t, m) = (
             self.net.clone(),
             files.clone(),
-            self.cfg.images.rootfs.clone(),
+            self.base_of(spec),
             boot_cfg.clone(),
             spec.ip,
             tap.clone(),
             mac.clone(),
         );
+        let read_only: Vec<std::path::PathBuf> = spec
+            .volumes
+            .iter()
+            .filter(|v| v.read_only)
+            .map(|v| self.volume_path(&v.id))
+            .collect();
         let t0 = std::time::Instant::now();
         blocking(move || -> Result<(), EngineError> {
             if !network::base_present(&net) {
                 network::ensure_base(&net).map_err(net_err)?;
+            }
+            for p in &read_only {
+                super::volumes::make_clean(p)?;
             }
             disks::create_overlay(&rootfs, &f.overlay).map_err(|e| match e {
                 disks::DiskError::MissingBase(_) => EngineError::Image(e.to_string()),

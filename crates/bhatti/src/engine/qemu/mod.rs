@@ -14,6 +14,7 @@ pub mod dns;
 pub mod firewall;
 mod fork;
 pub mod image;
+mod images;
 mod lifecycle;
 pub mod netns_dialer;
 pub mod network;
@@ -21,6 +22,7 @@ pub mod prereq;
 pub mod process;
 pub mod qmp;
 mod snapshot;
+mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -753,6 +755,48 @@ impl Engine for QemuEngine {
 
     async fn delete_layer(&self, layer: &str) -> Result<(), EngineError> {
         self.remove_layer(layer).await
+    }
+
+    async fn create_volume(&self, id: &str, size_mb: u64) -> Result<(), EngineError> {
+        self.make_volume(id, size_mb).await
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<(), EngineError> {
+        self.remove_volume(id).await
+    }
+
+    async fn grow_volume(
+        &self,
+        id: &str,
+        size_mb: u64,
+        attached: Option<(&str, &VmRuntime)>,
+    ) -> Result<(), EngineError> {
+        self.grow(id, size_mb, attached).await
+    }
+
+    fn volume_usage(&self, id: &str) -> Result<u64, EngineError> {
+        self.volume_bytes(id)
+    }
+
+    async fn save_image(&self, id: &str, rt: &VmRuntime, image: &str) -> Result<u64, EngineError> {
+        self.save_disk(id, rt, image).await
+    }
+
+    async fn import_image(
+        &self,
+        image: &str,
+        tree: &std::path::Path,
+        size_mb: u64,
+    ) -> Result<u64, EngineError> {
+        self.image_from_tree(image, tree, size_mb).await
+    }
+
+    async fn delete_image(&self, image: &str) -> Result<(), EngineError> {
+        self.remove_image(image)
+    }
+
+    fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError> {
+        self.image_backers(image)
     }
 
     fn agent(&self, _id: &str, rt: &VmRuntime) -> AgentClient {

@@ -83,6 +83,18 @@ pub struct LaunchSpec<'a> {
     /// Extra kernel command line words (from the image).
     pub extra_cmdline: &'a str,
     pub files: &'a VmFiles,
+    /// Volume disks, in device order.
+    pub volumes: &'a [VolumeDisk],
+}
+
+/// A volume's disk as QEMU opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    /// The volume id: the drive's id and the disk's virtio serial (at most 20 bytes).
+    pub id: String,
+    /// Raw image, absolute, without commas.
+    pub path: PathBuf,
+    pub read_only: bool,
 }
 
 /// The user QEMU drops to once its devices are open.
@@ -149,6 +161,27 @@ pub fn qemu_argv(s: &LaunchSpec<'_>) -> Vec<String> {
         &format!("virtio-net-device,netdev=n0,mac={}", s.mac),
     ]);
     push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+    // Volumes come after every other virtio device, so the root disk stays
+    // /dev/vda; the guest finds each volume by its serial, not its name.
+    for v in s.volumes {
+        let mode = if v.read_only {
+            "readonly=on"
+        } else {
+            "discard=unmap,auto-read-only=off"
+        };
+        push(&[
+            "-drive",
+            &format!(
+                "id={},file={},file.locking=off,format=raw,if=none,{mode}",
+                v.id,
+                p(&v.path)
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-device,drive={0},serial={0}", v.id),
+        ]);
+    }
     push(&["-fw_cfg", &super::config_drive::qemu_arg(&f.config)]);
     push(&["-serial", &format!("file:{}", p(&f.console))]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&f.qmp))]);
@@ -422,6 +455,7 @@ mod tests {
             mac: "02:b4:c0:a8:89:05",
             extra_cmdline: "",
             files: &f,
+            volumes: &[],
         };
         let a = qemu_argv(&spec);
         let joined = a.join(" ");
@@ -455,6 +489,54 @@ mod tests {
         });
         assert!(kvm.join(" ").contains("-accel kvm -cpu host"));
         assert!(kvm.iter().any(|x| x.ends_with("tsc=reliable foo=1")));
+        assert!(!joined.contains("serial="));
+    }
+
+    #[test]
+    fn volumes_follow_every_other_device() {
+        let f = files();
+        let vols = [
+            VolumeDisk {
+                id: "vol-000000000001".into(),
+                path: PathBuf::from("/d/volumes/vol-000000000001.img"),
+                read_only: false,
+            },
+            VolumeDisk {
+                id: "vol-000000000002".into(),
+                path: PathBuf::from("/d/volumes/vol-000000000002.img"),
+                read_only: true,
+            },
+        ];
+        let a = qemu_argv(&LaunchSpec {
+            accel: Accel::Tcg,
+            tsc_khz: None,
+            kernel: Path::new("/k"),
+            initramfs: Path::new("/i"),
+            cpus: 1,
+            memory_mb: 256,
+            tap: "t",
+            mac: "m",
+            extra_cmdline: "",
+            files: &f,
+            volumes: &vols,
+        });
+        let devices: Vec<&str> = a
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i > 0 && a[i - 1] == "-device")
+            .map(|(_, d)| d.as_str())
+            .collect();
+        assert!(devices[0].starts_with("virtio-blk-device,drive=root"));
+        assert_eq!(
+            &devices[3..],
+            [
+                "virtio-blk-device,drive=vol-000000000001,serial=vol-000000000001",
+                "virtio-blk-device,drive=vol-000000000002,serial=vol-000000000002"
+            ]
+        );
+        let joined = a.join(" ");
+        assert!(joined.contains("id=vol-000000000001,file=/d/volumes/vol-000000000001.img,file.locking=off,format=raw,if=none,discard=unmap,auto-read-only=off"));
+        assert!(joined.contains("id=vol-000000000002,file=/d/volumes/vol-000000000002.img,file.locking=off,format=raw,if=none,readonly=on"));
     }
 
     #[test]

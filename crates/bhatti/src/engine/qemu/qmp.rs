@@ -123,6 +123,14 @@ pub mod commands {
         pub overlay: String,
     }
 
+    /// Grows (or shrinks) the image of drive `device` to `size` bytes; the
+    /// guest sees the new capacity at once.
+    #[derive(Debug, Serialize)]
+    pub struct BlockResize {
+        pub device: String,
+        pub size: u64,
+    }
+
     /// An empty `return` (`{}`).
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
     pub struct Empty {}
@@ -229,6 +237,7 @@ pub mod commands {
     command!(AddFd, "add-fd", AddFdInfo, args: true);
     command!(BlockdevAdd, "blockdev-add", Empty, args: true);
     command!(BlockdevSnapshot, "blockdev-snapshot", Empty, args: true);
+    command!(BlockResize, "block_resize", Empty, args: true);
 }
 
 use commands::*;
@@ -542,6 +551,15 @@ impl Qmp {
             overlay: node_name.to_string(),
         };
         self.execute(&snap).await.map(|_| ())
+    }
+
+    /// Resizes drive `device` (a `-drive id=`) to `size` bytes.
+    pub async fn block_resize(&self, device: &str, size: u64) -> Result<(), QmpError> {
+        let cmd = BlockResize {
+            device: device.to_string(),
+            size,
+        };
+        self.execute(&cmd).await.map(|_| ())
     }
 
     /// Caps the migration (snapshot) speed; QEMU 7.2's default of 128 MiB/s

@@ -1,6 +1,8 @@
 //! JSON shapes of the HTTP API, shared by `api`, `service` and `cli` (so they
 //! live below all three). Field names follow the original bhatti v1 API.
 
+pub mod images;
+pub mod volumes;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,12 @@ pub struct CreateSandboxRequest {
     /// private ranges included; link-local, loopback and multicast are
     /// refused (400); at most 64. Absent: the daemon's `egress_allow_cidrs`.
     pub allow_cidrs: Option<Vec<String>>,
+    /// Volumes to attach, in this order; mounted before the init script runs.
+    /// Not with `from` or a snapshot resume.
+    pub volumes: Option<Vec<volumes::VolumeMountRequest>>,
+    /// Name or id of a custom image (the caller's or an operator's) to boot
+    /// instead of the default rootfs. Not with `from` or a snapshot resume.
+    pub image: Option<String>,
 }
 
 /// A sandbox as the API shows it.
