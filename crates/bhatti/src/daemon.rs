@@ -28,6 +28,24 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     require_root()?;
     require_prerequisites(&cfg)?;
 
+    // Everything that can clash with another daemon is claimed before the
+    // store is touched: a second daemon on this data dir (or these ports)
+    // must refuse without marking the first one's sandboxes as gone.
+    let _data_dir_lock = lock_data_dir(&cfg.data_dir)?;
+    let public = tokio::net::TcpListener::bind(cfg.public_listen)
+        .await
+        .with_context(|| format!("listening on {} (public_listen)", cfg.public_listen))?;
+    let listener = match cfg.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    let socket_path = cfg.socket_path();
+    let control = bind_control_socket(&socket_path)?;
+
     let store = Store::open(&cfg.data_dir)?;
     let cipher = Arc::new(SecretCipher::load_or_create(&cfg.data_dir)?);
 
@@ -54,19 +72,6 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     tokio::spawn(service.clone().watch_vms(VM_WATCH_INTERVAL));
     tokio::spawn(service.clone().thermal_manager());
 
-    let public = tokio::net::TcpListener::bind(cfg.public_listen)
-        .await
-        .with_context(|| format!("listening on {} (public_listen)", cfg.public_listen))?;
-    let listener = match cfg.listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr}"))?,
-        ),
-        None => None,
-    };
-    let socket_path = cfg.socket_path();
-    let control = bind_control_socket(&socket_path)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let public_cfg = PublicConfig {
         domain: cfg.domain.clone(),
@@ -126,6 +131,32 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
     let _ = public_task.await;
     tracing::info!("stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
+}
+
+/// Takes `<data_dir>/daemon.lock` exclusively for the daemon's life (the
+/// lock goes with the returned file, also when the process dies).
+///
+/// Errors: another daemon holds it, or the data dir cannot be created.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let path = data_dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another daemon is running on the data dir {}: one data dir, one daemon",
+            data_dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Binds the control socket at `path`, mode 0600 (root only). A socket

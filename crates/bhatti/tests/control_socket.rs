@@ -69,6 +69,35 @@ fn cli_over_the_control_socket() {
         "echo over-the-socket",
     ]));
     assert_eq!(out.trim(), "over-the-socket");
+
+    // A second daemon on the same data dir (other ports, namespace and
+    // subnet) refuses before it touches anything: the first one's sandbox
+    // stays running.
+    let second = d.data_dir.path().join("second.yaml");
+    std::fs::write(
+        &second,
+        format!(
+            "listen: off\npublic_listen: 127.0.0.1:0\ndata_dir: {}\nimages_dir: {}\n\
+             netns: bt-second-{}\nbridge: brbt1\nsubnet: 192.168.151.0/24\negress: false\n",
+            d.data_dir.path().display(),
+            common::images_dir().display(),
+            std::process::id()
+        ),
+    )
+    .expect("second config");
+    let o = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&second)
+        .stdin(Stdio::null())
+        .output()
+        .expect("second daemon");
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a second daemon started: {said}");
+    assert!(said.contains("one data dir, one daemon"), "{said}");
+    let out = ok(run(&["exec", "s1", "--", "echo", "still-mine"]));
+    assert_eq!(out.trim(), "still-mine");
+    let listed = ok(run(&["--json", "list"]));
+    assert!(listed.contains("\"running\""), "{listed}");
     // With no URL configured anywhere, the CLI finds the socket by itself
     // (here named by BHATTI_SOCKET instead of /var/lib/bhatti/api.sock).
     let sock = d.socket().display().to_string();

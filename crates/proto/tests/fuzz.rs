@@ -394,7 +394,15 @@ proptest! {
     /// is refused before anything is read or allocated for it.
     #[test]
     fn frame_decoder_allocates_within_the_limit(
-        len in prop_oneof![any::<u32>(), 0u32..=(MAX_FRAME_LEN as u32 + 8)],
+        // Lengths right at and past the limit are where a weakened check
+        // hides: weight them as much as the rest.
+        len in prop_oneof![
+            any::<u32>(),
+            0u32..=(MAX_FRAME_LEN as u32 + 8),
+            Just(MAX_FRAME_LEN as u32),
+            Just(MAX_FRAME_LEN as u32 + 1),
+            (MAX_FRAME_LEN as u32 + 1)..=(64 * MAX_FRAME_LEN as u32),
+        ],
         kind in any::<u8>(),
         body in bytes(256),
     ) {

@@ -403,6 +403,17 @@ impl DaemonConfig {
         if let Err(m) = self.dns_upstream_addrs() {
             return Err(invalid("dns_upstream", m));
         }
+        // sockaddr_un holds 108 bytes with the terminating NUL (unix(7)).
+        let sock = self.socket_path();
+        if sock.as_os_str().len() > 107 {
+            return Err(invalid(
+                "data_dir",
+                format!(
+                    "too long: the control socket {} must stay under 108 bytes",
+                    sock.display()
+                ),
+            ));
+        }
         if let Some(up) = &self.uplink_netns {
             if up.is_empty() || up.len() > 64 || up.contains(['/', ' ']) || up == &self.netns {
                 return Err(invalid(
@@ -645,6 +656,15 @@ mod tests {
             DaemonConfig::from_yaml(&text, &p()).expect("roundtrip"),
             DaemonConfig::default()
         );
+    }
+
+    #[test]
+    fn a_data_dir_too_long_for_the_control_socket_is_refused() {
+        let at_limit = format!("data_dir: /{}\n", "d".repeat(107 - "/api.sock".len() - 1));
+        DaemonConfig::from_yaml(&at_limit, &p()).expect("socket path of 107 bytes");
+        let past = format!("data_dir: /{}\n", "d".repeat(107 - "/api.sock".len()));
+        let e = DaemonConfig::from_yaml(&past, &p()).expect_err("108 bytes");
+        assert!(e.to_string().contains("data_dir"), "{e}");
     }
 
     #[test]
