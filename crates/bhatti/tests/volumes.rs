@@ -99,6 +99,16 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(err_text(&v).contains("invalid volume name"), "{v}");
     let (s, v) = status_of(
+        api.post(
+            "/volumes",
+            json!({"name": "vol-0123456789ab", "size_mb": 8}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(err_text(&v).contains("must not start with vol-"), "{v}");
+    let (s, v) = status_of(
         api.post("/volumes", json!({"name": "zero", "size_mb": 0}))
             .await,
     )
