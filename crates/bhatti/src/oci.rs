@@ -246,17 +246,24 @@ pub fn apply_layer(layer: &Path, root: &Path) -> Result<(), OciError> {
         {
             continue;
         }
+        let climbs_out = || {
+            OciError::Format(format!(
+                "the archive's entry {path:?} leaves the image's root (..); refused"
+            ))
+        };
+        let rel = safe_relative(&path).ok_or_else(climbs_out)?;
         // A directory replacing a file (or the reverse) replaces it.
-        if let Some(rel) = safe_relative(&path) {
-            let dst = root.join(&rel);
-            if let Ok(m) = std::fs::symlink_metadata(&dst) {
-                let is_dir = entry.header().entry_type().is_dir();
-                if m.is_dir() != is_dir && no_symlink_on_the_way(root, &rel) {
-                    remove_any(&dst).map_err(io(&dst))?;
-                }
+        let dst = root.join(&rel);
+        if let Ok(m) = std::fs::symlink_metadata(&dst) {
+            let is_dir = entry.header().entry_type().is_dir();
+            if m.is_dir() != is_dir && no_symlink_on_the_way(root, &rel) {
+                remove_any(&dst).map_err(io(&dst))?;
             }
         }
-        entry.unpack_in(root).map_err(bad)?;
+        // `false`: the tar crate skipped a path that leaves `root`.
+        if !entry.unpack_in(root).map_err(bad)? {
+            return Err(climbs_out());
+        }
     }
     Ok(())
 }
@@ -397,6 +404,27 @@ pub fn layout_to_tree(dir: &Path, root: &Path) -> Result<Added, OciError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_leaving_the_root_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut h = tar::Header::new_old();
+        // `set_path` refuses `..`; write the name field as a hostile tar would.
+        h.as_old_mut().name[..11].copy_from_slice(b"../escaped\0");
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &b"hi"[..]).expect("append");
+        let tar = dir.path().join("layer.tar");
+        std::fs::write(&tar, b.into_inner().expect("tar")).expect("write");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("root");
+        let e = apply_layer(&tar, &root).expect_err("climbs out");
+        assert!(e.to_string().contains("leaves the image's root"), "{e}");
+        assert!(!dir.path().join("escaped").exists());
+    }
 
     /// A tar of (path, contents) files; a `None` contents is a directory.
     fn layer(entries: &[(&str, Option<&str>)]) -> Vec<u8> {

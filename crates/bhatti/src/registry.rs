@@ -67,16 +67,24 @@ impl Reference {
             ),
             _ => ("registry-1.docker.io".to_string(), name.to_string()),
         };
+        // `host[:port]`: a port is 1-65535.
+        if let Some((host, port)) = registry.rsplit_once(':') {
+            if host.is_empty() || !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                return Err(bad("registry port must be 1-65535"));
+            }
+        }
+        // Each part starts and ends with [a-z0-9], so `.` and `..` are no parts.
+        let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
         let ok_repo = !repository.is_empty()
             && repository.split('/').all(|c| {
-                !c.is_empty()
-                    && c.chars().all(|ch| {
-                        ch.is_ascii_lowercase() || ch.is_ascii_digit() || "._-".contains(ch)
-                    })
+                c.starts_with(alnum)
+                    && c.ends_with(alnum)
+                    && c.chars().all(|ch| alnum(ch) || "._-".contains(ch))
             });
         if !ok_repo {
             return Err(bad(
-                "repository must be lowercase [a-z0-9._-] parts separated by /",
+                "repository must be lowercase [a-z0-9._-] parts separated by /, \
+                 each starting and ending with a letter or digit",
             ));
         }
         let ok_ref = if let Some(hex) = reference.strip_prefix("sha256:") {
@@ -455,7 +463,20 @@ mod tests {
             Reference::parse(&d).expect("digest").reference,
             format!("sha256:{}", "a".repeat(64))
         );
-        for bad in ["", "UPPER/x", "x:", "a b", "x@sha256:12", "localhost:5000/"] {
+        for bad in [
+            "",
+            "UPPER/x",
+            "x:",
+            "a b",
+            "x@sha256:12",
+            "localhost:5000/",
+            "localhost:5000/../x",
+            "localhost:5000/a/../b",
+            "registry.example:99999/x",
+            "registry.example:0/x",
+            "registry.example:http/x",
+            "team/./app",
+        ] {
             assert!(Reference::parse(bad).is_err(), "{bad}");
         }
     }

@@ -614,6 +614,10 @@ impl Service {
         let rec = self.find(user, id).await?;
         // Not in the middle of a stop or start.
         let _lock = self.thermal_lock(&rec.id).lock_owned().await;
+        // What a volume was last sent must reach its disk before the VM goes
+        // (a warm or saved VM was synced when it was frozen).
+        let current = self.reload(&rec.id).await.unwrap_or_else(|_| rec.clone());
+        self.sync_volumes(&current).await;
         let sid = rec.id.clone();
         self.store
             .call(move |s| s.set_sandbox_status(&sid, SandboxStatus::Destroying))

@@ -190,6 +190,16 @@ async fn import_a_docker_save_tarball_and_boot_it() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(err_text(&v).contains("not an image"), "{v}");
 
+    // A name shaped like an image id is refused before any work.
+    let (s, v) = status_of(
+        import("img-0123456789ab", tiny_image::docker_save_tarball())
+            .await
+            .expect("post"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(err_text(&v).contains("must not start with img-"), "{v}");
+
     let (s, v) = status_of(
         import("tiny", tiny_image::docker_save_tarball())
             .await

@@ -99,6 +99,16 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(err_text(&v).contains("invalid volume name"), "{v}");
     let (s, v) = status_of(
+        api.post(
+            "/volumes",
+            json!({"name": "vol-0123456789ab", "size_mb": 8}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(err_text(&v).contains("must not start with vol-"), "{v}");
+    let (s, v) = status_of(
         api.post("/volumes", json!({"name": "zero", "size_mb": 0}))
             .await,
     )
@@ -215,6 +225,9 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     assert!((110..=128).contains(&mb), "{mb} MiB after growing to 128");
     assert_eq!(sh(&api, "a", "cat /data/hello").await, "hello-from-a");
 
+    // Written without a sync just before the destroy: the daemon has the
+    // guest sync its volumes before the VM goes, so nothing is lost.
+    sh(&api, "a", "echo written-late > /data/late").await;
     // Destroy A: the volume stays, detached, and read-only goes to many.
     assert!(api.delete("/sandboxes/a").await.status().is_success());
     let (s, v) = status_of(api.get("/volumes/data").await).await;
@@ -229,6 +242,7 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
         .await;
         assert_eq!(s, StatusCode::CREATED, "{sb}: {v}");
         assert_eq!(sh(&api, sb, "cat /mnt/data/hello").await, "hello-from-a");
+        assert_eq!(sh(&api, sb, "cat /mnt/data/late").await, "written-late");
         let (code, _, err) = api.exec(sb, &["bash", "-c", "echo x > /mnt/data/x"]).await;
         assert_ne!(code, 0, "{sb} wrote to a read-only volume");
         assert!(err.contains("Read-only file system"), "{err}");

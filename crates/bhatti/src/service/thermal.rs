@@ -155,6 +155,7 @@ impl Service {
     ) -> Result<()> {
         self.proxy.forget_sandbox(&rec.id);
         let started = Instant::now();
+        self.sync_volumes(rec).await;
         let (engine, store, sid) = (self.engine.clone(), self.store.clone(), rec.id.clone());
         let rt = runtime(rec);
         let was_warm = rec.status == SandboxStatus::Warm;
@@ -194,6 +195,8 @@ impl Service {
         lock: tokio::sync::OwnedMutexGuard<()>,
         rec: &SandboxRecord,
     ) -> Result<()> {
+        // A paused VM may be destroyed without running again.
+        self.sync_volumes(rec).await;
         let (engine, store, sid) = (self.engine.clone(), self.store.clone(), rec.id.clone());
         let rt = runtime(rec);
         let started = Instant::now();

@@ -17,6 +17,9 @@ use crate::engine::VolumeSpec;
 use crate::model::volumes::{Volume, VolumeAttachmentInfo, VolumeMountRequest};
 use crate::store::{StoreError, User, VolumeAttachment, VolumeRecord, VolumeRequest};
 
+/// How long a guest may take to `sync` its volumes before its VM is ended.
+const VOLUME_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Service {
     /// The lock of one volume: a grow and a sandbox create that attaches it
     /// never overlap.
@@ -253,6 +256,50 @@ impl Service {
             })
             .collect();
         Ok((specs, guards))
+    }
+
+    /// Has the guest of the running sandbox `rec` write its dirty pages to
+    /// its disks (`sync` through the agent) when it has a read-write volume.
+    /// Called before anything ends or freezes the VM (destroy, pause, save):
+    /// a killed QEMU takes the guest's page cache with it, and the volume is
+    /// all that outlives the sandbox. Best effort with a short timeout: a
+    /// hung guest must not block a destroy; the failure is logged.
+    pub(super) async fn sync_volumes(&self, rec: &crate::store::SandboxRecord) {
+        if rec.status != crate::store::SandboxStatus::Running {
+            return;
+        }
+        let sid = rec.id.clone();
+        let writable = match self.store.call(move |s| s.sandbox_volumes(&sid)).await {
+            Ok(v) => v.iter().any(|a| !a.read_only),
+            Err(e) => {
+                tracing::warn!(sandbox = %rec.id, error = %e, "cannot list the sandbox's volumes");
+                true
+            }
+        };
+        if !writable {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let agent = self.agent_of(rec);
+        let synced = tokio::time::timeout(
+            VOLUME_SYNC_TIMEOUT,
+            agent.exec_buffered(bhatti_proto::ExecRequest::command(["sync"])),
+        )
+        .await;
+        match synced {
+            Ok(Ok(o)) if o.exit_code == 0 => {
+                tracing::debug!(sandbox = %rec.id, ms = started.elapsed().as_millis() as u64, "volumes synced");
+            }
+            Ok(Ok(o)) => {
+                tracing::warn!(sandbox = %rec.id, exit = o.exit_code, "sync in the guest failed")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox = %rec.id, error = %e, "cannot sync the guest's volumes")
+            }
+            Err(_) => {
+                tracing::warn!(sandbox = %rec.id, "the guest did not finish syncing its volumes in time")
+            }
+        }
     }
 
     /// Refuses a fork or snapshot of a sandbox that has volumes.

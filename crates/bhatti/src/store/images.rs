@@ -39,15 +39,26 @@ impl ImageRecord {
     }
 }
 
-/// Image names follow the sandbox name rule.
+/// Image names follow the sandbox name rule and do not start with `img-`
+/// (which would make a name look like another image's id).
 pub fn validate_image_name(name: &str) -> Result<(), StoreError> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!(
+    if !is_valid_name(name) {
+        return Err(StoreError::Invalid(format!(
             "invalid image name {name:?}: must match [a-zA-Z0-9][a-zA-Z0-9._-]{{0,62}}"
-        )))
+        )));
     }
+    if has_prefix(name, "img-") {
+        return Err(StoreError::Invalid(format!(
+            "invalid image name {name:?}: must not start with img- (image ids do)"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `name` starts with `prefix`, ignoring ASCII case.
+pub(crate) fn has_prefix(name: &str, prefix: &str) -> bool {
+    name.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<ImageRecord> {
@@ -107,12 +118,13 @@ impl Store {
         })
     }
 
-    /// The image `key` (name or id) the user may use: their own first, then the operator's.
+    /// The image `key` the user may use: the one with that id, else the one
+    /// with that name (their own first, then the operator's).
     pub fn find_image(&self, user_id: i64, key: &str) -> Result<ImageRecord, StoreError> {
         self.conn()
             .query_row(
-                "SELECT * FROM images WHERE (user_id = ?1 OR user_id IS NULL) AND (name = ?2 OR id = ?2)
-                 ORDER BY user_id IS NULL LIMIT 1",
+                "SELECT * FROM images WHERE (user_id = ?1 OR user_id IS NULL) AND (id = ?2 OR name = ?2)
+                 ORDER BY id = ?2 DESC, user_id IS NULL LIMIT 1",
                 params![user_id, key],
                 from_row,
             )
@@ -252,6 +264,29 @@ mod tests {
             Err(StoreError::NotFound(_))
         ));
         assert_eq!(store.list_images(a.id).expect("list").len(), 2);
+        // Id-shaped names are refused; an exact id wins over a (legacy) name.
+        let e = store
+            .insert_image(&ImageRecord::new(
+                Some(a.id),
+                "img-000000000001",
+                "import",
+                1,
+            ))
+            .expect_err("id-shaped name");
+        assert!(e.to_string().contains("must not start with img-"), "{e}");
+        store
+            .conn()
+            .execute(
+                "INSERT INTO images (id, user_id, name, source, size_bytes, created_at)
+                 VALUES ('img-0000000000ff', ?1, ?2, 'import', 0, '2024-01-01T00:00:00Z')",
+                params![a.id, op.id],
+            )
+            .expect("legacy row");
+        assert_eq!(store.find_image(a.id, &op.id).expect("by id").id, op.id);
+        store
+            .conn()
+            .execute("DELETE FROM images WHERE id = 'img-0000000000ff'", [])
+            .expect("cleanup");
         assert!(matches!(
             store.insert_image(&ImageRecord::new(Some(a.id), "py", "import", 1)),
             Err(StoreError::Conflict(_))

@@ -61,15 +61,20 @@ pub fn generate_volume_id() -> String {
     format!("vol-{}", hex::encode(bytes))
 }
 
-/// Volume names follow the sandbox name rule.
+/// Volume names follow the sandbox name rule and do not start with `vol-`
+/// (which would make a name look like another volume's id).
 pub fn validate_volume_name(name: &str) -> Result<(), StoreError> {
-    if is_valid_name(name) {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!(
+    if !is_valid_name(name) {
+        return Err(StoreError::Invalid(format!(
             "invalid volume name {name:?}: must match [a-zA-Z0-9][a-zA-Z0-9._-]{{0,62}}"
-        )))
+        )));
     }
+    if super::images::has_prefix(name, "vol-") {
+        return Err(StoreError::Invalid(format!(
+            "invalid volume name {name:?}: must not start with vol- (volume ids do)"
+        )));
+    }
+    Ok(())
 }
 
 /// Directories a volume may not hide: the system's own (exactly).
@@ -152,7 +157,10 @@ const ATTACHMENT_SELECT: &str = "SELECT a.sandbox_id, s.name AS sandbox_name, a.
 
 fn find_in(tx: &rusqlite::Connection, user_id: i64, key: &str) -> Result<VolumeRecord, StoreError> {
     tx.query_row(
-        "SELECT * FROM volumes WHERE user_id = ?1 AND (name = ?2 OR id = ?2)",
+        // An exact id wins over a name (names cannot look like ids, but
+        // rows from before that rule may).
+        "SELECT * FROM volumes WHERE user_id = ?1 AND (id = ?2 OR name = ?2)
+         ORDER BY id = ?2 DESC LIMIT 1",
         params![user_id, key],
         volume_from_row,
     )
@@ -497,6 +505,29 @@ mod tests {
             store.create_volume(user.id, "bad name", 1),
             Err(StoreError::Invalid(_))
         ));
+        // A name shaped like an id is refused; an id finds its own volume
+        // even where an old row's name is that id.
+        let e = store
+            .create_volume(user.id, "VOL-000000000001", 1)
+            .expect_err("id-shaped name");
+        assert!(e.to_string().contains("must not start with vol-"), "{e}");
+        let data_id = store.find_volume(user.id, "data").expect("data").id;
+        store
+            .conn()
+            .execute(
+                "INSERT INTO volumes (id, user_id, name, size_mb, created_at)
+                 SELECT 'vol-0000000000ff', user_id, ?1, 1, created_at FROM volumes WHERE id = ?1",
+                params![data_id],
+            )
+            .expect("legacy row");
+        assert_eq!(
+            store.find_volume(user.id, &data_id).expect("by id").name,
+            "data"
+        );
+        store
+            .conn()
+            .execute("DELETE FROM volumes WHERE id = 'vol-0000000000ff'", [])
+            .expect("cleanup");
         store.set_storage_quota(user.id, 250).expect("quota");
         let e = store.create_volume(user.id, "big", 51).expect_err("quota");
         assert!(

@@ -88,6 +88,12 @@ pub fn make_clean(path: &Path) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Whether a disk of `current` bytes must be grown to reach `size_mb` MiB
+/// (never to shrink it).
+fn needs_block_resize(current: u64, size_mb: u64) -> bool {
+    current < size_mb.saturating_mul(MIB)
+}
+
 /// Grows the (unused) volume file at `path` and its filesystem to `size_mb` MiB.
 pub fn grow_offline(path: &Path, size_mb: u64) -> Result<(), EngineError> {
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
@@ -169,12 +175,18 @@ impl QemuEngine {
             return blocking(move || grow_offline(&path, size_mb)).await?;
         };
         // QEMU grows the file and tells the guest; the guest grows the
-        // mounted filesystem (ext4 grows online).
-        self.qmp_of(vm)
-            .await?
-            .block_resize(id, size_mb * MIB)
-            .await
-            .map_err(|e| EngineError::Storage(format!("cannot grow the volume's disk: {e}")))?;
+        // mounted filesystem (ext4 grows online). The device never shrinks:
+        // an earlier grow whose guest half failed left the file larger than
+        // the record, and `block_resize` to a smaller size would cut the
+        // filesystem's tail off. Then only the guest half is redone.
+        let current = std::fs::metadata(&path)?.len();
+        if needs_block_resize(current, size_mb) {
+            self.qmp_of(vm)
+                .await?
+                .block_resize(id, size_mb * MIB)
+                .await
+                .map_err(|e| EngineError::Storage(format!("cannot grow the volume's disk: {e}")))?;
+        }
         let script = format!(
             "for d in /sys/block/*; do if [ \"$(cat $d/serial 2>/dev/null)\" = {id} ]; then \
              exec resize2fs /dev/${{d##*/}}; fi; done; echo 'no disk with serial {id}' >&2; exit 1"
@@ -214,6 +226,15 @@ mod tests {
 
     fn have(tool: &str) -> bool {
         Command::new(tool).arg("-V").output().is_ok()
+    }
+
+    #[test]
+    fn a_live_grow_never_shrinks_the_device() {
+        assert!(needs_block_resize(16 * MIB, 32));
+        // A file left at 64 MiB by a grow whose guest half failed: a later
+        // grow to 48 MiB (above the recorded 32) must not resize the device.
+        assert!(!needs_block_resize(64 * MIB, 48));
+        assert!(!needs_block_resize(64 * MIB, 64));
     }
 
     #[test]
