@@ -63,6 +63,10 @@ pub struct CheckpointInfo {
     pub layer_bytes: u64,
     /// How long a running source was paused, ms (`None`: it was stopped).
     pub pause_ms: Option<u64>,
+    /// Whether the guest RAM is a file of its own (copies map it
+    /// copy-on-write) and the state holds device state only.
+    #[serde(default)]
+    pub ram_file: bool,
 }
 
 fn yes() -> bool {

@@ -208,5 +208,6 @@ impl Drop for Daemon {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+        bhatti::engine::qemu::ramfile::release_ramfs(&self.dir.path().join("cow"));
     }
 }

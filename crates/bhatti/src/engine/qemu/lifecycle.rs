@@ -111,13 +111,14 @@ impl QemuEngine {
     }
 
     /// The QEMU command line and the record of a VM for `spec` with this
-    /// machine size (a restored copy takes its source's).
+    /// machine size (a restored copy takes its source's) and guest RAM.
     pub(super) fn vm_meta(
         &self,
         spec: &SandboxSpec,
         cpus: u32,
         memory_mb: u32,
         files: &VmFiles,
+        mem: process::MemBacking<'_>,
     ) -> VmMeta {
         let tap = network::tap_name(&spec.id);
         let mac = network::guest_mac(spec.ip);
@@ -132,6 +133,7 @@ impl QemuEngine {
             mac: &mac,
             extra_cmdline: &self.cfg.extra_cmdline,
             files,
+            mem,
         };
         let argv = process::qemu_argv(&launch);
         VmMeta {
@@ -143,6 +145,7 @@ impl QemuEngine {
             accel: self.accel,
             qemu: self.cfg.qemu_binary.clone(),
             argv,
+            saved_ram_in_file: false,
         }
     }
 
@@ -153,7 +156,11 @@ impl QemuEngine {
         files: &VmFiles,
         pid_slot: &Mutex<Option<u32>>,
     ) -> Result<Arc<Vm>, EngineError> {
-        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files);
+        let mem = process::MemBacking {
+            path: &files.ram,
+            shared: true,
+        };
+        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files, mem);
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let boot_cfg = self.boot_config(spec);
 
@@ -194,7 +201,8 @@ impl QemuEngine {
         .await
         .map_err(|e| match e {
             process::ProcessError::Startup { .. } => EngineError::Boot {
-                reason: e.to_string(),
+                // QEMU's own words may only name the RAM file's ftruncate.
+                reason: format!("{e} (guest memory {} MiB)", spec.memory_mb),
                 console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
             },
             e => EngineError::Other(e.to_string()),

@@ -18,6 +18,7 @@ pub mod network;
 pub mod prereq;
 pub mod process;
 pub mod qmp;
+pub mod ramfile;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet};
@@ -100,6 +101,10 @@ pub struct VmMeta {
     pub qemu: String,
     /// The exact argv (without `-daemonize`); a snapshot restore reuses it.
     pub argv: Vec<String>,
+    /// Whether the VM's saved `vm.state` holds device state only, its RAM
+    /// being in its own RAM file (`false`: the stream carries the RAM).
+    #[serde(default)]
+    pub saved_ram_in_file: bool,
 }
 
 /// A VM the engine knows to be running.
@@ -117,6 +122,12 @@ pub struct QemuEngine {
     cfg: QemuConfig,
     net: NetConfig,
     sandboxes_dir: PathBuf,
+    /// A ramfs holding the RAM files of checkpoints, which copies map
+    /// copy-on-write (`share=off`). Not a disk or tmpfs file: QEMU 7.2 turns
+    /// a guest's free page reports into `fallocate(PUNCH_HOLE)` on the
+    /// backing file even for a private mapping, which would zero pages
+    /// under every other copy; ramfs refuses hole punching.
+    cow_dir: PathBuf,
     accel: Accel,
     tsc_khz: Option<u64>,
     boot_timeout: Duration,
@@ -186,6 +197,9 @@ impl QemuEngine {
             )));
         }
         std::fs::create_dir_all(&sandboxes_dir)?;
+        let cow_dir = data_dir.join("cow");
+        ramfile::ensure_ramfs(&cow_dir)
+            .map_err(|e| EngineError::Other(format!("ramfs at {}: {e}", cow_dir.display())))?;
         let accel = accel::resolve(cfg.accel).map_err(|e| EngineError::Other(e.to_string()))?;
         let tsc_khz = accel::host_tsc_khz();
         if tsc_khz.is_none() {
@@ -210,6 +224,7 @@ impl QemuEngine {
             cfg,
             net,
             sandboxes_dir,
+            cow_dir,
             accel,
             tsc_khz,
             boot_timeout,

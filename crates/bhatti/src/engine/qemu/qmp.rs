@@ -58,6 +58,17 @@ pub mod commands {
         #[serde(rename = "max-bandwidth")]
         pub max_bandwidth: u64,
     }
+    /// Sets migration capabilities; only the ones we use.
+    #[derive(Debug, Serialize)]
+    pub struct MigrateSetCapabilities {
+        pub capabilities: Vec<CapabilityState>,
+    }
+    /// One capability and whether it is on.
+    #[derive(Debug, Serialize)]
+    pub struct CapabilityState {
+        pub capability: String,
+        pub state: bool,
+    }
     /// Starts an outgoing migration to `uri`.
     #[derive(Debug, Serialize)]
     pub struct Migrate {
@@ -221,6 +232,7 @@ pub mod commands {
     command!(Cont, "cont", Empty, args: false);
     command!(GetFd, "getfd", Empty, args: true);
     command!(MigrateSetParameters, "migrate-set-parameters", Empty, args: true);
+    command!(MigrateSetCapabilities, "migrate-set-capabilities", Empty, args: true);
     command!(Migrate, "migrate", Empty, args: true);
     command!(MigrateIncoming, "migrate-incoming", Empty, args: true);
     command!(MigrateCancel, "migrate_cancel", Empty, args: false);
@@ -553,6 +565,19 @@ impl Qmp {
         self.execute(&cmd).await.map(|_| ())
     }
 
+    /// Whether migrations skip RAM that lives in a shared file
+    /// (`x-ignore-shared`): the stream then carries device state only. Both
+    /// ends of one stream must agree (the RAM section's layout depends on it).
+    pub async fn set_ignore_shared(&self, on: bool) -> Result<(), QmpError> {
+        let cmd = MigrateSetCapabilities {
+            capabilities: vec![CapabilityState {
+                capability: "x-ignore-shared".into(),
+                state: on,
+            }],
+        };
+        self.execute(&cmd).await.map(|_| ())
+    }
+
     /// Starts sending the VM's state to `uri` (e.g. `fd:<name>`); poll
     /// [`query_migrate`](Self::query_migrate) for the end.
     pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
@@ -694,6 +719,15 @@ mod tests {
             r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:s"}}"#
         );
         assert_eq!(wire(&MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
+        assert_eq!(
+            wire(&MigrateSetCapabilities {
+                capabilities: vec![CapabilityState {
+                    capability: "x-ignore-shared".into(),
+                    state: true
+                }]
+            }),
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"x-ignore-shared","state":true}]}}"#
+        );
         assert_eq!(wire(&AddFd {}), r#"{"execute":"add-fd","arguments":{}}"#);
         assert_eq!(
             wire(&BlockdevSnapshot {
