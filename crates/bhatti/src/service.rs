@@ -586,6 +586,8 @@ impl Service {
             keep.push(rec.id);
         }
         self.engine.sweep(&keep).await?;
+        // Layers only a swept fork held go too.
+        self.collect_layers().await;
         Ok(())
     }
 

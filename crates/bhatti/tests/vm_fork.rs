@@ -13,6 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use bhatti::engine::agent_client::AgentClient;
+use bhatti::engine::qemu::network;
 use bhatti::engine::{Engine, VmRuntime};
 
 async fn sh_ok(agent: &AgentClient, script: &str) -> String {
@@ -181,4 +182,37 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     for cp in ["cp1", "cp2", "cp3"] {
         e.delete_checkpoint(cp).await.expect("delete checkpoint");
     }
+}
+
+/// A crash mid-fork leaves a checkpoint, its RAM file and a quarantine
+/// namespace; the sweep at daemon start removes them and keeps a named
+/// snapshot's checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_removes_what_a_crashed_fork_left() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("w", "192.168.142.0/24", images, |_| {}).await;
+    let data = &t.cfg.data_dir;
+    let cow = data.join("cow");
+    assert!(
+        bhatti::engine::qemu::ramfile::is_ramfs(&cow),
+        "checkpoint RAM lives on a ramfs"
+    );
+    for cp in ["fork-0123456789abcdef", "s0123456789abcdef"] {
+        std::fs::create_dir_all(data.join("checkpoints").join(cp)).expect("dir");
+        std::fs::write(data.join("checkpoints").join(cp).join("vm.state"), b"x").expect("state");
+        std::fs::write(cow.join(format!("{cp}.ram")), b"ram").expect("ram");
+    }
+    std::fs::write(cow.join("gone.ram"), b"ram").expect("orphan ram");
+    let qns = network::quarantine_netns(t.engine.net_config(), "crashed-copy");
+    network::ensure_netns(&qns).expect("quarantine");
+
+    t.engine.sweep(&[]).await.expect("sweep");
+    assert!(!data.join("checkpoints/fork-0123456789abcdef").exists());
+    assert!(!cow.join("fork-0123456789abcdef.ram").exists());
+    assert!(!cow.join("gone.ram").exists());
+    assert!(!network::netns_path(&qns).exists(), "quarantine {qns} left");
+    // A snapshot's checkpoint is the service's to delete.
+    assert!(data.join("checkpoints/s0123456789abcdef/vm.state").exists());
+    assert!(cow.join("s0123456789abcdef.ram").exists());
 }

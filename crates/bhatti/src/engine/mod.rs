@@ -69,6 +69,10 @@ pub struct CheckpointInfo {
     pub ram_file: bool,
 }
 
+/// Ids of checkpoints made for one fork start with this: they live only
+/// until the copy runs, so [`Engine::sweep`] removes any it finds.
+pub const FORK_CHECKPOINT_PREFIX: &str = "fork-";
+
 fn yes() -> bool {
     true
 }
@@ -143,7 +147,8 @@ pub trait Engine: Send + Sync {
     /// Whether the VM is still there (running or stopped); cheap (no guest
     /// round trip), for periodic checks of running sandboxes.
     fn state(&self, id: &str) -> VmState;
-    /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`.
+    /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`,
+    /// and those of forks cut short (checkpoints, quarantine namespaces).
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;
     /// A client of the VM's agent.
     fn agent(&self, id: &str, rt: &VmRuntime) -> AgentClient;

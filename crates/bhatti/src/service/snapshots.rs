@@ -124,7 +124,7 @@ impl Service {
 
     /// `create --from`: a one-time checkpoint of the caller's sandbox `from`.
     pub(super) async fn fork_source(&self, user: &User, from: &str) -> Result<RestoreSource> {
-        let cp = random_id("fork-");
+        let cp = random_id(crate::engine::FORK_CHECKPOINT_PREFIX);
         let (rec, info) = self
             .checkpoint_sandbox(user, from, &cp)
             .await

@@ -670,6 +670,35 @@ impl QemuEngine {
             .map_err(|e| EngineError::Other(e.to_string()))
     }
 
+    /// Removes what a crash mid-fork leaves: fork checkpoints (a fork's
+    /// checkpoint lives only until its copy runs, and no fork is under way
+    /// while the daemon starts), and checkpoint RAM files without their
+    /// checkpoint. Named snapshots' checkpoints stay.
+    pub(super) fn sweep_checkpoints(&self) {
+        let dir = self.checkpoints_dir();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) && check_id(&name).is_ok() {
+                tracing::info!(checkpoint = %name, "sweep: removing a fork's leftover checkpoint");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        for e in std::fs::read_dir(&self.cow_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(cp) = name.strip_suffix(".ram") else {
+                continue;
+            };
+            if !dir.join(cp).is_dir() {
+                tracing::info!(checkpoint = %cp, "sweep: removing a leftover checkpoint RAM file");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// Removes quarantine namespaces no restore uses (after a crash).
     pub(super) fn sweep_quarantines(&self) {
         let busy: Vec<String> = self

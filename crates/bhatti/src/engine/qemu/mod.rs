@@ -636,6 +636,7 @@ impl Engine for QemuEngine {
             self.remove_leftovers(&name, &files, None, None).await?;
         }
         self.sweep_quarantines();
+        self.sweep_checkpoints();
         let keep_taps: HashSet<String> = keep.iter().map(|id| network::tap_name(id)).collect();
         let net = self.net.clone();
         blocking(move || -> Result<(), NetworkError> {
