@@ -81,6 +81,10 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
         .await
         .expect("checkpoint");
     let pause = cp.pause_ms.expect("a running VM is paused");
+    assert!(
+        cp.ram_file,
+        "RAM in a file: device state only in the stream"
+    );
     eprintln!(
         "checkpoint of a running VM: pause {pause} ms, total {:?}",
         t0.elapsed()
@@ -155,6 +159,11 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
         .await
         .expect("checkpoint of stopped a");
     assert!(cp3.pause_ms.is_none());
+    assert!(cp3.ram_file, "a stopped VM's RAM file is its saved memory");
+    // A host restart empties the ramfs: the copy on disk serves.
+    let cow_ram = t.cfg.data_dir.join("cow/cp3.ram");
+    assert!(t.cfg.data_dir.join("checkpoints/cp3/mem.ram").is_file());
+    std::fs::remove_file(&cow_ram).expect("drop the ramfs copy");
     let c = spec("fk-c", ip(12));
     let rt_c = e
         .restore_checkpoint("cp3", &rt_a.token, &c)

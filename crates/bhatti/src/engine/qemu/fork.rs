@@ -34,6 +34,8 @@ use crate::engine::{CheckpointInfo, EngineError, SandboxSpec, VmRuntime};
 
 /// The `-drive id=` of the root disk (see `process::qemu_argv`).
 const ROOT_DRIVE: &str = "root";
+/// A kept checkpoint's RAM on disk (in its dir), for after a host restart.
+const DURABLE_RAM: &str = "mem.ram";
 /// How long a restored copy's agent may take to accept its identity.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -177,6 +179,18 @@ impl QemuEngine {
             pause_ms: pause.map(|p| p.as_millis() as u64),
             ram_file,
         };
+        if ram_file && !checkpoint.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) {
+            // The ramfs does not outlive the host: a kept checkpoint (a
+            // named snapshot) gets a copy on disk too, made after the pause.
+            let (from, to) = (cp_ram.clone(), cp_dir.join(DURABLE_RAM));
+            if let Err(e) = blocking(move || ramfile::copy_sparse(&from, &to)).await? {
+                let _ = std::fs::remove_dir_all(&cp_dir);
+                let _ = std::fs::remove_file(&cp_ram);
+                return Err(EngineError::Other(format!(
+                    "cannot keep the checkpoint's RAM on disk: {e}"
+                )));
+            }
+        }
         let json =
             serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Other(e.to_string()))?;
         std::fs::write(cp_dir.join("checkpoint.json"), json)?;
@@ -471,6 +485,16 @@ impl QemuEngine {
         // every other copy of it. Else the stream carries the RAM, and the
         // copy gets a RAM file of its own.
         let cp_ram = self.checkpoint_ram(&cp.id);
+        let durable = cp_dir.join(DURABLE_RAM);
+        if cp.ram_file && !cp_ram.exists() && durable.exists() {
+            // After a host restart: back onto the ramfs from the disk copy.
+            let (from, to) = (durable.clone(), cp_ram.clone());
+            blocking(move || ramfile::copy_sparse(&from, &to))
+                .await?
+                .map_err(|e| {
+                    EngineError::Other(format!("cannot load the checkpoint's RAM: {e}"))
+                })?;
+        }
         let mem = if cp.ram_file {
             process::MemBacking {
                 path: &cp_ram,
