@@ -225,3 +225,53 @@ async fn sweep_removes_what_a_crashed_fork_left() {
     assert!(data.join("checkpoints/s0123456789abcdef/vm.state").exists());
     assert!(cow.join("s0123456789abcdef.ram").exists());
 }
+
+/// A sandbox that writes between forks, forked 10 times in a row: its own
+/// disk chain is flattened onto the base once it passes the bound, its
+/// copies' chains stay short, and every file is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_stay_short_over_many_forks() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("c", "192.168.143.0/24", images, |_| {}).await;
+    let e = &t.engine;
+    let ip = |n| Ipv4Addr::new(192, 168, 143, n);
+    let a = spec("ch-a", ip(10));
+    let rt_a = e.create(&a).await.expect("create a");
+    let ag_a = e.agent("ch-a", &rt_a);
+    let mut depths = Vec::new();
+    let mut flattened = 0;
+    for n in 0..10 {
+        sh_ok(&ag_a, &format!("echo {n} > /workspace/f{n}; sync")).await;
+        let cp = e
+            .checkpoint("ch-a", &rt_a, &format!("fork-{n}"), &format!("l{n}"))
+            .await
+            .expect("checkpoint");
+        assert!(cp.new_layer, "round {n} wrote, so it froze a layer");
+        flattened += usize::from(cp.source_flattened);
+        depths.push(e.disk_chain_depth("ch-a").expect("depth"));
+    }
+    eprintln!("source chain depth after each fork: {depths:?}, flattened {flattened}×");
+    assert!(depths.iter().all(|d| *d <= 4), "{depths:?}");
+    assert!(flattened >= 2, "{depths:?}");
+    // The last fork's copy: a short chain, every file.
+    let b = spec("ch-b", ip(11));
+    let rt_b = e
+        .restore_checkpoint("fork-9", &rt_a.token, &b)
+        .await
+        .expect("restore");
+    let ag_b = e.agent("ch-b", &rt_b);
+    let depth_b = e.disk_chain_depth("ch-b").expect("depth b");
+    assert!(depth_b <= 5, "copy's chain {depth_b}");
+    let all = "cat /workspace/f0 /workspace/f1 /workspace/f5 /workspace/f9 | tr '\\n' ' '";
+    assert_eq!(sh_ok(&ag_b, all).await, "0 1 5 9");
+    assert_eq!(sh_ok(&ag_a, all).await, "0 1 5 9");
+    for n in 0..10 {
+        e.delete_checkpoint(&format!("fork-{n}"))
+            .await
+            .expect("delete");
+    }
+    for id in ["ch-a", "ch-b"] {
+        e.destroy(id).await.expect("destroy");
+    }
+}

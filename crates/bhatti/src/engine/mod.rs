@@ -67,6 +67,11 @@ pub struct CheckpointInfo {
     /// copy-on-write) and the state holds device state only.
     #[serde(default)]
     pub ram_file: bool,
+    /// Whether the source's own disk was flattened onto the base image
+    /// after the checkpoint (its chain had grown too deep): it backs onto
+    /// no layer any more.
+    #[serde(default)]
+    pub source_flattened: bool,
 }
 
 /// Ids of checkpoints made for one fork start with this: they live only

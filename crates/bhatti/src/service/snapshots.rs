@@ -119,6 +119,13 @@ impl Service {
             let _ = self.engine.delete_checkpoint(checkpoint).await;
             return Err(e.into());
         }
+        if info.source_flattened {
+            // Its layers stay for the checkpoint and other copies; collected once unused.
+            let sid = rec.id.clone();
+            if let Err(e) = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await {
+                tracing::warn!(sandbox = %rec.id, error = %e, "cannot record a flattened disk");
+            }
+        }
         Ok((rec, info))
     }
 

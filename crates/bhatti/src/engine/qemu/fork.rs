@@ -34,6 +34,11 @@ use crate::engine::{CheckpointInfo, EngineError, SandboxSpec, VmRuntime};
 
 /// The `-drive id=` of the root disk (see `process::qemu_argv`).
 const ROOT_DRIVE: &str = "root";
+/// Longest disk chain (overlay, layers, base) a running VM keeps after a
+/// checkpoint; a deeper one is flattened onto the base.
+const MAX_CHAIN: usize = 4;
+/// How long flattening a chain may take.
+const FLATTEN_TIMEOUT: Duration = Duration::from_secs(120);
 /// A kept checkpoint's RAM on disk (in its dir), for after a host restart.
 const DURABLE_RAM: &str = "mem.ram";
 /// How long a restored copy's agent may take to accept its identity.
@@ -159,6 +164,13 @@ impl QemuEngine {
         };
         let cp_ram = self.checkpoint_ram(checkpoint);
         let ram_file = cp_ram.exists();
+        // A source that writes between checkpoints gets one layer more each
+        // time: past the bound, its own disk is flattened onto the base.
+        let source_flattened = if pause.is_some() && reused.is_none() {
+            self.flatten_if_deep(id, &files).await
+        } else {
+            false
+        };
         let new_layer = reused.is_none();
         let layer = reused.unwrap_or_else(|| layer.to_string());
         let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0) + ram_bytes;
@@ -178,6 +190,7 @@ impl QemuEngine {
             layer_bytes,
             pause_ms: pause.map(|p| p.as_millis() as u64),
             ram_file,
+            source_flattened,
         };
         if ram_file && !checkpoint.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) {
             // The ramfs does not outlive the host: a kept checkpoint (a
@@ -325,6 +338,81 @@ impl QemuEngine {
         std::fs::rename(&next, &files.overlay)?;
         save_state(qmp, vm.pid, file, id).await?;
         Ok((size, None))
+    }
+
+    /// Streams a running VM's layers into its own overlay when its chain is
+    /// deeper than [`MAX_CHAIN`], so the overlay backs onto the base image
+    /// directly; returns whether it did. Failures only log: the chain stays
+    /// valid, just deep.
+    async fn flatten_if_deep(&self, id: &str, files: &VmFiles) -> bool {
+        let overlay = files.overlay.clone();
+        let chain = match blocking(move || disks::backing_chain(&overlay)).await {
+            Ok(Ok(c)) => c,
+            _ => return false,
+        };
+        if chain.len() <= MAX_CHAIN {
+            return false;
+        }
+        let Some(base) = chain.last().cloned() else {
+            return false;
+        };
+        let started = Instant::now();
+        let result = async {
+            let qmp = self.qmp_of(id).await?;
+            let job = format!("flatten-{}", random_hex(4));
+            qmp.block_stream(&job, ROOT_DRIVE, &base)
+                .await
+                .map_err(|e| EngineError::Other(e.to_string()))?;
+            let deadline = Instant::now() + FLATTEN_TIMEOUT;
+            loop {
+                let jobs = qmp
+                    .block_jobs()
+                    .await
+                    .map_err(|e| EngineError::Other(e.to_string()))?;
+                match jobs.iter().find(|j| j.device == job) {
+                    None => break,
+                    Some(j) if j.error.is_some() => {
+                        return Err(EngineError::Other(format!(
+                            "block-stream failed: {}",
+                            j.error.clone().unwrap_or_default()
+                        )))
+                    }
+                    Some(_) if Instant::now() > deadline => {
+                        return Err(EngineError::Other("block-stream takes too long".into()))
+                    }
+                    Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            // The job is gone: done, or failed (then the chain is unchanged).
+            let overlay = files.overlay.clone();
+            let backing = blocking(move || disks::info(&overlay))
+                .await?
+                .map_err(|e| EngineError::Other(e.to_string()))?
+                .backing_filename;
+            if backing.as_deref() == Some(base.as_str()) {
+                Ok(())
+            } else {
+                Err(EngineError::Other(format!(
+                    "after block-stream the disk backs onto {backing:?}, not {base}"
+                )))
+            }
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    id,
+                    depth = chain.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "disk chain flattened onto the base"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(id, depth = chain.len(), error = %e, "cannot flatten the disk chain");
+                false
+            }
+        }
     }
 
     /// The layer `files`' overlay backs onto, if the overlay holds nothing

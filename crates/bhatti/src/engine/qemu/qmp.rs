@@ -58,6 +58,28 @@ pub mod commands {
         #[serde(rename = "max-bandwidth")]
         pub max_bandwidth: u64,
     }
+    /// Copies the data of a drive's backing layers above `base` into its
+    /// top image, which then backs onto `base` directly (a background job).
+    #[derive(Debug, Serialize)]
+    pub struct BlockStream {
+        #[serde(rename = "job-id")]
+        pub job_id: String,
+        pub device: String,
+        /// File name of the backing image to keep, as the chain records it.
+        pub base: String,
+    }
+    /// The block jobs running.
+    #[derive(Debug, Serialize)]
+    pub struct QueryBlockJobs;
+    /// One block job (fields we read).
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct BlockJobInfo {
+        pub device: String,
+        #[serde(default)]
+        pub status: Option<String>,
+        #[serde(default)]
+        pub error: Option<String>,
+    }
     /// Sets migration capabilities; only the ones we use.
     #[derive(Debug, Serialize)]
     pub struct MigrateSetCapabilities {
@@ -233,6 +255,8 @@ pub mod commands {
     command!(GetFd, "getfd", Empty, args: true);
     command!(MigrateSetParameters, "migrate-set-parameters", Empty, args: true);
     command!(MigrateSetCapabilities, "migrate-set-capabilities", Empty, args: true);
+    command!(BlockStream, "block-stream", Empty, args: true);
+    command!(QueryBlockJobs, "query-block-jobs", Vec<BlockJobInfo>, args: false);
     command!(Migrate, "migrate", Empty, args: true);
     command!(MigrateIncoming, "migrate-incoming", Empty, args: true);
     command!(MigrateCancel, "migrate_cancel", Empty, args: false);
@@ -563,6 +587,27 @@ impl Qmp {
             max_bandwidth: bytes_per_sec,
         };
         self.execute(&cmd).await.map(|_| ())
+    }
+
+    /// Starts streaming drive `device`'s layers above `base` into its top
+    /// image (job `job_id`); poll [`block_jobs`](Self::block_jobs) for the end.
+    pub async fn block_stream(
+        &self,
+        job_id: &str,
+        device: &str,
+        base: &str,
+    ) -> Result<(), QmpError> {
+        let cmd = BlockStream {
+            job_id: job_id.to_string(),
+            device: device.to_string(),
+            base: base.to_string(),
+        };
+        self.execute(&cmd).await.map(|_| ())
+    }
+
+    /// The block jobs still running (a finished job disappears).
+    pub async fn block_jobs(&self) -> Result<Vec<BlockJobInfo>, QmpError> {
+        self.execute(&QueryBlockJobs).await
     }
 
     /// Whether migrations skip RAM that lives in a shared file
