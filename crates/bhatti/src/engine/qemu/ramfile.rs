@@ -12,7 +12,8 @@ use std::path::Path;
 /// Copies `src` to the new file `dst` (mode 0600), the same length, holes
 /// kept: a reflink where the filesystem has them (one metadata operation),
 /// else every data range by `copy_file_range` (in the kernel, no trip
-/// through user space). Returns the bytes of data copied (the whole length
+/// through user space), or across filesystems through a buffer that skips
+/// zero pages (a ramfs has no holes to report). Returns the bytes of data copied (the whole length
 /// for a reflink).
 ///
 /// Errors: any I/O error; `dst` is removed then.
@@ -70,7 +71,9 @@ fn copy_open(from: &File, to: &File) -> io::Result<u64> {
                     e.raw_os_error(),
                     Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
                 ) {
-                    copied += copy_by_sendfile(from, to, off_in, hole)?;
+                    // By hand rather than `sendfile`: a ramfs reports no
+                    // holes, and zero pages must not become data.
+                    copied += copy_by_hand(from, to, off_in, hole)?;
                     break;
                 }
                 return Err(e);
@@ -83,36 +86,6 @@ fn copy_open(from: &File, to: &File) -> io::Result<u64> {
         pos = hole;
     }
     Ok(copied)
-}
-
-/// Copies `[start, end)` to the same offsets with `sendfile` (in the
-/// kernel, any two filesystems). Returns the bytes copied.
-fn copy_by_sendfile(from: &File, to: &File, start: i64, end: i64) -> io::Result<u64> {
-    let off = u64::try_from(start).map_err(|_| io::Error::other("negative offset"))?;
-    // sendfile writes at the output's file position.
-    // SAFETY: plain lseek on an open descriptor.
-    if unsafe { libc::lseek(to.as_raw_fd(), start, libc::SEEK_SET) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut pos: libc::off_t = start;
-    while pos < end {
-        let want = usize::try_from(end - pos)
-            .unwrap_or(usize::MAX)
-            .min(1 << 30);
-        // SAFETY: both descriptors are open; `pos` is a valid offset the kernel advances.
-        let n = unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut pos, want) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-                return copy_by_hand(from, to, pos, end).map(|n| n + (pos as u64 - off));
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            break;
-        }
-    }
-    Ok(pos as u64 - off)
 }
 
 /// Copies `[start, end)` through a buffer; all-zero blocks stay holes.
@@ -129,7 +102,7 @@ fn copy_by_hand(from: &File, to: &File, start: i64, end: i64) -> io::Result<u64>
             break;
         }
         for (i, c) in buf[..n].chunks(4096).enumerate() {
-            if c.iter().any(|b| *b != 0) {
+            if !c.iter().all(|b| *b == 0) {
                 to.write_all_at(c, pos + (i * 4096) as u64)?;
                 copied += c.len() as u64;
             }
@@ -197,25 +170,6 @@ pub fn allocated(path: &Path) -> u64 {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
-
-    #[test]
-    fn sendfile_copies_a_range_in_place() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&a, &data).expect("write");
-        let to = File::create(&b).expect("create");
-        to.set_len(data.len() as u64).expect("len");
-        let from = File::open(&a).expect("open");
-        assert_eq!(
-            copy_by_sendfile(&from, &to, 4096, 2 << 20).expect("copy"),
-            (2 << 20) - 4096
-        );
-        let got = std::fs::read(&b).expect("read");
-        assert_eq!(&got[4096..2 << 20], &data[4096..2 << 20]);
-        assert!(got[..4096].iter().all(|b| *b == 0));
-        assert!(got[2 << 20..].iter().all(|b| *b == 0));
-    }
 
     #[test]
     fn copy_by_hand_keeps_zero_blocks_holes() {
