@@ -152,7 +152,7 @@ impl QemuEngine {
             }
             None => Err(EngineError::NotFound(id.to_string())),
         };
-        let ((disk_size, pause, reused), ram_bytes) = match result {
+        let ((disk_size, pause, reused), ram_copy) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&cp_dir);
@@ -173,7 +173,7 @@ impl QemuEngine {
         };
         let new_layer = reused.is_none();
         let layer = reused.unwrap_or_else(|| layer.to_string());
-        let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0) + ram_bytes;
+        let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0) + ram_copy.bytes;
         let layer_bytes = std::fs::metadata(self.layer_path(&layer))
             .map(|m| m.len())
             .unwrap_or(0);
@@ -196,7 +196,9 @@ impl QemuEngine {
             // The ramfs does not outlive the host: a kept checkpoint (a
             // named snapshot) gets a copy on disk too, made after the pause.
             let (from, to) = (cp_ram.clone(), cp_dir.join(DURABLE_RAM));
-            if let Err(e) = blocking(move || ramfile::copy_sparse(&from, &to)).await? {
+            // Only the source's data ranges: the ramfs itself knows no holes.
+            let extents = ram_copy.extents.clone();
+            if let Err(e) = blocking(move || ramfile::copy_extents(&from, &to, &extents)).await? {
                 let _ = std::fs::remove_dir_all(&cp_dir);
                 let _ = std::fs::remove_file(&cp_ram);
                 return Err(EngineError::Other(format!(
@@ -222,7 +224,7 @@ impl QemuEngine {
         state: &Path,
         layer_path: &Path,
         ram: Option<(PathBuf, PathBuf)>,
-    ) -> Result<((u64, Option<Duration>, Option<String>), u64), EngineError> {
+    ) -> Result<((u64, Option<Duration>, Option<String>), ramfile::Copied), EngineError> {
         let qmp = self.qmp_of(id).await?;
         let err = |e: super::qmp::QmpError| EngineError::Other(format!("checkpoint of {id}: {e}"));
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
@@ -256,15 +258,15 @@ impl QemuEngine {
                 Ok(Err(e)) => Err(EngineError::Other(format!("copying the RAM of {id}: {e}"))),
                 Err(e) => Err(EngineError::Other(format!("RAM copy task failed: {e}"))),
             },
-            None => Ok(0),
+            None => Ok(ramfile::Copied::default()),
         };
         let resumed = qmp.cont().await;
         let pause = paused_at.elapsed();
         let (size, reused) = frozen?;
-        let ram_bytes = copied?;
+        let ram_copy = copied?;
         resumed.map_err(err)?;
         blocking(move || file.sync_all()).await??;
-        Ok(((size, Some(pause), reused), ram_bytes))
+        Ok(((size, Some(pause), reused), ram_copy))
     }
 
     /// The steps of a checkpoint while the VM is paused, but the RAM copy:
@@ -442,11 +444,11 @@ impl QemuEngine {
         state: &Path,
         layer_path: &Path,
         ram: Option<(PathBuf, PathBuf)>,
-    ) -> Result<((u64, Option<Duration>, Option<String>), u64), EngineError> {
-        let ram_bytes = match ram {
+    ) -> Result<((u64, Option<Duration>, Option<String>), ramfile::Copied), EngineError> {
+        let ram_copy = match ram {
             // Not a link: the VM's own file changes once it starts again.
             Some((from, to)) => blocking(move || ramfile::copy_sparse(&from, &to)).await??,
-            None => 0,
+            None => ramfile::Copied::default(),
         };
         if let Some(current) = self.reusable_layer(files).await {
             let (f, st) = (files.clone(), state.to_path_buf());
@@ -457,7 +459,7 @@ impl QemuEngine {
                     .map_err(|e| EngineError::Other(e.to_string()))
             })
             .await??;
-            return Ok(((size, None, Some(current)), ram_bytes));
+            return Ok(((size, None, Some(current)), ram_copy));
         }
         let (f, st, lp) = (files.clone(), state.to_path_buf(), layer_path.to_path_buf());
         let size = blocking(move || -> Result<u64, EngineError> {
@@ -473,7 +475,7 @@ impl QemuEngine {
             })
         })
         .await??;
-        Ok(((size, None, None), ram_bytes))
+        Ok(((size, None, None), ram_copy))
     }
 
     /// See [`crate::engine::Engine::delete_checkpoint`].

@@ -9,52 +9,98 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+/// What a copy wrote: bytes of data, and the source's data ranges
+/// (offset, length), which a second copy of the copy can follow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub bytes: u64,
+    pub extents: Vec<(u64, u64)>,
+}
+
 /// Copies `src` to the new file `dst` (mode 0600), the same length, holes
 /// kept: a reflink where the filesystem has them (one metadata operation),
-/// else every data range by `copy_file_range` (in the kernel, no trip
-/// through user space), or across filesystems through a buffer that skips
-/// zero pages (a ramfs has no holes to report). Returns the bytes of data copied (the whole length
-/// for a reflink).
+/// else every data range by `copy_file_range` (in the kernel), or across
+/// filesystems by `sendfile`, or, from a file that reports no holes at all
+/// (a ramfs), through a buffer that skips zero pages.
 ///
 /// Errors: any I/O error; `dst` is removed then.
-pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
+pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<Copied> {
+    with_new(src, dst, |from, to| copy_open(from, to, None))
+}
+
+/// Like [`copy_sparse`], but only the ranges `extents` of `src` (e.g. the
+/// data ranges of the file `src` was copied from), zero pages skipped.
+pub fn copy_extents(src: &Path, dst: &Path, extents: &[(u64, u64)]) -> io::Result<Copied> {
+    with_new(src, dst, |from, to| copy_open(from, to, Some(extents)))
+}
+
+fn with_new(
+    src: &Path,
+    dst: &Path,
+    f: impl FnOnce(&File, &File) -> io::Result<Copied>,
+) -> io::Result<Copied> {
     let from = File::open(src)?;
     let to = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)?;
-    let r = copy_open(&from, &to);
+    let r = f(&from, &to);
     if r.is_err() {
         let _ = std::fs::remove_file(dst);
     }
     r
 }
 
-fn copy_open(from: &File, to: &File) -> io::Result<u64> {
-    let len = from.metadata()?.len();
-    // SAFETY: FICLONE takes the source descriptor as its argument; both
-    // descriptors are open for the duration of the call.
-    let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
-    if cloned == 0 {
-        return Ok(len);
-    }
-    to.set_len(len)?;
-    let mut copied = 0u64;
-    let mut pos: i64 = 0;
+/// The data ranges of `f` (`SEEK_DATA`/`SEEK_HOLE`), up to `len`.
+fn data_ranges(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let end = i64::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
     while pos < end {
-        let Some(data) = seek(from, pos, libc::SEEK_DATA)? else {
+        let Some(data) = seek(f, pos, libc::SEEK_DATA)? else {
             break;
         };
-        let hole = seek(from, data, libc::SEEK_HOLE)?.unwrap_or(end);
-        let mut off_in = data;
-        let mut off_out = data;
-        while off_in < hole {
-            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX);
+        let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((data as u64, (hole - data) as u64));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+fn copy_open(from: &File, to: &File, given: Option<&[(u64, u64)]>) -> io::Result<Copied> {
+    let len = from.metadata()?.len();
+    if given.is_none() {
+        // SAFETY: FICLONE takes the source descriptor as its argument; both
+        // descriptors are open for the duration of the call.
+        let cloned = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
+        if cloned == 0 {
+            return Ok(Copied {
+                bytes: len,
+                extents: vec![(0, len)],
+            });
+        }
+    }
+    to.set_len(len)?;
+    let extents = match given {
+        Some(e) => e.to_vec(),
+        None => data_ranges(from, len)?,
+    };
+    // No holes reported at all: the filesystem does not know them (ramfs).
+    let holeless = given.is_some() || (len > 0 && extents == [(0, len)]);
+    let mut copied = 0u64;
+    for &(start, n) in &extents {
+        let (start, end) = (start as i64, (start + n).min(len) as i64);
+        if holeless {
+            copied += copy_by_hand(from, to, start, end)?;
+            continue;
+        }
+        let (mut off_in, mut off_out) = (start, start);
+        while off_in < end {
+            let want = usize::try_from(end - off_in).unwrap_or(usize::MAX);
             // SAFETY: both descriptors are open; the offsets are valid
             // pointers to i64s that the kernel advances.
-            let n = unsafe {
+            let r = unsafe {
                 libc::copy_file_range(
                     from.as_raw_fd(),
                     &mut off_in,
@@ -64,28 +110,58 @@ fn copy_open(from: &File, to: &File) -> io::Result<u64> {
                     0,
                 )
             };
-            if n < 0 {
+            if r < 0 {
                 let e = io::Error::last_os_error();
-                // Across filesystems (disk → ramfs) the kernel may refuse: copy by hand.
+                // Across filesystems (disk → ramfs) the kernel may refuse.
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
                 ) {
-                    // By hand rather than `sendfile`: a ramfs reports no
-                    // holes, and zero pages must not become data.
-                    copied += copy_by_hand(from, to, off_in, hole)?;
+                    copied += copy_by_sendfile(from, to, off_in, end)?;
                     break;
                 }
                 return Err(e);
             }
-            if n == 0 {
+            if r == 0 {
                 break;
             }
-            copied += n as u64;
+            copied += r as u64;
         }
-        pos = hole;
     }
-    Ok(copied)
+    Ok(Copied {
+        bytes: copied,
+        extents,
+    })
+}
+
+/// Copies `[start, end)` to the same offsets with `sendfile` (in the
+/// kernel, any two filesystems). Returns the bytes copied.
+fn copy_by_sendfile(from: &File, to: &File, start: i64, end: i64) -> io::Result<u64> {
+    let off = u64::try_from(start).map_err(|_| io::Error::other("negative offset"))?;
+    // sendfile writes at the output's file position.
+    // SAFETY: plain lseek on an open descriptor.
+    if unsafe { libc::lseek(to.as_raw_fd(), start, libc::SEEK_SET) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut pos: libc::off_t = start;
+    while pos < end {
+        let want = usize::try_from(end - pos)
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: both descriptors are open; `pos` is a valid offset the kernel advances.
+        let n = unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut pos, want) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                return copy_by_hand(from, to, pos, end).map(|n| n + (pos as u64 - off));
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(pos as u64 - off)
 }
 
 /// Copies `[start, end)` through a buffer; all-zero blocks stay holes.
