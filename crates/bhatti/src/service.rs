@@ -779,6 +779,8 @@ impl Service {
         }
         self.engine.sweep(&keep).await?;
         self.sweep_import_dirs();
+        // Layers only a swept fork held go too.
+        self.collect_layers().await;
         Ok(())
     }
 

@@ -13,6 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use bhatti::engine::agent_client::AgentClient;
+use bhatti::engine::qemu::network;
 use bhatti::engine::{Engine, VmRuntime};
 
 async fn sh_ok(agent: &AgentClient, script: &str) -> String {
@@ -80,6 +81,10 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
         .await
         .expect("checkpoint");
     let pause = cp.pause_ms.expect("a running VM is paused");
+    assert!(
+        cp.ram_file,
+        "RAM in a file: device state only in the stream"
+    );
     eprintln!(
         "checkpoint of a running VM: pause {pause} ms, total {:?}",
         t0.elapsed()
@@ -154,6 +159,11 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
         .await
         .expect("checkpoint of stopped a");
     assert!(cp3.pause_ms.is_none());
+    assert!(cp3.ram_file, "a stopped VM's RAM file is its saved memory");
+    // A host restart empties the ramfs: the copy on disk serves.
+    let cow_ram = t.cfg.data_dir.join("cow/cp3.ram");
+    assert!(t.cfg.data_dir.join("checkpoints/cp3/mem.ram").is_file());
+    std::fs::remove_file(&cow_ram).expect("drop the ramfs copy");
     let c = spec("fk-c", ip(12));
     let rt_c = e
         .restore_checkpoint("cp3", &rt_a.token, &c)
@@ -180,5 +190,88 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     }
     for cp in ["cp1", "cp2", "cp3"] {
         e.delete_checkpoint(cp).await.expect("delete checkpoint");
+    }
+}
+
+/// A crash mid-fork leaves a checkpoint, its RAM file and a quarantine
+/// namespace; the sweep at daemon start removes them and keeps a named
+/// snapshot's checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_removes_what_a_crashed_fork_left() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("w", "192.168.142.0/24", images, |_| {}).await;
+    let data = &t.cfg.data_dir;
+    let cow = data.join("cow");
+    assert!(
+        bhatti::engine::qemu::ramfile::is_ramfs(&cow),
+        "checkpoint RAM lives on a ramfs"
+    );
+    for cp in ["fork-0123456789abcdef", "s0123456789abcdef"] {
+        std::fs::create_dir_all(data.join("checkpoints").join(cp)).expect("dir");
+        std::fs::write(data.join("checkpoints").join(cp).join("vm.state"), b"x").expect("state");
+        std::fs::write(cow.join(format!("{cp}.ram")), b"ram").expect("ram");
+    }
+    std::fs::write(cow.join("gone.ram"), b"ram").expect("orphan ram");
+    let qns = network::quarantine_netns(t.engine.net_config(), "crashed-copy");
+    network::ensure_netns(&qns).expect("quarantine");
+
+    t.engine.sweep(&[]).await.expect("sweep");
+    assert!(!data.join("checkpoints/fork-0123456789abcdef").exists());
+    assert!(!cow.join("fork-0123456789abcdef.ram").exists());
+    assert!(!cow.join("gone.ram").exists());
+    assert!(!network::netns_path(&qns).exists(), "quarantine {qns} left");
+    // A snapshot's checkpoint is the service's to delete.
+    assert!(data.join("checkpoints/s0123456789abcdef/vm.state").exists());
+    assert!(cow.join("s0123456789abcdef.ram").exists());
+}
+
+/// A sandbox that writes between forks, forked 10 times in a row: its own
+/// disk chain is flattened onto the base once it passes the bound, its
+/// copies' chains stay short, and every file is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_stay_short_over_many_forks() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("c", "192.168.143.0/24", images, |_| {}).await;
+    let e = &t.engine;
+    let ip = |n| Ipv4Addr::new(192, 168, 143, n);
+    let a = spec("ch-a", ip(10));
+    let rt_a = e.create(&a).await.expect("create a");
+    let ag_a = e.agent("ch-a", &rt_a);
+    let mut depths = Vec::new();
+    let mut flattened = 0;
+    for n in 0..10 {
+        sh_ok(&ag_a, &format!("echo {n} > /workspace/f{n}; sync")).await;
+        let cp = e
+            .checkpoint("ch-a", &rt_a, &format!("fork-{n}"), &format!("l{n}"))
+            .await
+            .expect("checkpoint");
+        assert!(cp.new_layer, "round {n} wrote, so it froze a layer");
+        flattened += usize::from(cp.source_flattened);
+        depths.push(e.disk_chain_depth("ch-a").expect("depth"));
+    }
+    eprintln!("source chain depth after each fork: {depths:?}, flattened {flattened}×");
+    assert!(depths.iter().all(|d| *d <= 4), "{depths:?}");
+    assert!(flattened >= 2, "{depths:?}");
+    // The last fork's copy: a short chain, every file.
+    let b = spec("ch-b", ip(11));
+    let rt_b = e
+        .restore_checkpoint("fork-9", &rt_a.token, &b)
+        .await
+        .expect("restore");
+    let ag_b = e.agent("ch-b", &rt_b);
+    let depth_b = e.disk_chain_depth("ch-b").expect("depth b");
+    assert!(depth_b <= 5, "copy's chain {depth_b}");
+    let all = "cat /workspace/f0 /workspace/f1 /workspace/f5 /workspace/f9 | tr '\\n' ' '";
+    assert_eq!(sh_ok(&ag_b, all).await, "0 1 5 9");
+    assert_eq!(sh_ok(&ag_a, all).await, "0 1 5 9");
+    for n in 0..10 {
+        e.delete_checkpoint(&format!("fork-{n}"))
+            .await
+            .expect("delete");
+    }
+    for id in ["ch-a", "ch-b"] {
+        e.destroy(id).await.expect("destroy");
     }
 }

@@ -83,7 +83,20 @@ pub struct CheckpointInfo {
     pub layer_bytes: u64,
     /// How long a running source was paused, ms (`None`: it was stopped).
     pub pause_ms: Option<u64>,
+    /// Whether the guest RAM is a file of its own (copies map it
+    /// copy-on-write) and the state holds device state only.
+    #[serde(default)]
+    pub ram_file: bool,
+    /// Whether the source's own disk was flattened onto the base image
+    /// after the checkpoint (its chain had grown too deep): it backs onto
+    /// no layer any more.
+    #[serde(default)]
+    pub source_flattened: bool,
 }
+
+/// Ids of checkpoints made for one fork start with this: they live only
+/// until the copy runs, so [`Engine::sweep`] removes any it finds.
+pub const FORK_CHECKPOINT_PREFIX: &str = "fork-";
 
 fn yes() -> bool {
     true
@@ -214,7 +227,8 @@ pub trait Engine: Send + Sync {
     /// Whether the VM is still there (running or stopped); cheap (no guest
     /// round trip), for periodic checks of running sandboxes.
     fn state(&self, id: &str) -> VmState;
-    /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`.
+    /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`,
+    /// and those of forks cut short (checkpoints, quarantine namespaces).
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;
     /// A client of the VM's agent.
     fn agent(&self, id: &str, rt: &VmRuntime) -> AgentClient;

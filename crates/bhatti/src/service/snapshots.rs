@@ -120,12 +120,19 @@ impl Service {
             let _ = self.engine.delete_checkpoint(checkpoint).await;
             return Err(e.into());
         }
+        if info.source_flattened {
+            // Its layers stay for the checkpoint and other copies; collected once unused.
+            let sid = rec.id.clone();
+            if let Err(e) = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await {
+                tracing::warn!(sandbox = %rec.id, error = %e, "cannot record a flattened disk");
+            }
+        }
         Ok((rec, info))
     }
 
     /// `create --from`: a one-time checkpoint of the caller's sandbox `from`.
     pub(super) async fn fork_source(&self, user: &User, from: &str) -> Result<RestoreSource> {
-        let cp = random_id("fork-");
+        let cp = random_id(crate::engine::FORK_CHECKPOINT_PREFIX);
         let (rec, info) = self
             .checkpoint_sandbox(user, from, &cp)
             .await

@@ -88,6 +88,15 @@ impl Store {
         Ok(())
     }
 
+    /// Makes `sandbox_id`'s overlay back onto the base image (its chain was flattened).
+    pub fn clear_sandbox_layer(&self, sandbox_id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM sandbox_layers WHERE sandbox_id = ?1",
+            params![sandbox_id],
+        )?;
+        Ok(())
+    }
+
     /// The user's snapshot quota.
     pub fn snapshot_quota(&self, user_id: i64) -> Result<u32, StoreError> {
         let max: i64 = self.conn().query_row(

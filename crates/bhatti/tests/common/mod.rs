@@ -271,6 +271,8 @@ impl Drop for TestDaemon {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+        // The engine's ramfs of checkpoint RAM, so the data dir can go.
+        bhatti::engine::qemu::ramfile::release_ramfs(&self.data_dir.path().join("cow"));
     }
 }
 

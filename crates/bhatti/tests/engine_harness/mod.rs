@@ -86,6 +86,7 @@ impl Drop for TestEngine {
             process::kill(pid);
         }
         let _ = network::delete_all(&self.cfg.netns);
+        bhatti::engine::qemu::ramfile::release_ramfs(&self.cfg.data_dir.join("cow"));
     }
 }
 

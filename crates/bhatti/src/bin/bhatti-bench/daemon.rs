@@ -108,9 +108,12 @@ impl Daemon {
             Some(b) => b.to_path_buf(),
             None => std::env::current_exe()?.with_file_name("bhatti"),
         };
+        // `BHATTI_BENCH_DIR` puts the data dir (disks, guest RAM files)
+        // elsewhere, e.g. on a tmpfs to compare with disk.
+        let parent = std::env::var("BHATTI_BENCH_DIR").unwrap_or_else(|_| "/tmp".into());
         let dir = tempfile::Builder::new()
             .prefix(&format!("bhbench-{tag}"))
-            .tempdir_in("/tmp")?;
+            .tempdir_in(parent)?;
         let (port, public_port) = (free_port()?, free_port()?);
         let netns = format!("bhb{tag}-{}", std::process::id());
         let config = dir.path().join("config.yaml");
@@ -209,5 +212,6 @@ impl Drop for Daemon {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
+        bhatti::engine::qemu::ramfile::release_ramfs(&self.dir.path().join("cow"));
     }
 }

@@ -61,7 +61,8 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         url: d.url.clone(),
         token: d.token.clone(),
     };
-    let result = measure(&args, &api).await;
+    let log = d.data_dir().join("daemon.log");
+    let result = measure(&args, &api, &log).await;
     if let Ok(list) = api.call(reqwest::Method::GET, "/sandboxes", None).await {
         for s in list.as_array().into_iter().flatten() {
             if let Some(id) = s["id"].as_str() {
@@ -106,7 +107,56 @@ async fn max_stall(api: &Api, src: &str, from: usize) -> anyhow::Result<(f64, us
     Ok((worst, lines.len()))
 }
 
-async fn measure(args: &SnapshotArgs, api: &Api) -> anyhow::Result<()> {
+/// Medians of the `*_ms` fields of the daemon's log lines containing
+/// `what`, written after byte `from` of the log, in the order they appear.
+fn phase_medians(log: &std::path::Path, from: usize, what: &str) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+    let mut fields: Vec<(String, Vec<u64>)> = Vec::new();
+    for line in text.lines().filter(|l| l.contains(what)) {
+        // Drop colour codes, then read `key=value` words.
+        let plain: String = {
+            let mut out = String::new();
+            let mut esc = false;
+            for c in line.chars() {
+                match (esc, c) {
+                    (false, '\u{1b}') => esc = true,
+                    (true, 'm') => esc = false,
+                    (true, _) => {}
+                    (false, c) => out.push(c),
+                }
+            }
+            out
+        };
+        for word in plain.split_whitespace() {
+            let Some((k, v)) = word.split_once('=') else {
+                continue;
+            };
+            let v = v.trim_start_matches("Some(").trim_end_matches(')');
+            let (Some(k), Ok(v)) = (k.strip_suffix("_ms"), v.parse::<u64>()) else {
+                continue;
+            };
+            match fields.iter_mut().find(|(n, _)| n == k) {
+                Some((_, vs)) => vs.push(v),
+                None => fields.push((k.to_string(), vec![v])),
+            }
+        }
+    }
+    fields
+        .into_iter()
+        .map(|(k, mut vs)| {
+            vs.sort_unstable();
+            format!("{k} {} ms", vs[vs.len() / 2])
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn log_len(log: &std::path::Path) -> usize {
+    std::fs::metadata(log).map_or(0, |m| m.len() as usize)
+}
+
+async fn measure(args: &SnapshotArgs, api: &Api, log: &std::path::Path) -> anyhow::Result<()> {
     let n = args.rounds;
     let mem = args.memory_mb;
     println!(
@@ -217,6 +267,7 @@ async fn measure(args: &SnapshotArgs, api: &Api) -> anyhow::Result<()> {
         // Fork → first exec answered.
         let mut times = Vec::with_capacity(n);
         let start = Instant::now();
+        let log_from = log_len(log);
         for i in 0..n {
             let name = format!("fork-{touched}-{i}");
             let t = Instant::now();
@@ -231,6 +282,15 @@ async fn measure(args: &SnapshotArgs, api: &Api) -> anyhow::Result<()> {
             start.elapsed(),
         );
         fork.print(None);
+        // Where a fork's time goes, from the daemon's own timestamps (p50 per step).
+        println!(
+            "{label}: fork, checkpoint steps (p50): {}",
+            phase_medians(log, log_from, "checkpoint taken")
+        );
+        println!(
+            "{label}: fork, restore steps (p50): {}",
+            phase_medians(log, log_from, "restore phases")
+        );
 
         // Resume → first exec answered.
         api.call(

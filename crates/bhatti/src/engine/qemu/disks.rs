@@ -126,6 +126,11 @@ pub fn overlay_is_empty(image: &Path) -> Result<bool, DiskError> {
 
 /// Number of images in `image`'s backing chain, itself and the base included.
 pub fn chain_depth(image: &Path) -> Result<usize, DiskError> {
+    backing_chain(image).map(|c| c.len())
+}
+
+/// The file names of `image`'s chain, top first, the base last.
+pub fn backing_chain(image: &Path) -> Result<Vec<String>, DiskError> {
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--backing-chain", "--output=json"])
         .arg(image)
@@ -138,7 +143,9 @@ pub fn chain_depth(image: &Path) -> Result<usize, DiskError> {
     }
     let v: Vec<serde_json::Value> =
         serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))?;
-    Ok(v.len())
+    Ok(v.iter()
+        .map(|i| i["filename"].as_str().unwrap_or_default().to_string())
+        .collect())
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use rand::RngCore;
 use super::lifecycle::read_meta;
 use super::netns_dialer::{NetnsDialer, NetnsSockets};
 use super::process::{self, NotReady, VmFiles};
+use super::ramfile;
 use super::snapshot::{load_state_from, wait_migration, FD_NAME, SAVE_BANDWIDTH};
 use super::{
     blocking, check_id, config_drive, disks, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES,
@@ -33,6 +34,13 @@ use crate::engine::{CheckpointInfo, EngineError, SandboxSpec, VmRuntime};
 
 /// The `-drive id=` of the root disk (see `process::qemu_argv`).
 const ROOT_DRIVE: &str = "root";
+/// Longest disk chain (overlay, layers, base) a running VM keeps after a
+/// checkpoint; a deeper one is flattened onto the base.
+const MAX_CHAIN: usize = 4;
+/// How long flattening a chain may take.
+const FLATTEN_TIMEOUT: Duration = Duration::from_secs(120);
+/// A kept checkpoint's RAM on disk (in its dir), for after a host restart.
+const DURABLE_RAM: &str = "mem.ram";
 /// How long a restored copy's agent may take to accept its identity.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -53,6 +61,31 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
+/// Writes a paused VM's state to `file` (device state only when the
+/// capability `x-ignore-shared` is on and its RAM is its own file); the
+/// caller resumes the VM.
+async fn save_state(
+    qmp: &super::qmp::Qmp,
+    pid: u32,
+    file: &std::fs::File,
+    id: &str,
+) -> Result<(), EngineError> {
+    let err = |source| EngineError::Qmp {
+        context: format!("checkpoint of {id}"),
+        source,
+    };
+    let saved = async {
+        qmp.getfd(FD_NAME, file.as_fd()).await.map_err(err)?;
+        qmp.migrate(&format!("fd:{FD_NAME}")).await.map_err(err)?;
+        wait_migration(qmp, pid, "checkpointing").await.map(|_| ())
+    }
+    .await;
+    if saved.is_err() {
+        let _ = qmp.migrate_cancel().await;
+    }
+    saved
+}
+
 impl QemuEngine {
     fn checkpoints_dir(&self) -> PathBuf {
         self.sandboxes_dir.with_file_name("checkpoints")
@@ -69,6 +102,12 @@ impl QemuEngine {
 
     fn checkpoint_dir(&self, id: &str) -> PathBuf {
         self.checkpoints_dir().join(id)
+    }
+
+    /// A checkpoint's guest RAM: on the engine's ramfs, where nothing can
+    /// punch holes into it (see [`QemuEngine::cow_dir`]).
+    fn checkpoint_ram(&self, id: &str) -> PathBuf {
+        self.cow_dir.join(format!("{id}.ram"))
     }
 
     /// See [`crate::engine::Engine::checkpoint`].
@@ -97,28 +136,47 @@ impl QemuEngine {
         std::fs::create_dir_all(&cp_dir)?;
         std::fs::set_permissions(&cp_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let state = cp_dir.join("vm.state");
+        // RAM in a file of its own: the checkpoint copies the file (holes
+        // stay holes) and streams device state only.
+        let ram = process::mem_backing(&meta.argv)
+            .is_some_and(|(p, shared)| shared && p == files.ram)
+            .then(|| (files.ram.clone(), self.checkpoint_ram(checkpoint)));
         let _busy = self.reserve(id)?;
         let started = Instant::now();
         let result = match self.vm(id) {
             Some(vm) => {
-                self.checkpoint_running(id, &vm, &files, &state, &layer_path)
+                self.checkpoint_running(id, &vm, &files, &state, &layer_path, ram.clone())
                     .await
             }
             None if files.state.is_file() => {
-                self.checkpoint_stopped(&files, &state, &layer_path).await
+                let ram = ram.clone().filter(|_| meta.saved_ram_in_file);
+                self.checkpoint_stopped(&files, &state, &layer_path, ram)
+                    .await
             }
             None => Err(EngineError::NotFound(id.to_string())),
         };
-        let (disk_size, pause, reused) = match result {
+        let ((disk_size, pause, reused), ram_copy) = match result {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&cp_dir);
+                if let Some((_, cp_ram)) = &ram {
+                    let _ = std::fs::remove_file(cp_ram);
+                }
                 return Err(e);
             }
         };
+        let cp_ram = self.checkpoint_ram(checkpoint);
+        let ram_file = cp_ram.exists();
+        // A source that writes between checkpoints gets one layer more each
+        // time: past the bound, its own disk is flattened onto the base.
+        let source_flattened = if pause.is_some() && reused.is_none() {
+            self.flatten_if_deep(id, &files).await
+        } else {
+            false
+        };
         let new_layer = reused.is_none();
         let layer = reused.unwrap_or_else(|| layer.to_string());
-        let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+        let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0) + ram_copy.bytes;
         let layer_bytes = std::fs::metadata(self.layer_path(&layer))
             .map(|m| m.len())
             .unwrap_or(0);
@@ -134,17 +192,33 @@ impl QemuEngine {
             state_bytes,
             layer_bytes,
             pause_ms: pause.map(|p| p.as_millis() as u64),
+            ram_file,
+            source_flattened,
         };
+        if ram_file && !checkpoint.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) {
+            // The ramfs does not outlive the host: a kept checkpoint (a
+            // named snapshot) gets a copy on disk too, made after the pause.
+            let (from, to) = (cp_ram.clone(), cp_dir.join(DURABLE_RAM));
+            // Only the source's data ranges: the ramfs itself knows no holes.
+            let extents = ram_copy.extents.clone();
+            if let Err(e) = blocking(move || ramfile::copy_extents(&from, &to, &extents)).await? {
+                let _ = std::fs::remove_dir_all(&cp_dir);
+                let _ = std::fs::remove_file(&cp_ram);
+                return Err(EngineError::State(format!(
+                    "cannot keep the checkpoint's RAM on disk: {e}"
+                )));
+            }
+        }
         let json =
             serde_json::to_vec_pretty(&info).map_err(|e| EngineError::Internal(e.to_string()))?;
         std::fs::write(cp_dir.join("checkpoint.json"), json)?;
-        tracing::info!(id, checkpoint, layer = %info.layer, new_layer = info.new_layer, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
+        tracing::info!(id, checkpoint, layer = %info.layer, new_layer = info.new_layer, ram_file, pause_ms = ?info.pause_ms, state_mib = state_bytes >> 20, total_ms = started.elapsed().as_millis() as u64, "checkpoint taken");
         Ok(info)
     }
 
     /// A running VM: pause, swap its overlay onto a new one over the frozen
-    /// layer, write its memory, resume. Returns the disk's virtual size and
-    /// the pause.
+    /// layer, write its memory, resume. Returns the disk's virtual size, the
+    /// pause, the reused layer (if any), and the RAM bytes copied.
     async fn checkpoint_running(
         &self,
         id: &str,
@@ -152,7 +226,8 @@ impl QemuEngine {
         files: &VmFiles,
         state: &Path,
         layer_path: &Path,
-    ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
+        ram: Option<(PathBuf, PathBuf)>,
+    ) -> Result<((u64, Option<Duration>, Option<String>), ramfile::Copied), EngineError> {
         let qmp = self.qmp_of(id).await?;
         let err = |source| EngineError::Qmp {
             context: format!("checkpoint of {id}"),
@@ -161,6 +236,7 @@ impl QemuEngine {
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
             .await
             .map_err(err)?;
+        qmp.set_ignore_shared(ram.is_some()).await.map_err(err)?;
         let p = state.to_path_buf();
         let file = blocking(move || {
             std::fs::OpenOptions::new()
@@ -170,57 +246,88 @@ impl QemuEngine {
                 .open(p)
         })
         .await??;
-        let next = files.dir.join("disk.next.qcow2");
+        // An overlay with data keeps it: only an empty one needs a second
+        // look once the guest stands still (fewer `qemu-img` runs in the pause).
+        let maybe_empty = self.reusable_layer(files).await.is_some();
         let paused_at = Instant::now();
         qmp.stop().await.map_err(err)?;
-        if let Some(current) = self.reusable_layer(files).await {
-            let saved = async {
-                qmp.getfd(FD_NAME, file.as_fd()).await.map_err(err)?;
-                qmp.migrate(&format!("fd:{FD_NAME}")).await.map_err(err)?;
-                wait_migration(&qmp, vm.pid, "checkpointing").await
-            }
+        // The RAM copy is the longest step: it runs alongside the rest.
+        let copy = ram.map(|(from, to)| {
+            tokio::task::spawn_blocking(move || ramfile::copy_sparse(&from, &to))
+        });
+        let frozen = self
+            .freeze_paused(id, &qmp, vm, files, &file, layer_path, maybe_empty)
             .await;
-            if saved.is_err() {
-                let _ = qmp.migrate_cancel().await;
-            }
-            let resumed = qmp.cont().await;
-            let pause = paused_at.elapsed();
-            saved?;
-            resumed.map_err(err)?;
-            blocking(move || file.sync_all()).await??;
+        let copied = match copy {
+            Some(h) => match h.await {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err(EngineError::State(format!("copying the RAM of {id}: {e}"))),
+                Err(e) => Err(EngineError::Internal(format!("RAM copy task failed: {e}"))),
+            },
+            None => Ok(ramfile::Copied::default()),
+        };
+        let resumed = qmp.cont().await;
+        let pause = paused_at.elapsed();
+        let (size, reused) = frozen?;
+        let ram_copy = copied?;
+        resumed.map_err(err)?;
+        blocking(move || file.sync_all()).await??;
+        Ok(((size, Some(pause), reused), ram_copy))
+    }
+
+    /// The steps of a checkpoint while the VM is paused, but the RAM copy:
+    /// the disk frozen into the layer (or the current layer reused), then
+    /// the state stream into `file`. On error the disk is as before.
+    #[allow(clippy::too_many_arguments)]
+    async fn freeze_paused(
+        &self,
+        id: &str,
+        qmp: &super::qmp::Qmp,
+        vm: &Vm,
+        files: &VmFiles,
+        file: &std::fs::File,
+        layer_path: &Path,
+        maybe_empty: bool,
+    ) -> Result<(u64, Option<String>), EngineError> {
+        let err = |source| EngineError::Qmp {
+            context: format!("checkpoint of {id}"),
+            source,
+        };
+        let reuse = if maybe_empty {
+            self.reusable_layer(files).await
+        } else {
+            None
+        };
+        if let Some(current) = reuse {
+            save_state(qmp, vm.pid, file, id).await?;
             let size = disks::info(&files.overlay)?.virtual_size;
-            return Ok((size, Some(pause), Some(current)));
+            return Ok((size, Some(current)));
         }
         // The guest stands still: its disk (flushed by `stop`) becomes the layer.
+        let next = files.dir.join("disk.next.qcow2");
         let (ov, lp, nx) = (
             files.overlay.clone(),
             layer_path.to_path_buf(),
             next.clone(),
         );
-        let prepared = blocking(move || -> Result<(u64, std::fs::File), EngineError> {
-            std::fs::rename(&ov, &lp)?;
-            let undo = |e: EngineError| {
-                let _ = std::fs::rename(&lp, &ov);
-                let _ = std::fs::remove_file(&nx);
-                e
-            };
-            let size = disks::info(&lp).map_err(|e| undo(e.into()))?.virtual_size;
-            disks::create_overlay_on_layer(&lp, &nx, size).map_err(|e| undo(e.into()))?;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&nx)
-                .map_err(|e| undo(e.into()))?;
-            Ok((size, f))
-        })
-        .await?;
-        let (size, overlay_file) = match prepared {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = qmp.cont().await;
-                return Err(e);
-            }
-        };
+        let (size, overlay_file) =
+            blocking(move || -> Result<(u64, std::fs::File), EngineError> {
+                std::fs::rename(&ov, &lp)?;
+                let undo = |e: EngineError| {
+                    let _ = std::fs::rename(&lp, &ov);
+                    let _ = std::fs::remove_file(&nx);
+                    e
+                };
+                let size = disks::info(&lp).map_err(|e| undo(e.into()))?.virtual_size;
+                disks::create_overlay_on_layer(&lp, &nx, size).map_err(|e| undo(e.into()))?;
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&nx)
+                    .map_err(|e| undo(e.into()))?;
+                Ok((size, f))
+            })
+            .await??;
         let switched = async {
             let set = qmp.add_fd(overlay_file.as_fd()).await?;
             let node = format!("ov-{}", random_hex(6));
@@ -231,26 +338,89 @@ impl QemuEngine {
         if let Err(e) = switched {
             let _ = std::fs::rename(layer_path, &files.overlay);
             let _ = std::fs::remove_file(&next);
-            let _ = qmp.cont().await;
             return Err(err(e));
         }
         // From here the VM writes to the new overlay; its name is the one in argv.
         std::fs::rename(&next, &files.overlay)?;
-        let saved = async {
-            qmp.getfd(FD_NAME, file.as_fd()).await.map_err(err)?;
-            qmp.migrate(&format!("fd:{FD_NAME}")).await.map_err(err)?;
-            wait_migration(&qmp, vm.pid, "checkpointing").await
+        save_state(qmp, vm.pid, file, id).await?;
+        Ok((size, None))
+    }
+
+    /// Streams a running VM's layers into its own overlay when its chain is
+    /// deeper than [`MAX_CHAIN`], so the overlay backs onto the base image
+    /// directly; returns whether it did. Failures only log: the chain stays
+    /// valid, just deep.
+    async fn flatten_if_deep(&self, id: &str, files: &VmFiles) -> bool {
+        let overlay = files.overlay.clone();
+        let chain = match blocking(move || disks::backing_chain(&overlay)).await {
+            Ok(Ok(c)) => c,
+            _ => return false,
+        };
+        if chain.len() <= MAX_CHAIN {
+            return false;
+        }
+        let Some(base) = chain.last().cloned() else {
+            return false;
+        };
+        let started = Instant::now();
+        let result = async {
+            let qmp = self.qmp_of(id).await?;
+            let job = format!("flatten-{}", random_hex(4));
+            qmp.block_stream(&job, ROOT_DRIVE, &base)
+                .await
+                .map_err(|source| EngineError::Qmp {
+                    context: format!("flattening the disk of {id}"),
+                    source,
+                })?;
+            let deadline = Instant::now() + FLATTEN_TIMEOUT;
+            loop {
+                let jobs = qmp.block_jobs().await.map_err(|source| EngineError::Qmp {
+                    context: format!("flattening the disk of {id}"),
+                    source,
+                })?;
+                match jobs.iter().find(|j| j.device == job) {
+                    None => break,
+                    Some(j) if j.error.is_some() => {
+                        return Err(EngineError::State(format!(
+                            "block-stream failed: {}",
+                            j.error.clone().unwrap_or_default()
+                        )))
+                    }
+                    Some(_) if Instant::now() > deadline => {
+                        return Err(EngineError::State("block-stream takes too long".into()))
+                    }
+                    Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            // The job is gone: done, or failed (then the chain is unchanged).
+            let overlay = files.overlay.clone();
+            let backing = blocking(move || disks::info(&overlay))
+                .await??
+                .backing_filename;
+            if backing.as_deref() == Some(base.as_str()) {
+                Ok(())
+            } else {
+                Err(EngineError::State(format!(
+                    "after block-stream the disk backs onto {backing:?}, not {base}"
+                )))
+            }
         }
         .await;
-        if saved.is_err() {
-            let _ = qmp.migrate_cancel().await;
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    id,
+                    depth = chain.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "disk chain flattened onto the base"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(id, depth = chain.len(), error = %e, "cannot flatten the disk chain");
+                false
+            }
         }
-        let resumed = qmp.cont().await;
-        let pause = paused_at.elapsed();
-        saved?;
-        resumed.map_err(err)?;
-        blocking(move || file.sync_all()).await??;
-        Ok((size, Some(pause), None))
     }
 
     /// The layer `files`' overlay backs onto, if the overlay holds nothing
@@ -279,7 +449,13 @@ impl QemuEngine {
         files: &VmFiles,
         state: &Path,
         layer_path: &Path,
-    ) -> Result<(u64, Option<Duration>, Option<String>), EngineError> {
+        ram: Option<(PathBuf, PathBuf)>,
+    ) -> Result<((u64, Option<Duration>, Option<String>), ramfile::Copied), EngineError> {
+        let ram_copy = match ram {
+            // Not a link: the VM's own file changes once it starts again.
+            Some((from, to)) => blocking(move || ramfile::copy_sparse(&from, &to)).await??,
+            None => ramfile::Copied::default(),
+        };
         if let Some(current) = self.reusable_layer(files).await {
             let (f, st) = (files.clone(), state.to_path_buf());
             let size = blocking(move || -> Result<u64, EngineError> {
@@ -287,7 +463,7 @@ impl QemuEngine {
                 Ok(disks::info(&f.overlay)?.virtual_size)
             })
             .await??;
-            return Ok((size, None, Some(current)));
+            return Ok(((size, None, Some(current)), ram_copy));
         }
         let (f, st, lp) = (files.clone(), state.to_path_buf(), layer_path.to_path_buf());
         let size = blocking(move || -> Result<u64, EngineError> {
@@ -303,12 +479,17 @@ impl QemuEngine {
             })
         })
         .await??;
-        Ok((size, None, None))
+        Ok(((size, None, None), ram_copy))
     }
 
     /// See [`crate::engine::Engine::delete_checkpoint`].
     pub(super) async fn remove_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError> {
         check_id(checkpoint)?;
+        // Copies that map it keep its pages until they exit.
+        match std::fs::remove_file(self.checkpoint_ram(checkpoint)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         match std::fs::remove_dir_all(self.checkpoint_dir(checkpoint)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -392,7 +573,32 @@ impl QemuEngine {
         qns: &str,
         pid_slot: &Mutex<Option<u32>>,
     ) -> Result<Arc<Vm>, EngineError> {
-        let meta = self.vm_meta(spec, cp.cpus, cp.memory_mb, files);
+        // A checkpoint with a RAM file: mapped copy-on-write, shared with
+        // every other copy of it. Else the stream carries the RAM, and the
+        // copy gets a RAM file of its own.
+        let cp_ram = self.checkpoint_ram(&cp.id);
+        let durable = cp_dir.join(DURABLE_RAM);
+        if cp.ram_file && !cp_ram.exists() && durable.exists() {
+            // After a host restart: back onto the ramfs from the disk copy.
+            let (from, to) = (durable.clone(), cp_ram.clone());
+            blocking(move || ramfile::copy_sparse(&from, &to))
+                .await?
+                .map_err(|e| {
+                    EngineError::State(format!("cannot load the checkpoint's RAM: {e}"))
+                })?;
+        }
+        let mem = if cp.ram_file {
+            process::MemBacking {
+                path: &cp_ram,
+                shared: false,
+            }
+        } else {
+            process::MemBacking {
+                path: &files.ram,
+                shared: true,
+            }
+        };
+        let meta = self.vm_meta(spec, cp.cpus, cp.memory_mb, files, mem);
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let record = meta.clone();
         // The guest read its boot config long ago; QEMU only needs the file.
@@ -408,15 +614,23 @@ impl QemuEngine {
             cp.disk_size,
         );
         let t0 = Instant::now();
-        blocking(move || -> Result<(), EngineError> {
+        // Disk and network side by side: both are a few processes long.
+        let quarantine =
+            tokio::task::spawn_blocking(move || network::quarantine_up(&net, &q, &t, pip, &pmac));
+        let files_made = blocking(move || -> Result<(), EngineError> {
             disks::create_overlay_on_layer(&layer, &f.overlay, size)?;
             config_drive::write(&f.config, &boot)?;
             let meta_json = serde_json::to_vec_pretty(&meta)
                 .map_err(|e| EngineError::Internal(format!("VM record: {e}")))?;
             std::fs::write(&f.meta, meta_json)?;
-            network::quarantine_up(&net, &q, &t, pip, &pmac).map_err(net_err)
+            Ok(())
         })
-        .await??;
+        .await;
+        quarantine
+            .await
+            .map_err(|e| EngineError::Internal(format!("engine task failed: {e}")))?
+            .map_err(net_err)?;
+        files_made??;
         let prepared = t0.elapsed();
 
         let mut argv_in = argv.clone();
@@ -430,7 +644,11 @@ impl QemuEngine {
         if let Ok(mut p) = pid_slot.lock() {
             *p = Some(pid);
         }
-        let qmp = load_state_from(files, &cp_dir.join("vm.state"), pid).await?;
+        let launched = t0.elapsed();
+        // The quarantine's socket thread starts while QEMU loads.
+        let q = qns.to_string();
+        let qsockets = tokio::task::spawn_blocking(move || NetnsSockets::new(&q));
+        let qmp = load_state_from(files, &cp_dir.join("vm.state"), pid, cp.ram_file).await?;
         qmp.cont().await.map_err(|e| EngineError::Boot {
             reason: format!("the restored VM does not resume: {e}"),
             console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
@@ -438,14 +656,38 @@ impl QemuEngine {
         let loaded = t0.elapsed();
 
         // The copy answers as its parent, inside the quarantine namespace.
-        let q = qns.to_string();
-        let qsockets = blocking(move || NetnsSockets::new(&q))
-            .await?
+        let qsockets = qsockets
+            .await
+            .map_err(|e| EngineError::Internal(format!("engine task failed: {e}")))?
             .map_err(|e| EngineError::Network(e.to_string()))?;
-        let parent = AgentClient::new(
-            Arc::new(NetnsDialer::new(qsockets, cp.parent_ip)),
-            parent_token.as_bytes().to_vec(),
-        );
+        let parent_dialer = NetnsDialer::new(qsockets, cp.parent_ip);
+        match process::wait_ready_quick(
+            &parent_dialer,
+            parent_token.as_bytes(),
+            pid,
+            IDENTITY_TIMEOUT,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(NotReady::Died) => {
+                return Err(EngineError::Boot {
+                    reason: format!("QEMU (pid {pid}) exited right after the restore"),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+            Err(NotReady::Timeout(last)) => {
+                return Err(EngineError::Timeout {
+                    secs: IDENTITY_TIMEOUT.as_secs(),
+                    reason: format!(
+                        "the restored copy does not answer as its parent (last attempt: {last})"
+                    ),
+                    console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                })
+            }
+        }
+        let answered = t0.elapsed();
+        let parent = AgentClient::new(Arc::new(parent_dialer), parent_token.as_bytes().to_vec());
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -496,8 +738,11 @@ impl QemuEngine {
         blocking(move || network::quarantine_release(&net, &q, &t, ip, &m))
             .await?
             .map_err(net_err)?;
+        let released = t0.elapsed();
         let dialer = NetnsDialer::new(self.sockets.clone(), spec.ip);
-        match process::wait_ready(&dialer, spec.token.as_bytes(), pid, self.boot_timeout).await {
+        match process::wait_ready_quick(&dialer, spec.token.as_bytes(), pid, self.boot_timeout)
+            .await
+        {
             Ok(()) => {}
             Err(NotReady::Died) => {
                 return Err(EngineError::Boot {
@@ -516,12 +761,16 @@ impl QemuEngine {
                 })
             }
         }
-        tracing::debug!(
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
             id = %spec.id,
-            prepare_ms = prepared.as_millis() as u64,
-            load_ms = (loaded - prepared).as_millis() as u64,
-            identity_ms = (identified - loaded).as_millis() as u64,
-            ready_ms = (t0.elapsed() - identified).as_millis() as u64,
+            prepare_ms = ms(prepared),
+            launch_ms = ms(launched - prepared),
+            load_ms = ms(loaded - launched),
+            answer_ms = ms(answered - loaded),
+            identity_ms = ms(identified - answered),
+            release_ms = ms(released - identified),
+            ready_ms = ms(t0.elapsed() - released),
             "restore phases"
         );
         Ok(Arc::new(Vm {
@@ -538,6 +787,35 @@ impl QemuEngine {
         Ok(disks::chain_depth(
             &VmFiles::new(self.sandbox_dir(id)).overlay,
         )?)
+    }
+
+    /// Removes what a crash mid-fork leaves: fork checkpoints (a fork's
+    /// checkpoint lives only until its copy runs, and no fork is under way
+    /// while the daemon starts), and checkpoint RAM files without their
+    /// checkpoint. Named snapshots' checkpoints stay.
+    pub(super) fn sweep_checkpoints(&self) {
+        let dir = self.checkpoints_dir();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) && check_id(&name).is_ok() {
+                tracing::info!(checkpoint = %name, "sweep: removing a fork's leftover checkpoint");
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        for e in std::fs::read_dir(&self.cow_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(cp) = name.strip_suffix(".ram") else {
+                continue;
+            };
+            if !dir.join(cp).is_dir() {
+                tracing::info!(checkpoint = %cp, "sweep: removing a leftover checkpoint RAM file");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Removes quarantine namespaces no restore uses (after a crash).

@@ -146,13 +146,14 @@ impl QemuEngine {
     }
 
     /// The QEMU command line and the record of a VM for `spec` with this
-    /// machine size (a restored copy takes its source's).
+    /// machine size (a restored copy takes its source's) and guest RAM.
     pub(super) fn vm_meta(
         &self,
         spec: &SandboxSpec,
         cpus: u32,
         memory_mb: u32,
         files: &VmFiles,
+        mem: process::MemBacking<'_>,
     ) -> VmMeta {
         let tap = network::tap_name(&spec.id);
         let mac = network::guest_mac(spec.ip);
@@ -177,6 +178,7 @@ impl QemuEngine {
             extra_cmdline: &self.cfg.extra_cmdline,
             files,
             volumes: &volumes,
+            mem,
         };
         let argv = process::qemu_argv(&launch);
         VmMeta {
@@ -190,6 +192,7 @@ impl QemuEngine {
             argv,
             egress: spec.egress.clone(),
             peer_group: spec.peer_group.clone(),
+            saved_ram_in_file: false,
         }
     }
 
@@ -200,7 +203,11 @@ impl QemuEngine {
         files: &VmFiles,
         pid_slot: &Mutex<Option<u32>>,
     ) -> Result<Arc<Vm>, EngineError> {
-        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files);
+        let mem = process::MemBacking {
+            path: &files.ram,
+            shared: true,
+        };
+        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files, mem);
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let boot_cfg = self.boot_config(spec);
         let record = meta.clone();
@@ -252,7 +259,8 @@ impl QemuEngine {
         .await
         .map_err(|e| match e {
             process::ProcessError::Startup { .. } => EngineError::Boot {
-                reason: e.to_string(),
+                // QEMU's own words may only name the RAM file's ftruncate.
+                reason: format!("{e} (guest memory {} MiB)", spec.memory_mb),
                 console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
             },
             e => EngineError::Process(e),

@@ -21,6 +21,7 @@ pub mod network;
 pub mod prereq;
 pub mod process;
 pub mod qmp;
+pub mod ramfile;
 mod snapshot;
 mod volumes;
 
@@ -119,6 +120,10 @@ pub struct VmMeta {
     /// Peer group (see [`SandboxSpec::peer_group`]).
     #[serde(default)]
     pub peer_group: Option<String>,
+    /// Whether the VM's saved `vm.state` holds device state only, its RAM
+    /// being in its own RAM file (`false`: the stream carries the RAM).
+    #[serde(default)]
+    pub saved_ram_in_file: bool,
 }
 
 /// A VM the engine knows to be running.
@@ -136,6 +141,12 @@ pub struct QemuEngine {
     cfg: QemuConfig,
     net: NetConfig,
     sandboxes_dir: PathBuf,
+    /// A ramfs holding the RAM files of checkpoints, which copies map
+    /// copy-on-write (`share=off`). Not a disk or tmpfs file: QEMU 7.2 turns
+    /// a guest's free page reports into `fallocate(PUNCH_HOLE)` on the
+    /// backing file even for a private mapping, which would zero pages
+    /// under every other copy; ramfs refuses hole punching.
+    cow_dir: PathBuf,
     accel: Accel,
     tsc_khz: Option<u64>,
     boot_timeout: Duration,
@@ -211,6 +222,9 @@ impl QemuEngine {
             )));
         }
         std::fs::create_dir_all(&sandboxes_dir)?;
+        let cow_dir = data_dir.join("cow");
+        ramfile::ensure_ramfs(&cow_dir)
+            .map_err(|e| EngineError::Config(format!("ramfs at {}: {e}", cow_dir.display())))?;
         let accel = accel::resolve(cfg.accel).map_err(|e| EngineError::Config(e.to_string()))?;
         let tsc_khz = accel::host_tsc_khz();
         if tsc_khz.is_none() {
@@ -253,6 +267,7 @@ impl QemuEngine {
             cfg,
             net,
             sandboxes_dir,
+            cow_dir,
             accel,
             tsc_khz,
             boot_timeout,
@@ -698,6 +713,7 @@ impl Engine for QemuEngine {
             self.remove_leftovers(&name, &files, None, None).await?;
         }
         self.sweep_quarantines();
+        self.sweep_checkpoints();
         let keep_taps: HashSet<String> = keep.iter().map(|id| network::tap_name(id)).collect();
         let net = self.net.clone();
         blocking(move || -> Result<(), NetworkError> {

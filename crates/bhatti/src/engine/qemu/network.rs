@@ -131,31 +131,23 @@ pub fn quarantine_up(
     parent_ip: Ipv4Addr,
     parent_mac: &str,
 ) -> Result<(), NetworkError> {
-    let _ = run("ip", &["netns", "delete", qns], None);
-    ensure_netns(qns)?;
-    ip_in(qns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
-    ip_in(
-        qns,
-        &["link", "set", tap, "address", &bridge_mac(&cfg.netns)],
-    )?;
+    check_name(qns, "netns", 64)?;
+    if netns_path(qns).exists() {
+        let _ = run("ip", &["netns", "delete", qns], None);
+    }
+    run("ip", &["netns", "add", qns], None)?;
+    // One `ip` process for the lot: a restore waits for this.
     let gw = format!("{}/{}", cfg.subnet.gateway(), cfg.subnet.prefix());
-    ip_in(qns, &["addr", "add", &gw, "dev", tap])?;
-    ip_in(qns, &["link", "set", tap, "up"])?;
-    ip_in(
-        qns,
-        &[
-            "neigh",
-            "replace",
-            &parent_ip.to_string(),
-            "lladdr",
-            parent_mac,
-            "dev",
-            tap,
-            "nud",
-            "permanent",
-        ],
-    )?;
-    Ok(())
+    let script = format!(
+        "link set lo up\n\
+         tuntap add dev {tap} mode tap\n\
+         link set {tap} address {mac}\n\
+         addr add {gw} dev {tap}\n\
+         link set {tap} up\n\
+         neigh replace {parent_ip} lladdr {parent_mac} dev {tap} nud permanent\n",
+        mac = bridge_mac(&cfg.netns),
+    );
+    ip_batch(qns, &script)
 }
 
 /// Moves the copy's TAP from its quarantine namespace onto the bridge, with
@@ -172,13 +164,23 @@ pub fn quarantine_release(
         let h = short_hash(tap, 4);
         format!("{}:{}:{}:{}", &h[0..2], &h[2..4], &h[4..6], &h[6..8])
     });
-    let ns = cfg.netns.as_str();
-    ip_in(ns, &["link", "set", tap, "address", &own])?;
-    ip_in(ns, &["link", "set", tap, "master", &cfg.bridge])?;
-    ip_in(ns, &["link", "set", tap, "up"])?;
-    ensure_neighbour(cfg, ip, mac)?;
-    quarantine_delete(qns);
+    let script = format!(
+        "link set {tap} address {own}\n\
+         link set {tap} master {br}\n\
+         link set {tap} up\n\
+         neigh replace {ip} lladdr {mac} dev {br} nud permanent\n",
+        br = cfg.bridge,
+    );
+    ip_batch(&cfg.netns, &script)?;
+    // Nothing waits for the empty namespace to go (a sweep finds it if this fails).
+    let q = qns.to_string();
+    std::thread::spawn(move || quarantine_delete(&q));
     Ok(())
+}
+
+/// Runs `ip -batch` commands inside `netns`, stopping at the first failure.
+fn ip_batch(netns: &str, script: &str) -> Result<(), NetworkError> {
+    run("ip", &["-n", netns, "-batch", "-"], Some(script)).map(|_| ())
 }
 
 /// Deletes a quarantine namespace (and a TAP still in it); absent is fine.

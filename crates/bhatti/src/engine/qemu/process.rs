@@ -35,6 +35,9 @@ pub struct VmFiles {
     pub meta: PathBuf,
     /// The VM's saved state while it is stopped (QEMU's migration stream).
     pub state: PathBuf,
+    /// Guest RAM of a VM whose memory is its own file (`share=on`); while
+    /// the VM is stopped, this file is its saved memory.
+    pub ram: PathBuf,
 }
 
 impl VmFiles {
@@ -47,6 +50,7 @@ impl VmFiles {
             pidfile: dir.join("qemu.pid"),
             meta: dir.join("vm.json"),
             state: dir.join("vm.state"),
+            ram: dir.join("mem.ram"),
             dir,
         }
     }
@@ -85,6 +89,65 @@ pub struct LaunchSpec<'a> {
     pub files: &'a VmFiles,
     /// Volume disks, in device order.
     pub volumes: &'a [VolumeDisk],
+    /// Where guest RAM lives.
+    pub mem: MemBacking<'a>,
+}
+
+/// The file guest RAM is mapped from (`memory-backend-file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemBacking<'a> {
+    pub path: &'a Path,
+    /// `true`: the VM's own file, written through (`share=on`); a migration
+    /// with `x-ignore-shared` then carries device state only. `false`: a
+    /// checkpoint's file mapped copy-on-write (`share=off`), never written.
+    pub shared: bool,
+}
+
+/// The `-object` argument of guest RAM.
+fn mem_object(memory_mb: u32, mem: MemBacking<'_>) -> String {
+    format!(
+        "memory-backend-file,id={MEM_ID},size={memory_mb}M,mem-path={},share={}",
+        mem.path.display(),
+        if mem.shared { "on" } else { "off" }
+    )
+}
+
+/// The id of the guest RAM object in the argv.
+const MEM_ID: &str = "mem";
+
+/// Where an argv maps guest RAM from: `None` for a VM started without a
+/// memory backend (by an older bhatti: anonymous RAM, full migrations).
+pub fn mem_backing(argv: &[String]) -> Option<(PathBuf, bool)> {
+    let obj = argv
+        .iter()
+        .find(|a| a.starts_with("memory-backend-file,"))?;
+    let mut path = None;
+    let mut shared = false;
+    for kv in obj.split(',') {
+        if let Some(p) = kv.strip_prefix("mem-path=") {
+            path = Some(PathBuf::from(p));
+        } else if let Some(v) = kv.strip_prefix("share=") {
+            shared = v == "on";
+        }
+    }
+    path.map(|p| (p, shared))
+}
+
+/// `argv` with guest RAM mapped from `mem` instead (the same size); `None`
+/// when the argv has no memory backend.
+pub fn with_mem_backing(argv: &[String], mem: MemBacking<'_>) -> Option<Vec<String>> {
+    let i = argv
+        .iter()
+        .position(|a| a.starts_with("memory-backend-file,"))?;
+    let size: u32 = argv[i]
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("size="))?
+        .strip_suffix('M')?
+        .parse()
+        .ok()?;
+    let mut out = argv.to_vec();
+    out[i] = mem_object(size, mem);
+    Some(out)
 }
 
 /// A volume's disk as QEMU opens it.
@@ -124,11 +187,19 @@ pub fn qemu_argv(s: &LaunchSpec<'_>) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    push(&["-M", "microvm", "-accel", s.accel.qemu_arg()]);
+    // Guest RAM is a file: a checkpoint copies it instead of streaming it,
+    // and copies map a checkpoint's file copy-on-write (docs/forks.md).
+    push(&[
+        "-M",
+        &format!("microvm,memory-backend={MEM_ID}"),
+        "-accel",
+        s.accel.qemu_arg(),
+    ]);
     if s.accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
     push(&["-m", &s.memory_mb.to_string(), "-smp", &s.cpus.to_string()]);
+    push(&["-object", &mem_object(s.memory_mb, s.mem)]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
     // A guest that breaks out of QEMU lands in a process without root and
     // under a seccomp filter: QEMU opens its disk, TAP and sockets as root,
@@ -359,7 +430,16 @@ pub fn console_tail(path: &Path, lines: usize) -> String {
 
 /// One readiness probe: AUTH + ACTIVITY_REQ on the control port.
 pub async fn probe_agent(dialer: &dyn Dialer, token: &[u8]) -> Result<ActivityInfo, String> {
-    let mut s = tokio::time::timeout(PROBE_CONNECT_TIMEOUT, dialer.dial(Channel::Control))
+    probe_agent_within(dialer, token, PROBE_CONNECT_TIMEOUT).await
+}
+
+/// [`probe_agent`] with a connect timeout of `connect`.
+async fn probe_agent_within(
+    dialer: &dyn Dialer,
+    token: &[u8],
+    connect: Duration,
+) -> Result<ActivityInfo, String> {
+    let mut s = tokio::time::timeout(connect, dialer.dial(Channel::Control))
         .await
         .map_err(|_| "connect timed out (the guest's network is not up)".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
@@ -409,6 +489,49 @@ pub async fn wait_ready(
     pid: u32,
     timeout: Duration,
 ) -> Result<(), NotReady> {
+    wait_ready_with(
+        dialer,
+        token,
+        pid,
+        timeout,
+        PROBE_CONNECT_TIMEOUT,
+        PROBE_PAUSE,
+    )
+    .await
+}
+
+/// [`wait_ready`] for a guest that is known to run and is about to answer
+/// (a restored copy): a lost SYN is not retransmitted for a second, so
+/// probes give up on a connect after a few ms and start again at once.
+pub async fn wait_ready_quick(
+    dialer: &dyn Dialer,
+    token: &[u8],
+    pid: u32,
+    timeout: Duration,
+) -> Result<(), NotReady> {
+    let connect = Duration::from_millis(25);
+    wait_ready_with(
+        dialer,
+        token,
+        pid,
+        timeout,
+        connect,
+        Duration::from_millis(2),
+    )
+    .await
+}
+
+/// Pause between readiness probes of a booting guest.
+const PROBE_PAUSE: Duration = Duration::from_millis(50);
+
+async fn wait_ready_with(
+    dialer: &dyn Dialer,
+    token: &[u8],
+    pid: u32,
+    timeout: Duration,
+    connect: Duration,
+    pause: Duration,
+) -> Result<(), NotReady> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
@@ -423,13 +546,13 @@ pub async fn wait_ready(
                 last
             }));
         }
-        match tokio::time::timeout(remaining, probe_agent(dialer, token)).await {
+        match tokio::time::timeout(remaining, probe_agent_within(dialer, token, connect)).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => last = e,
             Err(_) if last.is_empty() => last = "probe still running at the deadline".into(),
             Err(_) => {}
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -456,13 +579,37 @@ mod tests {
             extra_cmdline: "",
             files: &f,
             volumes: &[],
+            mem: MemBacking {
+                path: &f.ram,
+                shared: true,
+            },
         };
         let a = qemu_argv(&spec);
         let joined = a.join(" ");
         assert!(
-            joined.starts_with("-M microvm -accel tcg,tb-size=64 -m 512 -smp 1"),
+            joined.starts_with("-M microvm,memory-backend=mem -accel tcg,tb-size=64 -m 512 -smp 1 -object memory-backend-file,id=mem,size=512M,mem-path=/var/lib/bhatti/sandboxes/sb1/mem.ram,share=on"),
             "{joined}"
         );
+        assert_eq!(
+            mem_backing(&a),
+            Some((PathBuf::from("/var/lib/bhatti/sandboxes/sb1/mem.ram"), true))
+        );
+        let cow = with_mem_backing(
+            &a,
+            MemBacking {
+                path: Path::new("/cp/mem.ram"),
+                shared: false,
+            },
+        )
+        .expect("has a backend");
+        assert_eq!(
+            mem_backing(&cow),
+            Some((PathBuf::from("/cp/mem.ram"), false))
+        );
+        assert!(cow
+            .join(" ")
+            .contains("size=512M,mem-path=/cp/mem.ram,share=off"));
+        assert_eq!(cow.len(), a.len());
         assert!(!a.iter().any(|x| x == "-cpu"));
         let append = &a[a.iter().position(|x| x == "-append").expect("append") + 1];
         assert_eq!(
@@ -519,6 +666,10 @@ mod tests {
             extra_cmdline: "",
             files: &f,
             volumes: &vols,
+            mem: MemBacking {
+                path: &f.ram,
+                shared: true,
+            },
         });
         let devices: Vec<&str> = a
             .iter()

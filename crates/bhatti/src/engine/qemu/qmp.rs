@@ -58,6 +58,39 @@ pub mod commands {
         #[serde(rename = "max-bandwidth")]
         pub max_bandwidth: u64,
     }
+    /// Copies the data of a drive's backing layers above `base` into its
+    /// top image, which then backs onto `base` directly (a background job).
+    #[derive(Debug, Serialize)]
+    pub struct BlockStream {
+        #[serde(rename = "job-id")]
+        pub job_id: String,
+        pub device: String,
+        /// File name of the backing image to keep, as the chain records it.
+        pub base: String,
+    }
+    /// The block jobs running.
+    #[derive(Debug, Serialize)]
+    pub struct QueryBlockJobs;
+    /// One block job (fields we read).
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct BlockJobInfo {
+        pub device: String,
+        #[serde(default)]
+        pub status: Option<String>,
+        #[serde(default)]
+        pub error: Option<String>,
+    }
+    /// Sets migration capabilities; only the ones we use.
+    #[derive(Debug, Serialize)]
+    pub struct MigrateSetCapabilities {
+        pub capabilities: Vec<CapabilityState>,
+    }
+    /// One capability and whether it is on.
+    #[derive(Debug, Serialize)]
+    pub struct CapabilityState {
+        pub capability: String,
+        pub state: bool,
+    }
     /// Starts an outgoing migration to `uri`.
     #[derive(Debug, Serialize)]
     pub struct Migrate {
@@ -229,6 +262,9 @@ pub mod commands {
     command!(Cont, "cont", Empty, args: false);
     command!(GetFd, "getfd", Empty, args: true);
     command!(MigrateSetParameters, "migrate-set-parameters", Empty, args: true);
+    command!(MigrateSetCapabilities, "migrate-set-capabilities", Empty, args: true);
+    command!(BlockStream, "block-stream", Empty, args: true);
+    command!(QueryBlockJobs, "query-block-jobs", Vec<BlockJobInfo>, args: false);
     command!(Migrate, "migrate", Empty, args: true);
     command!(MigrateIncoming, "migrate-incoming", Empty, args: true);
     command!(MigrateCancel, "migrate_cancel", Empty, args: false);
@@ -571,6 +607,40 @@ impl Qmp {
         self.execute(&cmd).await.map(|_| ())
     }
 
+    /// Starts streaming drive `device`'s layers above `base` into its top
+    /// image (job `job_id`); poll [`block_jobs`](Self::block_jobs) for the end.
+    pub async fn block_stream(
+        &self,
+        job_id: &str,
+        device: &str,
+        base: &str,
+    ) -> Result<(), QmpError> {
+        let cmd = BlockStream {
+            job_id: job_id.to_string(),
+            device: device.to_string(),
+            base: base.to_string(),
+        };
+        self.execute(&cmd).await.map(|_| ())
+    }
+
+    /// The block jobs still running (a finished job disappears).
+    pub async fn block_jobs(&self) -> Result<Vec<BlockJobInfo>, QmpError> {
+        self.execute(&QueryBlockJobs).await
+    }
+
+    /// Whether migrations skip RAM that lives in a shared file
+    /// (`x-ignore-shared`): the stream then carries device state only. Both
+    /// ends of one stream must agree (the RAM section's layout depends on it).
+    pub async fn set_ignore_shared(&self, on: bool) -> Result<(), QmpError> {
+        let cmd = MigrateSetCapabilities {
+            capabilities: vec![CapabilityState {
+                capability: "x-ignore-shared".into(),
+                state: on,
+            }],
+        };
+        self.execute(&cmd).await.map(|_| ())
+    }
+
     /// Starts sending the VM's state to `uri` (e.g. `fd:<name>`); poll
     /// [`query_migrate`](Self::query_migrate) for the end.
     pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
@@ -712,6 +782,15 @@ mod tests {
             r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:s"}}"#
         );
         assert_eq!(wire(&MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
+        assert_eq!(
+            wire(&MigrateSetCapabilities {
+                capabilities: vec![CapabilityState {
+                    capability: "x-ignore-shared".into(),
+                    state: true
+                }]
+            }),
+            r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"x-ignore-shared","state":true}]}}"#
+        );
         assert_eq!(wire(&AddFd {}), r#"{"execute":"add-fd","arguments":{}}"#);
         assert_eq!(
             wire(&BlockdevSnapshot {

@@ -73,12 +73,35 @@ impl QemuEngine {
         let started = Instant::now();
         let qmp = self.qmp_of(id).await?;
         let tmp = partial_state(&files);
-        let saved = match self.write_state(&qmp, vm.pid, &tmp).await {
+        // A VM whose RAM is its own file saves device state only: the file
+        // is its saved memory. A copy mapping a checkpoint's RAM privately
+        // saves everything, and restarts with a RAM file of its own.
+        let mut meta = read_meta(&files.meta);
+        let own_ram = meta
+            .as_ref()
+            .and_then(|m| process::mem_backing(&m.argv))
+            .is_some_and(|(p, shared)| shared && p == files.ram);
+        let saved = match self.write_state(&qmp, vm.pid, &tmp, own_ram).await {
             Ok(m) => std::fs::rename(&tmp, &files.state)
                 .map(|()| m)
                 .map_err(EngineError::from),
             Err(e) => Err(e),
         };
+        if saved.is_ok() {
+            if let Some(m) = meta.as_mut() {
+                m.saved_ram_in_file = own_ram;
+                if !own_ram {
+                    let own = process::MemBacking {
+                        path: &files.ram,
+                        shared: true,
+                    };
+                    if let Some(argv) = process::with_mem_backing(&m.argv, own) {
+                        m.argv = argv;
+                    }
+                }
+                write_meta(&files.meta, m)?;
+            }
+        }
         let migration = match saved {
             Ok(m) => m,
             Err(e) => {
@@ -94,6 +117,10 @@ impl QemuEngine {
         // From here on the VM is stopped, whatever happens to its process.
         self.registry().remove(id);
         self.stop_qemu(Some(&vm), &files).await;
+        if own_ram {
+            let ram = files.ram.clone();
+            blocking(move || std::fs::File::open(ram).and_then(|f| f.sync_data())).await??;
+        }
         // QEMU (as nobody) cannot remove these itself.
         let _ = std::fs::remove_file(&files.pidfile);
         let _ = std::fs::remove_file(&files.qmp);
@@ -111,16 +138,19 @@ impl QemuEngine {
         Ok(())
     }
 
-    /// Stops the vCPUs and migrates the VM into a new file at `path`.
+    /// Stops the vCPUs and migrates the VM into a new file at `path`;
+    /// `ram_in_file`: its RAM is its own file, and only device state goes.
     async fn write_state(
         &self,
         qmp: &Qmp,
         pid: u32,
         path: &Path,
+        ram_in_file: bool,
     ) -> Result<MigrationInfo, EngineError> {
         qmp.set_migrate_max_bandwidth(SAVE_BANDWIDTH)
             .await
             .map_err(save_err)?;
+        qmp.set_ignore_shared(ram_in_file).await.map_err(save_err)?;
         let p = path.to_path_buf();
         let file = blocking(move || {
             std::fs::OpenOptions::new()
@@ -211,6 +241,10 @@ impl QemuEngine {
         self.install_firewall(&meta).await?;
 
         let _ = std::fs::remove_file(&files.pidfile);
+        if !meta.saved_ram_in_file {
+            // The stream carries the RAM; a stale RAM file would only take disk.
+            let _ = std::fs::remove_file(&files.ram);
+        }
         let mut argv = meta.argv.clone();
         argv.extend(["-incoming".to_string(), "defer".to_string()]);
         let pid = process::launch(&meta.qemu, &self.net.netns, &argv, &files.pidfile)
@@ -220,7 +254,7 @@ impl QemuEngine {
                 console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
             })?;
         let launched = started.elapsed();
-        let qmp = match self.load_state(&files, pid).await {
+        let qmp = match load_state_from(&files, &files.state, pid, meta.saved_ram_in_file).await {
             Ok(q) => q,
             Err(e) => {
                 // The state file stays: the VM is still stopped and can be started again.
@@ -285,19 +319,26 @@ impl QemuEngine {
         );
         Ok(())
     }
+}
 
-    /// Loads `vm.state` into the QEMU `pid`, started with `-incoming defer`.
-    async fn load_state(&self, files: &VmFiles, pid: u32) -> Result<Qmp, EngineError> {
-        load_state_from(files, &files.state, pid).await
-    }
+/// Writes a VM's record atomically (a crash leaves the old or the new one).
+pub(super) fn write_meta(path: &Path, meta: &super::VmMeta) -> Result<(), EngineError> {
+    let json = serde_json::to_vec_pretty(meta)
+        .map_err(|e| EngineError::Internal(format!("VM record: {e}")))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// Loads the migration stream at `state` into the QEMU `pid` (of the VM
 /// whose files are `files`), started with `-incoming defer`.
+/// `device_only`: the stream was written with `x-ignore-shared` (RAM in a file).
 pub(super) async fn load_state_from(
     files: &VmFiles,
     state: &Path,
     pid: u32,
+    device_only: bool,
 ) -> Result<Qmp, EngineError> {
     {
         let boot_err = |reason: String| EngineError::Boot {
@@ -310,6 +351,7 @@ pub(super) async fn load_state_from(
         let p = state.to_path_buf();
         let file = blocking(move || std::fs::File::open(p)).await??;
         let load_err = |e: QmpError| boot_err(format!("loading the saved VM failed: {e}"));
+        qmp.set_ignore_shared(device_only).await.map_err(load_err)?;
         qmp.getfd(FD_NAME, file.as_fd()).await.map_err(load_err)?;
         qmp.migrate_incoming(&format!("fd:{FD_NAME}"))
             .await
