@@ -5,6 +5,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use time::OffsetDateTime;
 
 use super::{fmt_ts, is_unique_violation, now, ts_col, Store, StoreError};
+use crate::egress::EgressPolicy;
 
 /// A named snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,9 @@ pub struct SnapshotRecord {
     pub state_bytes: u64,
     pub layer_bytes: u64,
     pub created_at: OffsetDateTime,
+    /// The source's egress policy, which a resume keeps (`None`: a snapshot
+    /// taken before it was recorded, whose source is gone).
+    pub egress: Option<EgressPolicy>,
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
@@ -37,6 +41,16 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
         state_bytes: row.get::<_, i64>("state_bytes")?.max(0) as u64,
         layer_bytes: row.get::<_, i64>("layer_bytes")?.max(0) as u64,
         created_at: ts_col(row, "created_at")?,
+        egress: match row.get::<_, Option<String>>("egress")? {
+            None => None,
+            Some(j) => Some(serde_json::from_str(&j).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    format!("bad snapshot egress: {e}").into(),
+                )
+            })?),
+        },
     })
 }
 
@@ -116,6 +130,13 @@ impl Store {
 
     /// Stores a snapshot (quota and name checked again inside the transaction).
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        let egress = match &s.egress {
+            Some(p) => Some(
+                serde_json::to_string(p)
+                    .map_err(|e| StoreError::Invalid(format!("snapshot egress: {e}")))?,
+            ),
+            None => None,
+        };
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let max: i64 = tx.query_row(
@@ -135,8 +156,8 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO snapshots (id, user_id, name, source_name, layer_id, cpus, memory_mb,
-                                    token, state_bytes, layer_bytes, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                    token, state_bytes, layer_bytes, created_at, egress)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 s.id,
                 s.user_id,
@@ -148,7 +169,8 @@ impl Store {
                 s.token,
                 s.state_bytes as i64,
                 s.layer_bytes as i64,
-                fmt_ts(s.created_at)
+                fmt_ts(s.created_at),
+                egress
             ],
         )
         .map_err(|e| {
