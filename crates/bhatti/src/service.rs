@@ -228,6 +228,9 @@ pub struct Service {
     default_egress: EgressPolicy,
     /// Sandboxes of one user reach each other.
     same_user_peers: bool,
+    /// Guests have a route out at all (config `egress`); policies only
+    /// narrow it.
+    uplink: bool,
     /// One lock per volume: a grow and a create that attaches it never overlap.
     volume_locks: Mutex<HashMap<String, AsyncLock>>,
     /// Image pulls running or recently finished.
@@ -257,6 +260,7 @@ impl Service {
             shares: share::ShareHub::default(),
             default_egress: EgressPolicy::default(),
             same_user_peers: false,
+            uplink: true,
             volume_locks: Mutex::new(HashMap::new()),
             tasks: pull::Tasks::default(),
         }
@@ -267,6 +271,13 @@ impl Service {
     pub fn with_egress(mut self, default: EgressPolicy, same_user_peers: bool) -> Self {
         self.default_egress = default;
         self.same_user_peers = same_user_peers;
+        self
+    }
+
+    /// Whether guests have a route out at all (config `egress`; default
+    /// true). Shown by inspect: without one, no policy reaches anything.
+    pub fn with_uplink(mut self, uplink: bool) -> Self {
+        self.uplink = uplink;
         self
     }
 

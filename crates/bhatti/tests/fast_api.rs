@@ -586,6 +586,15 @@ async fn egress_is_kept_by_copies_and_fixed_at_create() {
         v["egress"].clone()
     };
     assert_eq!(now, policy);
+    // Inspect says whether the daemon has a route out at all (this one does).
+    let v: serde_json::Value = api
+        .get("/sandboxes/src/inspect")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["egress_off"], false, "{v}");
+    assert_eq!(v["sandbox"]["egress"], policy);
 
     // The daemon's gateway, its subnet, a part of it or a network around it
     // are never opened by an allowance: refused rather than silently inert.

@@ -393,6 +393,11 @@ pub struct SandboxDetail {
     /// Sessions in the guest; absent unless the sandbox is hot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<Session>>,
+    /// True when the daemon gives guests no route out at all (config
+    /// `egress: false`): the sandbox then reaches nothing, whatever its
+    /// `egress` policy says. Absent (older daemons): false.
+    #[serde(default)]
+    pub egress_off: bool,
 }
 
 /// `POST /sandboxes/{id}/checkpoint`.

@@ -253,3 +253,80 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::temp_store;
+    use super::*;
+    use crate::egress::Posture;
+    use crate::store::{NewSandbox, UserLimits};
+
+    fn snapshot(user_id: i64, name: &str, source: &str, layer: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: format!("snap-{name}"),
+            user_id,
+            name: name.into(),
+            source_name: source.into(),
+            layer_id: layer.into(),
+            cpus: 1,
+            memory_mb: 512,
+            token: "t".into(),
+            state_bytes: 1,
+            layer_bytes: 1,
+            created_at: now(),
+            egress: None,
+        }
+    }
+
+    /// A snapshot keeps its source's egress policy; migration 008 gives
+    /// older snapshots their source's policy when the source still exists.
+    #[test]
+    fn snapshots_keep_the_egress_policy() {
+        let (dir, store) = temp_store();
+        let (user, _) = store
+            .create_user("alice", UserLimits::default())
+            .expect("user");
+        let deny = EgressPolicy::parse(
+            Posture::Deny,
+            &["api.example.com".to_string()],
+            &["10.99.0.0/24".to_string()],
+        )
+        .expect("policy");
+        let mut new = NewSandbox::new(user.id, "src");
+        new.egress = deny.clone();
+        let sb = store
+            .create_sandbox(&new, &Default::default())
+            .expect("sandbox");
+        store.freeze_layer(&sb.id, "l1").expect("layer");
+        let mut with = snapshot(user.id, "new", "src", "l1");
+        with.egress = Some(deny.clone());
+        store.insert_snapshot(&with).expect("insert");
+        store
+            .insert_snapshot(&snapshot(user.id, "orphan", "gone", "l1"))
+            .expect("insert");
+        assert_eq!(
+            store.find_snapshot(user.id, "new").expect("find").egress,
+            Some(deny.clone())
+        );
+
+        // As a database from before 008: no column, version 7.
+        {
+            let conn = store.conn();
+            conn.execute_batch("ALTER TABLE snapshots DROP COLUMN egress")
+                .expect("drop column");
+            conn.pragma_update(None, "user_version", 7).expect("v7");
+        }
+        drop(store);
+        let store = Store::open(dir.path()).expect("migrate");
+        assert_eq!(
+            store.find_snapshot(user.id, "new").expect("find").egress,
+            Some(deny),
+            "backfilled from the source"
+        );
+        assert_eq!(
+            store.find_snapshot(user.id, "orphan").expect("find").egress,
+            None,
+            "source gone: unknown"
+        );
+    }
+}
