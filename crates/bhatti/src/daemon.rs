@@ -59,6 +59,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
         Service::new(store, engine, cipher, cfg.subnet)
             .with_public_urls(cfg.public_scheme(), &cfg.public_url_host_suffix())
             .with_egress(cfg.default_egress()?, cfg.same_user_peers)
+            .with_uplink(cfg.egress)
             .with_thermal(ThermalConfig::from_secs(
                 cfg.idle_warm_secs,
                 cfg.idle_cold_secs,

@@ -145,6 +145,27 @@ impl EgressPolicy {
         })
     }
 
+    /// Refuses `allow_cidrs` entries that overlap the daemon's sandbox
+    /// subnet (its gateway, the subnet, a part of it or a network around
+    /// it): the firewall never opens the gateway or other guests through
+    /// an allowance, so such an entry would be accepted and never work.
+    ///
+    /// Errors: [`PolicyError`] naming `allow_cidrs`.
+    pub fn check_subnet(&self, subnet: Ipv4Net) -> Result<(), PolicyError> {
+        for net in &self.allow_cidrs {
+            if net.contains(&subnet.network()) || subnet.contains(&net.network()) {
+                return Err(bad(
+                    "allow_cidrs",
+                    format!(
+                        "{net} overlaps the sandbox network {subnet} (its gateway {} is the daemon; other sandboxes are reached only as peers), which no allowance opens",
+                        subnet.hosts().next().unwrap_or(subnet.network())
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a DNS name (any case, trailing dot or not) is one of `allow_hosts`.
     pub fn allows_name(&self, name: &str) -> bool {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -271,6 +292,27 @@ mod tests {
         ] {
             let e = EgressPolicy::parse(Posture::Public, &[], &s(&[bad])).expect_err(bad);
             assert_eq!(e.field, "allow_cidrs");
+        }
+    }
+
+    #[test]
+    fn the_sandbox_subnet_is_refused() {
+        let subnet: Ipv4Net = "192.168.211.0/24".parse().expect("net");
+        for bad in [
+            "192.168.211.1",
+            "192.168.211.0/24",
+            "192.168.211.128/25",
+            "192.168.0.0/16",
+            "0.0.0.0/0",
+        ] {
+            let p = EgressPolicy::parse(Posture::Deny, &[], &s(&[bad])).expect(bad);
+            let e = p.check_subnet(subnet).expect_err(bad);
+            assert_eq!(e.field, "allow_cidrs");
+            assert!(e.message.contains("192.168.211.0/24"), "{}", e.message);
+        }
+        for good in ["192.168.212.0/24", "10.0.0.0/8", "192.168.210.255"] {
+            let p = EgressPolicy::parse(Posture::Deny, &[], &s(&[good])).expect(good);
+            assert!(p.check_subnet(subnet).is_ok(), "{good}");
         }
     }
 

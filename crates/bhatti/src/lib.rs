@@ -19,4 +19,5 @@ pub mod rate_limit;
 pub mod registry;
 pub mod secrets;
 pub mod service;
+pub mod status;
 pub mod store;

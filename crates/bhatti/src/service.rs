@@ -118,6 +118,8 @@ pub enum ErrorKind {
     Busy {
         retry_after_secs: u64,
     },
+    /// The app in a sandbox gave no usable answer (the proxies' 502).
+    BadGateway,
     /// A fault on our side.
     Internal,
 }
@@ -156,6 +158,7 @@ impl ServiceError {
                 _ => K::Unavailable,
             },
             ServiceError::Agent(AgentError::Remote { code, .. }) => kind_of_code(*code),
+            ServiceError::Agent(AgentError::BodyEnded(_)) => K::Invalid,
             ServiceError::Agent(_) => K::Unavailable,
         }
     }
@@ -179,6 +182,7 @@ fn kind_of_code(code: ErrorCode) -> ErrorKind {
 fn agent_message(e: &AgentError) -> String {
     match e {
         AgentError::Remote { message, .. } => message.clone(),
+        e @ AgentError::BodyEnded(_) => e.to_string(),
         other => format!("sandbox agent unavailable: {other}"),
     }
 }
@@ -224,6 +228,9 @@ pub struct Service {
     default_egress: EgressPolicy,
     /// Sandboxes of one user reach each other.
     same_user_peers: bool,
+    /// Guests have a route out at all (config `egress`); policies only
+    /// narrow it.
+    uplink: bool,
     /// One lock per volume: a grow and a create that attaches it never overlap.
     volume_locks: Mutex<HashMap<String, AsyncLock>>,
     /// Image pulls running or recently finished.
@@ -253,6 +260,7 @@ impl Service {
             shares: share::ShareHub::default(),
             default_egress: EgressPolicy::default(),
             same_user_peers: false,
+            uplink: true,
             volume_locks: Mutex::new(HashMap::new()),
             tasks: pull::Tasks::default(),
         }
@@ -266,9 +274,26 @@ impl Service {
         self
     }
 
-    /// The egress policy of a create request: its fields, else the defaults.
-    fn egress_of(&self, req: &CreateSandboxRequest) -> Result<EgressPolicy> {
-        let d = &self.default_egress;
+    /// Whether guests have a route out at all (config `egress`; default
+    /// true). Shown by inspect: without one, no policy reaches anything.
+    pub fn with_uplink(mut self, uplink: bool) -> Self {
+        self.uplink = uplink;
+        self
+    }
+
+    /// The egress policy of a create request: each field it names, else
+    /// the same field of `base` — the source's policy for a fork or a
+    /// resumed snapshot (a copy keeps its source's policy), the daemon's
+    /// default otherwise.
+    ///
+    /// Errors: `Invalid` naming the field (a bad entry, or an allowance
+    /// that overlaps the sandbox subnet).
+    fn egress_of(
+        &self,
+        req: &CreateSandboxRequest,
+        base: Option<&EgressPolicy>,
+    ) -> Result<EgressPolicy> {
+        let d = base.unwrap_or(&self.default_egress);
         let hosts = req
             .allow_hosts
             .clone()
@@ -277,8 +302,10 @@ impl Service {
             .allow_cidrs
             .clone()
             .unwrap_or_else(|| d.allow_cidrs.iter().map(|n| n.to_string()).collect());
-        EgressPolicy::parse(req.egress.unwrap_or(d.mode), &hosts, &cidrs)
-            .map_err(|e| ServiceError::Invalid(e.to_string()))
+        let policy = EgressPolicy::parse(req.egress.unwrap_or(d.mode), &hosts, &cidrs)
+            .and_then(|p| p.check_subnet(self.subnet.net()).map(|()| p))
+            .map_err(|e| ServiceError::Invalid(e.to_string()))?;
+        Ok(policy)
     }
 
     /// Published URLs become `<scheme>://<alias>.<domain>` (`domain` may end in `:port`).
@@ -349,7 +376,7 @@ impl Service {
         snapshot: Option<&str>,
     ) -> Result<Created> {
         // Bad egress fields are a 400 before anything is made (a fork's checkpoint included).
-        self.egress_of(&req)?;
+        self.egress_of(&req, None)?;
         let name = match req.name.clone() {
             Some(n) => n,
             None => generate_name(),
@@ -367,10 +394,17 @@ impl Service {
             // (`find` also matches ids: a new name that looks like another
             // sandbox's id is still a new name.)
             Ok(rec) if rec.name == name => {
+                // A retry must not pass for a create with another policy.
+                if names_egress(&req) && self.egress_of(&req, Some(&rec.egress))? != rec.egress {
+                    return Err(ServiceError::Conflict(format!(
+                        "sandbox {name} already exists with another egress policy ({}); egress cannot be changed after create",
+                        describe_egress(&rec.egress)
+                    )));
+                }
                 return Ok(Created {
                     sandbox: view(&rec),
                     created: false,
-                })
+                });
             }
             Ok(_) | Err(ServiceError::NotFound(_)) => {}
             Err(e) => return Err(e),
@@ -419,7 +453,7 @@ impl Service {
         req: CreateSandboxRequest,
         source: Option<snapshots::RestoreSource>,
     ) -> Result<Sandbox> {
-        let egress = self.egress_of(&req)?;
+        let egress = self.egress_of(&req, source.as_ref().and_then(|s| s.egress.as_ref()))?;
         let (cpus, memory_mb) = match &source {
             // A restored VM has its source's machine: QEMU needs the same size.
             Some(src) => src.machine(req.cpus, req.memory_mb)?,
@@ -437,8 +471,15 @@ impl Service {
         };
         let env = req.env.unwrap_or_default();
         for (key, value) in &env {
-            validate_secret_name(key)
-                .map_err(|e| ServiceError::Invalid(format!("invalid field `env`: {e}")))?;
+            // Same rules as secret names, but said about `env`.
+            validate_secret_name(key).map_err(|e| {
+                ServiceError::Invalid(match e {
+                    SecretsError::InvalidName { name, reason } => {
+                        format!("invalid field `env`: variable name {name:?}: {reason}")
+                    }
+                    other => format!("invalid field `env`: {other}"),
+                })
+            })?;
             // Every exec in the sandbox carries these: one NUL would fail them all.
             exec::no_nul("env", value)?;
         }
@@ -830,6 +871,24 @@ impl Service {
 }
 
 /// A sandbox as the API shows it.
+/// Whether a create request names any egress field.
+fn names_egress(req: &CreateSandboxRequest) -> bool {
+    req.egress.is_some() || req.allow_hosts.is_some() || req.allow_cidrs.is_some()
+}
+
+/// A policy in a few words, for messages: `deny, allow_hosts [a.com]`.
+fn describe_egress(p: &EgressPolicy) -> String {
+    let mut s = p.mode.as_str().to_string();
+    if !p.allow_hosts.is_empty() {
+        s.push_str(&format!(", allow_hosts [{}]", p.allow_hosts.join(", ")));
+    }
+    if !p.allow_cidrs.is_empty() {
+        let c: Vec<String> = p.allow_cidrs.iter().map(|n| n.to_string()).collect();
+        s.push_str(&format!(", allow_cidrs [{}]", c.join(", ")));
+    }
+    s
+}
+
 pub fn view(r: &SandboxRecord) -> Sandbox {
     Sandbox {
         id: r.id.clone(),

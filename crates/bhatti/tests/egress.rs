@@ -260,6 +260,15 @@ async fn egress_policy_and_guest_probes() {
             "allow_hosts",
         ),
         (json!({"name": "x", "egress": "open"}), "egress"),
+        // The daemon's gateway and subnet: never opened by an allowance.
+        (
+            json!({"name": "x", "allow_cidrs": ["192.168.150.1"]}),
+            "allow_cidrs",
+        ),
+        (
+            json!({"name": "x", "allow_cidrs": ["192.168.0.0/16"]}),
+            "allow_cidrs",
+        ),
     ] {
         let r = alice.post("/sandboxes", body.clone()).await;
         assert_eq!(r.status(), 400, "{body}");
@@ -339,6 +348,18 @@ async fn egress_policy_and_guest_probes() {
         "allowed names resolve and connect: {out} {err}"
     );
     assert!(out.contains("hello private"), "{out}");
+
+    // --- A fork of a1 keeps a1's policy (not the daemon's default, public),
+    // in its record and in its firewall.
+    let t0 = Instant::now();
+    let a1f = create(&alice, json!({"name": "a1f", "from": "a1"})).await;
+    eprintln!("fork in {:?}", t0.elapsed());
+    assert_eq!(a1f["egress"], a1["egress"], "{a1f}");
+    let (_, out, _) = alice.exec("a1f", &["python3", "-c", &before]).await;
+    eprintln!("a1f:\n{out}");
+    assert!(outcome(&out, "public").starts_with("closed"), "{out}");
+    assert_eq!(outcome(&out, "private-cidr"), "open", "{out}");
+    assert_eq!(alice.delete("/sandboxes/a1f").await.status(), 204);
 
     // --- a2: public (the default); probes of everything a guest must not reach.
     let host_addrs: Vec<String> = String::from_utf8_lossy(

@@ -445,3 +445,301 @@ async fn proxies_reach_a_published_port() {
     assert_eq!(api.delete("/sandboxes/web").await.status(), 204);
     assert_eq!(public("again", "/").await.expect("public").status(), 404);
 }
+
+/// `PATCH /sandboxes/{sb}` with `body`.
+async fn patch(api: &common::Api, sb: &str, body: serde_json::Value) -> reqwest::Response {
+    api.req(reqwest::Method::PATCH, &format!("/sandboxes/{sb}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("PATCH")
+}
+
+/// Issue 17: a fork or a resumed snapshot keeps its source's egress policy
+/// (not the daemon's default) unless its request names another; a policy
+/// is fixed at create (a repeated create with another one is a 409, a PATCH
+/// of it a 400); allowances overlapping the sandbox subnet are refused.
+#[tokio::test]
+async fn egress_is_kept_by_copies_and_fixed_at_create() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    let policy = serde_json::json!({
+        "mode": "deny",
+        "allow_hosts": ["api.example.com"],
+        "allow_cidrs": ["10.99.0.0/24"],
+    });
+    let r = api
+        .post(
+            "/sandboxes",
+            serde_json::json!({
+                "name": "src",
+                "egress": "deny",
+                "allow_hosts": ["api.example.com"],
+                "allow_cidrs": ["10.99.0.0/24"],
+            }),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["egress"], policy);
+
+    // A fork keeps it (the daemon's default is public).
+    let r = api
+        .post(
+            "/sandboxes",
+            serde_json::json!({"name": "f1", "from": "src"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["egress"], policy, "fork");
+    // A fork that names a field gets it; the others stay the source's.
+    let r = api
+        .post(
+            "/sandboxes",
+            serde_json::json!({"name": "f2", "from": "src", "egress": "public"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["egress"]["mode"], "public");
+    assert_eq!(v["egress"]["allow_hosts"], policy["allow_hosts"]);
+
+    // A snapshot stores it; a resume gets it.
+    let r = api
+        .post(
+            "/snapshots",
+            serde_json::json!({"sandbox": "src", "name": "snap"}),
+        )
+        .await;
+    assert!(r.status().is_success(), "snapshot: {}", r.status());
+    let r = api
+        .post("/snapshots/snap/resume", serde_json::json!({"name": "r1"}))
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["egress"], policy, "resume");
+    let v: serde_json::Value = api.get("/sandboxes/r1").await.json().await.expect("json");
+    let stored = if v.get("sandbox").is_some() {
+        v["sandbox"]["egress"].clone()
+    } else {
+        v["egress"].clone()
+    };
+    assert_eq!(stored, policy, "resume, as stored");
+
+    // A repeated create: the same policy (or none named) is the same sandbox...
+    let same = api
+        .post(
+            "/sandboxes",
+            serde_json::json!({"name": "src", "egress": "deny"}),
+        )
+        .await;
+    assert_eq!(same.status(), 200);
+    assert_eq!(create(&api, "src").await.status(), 200);
+    // ...another is a conflict, not silently the old policy.
+    let (s, m) = failure(
+        api.post(
+            "/sandboxes",
+            serde_json::json!({"name": "src", "egress": "public"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 409, "{m}");
+    assert!(m.contains("another egress policy"), "{m}");
+    let (s, m) = failure(
+        api.post(
+            "/sandboxes",
+            serde_json::json!({"name": "src", "allow_hosts": ["other.example.com"]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 409, "{m}");
+
+    // PATCH cannot change it: a 400 naming the field, and nothing changes.
+    for body in [
+        serde_json::json!({"egress": "public"}),
+        serde_json::json!({"allow_hosts": []}),
+        serde_json::json!({"allow_cidrs": ["203.0.113.0/24"], "keep_hot": true}),
+    ] {
+        let (s, m) = failure(patch(&api, "src", body.clone()).await).await;
+        assert_eq!(s, 400, "{body}: {m}");
+        assert!(m.contains("cannot be changed after create"), "{m}");
+        let field = body
+            .as_object()
+            .and_then(|o| o.keys().find(|k| *k != "keep_hot"))
+            .expect("field")
+            .clone();
+        assert!(m.contains(&format!("`{field}`")), "{m}");
+    }
+    assert_eq!(
+        patch(&api, "src", serde_json::json!({"keep_hot": true}))
+            .await
+            .status(),
+        200
+    );
+    let v: serde_json::Value = api.get("/sandboxes/src").await.json().await.expect("json");
+    let now = if v.get("sandbox").is_some() {
+        v["sandbox"]["egress"].clone()
+    } else {
+        v["egress"].clone()
+    };
+    assert_eq!(now, policy);
+    // Inspect says whether the daemon has a route out at all (this one does).
+    let v: serde_json::Value = api
+        .get("/sandboxes/src/inspect")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["egress_off"], false, "{v}");
+    assert_eq!(v["sandbox"]["egress"], policy);
+
+    // The daemon's gateway, its subnet, a part of it or a network around it
+    // are never opened by an allowance: refused rather than silently inert.
+    for cidr in [
+        "10.250.0.1",
+        "10.250.0.0/24",
+        "10.250.0.64/26",
+        "10.0.0.0/8",
+    ] {
+        let (s, m) = failure(
+            api.post(
+                "/sandboxes",
+                serde_json::json!({"name": "net", "allow_cidrs": [cidr]}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, 400, "{cidr}: {m}");
+        assert!(
+            m.contains("`allow_cidrs`") && m.contains("10.250.0.0/24"),
+            "{m}"
+        );
+    }
+    // A fork cannot name one either.
+    let (s, _) = failure(
+        api.post(
+            "/sandboxes",
+            serde_json::json!({"name": "f3", "from": "src", "allow_cidrs": ["10.250.0.9"]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 400);
+}
+
+/// Issue 17: an upload whose client breaks off (Content-Length 1000, 10
+/// bytes, then nothing more) is the request's fault: 400, never the 503
+/// "sandbox agent unavailable" of a server failure; nothing is written.
+#[tokio::test]
+async fn an_upload_cut_short_is_a_bad_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    let id = create_ok(&api, "up").await;
+    let home = d.engine.home(&id).expect("home");
+    let target = home.join("cut.bin");
+    let target_s = target.to_str().expect("utf-8").to_string();
+
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "PUT /sandboxes/up/files?path={target_s} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Length: 1000\r\n\r\n0123456789",
+        d.key
+    );
+    tcp.write_all(head.as_bytes()).await.expect("send");
+    // The client stops sending (half-close): the body ends 990 bytes short.
+    tcp.shutdown().await.expect("shutdown");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    // (hyper still answers a client that only closed its sending half.)
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("ended early"), "{answer}");
+
+    // The same through the service, whose answer reaches a client that is
+    // still there: a bad request, not an unavailable agent.
+    let user = d
+        .store
+        .call(|s| s.get_user_by_name("alice"))
+        .await
+        .expect("alice");
+    let mut short: &[u8] = b"0123456789";
+    let e = d
+        .service
+        .write_file(&user, "up", &target_s, None, 1000, &mut short)
+        .await
+        .expect_err("short body");
+    assert_eq!(e.kind(), bhatti::service::ErrorKind::Invalid, "{e}");
+    assert!(e.to_string().contains("ended early"), "{e}");
+    assert_eq!(bhatti::api::error::ApiError::from(e).status.as_u16(), 400);
+    assert!(!target.exists(), "nothing written");
+    // The agent removes its temporary file when it sees the connection end.
+    let leftovers = || {
+        std::fs::read_dir(&home)
+            .expect("home")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("cut.bin"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while leftovers() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(leftovers(), 0, "no temporary file left");
+    assert!(!target.exists(), "nothing written");
+}
+
+/// Issue 17: environment names are checked as such: a bad one on exec or
+/// create is a 400 naming `env` (and not called a secret name).
+#[tokio::test]
+async fn bad_env_names_are_refused_as_env() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "envs").await;
+    let (s, m) = failure(
+        api.post(
+            "/sandboxes/envs/exec",
+            serde_json::json!({"cmd": ["true"], "env": {"A=B": "x", "": "y"}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("`env`"), "{m}");
+    for key in ["A=B", "", "1X"] {
+        let (s, m) = failure(
+            api.post(
+                "/sandboxes",
+                serde_json::json!({"name": "e2", "env": {key: "x"}}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, 400, "{key:?}: {m}");
+        assert!(m.contains("`env`"), "{m}");
+        assert!(!m.contains("secret"), "{m}");
+    }
+}
+
+/// Issue 17: a regular file that fails on its first read (/proc/self/mem)
+/// is refused before the answer starts, not a 200 with a broken body.
+#[tokio::test]
+async fn an_unreadable_file_is_refused_before_the_body() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "mem").await;
+    let r = read(&api, "mem", "/proc/self/mem").await;
+    let (s, m) = failure(r).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(m.contains("/proc/self/mem"), "{m}");
+    // Files of size 0 that read fine still do.
+    let r = read(&api, "mem", "/proc/self/status").await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.expect("body");
+    assert!(body.contains("Pid:"), "{body}");
+}

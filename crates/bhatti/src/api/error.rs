@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::service::{ErrorKind, ServiceError};
+use crate::service::ServiceError;
 
 /// An error answer: `{"error": "<clear message>"}` with a fitting status.
 #[derive(Debug, Clone)]
@@ -71,21 +71,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The HTTP status of each kind of service failure: the one place they are mapped.
-pub fn status_of(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-        ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-        ErrorKind::Unavailable | ErrorKind::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
+pub use crate::status::status_of;
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
@@ -96,34 +82,5 @@ impl From<ServiceError> for ApiError {
             ref other => other.to_string(),
         };
         ApiError::new(status_of(e.kind()), message)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_kind_has_its_status() {
-        for (kind, status) in [
-            (ErrorKind::Invalid, 400),
-            (ErrorKind::Unauthorized, 401),
-            (ErrorKind::Forbidden, 403),
-            (ErrorKind::NotFound, 404),
-            (ErrorKind::Conflict, 409),
-            (ErrorKind::TooLarge, 413),
-            (ErrorKind::LimitExceeded, 429),
-            (ErrorKind::Internal, 500),
-            (ErrorKind::Unavailable, 503),
-            (
-                ErrorKind::Busy {
-                    retry_after_secs: 1,
-                },
-                503,
-            ),
-            (ErrorKind::NoSpace, 507),
-        ] {
-            assert_eq!(status_of(kind).as_u16(), status, "{kind:?}");
-        }
     }
 }

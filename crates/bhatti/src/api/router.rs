@@ -18,8 +18,7 @@ use crate::service::Service;
 /// Largest JSON request body (exec stdin travels base64-encoded in it).
 pub const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
 
-/// Response header carrying the server version (`0.1.0`).
-pub const VERSION_HEADER: &str = "x-bhatti-version";
+pub use crate::model::VERSION_HEADER;
 
 /// Shared by every handler.
 #[derive(Clone)]

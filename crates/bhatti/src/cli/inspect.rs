@@ -49,22 +49,7 @@ pub async fn run(ctx: Ctx, args: InspectArgs) -> anyhow::Result<i32> {
             labels.join(", ")
         }
     ));
-    let e = &s.egress;
-    let allow: Vec<String> = e
-        .allow_hosts
-        .iter()
-        .cloned()
-        .chain(e.allow_cidrs.iter().map(|n| n.to_string()))
-        .collect();
-    lines.push(format!(
-        "egress:    {}{}",
-        e.mode.as_str(),
-        if allow.is_empty() {
-            String::new()
-        } else {
-            format!(", allow {}", allow.join(", "))
-        }
-    ));
+    lines.push(format!("egress:    {}", egress_line(&d)));
     if d.published.is_empty() {
         lines.push("published: -".into());
     } else {
@@ -86,4 +71,50 @@ pub async fn run(ctx: Ctx, args: InspectArgs) -> anyhow::Result<i32> {
     }
     output::println(&lines.join("\n"))?;
     Ok(0)
+}
+
+/// The policy, its allowances, and whether the daemon lets anything out at all.
+fn egress_line(d: &SandboxDetail) -> String {
+    let e = &d.sandbox.egress;
+    let allow: Vec<String> = e
+        .allow_hosts
+        .iter()
+        .cloned()
+        .chain(e.allow_cidrs.iter().map(|n| n.to_string()))
+        .collect();
+    let mut line = e.mode.as_str().to_string();
+    if !allow.is_empty() {
+        line.push_str(&format!(", allow {}", allow.join(", ")));
+    }
+    if d.egress_off {
+        line.push_str(" (egress is off on this daemon: no route out)");
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn egress_says_when_the_daemon_has_none() {
+        let mut d: SandboxDetail = serde_json::from_value(serde_json::json!({
+            "sandbox": {
+                "id": "i", "name": "n", "status": "running", "ip": "", "cpus": 1,
+                "memory_mb": 512, "keep_hot": false, "created_at": "",
+                "egress": {"mode": "deny", "allow_hosts": ["a.com"], "allow_cidrs": ["10.0.0.0/8"]},
+            },
+            "disk_bytes": null,
+            "published": [],
+        }))
+        .expect("detail");
+        assert!(!d.egress_off, "absent: an older daemon");
+        assert_eq!(egress_line(&d), "deny, allow a.com, 10.0.0.0/8");
+        d.egress_off = true;
+        d.sandbox.egress = Default::default();
+        assert_eq!(
+            egress_line(&d),
+            "public (egress is off on this daemon: no route out)"
+        );
+    }
 }

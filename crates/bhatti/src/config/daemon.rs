@@ -427,15 +427,18 @@ impl DaemonConfig {
 
     /// The egress policy of a sandbox whose create names none.
     ///
-    /// Errors: a bad `egress_allow_hosts` or `egress_allow_cidrs` entry.
+    /// Errors: a bad `egress_allow_hosts` or `egress_allow_cidrs` entry
+    /// (one overlapping `subnet` included).
     pub fn default_egress(
         &self,
     ) -> Result<crate::egress::EgressPolicy, crate::egress::PolicyError> {
-        crate::egress::EgressPolicy::parse(
+        let p = crate::egress::EgressPolicy::parse(
             self.egress_default,
             &self.egress_allow_hosts,
             &self.egress_allow_cidrs,
-        )
+        )?;
+        p.check_subnet(self.subnet.net())?;
+        Ok(p)
     }
 
     /// `dns_upstream` as socket addresses (port 53 unless given).

@@ -48,6 +48,12 @@ impl Ipv4Subnet {
         self.prefix
     }
 
+    /// The same network as an [`ipnet::Ipv4Net`].
+    pub fn net(&self) -> ipnet::Ipv4Net {
+        // A prefix of 8..=30 is always valid.
+        ipnet::Ipv4Net::new(self.network, self.prefix).unwrap_or_default()
+    }
+
     /// The netmask, e.g. 255.255.255.0.
     pub fn netmask(&self) -> Ipv4Addr {
         Ipv4Addr::from(Self::mask_of(self.prefix))

@@ -86,6 +86,10 @@ pub enum AgentError {
     /// The agent sent something the protocol does not allow here.
     #[error("agent protocol error: {0}")]
     Protocol(String),
+    /// The upload's own body failed or ended before its announced size
+    /// (a client that broke off): the caller's fault, nothing was written.
+    #[error("the request body ended early: {0}")]
+    BodyEnded(String),
     /// The connection broke.
     #[error("lost the connection to the sandbox agent ({0}); if its VM died, the sandbox turns to status error within seconds")]
     Frame(#[from] FrameError),
@@ -421,11 +425,9 @@ impl AgentClient {
                 let n = body
                     .read(&mut buf[..want])
                     .await
-                    .map_err(|e| AgentError::Protocol(format!("reading upload: {e}")))?;
+                    .map_err(|e| AgentError::BodyEnded(format!("{left} bytes missing ({e})")))?;
                 if n == 0 {
-                    return Err(AgentError::Protocol(format!(
-                        "upload ended {left} bytes short"
-                    )));
+                    return Err(AgentError::BodyEnded(format!("{left} bytes missing")));
                 }
                 write_frame(&mut wr, FrameType::Stdin, &buf[..n]).await?;
                 left -= n as u64;

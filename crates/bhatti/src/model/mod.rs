@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+/// Response header carrying the server version (`0.1.0`), on every answer
+/// of the API and of the public proxy.
+pub const VERSION_HEADER: &str = "x-bhatti-version";
+
 /// `POST /sandboxes`. Numbers are signed so that negative values get a clear 400.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CreateSandboxRequest {
@@ -80,6 +84,25 @@ pub struct PatchSandboxRequest {
     pub labels: Option<BTreeMap<String, String>>,
     /// Label keys to remove.
     pub labels_delete: Option<Vec<String>>,
+    /// Egress is fixed at create: these fields are refused (400), not
+    /// ignored, so that a client never believes it changed the policy.
+    #[serde(default, deserialize_with = "fixed_at_create")]
+    #[schema(ignore)]
+    pub egress: Option<()>,
+    #[serde(default, deserialize_with = "fixed_at_create")]
+    #[schema(ignore)]
+    pub allow_hosts: Option<()>,
+    #[serde(default, deserialize_with = "fixed_at_create")]
+    #[schema(ignore)]
+    pub allow_cidrs: Option<()>,
+}
+
+/// Refuses a field that only a create may set (the JSON extractor names
+/// the field in its 400).
+fn fixed_at_create<'de, D: serde::Deserializer<'de>>(_: D) -> Result<Option<()>, D::Error> {
+    Err(serde::de::Error::custom(
+        "egress cannot be changed after create (egress, allow_hosts and allow_cidrs are set by POST /sandboxes only)",
+    ))
 }
 
 /// `POST /sandboxes/{id}/exec`.
@@ -370,6 +393,11 @@ pub struct SandboxDetail {
     /// Sessions in the guest; absent unless the sandbox is hot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<Vec<Session>>,
+    /// True when the daemon gives guests no route out at all (config
+    /// `egress: false`): the sandbox then reaches nothing, whatever its
+    /// `egress` policy says. Absent (older daemons): false.
+    #[serde(default)]
+    pub egress_off: bool,
 }
 
 /// `POST /sandboxes/{id}/checkpoint`.

@@ -18,7 +18,8 @@ use tokio::net::TcpListener;
 use super::relay::{relay, Forwarded};
 use super::{ProxyError, UpstreamPool};
 use crate::rate_limit::{KeyedLimit, Limit};
-use crate::service::{Service, ServiceError};
+use crate::service::{ErrorKind, Service, ServiceError};
+use crate::status::status_of;
 
 /// A client must send its request headers within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -153,7 +154,7 @@ pub async fn serve(
                     let mut resp = handle(&state, peer, req).await;
                     // Every answer names the server, as the API's do.
                     resp.headers_mut().insert(
-                        crate::api::router::VERSION_HEADER,
+                        crate::model::VERSION_HEADER,
                         hyper::header::HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
                     );
                     Ok::<_, Infallible>(resp)
@@ -185,34 +186,11 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
     }
     let route = match state.service.public_route(&alias).await {
         Ok(r) => r,
-        Err(ServiceError::NotFound(_)) => {
-            return page(
-                StatusCode::NOT_FOUND,
-                "Not found",
-                "No app is published at this address.",
-            )
-        }
-        Err(ServiceError::Unavailable(m)) => {
-            return page(StatusCode::SERVICE_UNAVAILABLE, "Sandbox not ready", &m)
-        }
-        Err(ServiceError::Busy {
-            retry_after_secs,
-            message,
-        }) => {
-            let mut resp = page(StatusCode::SERVICE_UNAVAILABLE, "Waking up", &message);
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                header::HeaderValue::from(retry_after_secs),
-            );
-            return resp;
-        }
         Err(e) => {
-            tracing::warn!(%alias, error = %e, "public proxy: route lookup failed");
-            return page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
-                "This app cannot be reached right now.",
-            );
+            if e.kind() == ErrorKind::Internal {
+                tracing::warn!(%alias, error = %e, "public proxy: route lookup failed");
+            }
+            return route_error_page(&e);
         }
     };
     if !state.limiter.allow_alias(&route.alias) {
@@ -290,22 +268,52 @@ fn too_many() -> Response<Body> {
     resp
 }
 
+/// The page of a route lookup that failed; its status is the API's for the
+/// same failure ([`status_of`]).
+fn route_error_page(e: &ServiceError) -> Response<Body> {
+    let status = status_of(e.kind());
+    match e {
+        ServiceError::NotFound(_) => {
+            page(status, "Not found", "No app is published at this address.")
+        }
+        ServiceError::Unavailable(m) => page(status, "Sandbox not ready", m),
+        ServiceError::Busy {
+            retry_after_secs,
+            message,
+        } => {
+            let mut resp = page(status, "Waking up", message);
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(*retry_after_secs),
+            );
+            resp
+        }
+        // The details stay in the daemon's log: this page is public.
+        _ => page(
+            status,
+            status.canonical_reason().unwrap_or("Error"),
+            "This app cannot be reached right now.",
+        ),
+    }
+}
+
 fn error_page(e: &ProxyError) -> Response<Body> {
+    let status = status_of(e.kind());
     match e {
         ProxyError::NotListening { port } => page(
-            e.status(),
+            status,
             "Bad gateway",
             &format!(
                 "The app is not listening on port {port}. Start it inside the sandbox (listening on 0.0.0.0 or 127.0.0.1:{port}) and reload."
             ),
         ),
-        ProxyError::TooLarge => page(e.status(), "Payload too large", &e.to_string()),
+        ProxyError::TooLarge => page(status, "Payload too large", &e.to_string()),
         ProxyError::Unreachable(_) => page(
-            e.status(),
+            status,
             "Unavailable",
             "The sandbox cannot be reached right now.",
         ),
-        ProxyError::Upstream { .. } => page(e.status(), "Bad gateway", &e.to_string()),
+        ProxyError::Upstream { .. } => page(status, "Bad gateway", &e.to_string()),
     }
 }
 
@@ -407,6 +415,34 @@ mod tests {
             StatusCode::PAYLOAD_TOO_LARGE
         );
         assert_eq!(too_many().headers()[header::RETRY_AFTER], "1");
+        // A failed route lookup answers as the API would for that failure.
+        for e in [
+            ServiceError::NotFound("x".into()),
+            ServiceError::Unavailable("x".into()),
+            ServiceError::Invalid("x".into()),
+            ServiceError::Conflict("x".into()),
+            ServiceError::Secrets(crate::secrets::SecretsError::Decrypt("x".into())),
+            ServiceError::Store(crate::store::StoreError::Invalid("x".into())),
+            ServiceError::Busy {
+                retry_after_secs: 2,
+                message: "x".into(),
+            },
+        ] {
+            let r = route_error_page(&e);
+            assert_eq!(r.status(), status_of(e.kind()), "{e:?}");
+            assert_eq!(
+                crate::api::error::ApiError::from(e).status,
+                r.status(),
+                "same status as the API"
+            );
+        }
+        assert_eq!(
+            route_error_page(&ServiceError::Secrets(
+                crate::secrets::SecretsError::Decrypt("x".into())
+            ))
+            .status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
         assert!(escape("<a&b>").contains("&lt;a&amp;b&gt;"));
     }
 }

@@ -37,6 +37,7 @@ impl Service {
             disk_bytes,
             published,
             sessions,
+            egress_off: !self.uplink,
         })
     }
 }

@@ -12,6 +12,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::thermal::WakeMode;
 use super::{Result, Service, ServiceError};
+use crate::egress::EgressPolicy;
 use crate::engine::{CheckpointInfo, SandboxSpec};
 use crate::model::{CreateSandboxRequest, Snapshot};
 use crate::store::{
@@ -31,6 +32,9 @@ pub(crate) struct RestoreSource {
     pub memory_mb: u32,
     /// A fork's checkpoint, removed once the copy runs (or failed).
     pub temporary: bool,
+    /// The source's egress policy, which the copy keeps unless its request
+    /// names another (`None`: an old snapshot's, unknown: the daemon's default).
+    pub egress: Option<EgressPolicy>,
 }
 
 impl RestoreSource {
@@ -149,6 +153,7 @@ impl Service {
             cpus: info.cpus,
             memory_mb: info.memory_mb,
             temporary: true,
+            egress: Some(rec.egress),
         })
     }
 
@@ -162,6 +167,7 @@ impl Service {
             cpus: snap.cpus,
             memory_mb: snap.memory_mb,
             temporary: false,
+            egress: snap.egress,
         })
     }
 
@@ -240,6 +246,7 @@ impl Service {
             created_at: time::OffsetDateTime::now_utc()
                 .replace_nanosecond(0)
                 .unwrap_or_else(|_| time::OffsetDateTime::now_utc()),
+            egress: Some(rec.egress.clone()),
         };
         let r = record.clone();
         if let Err(e) = self.store.call(move |s| s.insert_snapshot(&r)).await {

@@ -25,7 +25,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use axum::http::StatusCode;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
@@ -96,13 +95,13 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    /// The kind of this failure (its status: [`crate::status::status_of`]).
+    pub fn kind(&self) -> super::ErrorKind {
+        use super::ErrorKind as K;
         match self {
-            ProxyError::NotListening { .. } | ProxyError::Upstream { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
-            ProxyError::Unreachable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NotListening { .. } | ProxyError::Upstream { .. } => K::BadGateway,
+            ProxyError::Unreachable(_) => K::Unavailable,
+            ProxyError::TooLarge => K::TooLarge,
         }
     }
 }

@@ -86,6 +86,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "007_images",
         include_str!("../../migrations/007_images.sql"),
     ),
+    (
+        "008_snapshot_egress",
+        include_str!("../../migrations/008_snapshot_egress.sql"),
+    ),
 ];
 
 /// Errors of the store. The API maps them: `NotFound` → 404,

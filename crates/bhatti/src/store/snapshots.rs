@@ -5,6 +5,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use time::OffsetDateTime;
 
 use super::{fmt_ts, is_unique_violation, now, ts_col, Store, StoreError};
+use crate::egress::EgressPolicy;
 
 /// A named snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,9 @@ pub struct SnapshotRecord {
     pub state_bytes: u64,
     pub layer_bytes: u64,
     pub created_at: OffsetDateTime,
+    /// The source's egress policy, which a resume keeps (`None`: a snapshot
+    /// taken before it was recorded, whose source is gone).
+    pub egress: Option<EgressPolicy>,
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
@@ -37,6 +41,16 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
         state_bytes: row.get::<_, i64>("state_bytes")?.max(0) as u64,
         layer_bytes: row.get::<_, i64>("layer_bytes")?.max(0) as u64,
         created_at: ts_col(row, "created_at")?,
+        egress: match row.get::<_, Option<String>>("egress")? {
+            None => None,
+            Some(j) => Some(serde_json::from_str(&j).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    format!("bad snapshot egress: {e}").into(),
+                )
+            })?),
+        },
     })
 }
 
@@ -125,6 +139,13 @@ impl Store {
 
     /// Stores a snapshot (quota and name checked again inside the transaction).
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        let egress = match &s.egress {
+            Some(p) => Some(
+                serde_json::to_string(p)
+                    .map_err(|e| StoreError::Invalid(format!("snapshot egress: {e}")))?,
+            ),
+            None => None,
+        };
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let max: i64 = tx.query_row(
@@ -144,8 +165,8 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO snapshots (id, user_id, name, source_name, layer_id, cpus, memory_mb,
-                                    token, state_bytes, layer_bytes, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                    token, state_bytes, layer_bytes, created_at, egress)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 s.id,
                 s.user_id,
@@ -157,7 +178,8 @@ impl Store {
                 s.token,
                 s.state_bytes as i64,
                 s.layer_bytes as i64,
-                fmt_ts(s.created_at)
+                fmt_ts(s.created_at),
+                egress
             ],
         )
         .map_err(|e| {
@@ -238,5 +260,82 @@ impl Store {
             .conn()
             .query_row("SELECT COUNT(*) FROM layers", [], |r| r.get(0))?;
         Ok(n.max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::temp_store;
+    use super::*;
+    use crate::egress::Posture;
+    use crate::store::{NewSandbox, UserLimits};
+
+    fn snapshot(user_id: i64, name: &str, source: &str, layer: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: format!("snap-{name}"),
+            user_id,
+            name: name.into(),
+            source_name: source.into(),
+            layer_id: layer.into(),
+            cpus: 1,
+            memory_mb: 512,
+            token: "t".into(),
+            state_bytes: 1,
+            layer_bytes: 1,
+            created_at: now(),
+            egress: None,
+        }
+    }
+
+    /// A snapshot keeps its source's egress policy; migration 008 gives
+    /// older snapshots their source's policy when the source still exists.
+    #[test]
+    fn snapshots_keep_the_egress_policy() {
+        let (dir, store) = temp_store();
+        let (user, _) = store
+            .create_user("alice", UserLimits::default())
+            .expect("user");
+        let deny = EgressPolicy::parse(
+            Posture::Deny,
+            &["api.example.com".to_string()],
+            &["10.99.0.0/24".to_string()],
+        )
+        .expect("policy");
+        let mut new = NewSandbox::new(user.id, "src");
+        new.egress = deny.clone();
+        let sb = store
+            .create_sandbox(&new, &Default::default())
+            .expect("sandbox");
+        store.freeze_layer(&sb.id, "l1").expect("layer");
+        let mut with = snapshot(user.id, "new", "src", "l1");
+        with.egress = Some(deny.clone());
+        store.insert_snapshot(&with).expect("insert");
+        store
+            .insert_snapshot(&snapshot(user.id, "orphan", "gone", "l1"))
+            .expect("insert");
+        assert_eq!(
+            store.find_snapshot(user.id, "new").expect("find").egress,
+            Some(deny.clone())
+        );
+
+        // As a database from before 008: no column, version 7.
+        {
+            let conn = store.conn();
+            conn.execute_batch("ALTER TABLE snapshots DROP COLUMN egress")
+                .expect("drop column");
+            conn.pragma_update(None, "user_version", 7).expect("v7");
+        }
+        drop(store);
+        let store = Store::open(dir.path()).expect("migrate");
+        assert_eq!(
+            store.find_snapshot(user.id, "new").expect("find").egress,
+            Some(deny),
+            "backfilled from the source"
+        );
+        assert_eq!(
+            store.find_snapshot(user.id, "orphan").expect("find").egress,
+            None,
+            "source gone: unknown"
+        );
     }
 }

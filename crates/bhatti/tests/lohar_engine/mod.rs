@@ -436,27 +436,42 @@ impl Engine for LoharEngine {
         Ok(0)
     }
 
+    /// A stand-in checkpoint: it records the source's size; a restore
+    /// starts a fresh agent (no memory or files are copied). Enough for
+    /// what the service decides about copies (policy, machine, layers).
     async fn checkpoint(
         &self,
-        _id: &str,
+        id: &str,
         _rt: &VmRuntime,
-        _checkpoint: &str,
-        _layer: &str,
+        checkpoint: &str,
+        layer: &str,
     ) -> Result<CheckpointInfo, EngineError> {
-        Err(EngineError::InvalidSpec(
-            "the test engine takes no checkpoints".into(),
-        ))
+        let spec = lock(&self.vms)
+            .get(id)
+            .map(|vm| vm.spec.clone())
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        Ok(CheckpointInfo {
+            id: checkpoint.to_string(),
+            layer: layer.to_string(),
+            new_layer: true,
+            cpus: spec.cpus,
+            memory_mb: spec.memory_mb,
+            parent_ip: spec.ip,
+            parent_mac: String::new(),
+            disk_size: 0,
+            state_bytes: 0,
+            layer_bytes: 0,
+            pause_ms: Some(0),
+        })
     }
 
     async fn restore_checkpoint(
         &self,
         _checkpoint: &str,
         _parent_token: &str,
-        _spec: &SandboxSpec,
+        spec: &SandboxSpec,
     ) -> Result<VmRuntime, EngineError> {
-        Err(EngineError::InvalidSpec(
-            "the test engine takes no checkpoints".into(),
-        ))
+        self.create(spec).await
     }
 
     async fn delete_checkpoint(&self, _checkpoint: &str) -> Result<(), EngineError> {

@@ -60,6 +60,25 @@ pub fn read(agent: &Agent, conn: &Stream, req: FileReadRequest) -> Result<(), Ha
             format!("read {}: not a regular file", req.path),
         );
     }
+    // Some regular files fail on their first read (/proc/self/mem, files of
+    // some drivers): find out before FILE_READ_RESP, after which the only
+    // way left to fail is a broken stream (a 200 cut short over HTTP).
+    // The kernel refusing a file is the request's problem, not the agent's.
+    // (A file that cannot be read at an offset, ESPIPE, is only read in order.)
+    let mut probe = [0u8; 1];
+    match std::os::unix::fs::FileExt::read_at(&file, &mut probe, 0) {
+        Err(e) if e.raw_os_error() != Some(libc::ESPIPE) => {
+            let code = match ErrorCode::of_io(e.kind()) {
+                ErrorCode::Internal => ErrorCode::Invalid,
+                c => c,
+            };
+            return refuse(
+                code,
+                format!("read {}: {}", req.path, bhatti_proto::io_phrase(&e)),
+            );
+        }
+        _ => {}
+    }
     wire::send(
         conn,
         &Message::FileReadResp(FileReadResponse {

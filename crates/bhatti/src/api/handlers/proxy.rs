@@ -60,5 +60,5 @@ async fn proxy(
     authed::forward(&state.service.upstream(), &target, req, &rest, client)
         .await
         .map(|resp| crate::service::hold_until_sent(resp, hold))
-        .map_err(|e| ApiError::new(e.status(), e.to_string()))
+        .map_err(|e| ApiError::new(crate::status::status_of(e.kind()), e.to_string()))
 }

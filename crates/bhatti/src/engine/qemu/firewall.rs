@@ -55,15 +55,11 @@ impl Firewall {
         policy: &EgressPolicy,
         group: Option<&str>,
     ) -> Result<(), NetworkError> {
-        let _one = self
-            .changing
-            .lock()
-            .map_err(|_| NetworkError::Invalid("firewall state poisoned".into()))?;
+        // Holds no data: a panic under it leaves nothing to repair.
+        let _one = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let peers: Vec<Ipv4Addr> = match group {
             Some(g) => self
-                .entries
-                .lock()
-                .map_err(|_| NetworkError::Invalid("firewall state poisoned".into()))?
+                .entries()
                 .iter()
                 .filter(|(other, e)| other.as_str() != id && e.group.as_deref() == Some(g))
                 .map(|(_, e)| e.net.ip)
@@ -82,15 +78,13 @@ impl Firewall {
         self.remove_locked(id);
         match network::install_sandbox(&self.cfg, &net) {
             Ok(()) => {
-                if let Ok(mut e) = self.entries.lock() {
-                    e.insert(
-                        id.to_string(),
-                        Entry {
-                            net,
-                            group: group.map(str::to_string),
-                        },
-                    );
-                }
+                self.entries().insert(
+                    id.to_string(),
+                    Entry {
+                        net,
+                        group: group.map(str::to_string),
+                    },
+                );
                 Ok(())
             }
             Err(e) => {
@@ -107,20 +101,22 @@ impl Firewall {
     }
 
     fn remove_locked(&self, id: &str) {
-        let entry = self.entries.lock().ok().and_then(|mut entries| {
-            let mut entry = entries.remove(id)?;
-            // Pairs with members that joined later were added by their
-            // installs: remove every pair with the group's current members,
-            // or a later holder of this address would inherit them.
-            if let Some(g) = entry.group.as_deref() {
-                for e in entries.values() {
-                    if e.group.as_deref() == Some(g) && !entry.net.peers.contains(&e.net.ip) {
-                        entry.net.peers.push(e.net.ip);
+        let entry = {
+            let mut entries = self.entries();
+            entries.remove(id).map(|mut entry| {
+                // Pairs with members that joined later were added by their
+                // installs: remove every pair with the group's current members,
+                // or a later holder of this address would inherit them.
+                if let Some(g) = entry.group.as_deref() {
+                    for e in entries.values() {
+                        if e.group.as_deref() == Some(g) && !entry.net.peers.contains(&e.net.ip) {
+                            entry.net.peers.push(e.net.ip);
+                        }
                     }
                 }
-            }
-            Some(entry)
-        });
+                entry
+            })
+        };
         if let Some(entry) = entry {
             if let Err(e) = network::remove_sandbox(&self.cfg, &entry.net) {
                 tracing::warn!(id, error = %e, "cannot remove a sandbox's firewall rules");
@@ -130,9 +126,7 @@ impl Firewall {
 
     /// The TAP and policy of the guest at `ip` (the resolver's view).
     pub fn lookup(&self, ip: Ipv4Addr) -> Option<(String, EgressPolicy)> {
-        self.entries
-            .lock()
-            .ok()?
+        self.entries()
             .values()
             .find(|e| e.net.ip == ip)
             .map(|e| (e.net.tap.clone(), e.net.policy.clone()))
@@ -140,13 +134,63 @@ impl Firewall {
 
     /// Forgets every entry (the namespace ruleset was just replaced).
     pub fn clear(&self) {
-        if let Ok(mut e) = self.entries.lock() {
-            e.clear();
-        }
+        self.entries().clear();
+    }
+
+    /// The entries; a panic elsewhere while holding them leaves them
+    /// consistent (every change is one map operation), so a poisoned lock
+    /// is recovered rather than ignored (which would leak rules or peers).
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The network this firewall works in.
     pub fn net(&self) -> &NetConfig {
         &self.cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic while the entries were held must not make the firewall
+    /// forget its guests (the resolver would then refuse their names).
+    #[test]
+    fn a_poisoned_lock_keeps_the_entries() {
+        let fw = Firewall::new(NetConfig {
+            netns: "bhatti".into(),
+            bridge: "brbhatti0".into(),
+            subnet: "192.168.137.0/24".parse().expect("subnet"),
+            egress: false,
+            uplink_netns: None,
+            dns: false,
+        });
+        let ip = Ipv4Addr::new(192, 168, 137, 5);
+        fw.entries().insert(
+            "sb".into(),
+            Entry {
+                net: SandboxNet {
+                    tap: "tap0".into(),
+                    ip,
+                    mac: "02:00:00:00:00:05".into(),
+                    policy: EgressPolicy::default(),
+                    peers: Vec::new(),
+                },
+                group: None,
+            },
+        );
+        std::thread::scope(|s| {
+            let _ = s
+                .spawn(|| {
+                    let _held = fw.entries.lock();
+                    panic!("poison the lock");
+                })
+                .join();
+        });
+        assert!(fw.entries.is_poisoned());
+        assert_eq!(fw.lookup(ip).map(|(tap, _)| tap).as_deref(), Some("tap0"));
+        fw.clear();
+        assert!(fw.lookup(ip).is_none());
     }
 }
