@@ -462,6 +462,8 @@ impl Engine for LoharEngine {
             state_bytes: 0,
             layer_bytes: 0,
             pause_ms: Some(0),
+            ram_file: false,
+            source_flattened: false,
         })
     }
 
