@@ -192,7 +192,7 @@ async fn idle_sandboxes_cool_and_wake() {
             &[
                 "bash",
                 "-c",
-                "setsid -f sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done'; \
+                "setsid -f sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.2; done'; \
                  cd /tmp && setsid -f python3 -m http.server 8000 >/dev/null 2>&1; \
                  for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.1; done",
             ],
