@@ -171,6 +171,14 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     sh(&api, "a", "echo hello-from-a > /data/hello && sync").await;
     let mb = fs_mb(&api, "a", "/data").await;
     assert!((50..=64).contains(&mb), "{mb} MiB");
+    // Inspect shows the sandbox's volumes (and no custom image).
+    let (s, v) = status_of(api.get("/sandboxes/a/inspect").await).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["volumes"],
+        json!([{"volume": "data", "mount": "/data", "read_only": false}])
+    );
+    assert!(v.get("image").is_none(), "{v}");
 
     // Read-write is one sandbox at a time.
     let (s, v) = create(
@@ -224,6 +232,48 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     let mb = fs_mb(&api, "a", "/data").await;
     assert!((110..=128).contains(&mb), "{mb} MiB after growing to 128");
     assert_eq!(sh(&api, "a", "cat /data/hello").await, "hello-from-a");
+
+    // A grow whose guest half fails: the disk grew, so the record says so
+    // (never below the disk), and the message names the guest step.
+    sh(
+        &api,
+        "a",
+        "sudo -n sh -c 'p=$(command -v resize2fs); mv $p $p.off'",
+    )
+    .await;
+    let (s, v) = status_of(
+        api.post("/volumes/data/resize", json!({"size_mb": 144}))
+            .await,
+    )
+    .await;
+    assert!(s.is_server_error(), "{s}: {v}");
+    assert!(
+        err_text(&v).contains("filesystem in sandbox a did not"),
+        "{v}"
+    );
+    let (_, v) = status_of(api.get("/volumes/data").await).await;
+    assert_eq!(v["size_mb"], 144, "{v}");
+    let disk = d
+        .data_dir
+        .path()
+        .join("volumes")
+        .join(format!("{}.img", v["id"].as_str().expect("id")));
+    assert_eq!(std::fs::metadata(&disk).expect("disk").len(), 144 << 20);
+    // With the tool back, a further grow finishes the job.
+    sh(
+        &api,
+        "a",
+        "sudo -n sh -c 'p=$(command -v resize2fs.off); mv $p ${p%.off}'",
+    )
+    .await;
+    let (s, v) = status_of(
+        api.post("/volumes/data/resize", json!({"size_mb": 150}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mb = fs_mb(&api, "a", "/data").await;
+    assert!((130..=150).contains(&mb), "{mb} MiB after growing to 150");
 
     // Written without a sync just before the destroy: the daemon has the
     // guest sync its volumes before the VM goes, so nothing is lost.

@@ -247,6 +247,23 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Who uses disk layer `layer`, directly or through layers backing onto
+    /// it: `snapshot NAME` and `sandbox NAME` (sorted; empty: nothing recorded).
+    pub fn layer_users(&self, layer: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "WITH RECURSIVE d(id) AS (
+                 SELECT ?1 UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id)
+             SELECT 'snapshot ' || p.name AS n FROM snapshots p WHERE p.layer_id IN d
+             UNION
+             SELECT 'sandbox ' || s.name FROM sandbox_layers sl JOIN sandboxes s ON s.id = sl.sandbox_id
+             WHERE sl.layer_id IN d
+             ORDER BY n",
+        )?;
+        let rows = st.query_map(params![layer], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Forgets a layer whose file is gone.
     pub fn delete_layer(&self, id: &str) -> Result<(), StoreError> {
         self.conn()
