@@ -355,4 +355,36 @@ mod tests {
             "source gone: unknown"
         );
     }
+
+    /// A layer's users are the snapshots and sandboxes on it or on layers
+    /// frozen on top of it, by name.
+    #[test]
+    fn layer_users_follow_the_chain() {
+        let (_dir, store) = temp_store();
+        let (user, _) = store
+            .create_user("alice", UserLimits::default())
+            .expect("user");
+        let sb = store
+            .create_sandbox(&NewSandbox::new(user.id, "src"), &Default::default())
+            .expect("sandbox");
+        store.freeze_layer(&sb.id, "l1").expect("l1");
+        assert_eq!(store.layer_users("l1").expect("users"), ["sandbox src"]);
+        store
+            .insert_snapshot(&snapshot(user.id, "first", "src", "l1"))
+            .expect("insert");
+        // A second freeze puts l2 on top of l1: l1's users now come through l2.
+        store.freeze_layer(&sb.id, "l2").expect("l2");
+        store
+            .insert_snapshot(&snapshot(user.id, "second", "src", "l2"))
+            .expect("insert");
+        assert_eq!(
+            store.layer_users("l1").expect("users"),
+            ["sandbox src", "snapshot first", "snapshot second"]
+        );
+        assert_eq!(
+            store.layer_users("l2").expect("users"),
+            ["sandbox src", "snapshot second"]
+        );
+        assert!(store.layer_users("nope").expect("users").is_empty());
+    }
 }

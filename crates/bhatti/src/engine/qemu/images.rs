@@ -201,7 +201,7 @@ impl QemuEngine {
         }
     }
 
-    /// Sandboxes (by id) and layers ("a snapshot or fork (disk layer <id>)")
+    /// Sandboxes (by id) and layers (their id after [`LAYER_USER`])
     /// whose disk backs onto image `id` directly.
     pub(super) fn image_backers(&self, id: &str) -> Result<Vec<String>, EngineError> {
         check_id(id)?;
