@@ -284,7 +284,8 @@ pub fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(),
                 remove_any(&dst).map_err(io(&dst))?;
             }
         }
-        budget.charge(entry.header().entry_size().map_err(bad)?)?;
+        // The size the file will have (a sparse entry counts in full).
+        budget.charge(entry.size())?;
         // `false`: the tar crate skipped a path that leaves `root`.
         if !entry.unpack_in(root).map_err(bad)? {
             return Err(climbs_out());
