@@ -44,17 +44,29 @@ fn scrub(msg: &str, dir: &Path) -> String {
     }
 }
 
-/// Unpacks the outer archive (`docker save` or an OCI layout as a tar) into `dir`.
-pub fn unpack_archive(archive: &Path, dir: &Path) -> Result<(), OciError> {
+/// Unpacks the outer archive (`docker save` or an OCI layout as a tar) into
+/// `dir`, its files taking at most `limit` bytes (a sparse entry counts in
+/// full: an upload must not unpack to more than its owner may store).
+///
+/// Errors: `Format` for what is not a tar; `TooBig` past the limit.
+pub fn unpack_archive(archive: &Path, dir: &Path, limit: u64) -> Result<(), OciError> {
     let f = File::open(archive).map_err(io(archive))?;
     let mut a = tar::Archive::new(BufReader::new(f));
     a.set_preserve_permissions(false);
-    a.unpack(dir).map_err(|e| {
+    let bad = |e: std::io::Error| {
         OciError::Format(format!(
             "the archive cannot be unpacked as a tar: {}",
             scrub(&e.to_string(), dir)
         ))
-    })
+    };
+    let mut budget = Budget::new(limit);
+    for entry in a.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        budget.charge(entry.size())?;
+        // `false`: a path leaving `dir`, skipped (the layers are looked up by name).
+        entry.unpack_in(dir).map_err(bad)?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -438,7 +450,7 @@ pub fn archive_to_tree(
 ) -> Result<Added, OciError> {
     let outer = work.join("archive");
     std::fs::create_dir_all(&outer).map_err(io(&outer))?;
-    unpack_archive(archive, &outer)?;
+    unpack_archive(archive, &outer, limit)?;
     layout_to_tree(&outer, root, limit)
 }
 
@@ -624,6 +636,24 @@ mod tests {
             std::fs::metadata(root2.join("big")).expect("big").len(),
             8 << 20
         );
+    }
+
+    /// The outer archive is capped too.
+    #[test]
+    fn the_outer_archive_is_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = "x".repeat(2 << 20);
+        let tar = dir.path().join("archive.tar");
+        std::fs::write(
+            &tar,
+            layer(&[("manifest.json", Some("[]")), ("l1.tar", Some(&big))]),
+        )
+        .expect("tar");
+        let work = dir.path().join("work");
+        let e = archive_to_tree(&tar, &work, &dir.path().join("root"), 1 << 20)
+            .expect_err("over the cap");
+        assert!(matches!(e, OciError::TooBig { limit_mb: 1 }), "{e}");
+        assert!(!work.join("archive/l1.tar").exists());
     }
 
     /// A broken layer is described without the host's paths.
