@@ -325,8 +325,25 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     )
     .await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
-    let (s, v) = create(&api, "b", json!([{"volume": "data", "mount": "/data"}])).await;
+    // B also gets a volume inside the first one's path, named first: it is
+    // still mounted on top (outer paths first), not hidden under /data.
+    let (s, v) = status_of(
+        api.post("/volumes", json!({"name": "inner", "size_mb": 8}))
+            .await,
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = create(
+        &api,
+        "b",
+        json!([{"volume": "inner", "mount": "/data/sub"}, {"volume": "data", "mount": "/data"}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    sh(&api, "b", "mountpoint -q /data/sub && mountpoint -q /data").await;
+    sh(&api, "b", "echo inner > /data/sub/mark").await;
+    let (_, v) = status_of(api.get("/sandboxes/b/inspect").await).await;
+    assert_eq!(v["volumes"][0]["volume"], "inner", "{v}");
     assert_eq!(sh(&api, "b", "cat /data/hello").await, "hello-from-a");
     let mb = fs_mb(&api, "b", "/data").await;
     assert!((140..=160).contains(&mb), "{mb} MiB after growing to 160");
@@ -348,6 +365,8 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     let (s, v) = status_of(api.delete("/volumes/data").await).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     assert!(!disk.exists(), "the disk goes with the volume");
+    let (s, v) = status_of(api.delete("/volumes/inner").await).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let (s, _) = status_of(api.get("/volumes/data").await).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
