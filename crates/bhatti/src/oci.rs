@@ -18,6 +18,9 @@ pub enum OciError {
     /// is inconsistent; the message says what is wrong.
     #[error("not a usable image: {0}")]
     Format(String),
+    /// The layers unpack to more than the bytes the caller may still use.
+    #[error("the image unpacks to more than the {limit_mb} MB left of your storage quota")]
+    TooBig { limit_mb: u64 },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -32,17 +35,38 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OciError + '_ {
     }
 }
 
-/// Unpacks the outer archive (`docker save` or an OCI layout as a tar) into `dir`.
-pub fn unpack_archive(archive: &Path, dir: &Path) -> Result<(), OciError> {
+/// `msg` without the host directory `dir` (the tar crate names the paths
+/// it writes to): errors about an archive go to its uploader.
+fn scrub(msg: &str, dir: &Path) -> String {
+    match dir.to_str() {
+        Some(d) if !d.is_empty() => msg.replace(d, "<image>"),
+        _ => msg.to_string(),
+    }
+}
+
+/// Unpacks the outer archive (`docker save` or an OCI layout as a tar) into
+/// `dir`, its files taking at most `limit` bytes (a sparse entry counts in
+/// full: an upload must not unpack to more than its owner may store).
+///
+/// Errors: `Format` for what is not a tar; `TooBig` past the limit.
+pub fn unpack_archive(archive: &Path, dir: &Path, limit: u64) -> Result<(), OciError> {
     let f = File::open(archive).map_err(io(archive))?;
     let mut a = tar::Archive::new(BufReader::new(f));
     a.set_preserve_permissions(false);
-    a.unpack(dir).map_err(|e| {
+    let bad = |e: std::io::Error| {
         OciError::Format(format!(
-            "cannot unpack {} as a tar archive: {e}",
-            archive.display()
+            "the archive cannot be unpacked as a tar: {}",
+            scrub(&e.to_string(), dir)
         ))
-    })
+    };
+    let mut budget = Budget::new(limit);
+    for entry in a.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        budget.charge(entry.size())?;
+        // `false`: a path leaving `dir`, skipped (the layers are looked up by name).
+        entry.unpack_in(dir).map_err(bad)?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -88,7 +112,9 @@ pub fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, OciError> {
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, OciError> {
     let bytes = std::fs::read(path).map_err(io(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| OciError::Format(format!("{}: {e}", path.display())))
+    // The file's name only: the message goes to the client, the work dir is the host's.
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    serde_json::from_slice(&bytes).map_err(|e| OciError::Format(format!("{name}: {e}")))
 }
 
 /// Whether a manifest-list entry is for this host's platform (or names none).
@@ -199,9 +225,19 @@ fn no_symlink_on_the_way(root: &Path, rel: &Path) -> bool {
 }
 
 /// Applies one layer onto `root`: its whiteouts first (they hide what lower
-/// layers put there), then its files.
-pub fn apply_layer(layer: &Path, root: &Path) -> Result<(), OciError> {
-    let bad = |e: std::io::Error| OciError::Format(format!("layer {}: {e}", layer.display()));
+/// layers put there), then its files. `budget` is the bytes the files may
+/// still take (sum of entry sizes over all layers); each file is charged
+/// before it is written.
+///
+/// Errors: `Format` for a layer that is not a usable tar (the message names
+/// no host path); `TooBig` as soon as the budget is passed.
+pub fn apply_layer(layer: &Path, root: &Path, budget: &mut Budget) -> Result<(), OciError> {
+    let bad = |e: std::io::Error| {
+        OciError::Format(format!(
+            "a layer is not a usable tar: {}",
+            scrub(&e.to_string(), root)
+        ))
+    };
     // Pass 1: whiteouts.
     let mut a = tar::Archive::new(open_layer(layer)?);
     for entry in a.entries().map_err(bad)? {
@@ -260,12 +296,38 @@ pub fn apply_layer(layer: &Path, root: &Path) -> Result<(), OciError> {
                 remove_any(&dst).map_err(io(&dst))?;
             }
         }
+        // The size the file will have (a sparse entry counts in full).
+        budget.charge(entry.size())?;
         // `false`: the tar crate skipped a path that leaves `root`.
         if !entry.unpack_in(root).map_err(bad)? {
             return Err(climbs_out());
         }
     }
     Ok(())
+}
+
+/// Bytes an unpacked tree may still take.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    left: u64,
+    limit: u64,
+}
+
+impl Budget {
+    /// At most `limit` bytes in all.
+    pub fn new(limit: u64) -> Self {
+        Budget { left: limit, limit }
+    }
+
+    /// Takes `bytes` from what is left.
+    ///
+    /// Errors: `TooBig` when that passes the limit.
+    fn charge(&mut self, bytes: u64) -> Result<(), OciError> {
+        self.left = self.left.checked_sub(bytes).ok_or(OciError::TooBig {
+            limit_mb: self.limit >> 20,
+        })?;
+        Ok(())
+    }
 }
 
 /// What [`make_bootable`] added, for the log and the docs.
@@ -378,25 +440,36 @@ pub fn tree_bytes(root: &Path) -> u64 {
     total
 }
 
-/// Unpacks `archive` (docker save or OCI layout) into `root` and makes it bootable.
-pub fn archive_to_tree(archive: &Path, work: &Path, root: &Path) -> Result<Added, OciError> {
+/// Unpacks `archive` (docker save or OCI layout) into `root`, its files
+/// taking at most `limit` bytes, and makes it bootable.
+pub fn archive_to_tree(
+    archive: &Path,
+    work: &Path,
+    root: &Path,
+    limit: u64,
+) -> Result<Added, OciError> {
     let outer = work.join("archive");
     std::fs::create_dir_all(&outer).map_err(io(&outer))?;
-    unpack_archive(archive, &outer)?;
-    layout_to_tree(&outer, root)
+    unpack_archive(archive, &outer, limit)?;
+    layout_to_tree(&outer, root, limit)
 }
 
-/// Applies the layers of the unpacked image at `dir` onto `root` and makes it bootable.
-pub fn layout_to_tree(dir: &Path, root: &Path) -> Result<Added, OciError> {
+/// Applies the layers of the unpacked image at `dir` onto `root` (their
+/// files taking at most `limit` bytes) and makes it bootable.
+///
+/// Errors: `Format`, `TooBig` (see [`apply_layer`]).
+pub fn layout_to_tree(dir: &Path, root: &Path, limit: u64) -> Result<Added, OciError> {
     std::fs::create_dir_all(root).map_err(io(root))?;
+    let mut budget = Budget::new(limit);
     for layer in layer_files(dir)? {
         if !layer.is_file() {
+            let name = layer.strip_prefix(dir).unwrap_or(&layer);
             return Err(OciError::Format(format!(
                 "layer {} is missing from the archive",
-                layer.display()
+                name.display()
             )));
         }
-        apply_layer(&layer, root)?;
+        apply_layer(&layer, root, &mut budget)?;
     }
     make_bootable(root)
 }
@@ -421,7 +494,7 @@ mod tests {
         std::fs::write(&tar, b.into_inner().expect("tar")).expect("write");
         let root = dir.path().join("root");
         std::fs::create_dir(&root).expect("root");
-        let e = apply_layer(&tar, &root).expect_err("climbs out");
+        let e = apply_layer(&tar, &root, &mut Budget::new(1 << 20)).expect_err("climbs out");
         assert!(e.to_string().contains("leaves the image's root"), "{e}");
         assert!(!dir.path().join("escaped").exists());
     }
@@ -492,7 +565,7 @@ mod tests {
         )
         .expect("manifest");
         let root = dir.path().join("root");
-        let added = layout_to_tree(&img, &root).expect("unpack");
+        let added = layout_to_tree(&img, &root, 1 << 20).expect("unpack");
         assert_eq!(
             std::fs::read_to_string(root.join("app/keep")).expect("keep"),
             "k"
@@ -523,6 +596,90 @@ mod tests {
         );
         // A second pass adds nothing.
         assert!(make_bootable(&root).expect("again").0.is_empty());
+    }
+
+    /// A small gzipped layer that unpacks big is stopped at the cap, before
+    /// the file is written; the error names no host path.
+    #[test]
+    fn the_unpacked_tree_is_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img");
+        std::fs::create_dir_all(img.join("l1")).expect("mkdir");
+        let zeros = "\0".repeat(8 << 20);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(
+            &mut gz,
+            &layer(&[("small", Some("s")), ("big", Some(&zeros))]),
+        )
+        .expect("gz");
+        let gz = gz.finish().expect("gz");
+        assert!(gz.len() < 1 << 20, "{} bytes compressed", gz.len());
+        std::fs::write(img.join("l1/layer.tar"), gz).expect("l1");
+        std::fs::write(
+            img.join("manifest.json"),
+            r#"[{"Config":"c.json","Layers":["l1/layer.tar"]}]"#,
+        )
+        .expect("manifest");
+        let root = dir.path().join("root");
+        let e = layout_to_tree(&img, &root, 4 << 20).expect_err("over the cap");
+        assert!(matches!(e, OciError::TooBig { limit_mb: 4 }), "{e}");
+        assert!(
+            !e.to_string().contains(dir.path().to_str().expect("utf-8")),
+            "{e}"
+        );
+        assert!(root.join("small").is_file());
+        assert!(!root.join("big").exists(), "refused before it was written");
+        // Under a cap that fits, the same image unpacks.
+        let root2 = dir.path().join("root2");
+        layout_to_tree(&img, &root2, 9 << 20).expect("fits");
+        assert_eq!(
+            std::fs::metadata(root2.join("big")).expect("big").len(),
+            8 << 20
+        );
+    }
+
+    /// The outer archive is capped too.
+    #[test]
+    fn the_outer_archive_is_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = "x".repeat(2 << 20);
+        let tar = dir.path().join("archive.tar");
+        std::fs::write(
+            &tar,
+            layer(&[("manifest.json", Some("[]")), ("l1.tar", Some(&big))]),
+        )
+        .expect("tar");
+        let work = dir.path().join("work");
+        let e = archive_to_tree(&tar, &work, &dir.path().join("root"), 1 << 20)
+            .expect_err("over the cap");
+        assert!(matches!(e, OciError::TooBig { limit_mb: 1 }), "{e}");
+        assert!(!work.join("archive/l1.tar").exists());
+    }
+
+    /// A broken layer is described without the host's paths.
+    #[test]
+    fn layer_errors_name_no_host_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img");
+        std::fs::create_dir_all(img.join("l1")).expect("mkdir");
+        std::fs::write(img.join("l1/layer.tar"), vec![7u8; 1000]).expect("l1");
+        std::fs::write(
+            img.join("manifest.json"),
+            r#"[{"Config":"c.json","Layers":["l1/layer.tar","l2/layer.tar"]}]"#,
+        )
+        .expect("manifest");
+        let host = dir.path().to_str().expect("utf-8");
+        let e = layout_to_tree(&img, &dir.path().join("root"), 1 << 20).expect_err("bad");
+        assert!(matches!(e, OciError::Format(_)), "{e}");
+        assert!(!e.to_string().contains(host), "{e}");
+        std::fs::write(
+            img.join("manifest.json"),
+            r#"[{"Config":"c.json","Layers":["l2/layer.tar"]}]"#,
+        )
+        .expect("manifest");
+        let e = layout_to_tree(&img, &dir.path().join("root"), 1 << 20).expect_err("missing");
+        assert!(e.to_string().contains("l2/layer.tar"), "{e}");
+        assert!(!e.to_string().contains(host), "{e}");
     }
 
     #[test]

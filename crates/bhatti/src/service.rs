@@ -154,7 +154,9 @@ impl ServiceError {
                 EngineError::NotFound(_) => K::NotFound,
                 EngineError::Busy(_) | EngineError::AlreadyExists(_) => K::Conflict,
                 EngineError::InvalidSpec(_) => K::Invalid,
-                EngineError::Internal(_) | EngineError::Storage(_) => K::Internal,
+                EngineError::Internal(_)
+                | EngineError::Storage(_)
+                | EngineError::FilesystemNotGrown(_) => K::Internal,
                 _ => K::Unavailable,
             },
             ServiceError::Agent(AgentError::Remote { code, .. }) => kind_of_code(*code),
@@ -188,6 +190,19 @@ fn agent_message(e: &AgentError) -> String {
 }
 
 pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// Runs `work` on its own task and waits for it: dropping the returned
+/// future does not cancel the work (a multi-step change such as a create
+/// must finish or roll back, whoever is still waiting).
+///
+/// Errors: those of `work`; `Unavailable` if its task panicked.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ServiceError::Unavailable(format!("the operation failed: {e}")))?
+}
 
 /// A lock held across awaits, one per key of a map.
 type AsyncLock = Arc<tokio::sync::Mutex<()>>;
@@ -360,11 +375,20 @@ impl Service {
     /// they make one sandbox. A VM that fails to boot leaves no row, no IP
     /// and nothing on the host behind.
     ///
+    /// The create runs on its own task: a caller that goes away (a client
+    /// that disconnects) does not cut it short, so it never leaves a
+    /// sandbox `creating`, counted against the quota and holding volumes.
+    ///
     /// Errors: `Invalid` for bad fields and for cpus/memory over the user's
     /// per-sandbox caps (named); the store's `LimitExceeded` over the user's
     /// sandbox quota; engine failures.
-    pub async fn create_sandbox(&self, user: &User, req: CreateSandboxRequest) -> Result<Created> {
-        self.create_with(user, req, None).await
+    pub async fn create_sandbox(
+        self: &Arc<Self>,
+        user: &User,
+        req: CreateSandboxRequest,
+    ) -> Result<Created> {
+        let (svc, user) = (self.clone(), user.clone());
+        detached(async move { svc.create_with(&user, req, None).await }).await
     }
 
     /// [`create_sandbox`](Self::create_sandbox), or, with `snapshot`, the

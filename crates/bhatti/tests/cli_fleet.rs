@@ -93,6 +93,7 @@ fn labels_edit_inspect_and_destroy() {
     assert_eq!(v["sandbox"]["name"], "fl2");
     assert_eq!(v["sandbox"]["labels"]["env"], "dev");
     assert!(v["disk_bytes"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["volumes"], serde_json::json!([]), "{v}");
     assert!(
         v["sessions"].is_array(),
         "a hot sandbox lists its sessions: {v}"
@@ -103,6 +104,8 @@ fn labels_edit_inspect_and_destroy() {
         "thermal:",
         "disk:",
         "labels:    env=dev, team=ml",
+        "image:     (default)",
+        "volumes:   -",
     ] {
         assert!(out.contains(want), "{want} in {out}");
     }

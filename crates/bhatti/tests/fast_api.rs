@@ -743,3 +743,98 @@ async fn an_unreadable_file_is_refused_before_the_body() {
     let body = r.text().await.expect("body");
     assert!(body.contains("Pid:"), "{body}");
 }
+
+/// A client that goes away during a create does not cut it short: the
+/// sandbox ends up running (or gone), never stuck `creating`.
+#[tokio::test]
+async fn a_create_outlives_its_client() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    *d.engine.create_delay.lock().expect("lock") = Duration::from_millis(800);
+    let api = d.api();
+    let r = api
+        .req(reqwest::Method::POST, "/sandboxes")
+        .json(&serde_json::json!({ "name": "hasty" }))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up: {r:?}");
+    let t0 = Instant::now();
+    loop {
+        let r = api.get("/sandboxes/hasty").await;
+        if r.status() == 404 {
+            break;
+        }
+        let v: serde_json::Value = r.json().await.expect("json");
+        if v["status"] == "running" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still {} after the client left",
+            v["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And a second create of the name finds it (running), not a half-made one.
+    let r = create(&api, "hasty").await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "running");
+}
+
+/// With no storage quota left, import, pull and save are refused up front
+/// (429, before an upload is stored or a sandbox is touched); with room
+/// left, the archive itself is judged.
+#[tokio::test]
+async fn image_work_is_refused_up_front_without_quota() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    let key = d.key.clone();
+    let alice = d
+        .store
+        .call(move |s| s.authenticate(&key))
+        .await
+        .expect("auth")
+        .expect("alice");
+    let uid = alice.id;
+    d.store
+        .call(move |s| s.set_storage_quota(uid, 0))
+        .await
+        .expect("quota");
+    let import = || async {
+        api.req(reqwest::Method::POST, "/images/import")
+            .query(&[("name", "junk")])
+            .body(vec![7u8; 4096])
+            .send()
+            .await
+            .expect("send")
+    };
+    let (s, m) = failure(import().await).await;
+    assert_eq!(s, 429, "{m}");
+    assert!(m.contains("storage quota"), "{m}");
+    let r = api
+        .post(
+            "/images/pull",
+            serde_json::json!({ "reference": "docker.io/library/alpine:3" }),
+        )
+        .await;
+    let (s, m) = failure(r).await;
+    assert_eq!(s, 429, "{m}");
+    create_ok(&api, "dev").await;
+    let r = api
+        .post(
+            "/images/save",
+            serde_json::json!({ "sandbox": "dev", "name": "mine" }),
+        )
+        .await;
+    let (s, m) = failure(r).await;
+    assert_eq!(s, 429, "{m}");
+    // With room, the upload is read and judged: not an image.
+    d.store
+        .call(move |s| s.set_storage_quota(uid, 1))
+        .await
+        .expect("quota");
+    let (s, m) = failure(import().await).await;
+    assert_eq!(s, 400, "{m}");
+    assert!(!m.contains("import-tmp"), "no host path: {m}");
+}

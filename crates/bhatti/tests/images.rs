@@ -95,6 +95,10 @@ async fn save_an_image_and_boot_from_it() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(sh(&api, "copy", "h10-hello").await, "hello-from-package");
+    let (s, v) = status_of(api.get("/sandboxes/copy/inspect").await).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["image"], "withpkg", "{v}");
+    assert_eq!(v["volumes"], json!([]), "{v}");
     assert!(sh(&api, "copy", "dpkg -s h10-hello")
         .await
         .contains("Status: install ok installed"));
@@ -140,7 +144,11 @@ async fn save_an_image_and_boot_from_it() {
     assert!(api.delete("/sandboxes/copy").await.status().is_success());
     let (s, v) = status_of(api.delete("/images/withpkg").await).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert!(err_text(&v).contains("a snapshot or fork"), "{v}");
+    assert!(err_text(&v).contains("in use by snapshot snap"), "{v}");
+    assert!(
+        !err_text(&v).contains("layer"),
+        "named, not by its layer: {v}"
+    );
     assert!(api.delete("/snapshots/snap").await.status().is_success());
     let (s, v) = status_of(api.delete("/images/withpkg").await).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");

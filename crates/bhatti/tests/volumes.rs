@@ -171,6 +171,14 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     sh(&api, "a", "echo hello-from-a > /data/hello && sync").await;
     let mb = fs_mb(&api, "a", "/data").await;
     assert!((50..=64).contains(&mb), "{mb} MiB");
+    // Inspect shows the sandbox's volumes (and no custom image).
+    let (s, v) = status_of(api.get("/sandboxes/a/inspect").await).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["volumes"],
+        json!([{"volume": "data", "mount": "/data", "read_only": false}])
+    );
+    assert!(v.get("image").is_none(), "{v}");
 
     // Read-write is one sandbox at a time.
     let (s, v) = create(
@@ -225,6 +233,48 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     assert!((110..=128).contains(&mb), "{mb} MiB after growing to 128");
     assert_eq!(sh(&api, "a", "cat /data/hello").await, "hello-from-a");
 
+    // A grow whose guest half fails: the disk grew, so the record says so
+    // (never below the disk), and the message names the guest step.
+    sh(
+        &api,
+        "a",
+        "sudo -n sh -c 'p=$(command -v resize2fs); mv $p $p.off'",
+    )
+    .await;
+    let (s, v) = status_of(
+        api.post("/volumes/data/resize", json!({"size_mb": 144}))
+            .await,
+    )
+    .await;
+    assert!(s.is_server_error(), "{s}: {v}");
+    assert!(
+        err_text(&v).contains("filesystem in sandbox a did not"),
+        "{v}"
+    );
+    let (_, v) = status_of(api.get("/volumes/data").await).await;
+    assert_eq!(v["size_mb"], 144, "{v}");
+    let disk = d
+        .data_dir
+        .path()
+        .join("volumes")
+        .join(format!("{}.img", v["id"].as_str().expect("id")));
+    assert_eq!(std::fs::metadata(&disk).expect("disk").len(), 144 << 20);
+    // With the tool back, a further grow finishes the job.
+    sh(
+        &api,
+        "a",
+        "sudo -n sh -c 'p=$(command -v resize2fs.off); mv $p ${p%.off}'",
+    )
+    .await;
+    let (s, v) = status_of(
+        api.post("/volumes/data/resize", json!({"size_mb": 150}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mb = fs_mb(&api, "a", "/data").await;
+    assert!((130..=150).contains(&mb), "{mb} MiB after growing to 150");
+
     // Written without a sync just before the destroy: the daemon has the
     // guest sync its volumes before the VM goes, so nothing is lost.
     sh(&api, "a", "echo written-late > /data/late").await;
@@ -275,8 +325,25 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     )
     .await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
-    let (s, v) = create(&api, "b", json!([{"volume": "data", "mount": "/data"}])).await;
+    // B also gets a volume inside the first one's path, named first: it is
+    // still mounted on top (outer paths first), not hidden under /data.
+    let (s, v) = status_of(
+        api.post("/volumes", json!({"name": "inner", "size_mb": 8}))
+            .await,
+    )
+    .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = create(
+        &api,
+        "b",
+        json!([{"volume": "inner", "mount": "/data/sub"}, {"volume": "data", "mount": "/data"}]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    sh(&api, "b", "mountpoint -q /data/sub && mountpoint -q /data").await;
+    sh(&api, "b", "echo inner > /data/sub/mark").await;
+    let (_, v) = status_of(api.get("/sandboxes/b/inspect").await).await;
+    assert_eq!(v["volumes"][0]["volume"], "inner", "{v}");
     assert_eq!(sh(&api, "b", "cat /data/hello").await, "hello-from-a");
     let mb = fs_mb(&api, "b", "/data").await;
     assert!((140..=160).contains(&mb), "{mb} MiB after growing to 160");
@@ -298,6 +365,8 @@ async fn volumes_outlive_sandboxes_and_keep_their_rules() {
     let (s, v) = status_of(api.delete("/volumes/data").await).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     assert!(!disk.exists(), "the disk goes with the volume");
+    let (s, v) = status_of(api.delete("/volumes/inner").await).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let (s, _) = status_of(api.get("/volumes/data").await).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 

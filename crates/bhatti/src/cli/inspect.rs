@@ -1,5 +1,6 @@
 //! `bhatti inspect <sandbox>`: everything about one sandbox (state, thermal
-//! state, IP, resources, disk use, labels, published URLs, sessions),
+//! state, IP, resources, disk use, labels, image, volumes, published URLs,
+//! sessions),
 //! without waking it.
 
 use crate::model::SandboxDetail;
@@ -50,6 +51,19 @@ pub async fn run(ctx: Ctx, args: InspectArgs) -> anyhow::Result<i32> {
         }
     ));
     lines.push(format!("egress:    {}", egress_line(&d)));
+    lines.push(format!(
+        "image:     {}",
+        d.image.as_deref().unwrap_or("(default)")
+    ));
+    if d.volumes.is_empty() {
+        lines.push("volumes:   -".into());
+    } else {
+        lines.push("volumes:".into());
+        for v in &d.volumes {
+            let ro = if v.read_only { " (read-only)" } else { "" };
+            lines.push(format!("  {} on {}{ro}", v.volume, v.mount));
+        }
+    }
     if d.published.is_empty() {
         lines.push("published: -".into());
     } else {

@@ -112,6 +112,9 @@ pub enum VmState {
     Dead(String),
 }
 
+/// Marks a disk layer's id among [`Engine::image_users`].
+pub const LAYER_USER: &str = "layer:";
+
 /// Errors of the engine, each with a message a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -182,6 +185,11 @@ pub enum EngineError {
     /// or the guest's own `sync`/`resize2fs`), or is missing.
     #[error("{0}")]
     Storage(String),
+    /// An attached volume's disk grew to the size asked, but the guest did
+    /// not grow its filesystem (the message says why). The disk keeps its
+    /// new size; another grow redoes only the guest's half.
+    #[error("the volume's disk grew, but its filesystem in the guest did not: {0}")]
+    FilesystemNotGrown(String),
     /// A fault in the engine itself (a task that panicked, a record that
     /// cannot be serialised).
     #[error("{0}")]
@@ -292,7 +300,7 @@ pub trait Engine: Send + Sync {
     ) -> Result<u64, EngineError>;
     /// Removes custom image `image`'s file.
     async fn delete_image(&self, image: &str) -> Result<(), EngineError>;
-    /// What backs onto custom image `image` (sandbox ids, descriptions of
-    /// snapshot/fork layers); empty: unused.
+    /// What backs onto custom image `image`: sandbox ids, and disk layer
+    /// ids prefixed with [`LAYER_USER`]; empty: unused.
     fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError>;
 }

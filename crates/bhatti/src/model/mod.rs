@@ -398,6 +398,14 @@ pub struct SandboxDetail {
     /// `egress` policy says. Absent (older daemons): false.
     #[serde(default)]
     pub egress_off: bool,
+    /// The custom image it was created from; absent: the default image
+    /// (or a fork or snapshot of one made from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub image: Option<String>,
+    /// Its volumes, in device order (absent from older daemons: none shown).
+    #[serde(default)]
+    pub volumes: Vec<volumes::SandboxVolume>,
 }
 
 /// `POST /sandboxes/{id}/checkpoint`.

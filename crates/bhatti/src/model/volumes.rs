@@ -43,6 +43,16 @@ pub struct VolumeAttachmentInfo {
     pub read_only: bool,
 }
 
+/// A volume as one sandbox has it (`inspect`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SandboxVolume {
+    /// Volume name.
+    pub volume: String,
+    /// Absolute mount point in the guest.
+    pub mount: String,
+    pub read_only: bool,
+}
+
 /// A persistent volume: an ext4 disk of its own that outlives sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Volume {

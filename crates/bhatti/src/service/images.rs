@@ -61,6 +61,16 @@ impl Service {
         Ok(())
     }
 
+    /// Bytes of storage quota the user has left.
+    ///
+    /// Errors: `LimitExceeded` when none is left: an import, pull or save
+    /// that could only be refused afterwards is refused before the work.
+    pub async fn storage_room(&self, user: &User) -> Result<u64> {
+        let uid = user.id;
+        let mb = self.store.call(move |s| s.storage_room_mb(uid)).await?;
+        Ok(mb.saturating_mul(1 << 20))
+    }
+
     /// Records a new image file; if the record is refused (quota, name), the file goes.
     async fn record_image(&self, rec: ImageRecord) -> Result<Image> {
         let r = rec.clone();
@@ -113,6 +123,7 @@ impl Service {
     /// storage quota, `Conflict` for a sandbox that is neither running nor stopped.
     pub async fn save_image(&self, user: &User, sandbox: &str, name: &str) -> Result<Image> {
         self.check_image_name(user, name).await?;
+        self.storage_room(user).await?;
         let rec = self.find(user, sandbox).await?;
         let rec = if rec.status == SandboxStatus::Warm {
             self.wake(rec, WakeMode::Wait).await?
@@ -167,7 +178,11 @@ impl Service {
     /// whiteouts, made bootable ([`crate::oci::make_bootable`]), written
     /// into a sparse ext4. `source` is recorded as where it came from.
     ///
-    /// Errors: `Invalid` for an archive that is not an image; name and quota errors.
+    /// The unpacked files may take at most the caller's storage quota left;
+    /// unpacking stops as soon as they pass it.
+    ///
+    /// Errors: `Invalid` for an archive that is not an image; name and
+    /// quota errors (`LimitExceeded` also for files over the quota left).
     pub async fn import_image(
         &self,
         user: &User,
@@ -176,14 +191,15 @@ impl Service {
         source: &str,
     ) -> Result<Image> {
         self.check_image_name(user, name).await?;
+        let room = self.storage_room(user).await?;
         let (dir, archive) = (work.0.clone(), work.0.join("archive.tar"));
         let root = dir.join("rootfs");
         let r = root.clone();
         let (added, bytes) = tokio::task::spawn_blocking(move || {
             let added = if archive.is_file() {
-                crate::oci::archive_to_tree(&archive, &dir, &r)
+                crate::oci::archive_to_tree(&archive, &dir, &r, room)
             } else {
-                crate::oci::layout_to_tree(&dir.join("layout"), &r)
+                crate::oci::layout_to_tree(&dir.join("layout"), &r, room)
             }?;
             Ok::<_, crate::oci::OciError>((added, crate::oci::tree_bytes(&r)))
         })
@@ -191,7 +207,14 @@ impl Service {
         .map_err(|e| ServiceError::Unavailable(format!("import task failed: {e}")))?
         .map_err(|e| match e {
             crate::oci::OciError::Format(m) => ServiceError::Invalid(format!("not an image: {m}")),
-            other => ServiceError::Unavailable(other.to_string()),
+            e @ crate::oci::OciError::TooBig { .. } => {
+                ServiceError::Store(StoreError::LimitExceeded(e.to_string()))
+            }
+            // The host's paths stay in the log.
+            crate::oci::OciError::Io { path, source } => {
+                tracing::warn!(%path, error = %source, "image import failed");
+                ServiceError::Unavailable(format!("cannot unpack the image: {source}"))
+            }
         })?;
         tracing::info!(name, added = ?added.0, "imported image made bootable");
         let size_mb = (bytes + bytes / 4).div_ceil(1 << 20) + IMPORT_HEADROOM_MB;
@@ -220,8 +243,26 @@ impl Service {
         let id = img.id.clone();
         let mut users = self.store.call(move |s| s.image_sandboxes(&id)).await?;
         for u in self.engine.image_users(&img.id)? {
-            if !users.iter().any(|n| n == &u) && !u.starts_with("sb_") {
-                users.push(u);
+            // A layer is named by the snapshots and sandboxes on it, not its id.
+            let named = match u.strip_prefix(crate::engine::LAYER_USER) {
+                Some(layer) => {
+                    let l = layer.to_string();
+                    let on = self.store.call(move |s| s.layer_users(&l)).await?;
+                    if on.is_empty() {
+                        vec![format!("a fork in progress (disk layer {layer})")]
+                    } else {
+                        on
+                    }
+                }
+                // Sandboxes made from it are named by the store already.
+                None if u.starts_with("sb_") => continue,
+                None => vec![u],
+            };
+            for n in named {
+                let bare = n.strip_prefix("sandbox ").unwrap_or(&n);
+                if !users.iter().any(|x| x == &n || x == bare) {
+                    users.push(n);
+                }
             }
         }
         if !users.is_empty() {

@@ -82,6 +82,7 @@ impl Service {
         let r = Reference::parse(reference).map_err(|e| ServiceError::Invalid(e.to_string()))?;
         let name = name.map(str::to_string).unwrap_or_else(|| default_name(&r));
         self.check_image_name(user, &name).await?;
+        self.storage_room(user).await?;
         let http = registry_client().map_err(ServiceError::Unavailable)?;
         let work = self.import_dir()?;
         let task = Arc::new(PullTask {

@@ -7,6 +7,8 @@
 //! number of times. Layers are recorded in the store and deleted once no
 //! sandbox, snapshot or other layer backs onto them.
 
+use std::sync::Arc;
+
 use rand::RngCore;
 use time::format_description::well_known::Rfc3339;
 
@@ -290,13 +292,16 @@ impl Service {
     }
 
     /// A new sandbox from the caller's snapshot `key`, as `req` names it.
+    /// Runs to completion even when the caller's future is dropped (see
+    /// [`create_sandbox`](Service::create_sandbox)).
     pub async fn resume_snapshot(
-        &self,
+        self: &Arc<Self>,
         user: &User,
         key: &str,
         req: CreateSandboxRequest,
     ) -> Result<super::Created> {
-        self.create_with(user, req, Some(key)).await
+        let (svc, user, key) = (self.clone(), user.clone(), key.to_string());
+        super::detached(async move { svc.create_with(&user, req, Some(&key)).await }).await
     }
 
     /// Deletes the layers nothing uses any more (files first, then rows).

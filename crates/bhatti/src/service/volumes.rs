@@ -13,7 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::thermal::WakeMode;
 use super::{AsyncLock, Result, Service, ServiceError};
-use crate::engine::VolumeSpec;
+use crate::engine::{EngineError, VolumeSpec};
 use crate::model::volumes::{Volume, VolumeAttachmentInfo, VolumeMountRequest};
 use crate::store::{StoreError, User, VolumeAttachment, VolumeRecord, VolumeRequest};
 
@@ -182,6 +182,17 @@ impl Service {
                     .await
             }
         };
+        if let Err(EngineError::FilesystemNotGrown(why)) = grown {
+            // The disk did grow: the record keeps the new size (it must
+            // never be below the disk's), and the message says what failed.
+            tracing::warn!(volume = %v.id, error = %why, "volume disk grown, guest filesystem not");
+            return Err(ServiceError::Engine(EngineError::Storage(format!(
+                "volume {}'s disk grew to {size} MB, but its filesystem in sandbox {} did not: {why}; \
+                 the volume is recorded at {size} MB; grow it again (to any larger size) to finish",
+                v.name,
+                holder.as_ref().map(|r| r.name.as_str()).unwrap_or("?"),
+            ))));
+        }
         if let Err(e) = grown {
             // …and puts the old size back if the disk could not grow.
             let (vid, old) = (v.id.clone(), v.size_mb);

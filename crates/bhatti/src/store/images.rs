@@ -151,6 +151,18 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Name of the custom image sandbox `sandbox_id` was created from (`None`: the default image).
+    pub fn sandbox_image_name(&self, sandbox_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT i.name FROM sandboxes s JOIN images i ON i.id = s.image_id WHERE s.id = ?1",
+                params![sandbox_id],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     /// Records the image sandbox `sandbox_id` was created from.
     pub fn set_sandbox_image(&self, sandbox_id: &str, image_id: &str) -> Result<(), StoreError> {
         self.conn().execute(

@@ -247,6 +247,23 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Who uses disk layer `layer`, directly or through layers backing onto
+    /// it: `snapshot NAME` and `sandbox NAME` (sorted; empty: nothing recorded).
+    pub fn layer_users(&self, layer: &str) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "WITH RECURSIVE d(id) AS (
+                 SELECT ?1 UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id)
+             SELECT 'snapshot ' || p.name AS n FROM snapshots p WHERE p.layer_id IN d
+             UNION
+             SELECT 'sandbox ' || s.name FROM sandbox_layers sl JOIN sandboxes s ON s.id = sl.sandbox_id
+             WHERE sl.layer_id IN d
+             ORDER BY n",
+        )?;
+        let rows = st.query_map(params![layer], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Forgets a layer whose file is gone.
     pub fn delete_layer(&self, id: &str) -> Result<(), StoreError> {
         self.conn()
@@ -337,5 +354,37 @@ mod tests {
             None,
             "source gone: unknown"
         );
+    }
+
+    /// A layer's users are the snapshots and sandboxes on it or on layers
+    /// frozen on top of it, by name.
+    #[test]
+    fn layer_users_follow_the_chain() {
+        let (_dir, store) = temp_store();
+        let (user, _) = store
+            .create_user("alice", UserLimits::default())
+            .expect("user");
+        let sb = store
+            .create_sandbox(&NewSandbox::new(user.id, "src"), &Default::default())
+            .expect("sandbox");
+        store.freeze_layer(&sb.id, "l1").expect("l1");
+        assert_eq!(store.layer_users("l1").expect("users"), ["sandbox src"]);
+        store
+            .insert_snapshot(&snapshot(user.id, "first", "src", "l1"))
+            .expect("insert");
+        // A second freeze puts l2 on top of l1: l1's users now come through l2.
+        store.freeze_layer(&sb.id, "l2").expect("l2");
+        store
+            .insert_snapshot(&snapshot(user.id, "second", "src", "l2"))
+            .expect("insert");
+        assert_eq!(
+            store.layer_users("l1").expect("users"),
+            ["sandbox src", "snapshot first", "snapshot second"]
+        );
+        assert_eq!(
+            store.layer_users("l2").expect("users"),
+            ["sandbox src", "snapshot second"]
+        );
+        assert!(store.layer_users("nope").expect("users").is_empty());
     }
 }

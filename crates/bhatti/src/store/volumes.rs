@@ -420,6 +420,22 @@ impl Store {
         Ok(())
     }
 
+    /// MiB of the user's storage quota still free.
+    ///
+    /// Errors: `LimitExceeded` when nothing is left (used ≥ quota), so work
+    /// that would only be refused afterwards is refused up front.
+    pub fn storage_room_mb(&self, user_id: i64) -> Result<u64, StoreError> {
+        let max = self.storage_quota(user_id)?;
+        let used = storage_used_mb(&self.conn(), user_id)?;
+        if used >= max {
+            return Err(StoreError::LimitExceeded(format!(
+                "storage quota exceeded: {used} MB of {max} MB in use; \
+                 delete what you no longer need (`bhatti volume delete NAME`, `bhatti image delete NAME`)"
+            )));
+        }
+        Ok(max - used)
+    }
+
     /// The user's storage quota, MiB.
     pub fn storage_quota(&self, user_id: i64) -> Result<u64, StoreError> {
         let max: i64 = self.conn().query_row(

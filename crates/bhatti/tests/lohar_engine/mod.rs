@@ -97,6 +97,8 @@ pub struct LoharEngine {
     pub fail_create: Mutex<HashSet<String>>,
     /// How long a start (a cold wake) takes.
     pub start_delay: Mutex<Duration>,
+    /// How long a create takes before its agent starts.
+    pub create_delay: Mutex<Duration>,
     /// Sandboxes with these names get a small disk (see [`spawn_agent`]).
     pub small_disk: Mutex<HashSet<String>>,
 }
@@ -109,6 +111,7 @@ impl Default for LoharEngine {
             counts: Counts::default(),
             fail_create: Mutex::new(HashSet::new()),
             start_delay: Mutex::new(Duration::ZERO),
+            create_delay: Mutex::new(Duration::ZERO),
             small_disk: Mutex::new(HashSet::new()),
         }
     }
@@ -289,6 +292,8 @@ impl Engine for LoharEngine {
 
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError> {
         self.counts.creates.fetch_add(1, Ordering::SeqCst);
+        let delay = *lock(&self.create_delay);
+        tokio::time::sleep(delay).await;
         let mut vm = {
             let vms = lock(&self.vms);
             if vms.contains_key(&spec.id) {

@@ -29,10 +29,20 @@ fn device_of(sys_block: &Path, serial: &str) -> Option<PathBuf> {
     None
 }
 
-/// Mounts every volume of the boot config; a missing disk or a failed mount is fatal.
+/// The volumes in the order to mount them: fewest path components first,
+/// so a volume mounted inside another's path (`/mnt/a/b` in `/mnt/a`) is
+/// mounted on top of it, not hidden under it, whatever order they came in.
+fn mount_order(volumes: &[VolumeMount]) -> Vec<&VolumeMount> {
+    let mut order: Vec<&VolumeMount> = volumes.iter().collect();
+    order.sort_by_key(|v| Path::new(&v.path).components().count());
+    order
+}
+
+/// Mounts every volume of the boot config (outer paths before the paths
+/// inside them); a missing disk or a failed mount is fatal.
 pub fn mount_all(volumes: &[VolumeMount]) -> Result<(), String> {
     let sys_block = Path::new("/sys/block");
-    for v in volumes {
+    for v in mount_order(volumes) {
         let start = Instant::now();
         let dev = loop {
             if let Some(d) = device_of(sys_block, &v.serial) {
@@ -75,6 +85,27 @@ fn mount_one(dev: &Path, v: &VolumeMount) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Given inner-first, the outer volume is still mounted first.
+    #[test]
+    fn outer_mounts_come_first() {
+        let m = |serial: &str, path: &str| VolumeMount {
+            serial: serial.into(),
+            path: path.into(),
+            read_only: false,
+        };
+        let given = [
+            m("n1", "/mnt/a/b"),
+            m("n2", "/mnt/a"),
+            m("n3", "/data//x/"),
+            m("n4", "/srv"),
+        ];
+        let order: Vec<&str> = mount_order(&given)
+            .iter()
+            .map(|v| v.serial.as_str())
+            .collect();
+        assert_eq!(order, ["n4", "n2", "n3", "n1"]);
+    }
 
     #[test]
     fn finds_the_device_by_serial() {

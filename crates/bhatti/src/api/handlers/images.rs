@@ -74,6 +74,8 @@ pub async fn import(
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
     crate::store::validate_image_name(&q.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // No room left: refused before the upload is stored.
+    state.service.storage_room(&user).await?;
     let work = state.service.import_dir()?;
     let path = work.0.join("archive.tar");
     let mut file = tokio::fs::File::create(&path)

@@ -15,7 +15,7 @@ use bhatti_proto::ExecRequest;
 
 use super::process::VmFiles;
 use super::{blocking, check_id, QemuEngine};
-use crate::engine::{EngineError, VmRuntime};
+use crate::engine::{EngineError, VmRuntime, LAYER_USER};
 
 /// How long the guest may take to write its page cache out before a save.
 const GUEST_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -201,7 +201,7 @@ impl QemuEngine {
         }
     }
 
-    /// Sandboxes (by id) and layers ("a snapshot or fork (disk layer <id>)")
+    /// Sandboxes (by id) and layers (their id after [`LAYER_USER`])
     /// whose disk backs onto image `id` directly.
     pub(super) fn image_backers(&self, id: &str) -> Result<Vec<String>, EngineError> {
         check_id(id)?;
@@ -219,10 +219,7 @@ impl QemuEngine {
             for e in rd.flatten() {
                 if qcow2_backing(&e.path()).as_deref() == Some(target.as_str()) {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    users.push(format!(
-                        "a snapshot or fork (disk layer {})",
-                        name.trim_end_matches(".qcow2")
-                    ));
+                    users.push(format!("{LAYER_USER}{}", name.trim_end_matches(".qcow2")));
                 }
             }
         }

@@ -191,20 +191,19 @@ impl QemuEngine {
             "for d in /sys/block/*; do if [ \"$(cat $d/serial 2>/dev/null)\" = {id} ]; then \
              exec resize2fs /dev/${{d##*/}}; fi; done; echo 'no disk with serial {id}' >&2; exit 1"
         );
+        // From here on the disk has its new size: a failure says so, and
+        // the caller records the new size all the same.
+        let grown = EngineError::FilesystemNotGrown;
         let agent = crate::engine::Engine::agent(self, vm, rt);
         let out = tokio::time::timeout(
             GUEST_RESIZE_TIMEOUT,
             agent.exec_buffered(ExecRequest::command(["sudo", "-n", "sh", "-c", &script])),
         )
         .await
-        .map_err(|_| {
-            EngineError::Storage("the guest did not finish growing the volume's filesystem".into())
-        })?
-        .map_err(|e| {
-            EngineError::Storage(format!("cannot grow the filesystem in the guest: {e}"))
-        })?;
+        .map_err(|_| grown("the guest did not finish resize2fs in time".into()))?
+        .map_err(|e| grown(format!("cannot run resize2fs in the guest: {e}")))?;
         if out.exit_code != 0 {
-            return Err(EngineError::Storage(format!(
+            return Err(grown(format!(
                 "resize2fs in the guest failed (exit {}): {}",
                 out.exit_code,
                 String::from_utf8_lossy(&out.stderr).trim()
