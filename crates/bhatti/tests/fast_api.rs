@@ -743,3 +743,70 @@ async fn an_unreadable_file_is_refused_before_the_body() {
     let body = r.text().await.expect("body");
     assert!(body.contains("Pid:"), "{body}");
 }
+
+/// A copy request refused for anything but the copy itself is refused
+/// before the source is checkpointed; a refusal after it (a bad env name)
+/// still removes the fork's checkpoint (which holds the source's RAM).
+#[tokio::test]
+async fn refused_forks_leave_no_checkpoint() {
+    let d = FastDaemon::start(UserLimits {
+        max_sandboxes: 2,
+        ..UserLimits::default()
+    })
+    .await;
+    let api = d.api();
+    create_ok(&api, "g").await;
+    let live = || d.engine.checkpoints.lock().expect("lock").len();
+    let refused = [
+        (
+            serde_json::json!({"name": "zz", "from": "g", "image": "x"}),
+            400,
+            "image",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "volumes": [{"name": "v", "mount": "/v"}]}),
+            400,
+            "volumes",
+        ),
+        (
+            serde_json::json!({"name": "bad name", "from": "g"}),
+            400,
+            "name",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "cpus": 7}),
+            400,
+            "cpus",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "memory_mb": 4096}),
+            400,
+            "memory_mb",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "nope"}),
+            400,
+            "from",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "env": {"1bad": "x"}}),
+            400,
+            "env",
+        ),
+    ];
+    for (body, status, field) in refused {
+        let (s, msg) = failure(api.post("/sandboxes", body.clone()).await).await;
+        assert_eq!(s, status, "{body}: {msg}");
+        assert!(msg.contains(field), "{body}: {msg}");
+        assert_eq!(live(), 0, "{body} left a checkpoint");
+    }
+    // At the sandbox quota: 429 before any checkpoint.
+    create_ok(&api, "h").await;
+    let (s, msg) = failure(
+        api.post("/sandboxes", serde_json::json!({"name": "zz", "from": "g"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 429, "{msg}");
+    assert_eq!(live(), 0, "a fork over quota left a checkpoint");
+}
