@@ -777,6 +777,17 @@ impl Service {
                     tracing::info!(sandbox = %rec.id, "finished an interrupted destroy");
                     continue;
                 }
+                // A create (or copy) the crash cut short: its VM, if alive,
+                // never got its identity or answered; its request failed.
+                SandboxStatus::Creating => {
+                    if let Err(e) = self.engine.destroy(&rec.id).await {
+                        tracing::warn!(sandbox = %rec.id, error = %e, "cannot remove a half-made sandbox's VM");
+                    }
+                    let sid = rec.id.clone();
+                    self.store.call(move |s| s.delete_sandbox(&sid)).await?;
+                    tracing::info!(sandbox = %rec.id, name = %rec.name, "removed a sandbox whose create was interrupted");
+                    continue;
+                }
                 _ => match self.engine.adopt(&rec.id, &rt).await {
                     // A paused VM is warm, whatever the store said (a crash
                     // may have come between the pause and its record).

@@ -810,3 +810,30 @@ async fn refused_forks_leave_no_checkpoint() {
     assert_eq!(s, 429, "{msg}");
     assert_eq!(live(), 0, "a fork over quota left a checkpoint");
 }
+
+/// A sandbox still `creating` after a crash (its create never answered;
+/// a copy's VM may be alive but without its identity) is removed by
+/// recovery, not adopted as running.
+#[tokio::test]
+async fn recovery_removes_interrupted_creates() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "ok").await;
+    let half = create_ok(&api, "half").await;
+    let id = half.clone();
+    d.store
+        .call(move |s| s.set_sandbox_status(&id, bhatti::store::SandboxStatus::Creating))
+        .await
+        .expect("status");
+    let destroys = Counts::get(&d.engine.counts.destroys);
+    d.service.recover().await.expect("recover");
+    assert_eq!(Counts::get(&d.engine.counts.destroys), destroys + 1);
+    let r = api.get("/sandboxes/half").await;
+    assert_eq!(r.status(), 404);
+    let r = api.get("/sandboxes/ok").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "running");
+    // The name is free again.
+    create_ok(&api, "half").await;
+}
