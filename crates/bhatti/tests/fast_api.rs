@@ -837,3 +837,39 @@ async fn recovery_removes_interrupted_creates() {
     // The name is free again.
     create_ok(&api, "half").await;
 }
+
+/// With the snapshot quota full, an unknown sandbox is still a 404 and a
+/// taken name a 409 (they say what to fix); only a valid request is a 429.
+/// A resume to a taken name makes nothing and says so (200 + header).
+#[tokio::test]
+async fn snapshot_errors_before_the_quota() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "a").await;
+    for n in 1..=5 {
+        let r = api
+            .post(
+                "/sandboxes/a/checkpoint",
+                serde_json::json!({ "name": format!("s{n}") }),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "s{n}");
+    }
+    let cases = [("nosuch", "s9", 404), ("a", "s1", 409), ("a", "s9", 429)];
+    for (sb, name, status) in cases {
+        let (s, msg) = failure(
+            api.post(
+                &format!("/sandboxes/{sb}/checkpoint"),
+                serde_json::json!({ "name": name }),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, status, "{sb} {name}: {msg}");
+    }
+    let r = api
+        .post("/snapshots/s1/resume", serde_json::json!({"name": "a"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-bhatti-existed"));
+}

@@ -325,19 +325,18 @@ impl Service {
     ) -> Result<Snapshot> {
         validate_sandbox_name(name)
             .map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
+        // Not found and name taken answer before the quota: they say what to fix.
+        self.find(user, sandbox).await?;
         let (uid, n) = (user.id, name.to_string());
-        let exists = self
-            .store
-            .call(move |s| {
-                s.check_snapshot_quota(uid)?;
-                s.snapshot_exists(uid, &n)
-            })
-            .await?;
+        let exists = self.store.call(move |s| s.snapshot_exists(uid, &n)).await?;
         if exists {
             return Err(ServiceError::Conflict(format!(
                 "a snapshot named {name} already exists"
             )));
         }
+        self.store
+            .call(move |s| s.check_snapshot_quota(uid))
+            .await?;
         let id = random_id("snap-");
         let (rec, info) = self.checkpoint_sandbox(user, sandbox, &id).await?;
         let record = SnapshotRecord {
