@@ -275,3 +275,73 @@ async fn chains_stay_short_over_many_forks() {
         e.destroy(id).await.expect("destroy");
     }
 }
+
+/// A daemon killed late in a checkpoint leaves its source's QEMU done
+/// migrating into the state file, in run state `postmigrate` (vCPUs
+/// stopped, disks inactive). The next engine's adopt resumes it: the VM
+/// runs on, its disk writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_resumes_a_vm_left_by_an_interrupted_checkpoint() {
+    use bhatti::engine::qemu::qmp::commands::{MigrationStatus, RunState};
+    use bhatti::engine::qemu::qmp::Qmp;
+    use bhatti::engine::VmState;
+    use std::os::fd::AsFd;
+
+    require_root();
+    let images = images().await;
+    let mut t = TestEngine::new("pm", "192.168.149.0/24", images, |_| {}).await;
+    let s = spec("pm-a", Ipv4Addr::new(192, 168, 149, 10));
+    let rt = t.engine.create(&s).await.expect("create");
+    sh_ok(
+        &t.engine.agent("pm-a", &rt),
+        "echo before > /workspace/f && sync",
+    )
+    .await;
+
+    // The daemon dies: a fresh engine on the same config (VMs run on).
+    let restarted = bhatti::engine::qemu::QemuEngine::new(t.cfg.clone())
+        .await
+        .expect("engine after restart");
+    drop(std::mem::replace(&mut t.engine, restarted));
+
+    // What the checkpoint had done before the crash: pause, then migrate
+    // the state into a file, without the `cont` that would have followed.
+    let dir = t.cfg.data_dir.join("sandboxes").join("pm-a");
+    let qmp = Qmp::connect_retry(&dir.join("qmp.sock"), std::time::Duration::from_secs(10))
+        .await
+        .expect("qmp");
+    qmp.set_migrate_max_bandwidth(1 << 34)
+        .await
+        .expect("bandwidth");
+    qmp.stop().await.expect("stop");
+    let file = tempfile::tempfile_in(&t.cfg.data_dir).expect("state file");
+    qmp.getfd("st", file.as_fd()).await.expect("getfd");
+    qmp.migrate("fd:st").await.expect("migrate");
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let m = qmp.query_migrate().await.expect("query-migrate");
+        if m.status == Some(MigrationStatus::Completed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "migration stuck: {:?}", m.status);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        qmp.query_status().await.expect("status").status,
+        RunState::Postmigrate
+    );
+    drop(qmp);
+
+    assert_eq!(t.engine.adopt("pm-a", &rt).await, VmState::Running);
+    assert!(!t.engine.paused("pm-a").await.expect("paused"));
+    let ag = t.engine.agent("pm-a", &rt);
+    assert_eq!(
+        sh_ok(
+            &ag,
+            "cat /workspace/f; echo after > /workspace/g && sync && cat /workspace/g"
+        )
+        .await,
+        "before\nafter"
+    );
+    t.engine.destroy("pm-a").await.expect("destroy");
+}
