@@ -607,6 +607,11 @@ impl Engine for QemuEngine {
             return VmState::Dead(format!("invalid sandbox id {id:?}"));
         }
         let files = VmFiles::new(self.sandbox_dir(id));
+        // A fork's disk freeze the crash cut short leaves the disk files mid-rename.
+        let live =
+            process::read_pidfile(&files.pidfile).filter(|p| process::is_our_qemu(*p, &files.dir));
+        let (f, layers, i) = (files.clone(), self.layers_dir(), id.to_string());
+        let _ = blocking(move || fork::repair_interrupted_freeze(&i, &f, &layers, live)).await;
         if files.state.is_file() {
             // A stop or start interrupted by a crash may have left a QEMU
             // behind; with the state on disk it never ran the guest since.
