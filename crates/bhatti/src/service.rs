@@ -433,35 +433,25 @@ impl Service {
             Ok(_) | Err(ServiceError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
+        // Everything a copy can be refused for is checked before its
+        // source is checkpointed: a fork's checkpoint holds the source's
+        // whole RAM in ramfs until it is removed.
+        if req.from.is_some() || snapshot.is_some() {
+            self.check_copy_request(user, &name, &req, snapshot).await?;
+        }
         let source = match (req.from.as_deref(), snapshot) {
-            (Some(_), Some(_)) => {
-                return Err(ServiceError::Invalid(
-                    "invalid field `from`: a sandbox resumed from a snapshot has no `from`".into(),
-                ))
-            }
             (Some(from), None) => Some(self.fork_source(user, from).await?),
             (None, Some(snap)) => Some(self.snapshot_source(user, snap).await?),
-            (None, None) => None,
+            _ => None,
         };
-        if source.is_some() && req.image.is_some() {
-            return Err(ServiceError::Invalid(
-                "invalid field `image`: a fork or a resumed snapshot has its source's disk".into(),
-            ));
-        }
-        if source.is_some() && req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(ServiceError::Invalid(
-                "invalid field `volumes`: a fork or a resumed snapshot has its source's devices and cannot take volumes".into(),
-            ));
-        }
+        // Removes a fork's checkpoint on every way out, a dropped request included.
         let temporary = source
             .as_ref()
             .filter(|s| s.temporary)
-            .map(|s| s.checkpoint.clone());
+            .map(|s| snapshots::TempCheckpoint::new(self.engine.clone(), s.checkpoint.clone()));
         let result = self.create_new(user, name, req, source).await;
         if let Some(cp) = temporary {
-            if let Err(e) = self.engine.delete_checkpoint(&cp).await {
-                tracing::warn!(checkpoint = %cp, error = %e, "cannot remove a fork's checkpoint");
-            }
+            cp.remove().await;
         }
         let sandbox = result?;
         Ok(Created {
@@ -809,6 +799,17 @@ impl Service {
                     let sid = rec.id.clone();
                     self.store.call(move |s| s.delete_sandbox(&sid)).await?;
                     tracing::info!(sandbox = %rec.id, "finished an interrupted destroy");
+                    continue;
+                }
+                // A create (or copy) the crash cut short: its VM, if alive,
+                // never got its identity or answered; its request failed.
+                SandboxStatus::Creating => {
+                    if let Err(e) = self.engine.destroy(&rec.id).await {
+                        tracing::warn!(sandbox = %rec.id, error = %e, "cannot remove a half-made sandbox's VM");
+                    }
+                    let sid = rec.id.clone();
+                    self.store.call(move |s| s.delete_sandbox(&sid)).await?;
+                    tracing::info!(sandbox = %rec.id, name = %rec.name, "removed a sandbox whose create was interrupted");
                     continue;
                 }
                 _ => match self.engine.adopt(&rec.id, &rt).await {

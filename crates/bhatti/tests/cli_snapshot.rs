@@ -108,6 +108,14 @@ fn snapshot_commands_and_their_errors() {
         "two"
     );
     assert_eq!(ok(&d, &key, &["exec", "b", "--", "hostname"]).trim(), "b");
+    // A taken name: nothing is made, and the CLI says so.
+    let o = run(&d, &key, &["snapshot", "resume", "s1", "--name", "b"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(!out.contains("created"), "{out}");
+    assert!(err.contains("already exists; nothing was created"), "{err}");
 
     // Quota: 5 by default.
     for n in 2..=5 {
@@ -122,6 +130,11 @@ fn snapshot_commands_and_their_errors() {
         err.contains("quota") && err.contains("snapshot delete"),
         "{err}"
     );
+    // At the quota an unknown sandbox is still "not found", a taken name "exists".
+    let err = fails(&d, &key, &["snapshot", "create", "nosuch", "--name", "s6"]);
+    assert!(err.contains("nosuch") && !err.contains("quota"), "{err}");
+    let err = fails(&d, &key, &["snapshot", "create", "a", "--name", "s1"]);
+    assert!(err.contains("exists") && !err.contains("quota"), "{err}");
 
     let out = ok(&d, &key, &["snapshot", "delete", "s1"]);
     assert!(out.contains("snapshot s1 deleted"), "{out}");

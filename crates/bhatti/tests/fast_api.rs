@@ -838,3 +838,133 @@ async fn image_work_is_refused_up_front_without_quota() {
     assert_eq!(s, 400, "{m}");
     assert!(!m.contains("import-tmp"), "no host path: {m}");
 }
+
+/// A copy request refused for anything but the copy itself is refused
+/// before the source is checkpointed; a refusal after it (a bad env name)
+/// still removes the fork's checkpoint (which holds the source's RAM).
+#[tokio::test]
+async fn refused_forks_leave_no_checkpoint() {
+    let d = FastDaemon::start(UserLimits {
+        max_sandboxes: 2,
+        ..UserLimits::default()
+    })
+    .await;
+    let api = d.api();
+    create_ok(&api, "g").await;
+    let live = || d.engine.checkpoints.lock().expect("lock").len();
+    let refused = [
+        (
+            serde_json::json!({"name": "zz", "from": "g", "image": "x"}),
+            400,
+            "image",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "volumes": [{"name": "v", "mount": "/v"}]}),
+            400,
+            "volumes",
+        ),
+        (
+            serde_json::json!({"name": "bad name", "from": "g"}),
+            400,
+            "name",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "cpus": 7}),
+            400,
+            "cpus",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "memory_mb": 4096}),
+            400,
+            "memory_mb",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "nope"}),
+            400,
+            "from",
+        ),
+        (
+            serde_json::json!({"name": "zz", "from": "g", "env": {"1bad": "x"}}),
+            400,
+            "env",
+        ),
+    ];
+    for (body, status, field) in refused {
+        let (s, msg) = failure(api.post("/sandboxes", body.clone()).await).await;
+        assert_eq!(s, status, "{body}: {msg}");
+        assert!(msg.contains(field), "{body}: {msg}");
+        assert_eq!(live(), 0, "{body} left a checkpoint");
+    }
+    // At the sandbox quota: 429 before any checkpoint.
+    create_ok(&api, "h").await;
+    let (s, msg) = failure(
+        api.post("/sandboxes", serde_json::json!({"name": "zz", "from": "g"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 429, "{msg}");
+    assert_eq!(live(), 0, "a fork over quota left a checkpoint");
+}
+
+/// A sandbox still `creating` after a crash (its create never answered;
+/// a copy's VM may be alive but without its identity) is removed by
+/// recovery, not adopted as running.
+#[tokio::test]
+async fn recovery_removes_interrupted_creates() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "ok").await;
+    let half = create_ok(&api, "half").await;
+    let id = half.clone();
+    d.store
+        .call(move |s| s.set_sandbox_status(&id, bhatti::store::SandboxStatus::Creating))
+        .await
+        .expect("status");
+    let destroys = Counts::get(&d.engine.counts.destroys);
+    d.service.recover().await.expect("recover");
+    assert_eq!(Counts::get(&d.engine.counts.destroys), destroys + 1);
+    let r = api.get("/sandboxes/half").await;
+    assert_eq!(r.status(), 404);
+    let r = api.get("/sandboxes/ok").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "running");
+    // The name is free again.
+    create_ok(&api, "half").await;
+}
+
+/// With the snapshot quota full, an unknown sandbox is still a 404 and a
+/// taken name a 409 (they say what to fix); only a valid request is a 429.
+/// A resume to a taken name makes nothing and says so (200 + header).
+#[tokio::test]
+async fn snapshot_errors_before_the_quota() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "a").await;
+    for n in 1..=5 {
+        let r = api
+            .post(
+                "/sandboxes/a/checkpoint",
+                serde_json::json!({ "name": format!("s{n}") }),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "s{n}");
+    }
+    let cases = [("nosuch", "s9", 404), ("a", "s1", 409), ("a", "s9", 429)];
+    for (sb, name, status) in cases {
+        let (s, msg) = failure(
+            api.post(
+                &format!("/sandboxes/{sb}/checkpoint"),
+                serde_json::json!({ "name": name }),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, status, "{sb} {name}: {msg}");
+    }
+    let r = api
+        .post("/snapshots/s1/resume", serde_json::json!({"name": "a"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-bhatti-existed"));
+}

@@ -275,3 +275,180 @@ async fn chains_stay_short_over_many_forks() {
         e.destroy(id).await.expect("destroy");
     }
 }
+
+/// A daemon killed late in a checkpoint leaves its source's QEMU done
+/// migrating into the state file, in run state `postmigrate` (vCPUs
+/// stopped, disks inactive). The next engine's adopt resumes it: the VM
+/// runs on, its disk writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_resumes_a_vm_left_by_an_interrupted_checkpoint() {
+    use bhatti::engine::qemu::qmp::commands::{MigrationStatus, RunState};
+    use bhatti::engine::qemu::qmp::Qmp;
+    use bhatti::engine::VmState;
+    use std::os::fd::AsFd;
+
+    require_root();
+    let images = images().await;
+    let mut t = TestEngine::new("pm", "192.168.149.0/24", images, |_| {}).await;
+    let s = spec("pm-a", Ipv4Addr::new(192, 168, 149, 10));
+    let rt = t.engine.create(&s).await.expect("create");
+    sh_ok(
+        &t.engine.agent("pm-a", &rt),
+        "echo before > /workspace/f && sync",
+    )
+    .await;
+
+    // The daemon dies: a fresh engine on the same config (VMs run on).
+    let restarted = bhatti::engine::qemu::QemuEngine::new(t.cfg.clone())
+        .await
+        .expect("engine after restart");
+    drop(std::mem::replace(&mut t.engine, restarted));
+
+    // What the checkpoint had done before the crash: pause, then migrate
+    // the state into a file, without the `cont` that would have followed.
+    let dir = t.cfg.data_dir.join("sandboxes").join("pm-a");
+    let qmp = Qmp::connect_retry(&dir.join("qmp.sock"), std::time::Duration::from_secs(10))
+        .await
+        .expect("qmp");
+    qmp.set_migrate_max_bandwidth(1 << 34)
+        .await
+        .expect("bandwidth");
+    qmp.stop().await.expect("stop");
+    let file = tempfile::tempfile_in(&t.cfg.data_dir).expect("state file");
+    qmp.getfd("st", file.as_fd()).await.expect("getfd");
+    qmp.migrate("fd:st").await.expect("migrate");
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let m = qmp.query_migrate().await.expect("query-migrate");
+        if m.status == Some(MigrationStatus::Completed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "migration stuck: {:?}", m.status);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        qmp.query_status().await.expect("status").status,
+        RunState::Postmigrate
+    );
+    drop(qmp);
+
+    assert_eq!(t.engine.adopt("pm-a", &rt).await, VmState::Running);
+    assert!(!t.engine.paused("pm-a").await.expect("paused"));
+    let ag = t.engine.agent("pm-a", &rt);
+    assert_eq!(
+        sh_ok(
+            &ag,
+            "cat /workspace/f; echo after > /workspace/g && sync && cat /workspace/g"
+        )
+        .await,
+        "before\nafter"
+    );
+    t.engine.destroy("pm-a").await.expect("destroy");
+}
+
+/// A daemon killed in the middle of a running VM's disk freeze leaves its
+/// dir without `disk.qcow2`: the overlay already renamed into a layer, the
+/// new overlay still `disk.next.qcow2`. The next engine's adopt repairs it
+/// from what QEMU has open: back when QEMU still writes the old overlay,
+/// forward when it was switched onto the new one. Either way the VM's
+/// next stop and start work and nothing written is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopt_repairs_a_disk_freeze_cut_short() {
+    use bhatti::engine::qemu::disks;
+    use bhatti::engine::qemu::qmp::Qmp;
+    use bhatti::engine::VmState;
+    use std::os::fd::AsFd;
+
+    require_root();
+    let images = images().await;
+    let mut t = TestEngine::new("dr", "192.168.148.0/24", images, |_| {}).await;
+    let s = spec("dr-a", Ipv4Addr::new(192, 168, 148, 10));
+    let rt = t.engine.create(&s).await.expect("create");
+    sh_ok(
+        &t.engine.agent("dr-a", &rt),
+        "echo one > /workspace/f && sync",
+    )
+    .await;
+    let dir = t.cfg.data_dir.join("sandboxes").join("dr-a");
+    let (disk, next) = (dir.join("disk.qcow2"), dir.join("disk.next.qcow2"));
+    let layers = t.cfg.data_dir.join("layers");
+    std::fs::create_dir_all(&layers).expect("layers dir");
+    let size = disks::info(&disk).expect("info").virtual_size;
+    let restart = |t: &mut TestEngine| {
+        let cfg = t.cfg.clone();
+        async move {
+            bhatti::engine::qemu::QemuEngine::new(cfg)
+                .await
+                .expect("engine after restart")
+        }
+    };
+
+    // Back: the overlay renamed and the new one made, QEMU not switched yet.
+    let e = restart(&mut t).await;
+    drop(std::mem::replace(&mut t.engine, e));
+    let la = layers.join("la.qcow2");
+    std::fs::rename(&disk, &la).expect("rename to layer");
+    disks::create_overlay_on_layer(&la, &next, size).expect("next");
+    assert_eq!(t.engine.adopt("dr-a", &rt).await, VmState::Running);
+    assert!(
+        disk.is_file() && !next.exists() && !la.exists(),
+        "not rolled back"
+    );
+    sh_ok(
+        &t.engine.agent("dr-a", &rt),
+        "echo two > /workspace/g && sync",
+    )
+    .await;
+
+    // Forward: QEMU already writes the new overlay.
+    let e = restart(&mut t).await;
+    drop(std::mem::replace(&mut t.engine, e));
+    let lb = layers.join("lb.qcow2");
+    let qmp = Qmp::connect_retry(&dir.join("qmp.sock"), std::time::Duration::from_secs(10))
+        .await
+        .expect("qmp");
+    qmp.stop().await.expect("stop");
+    std::fs::rename(&disk, &lb).expect("rename to layer");
+    disks::create_overlay_on_layer(&lb, &next, size).expect("next");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&next)
+        .expect("open next");
+    let set = qmp.add_fd(f.as_fd()).await.expect("add-fd");
+    qmp.snapshot_onto("root", &format!("/dev/fdset/{set}"), "ov-test")
+        .await
+        .expect("switch");
+    qmp.cont().await.expect("cont");
+    drop((qmp, f));
+    assert_eq!(t.engine.adopt("dr-a", &rt).await, VmState::Running);
+    assert!(
+        disk.is_file() && !next.exists() && lb.is_file(),
+        "not rolled forward"
+    );
+    assert_eq!(
+        disks::info(&disk)
+            .expect("info")
+            .backing_filename
+            .as_deref(),
+        lb.to_str()
+    );
+    sh_ok(
+        &t.engine.agent("dr-a", &rt),
+        "echo three > /workspace/h && sync",
+    )
+    .await;
+
+    // The disk files are whole again: a stop and start keep every write.
+    t.engine.stop("dr-a").await.expect("stop");
+    t.engine.start("dr-a", &rt).await.expect("start");
+    assert_eq!(
+        sh_ok(
+            &t.engine.agent("dr-a", &rt),
+            "cat /workspace/f /workspace/g /workspace/h"
+        )
+        .await,
+        "one\ntwo\nthree"
+    );
+    t.engine.destroy("dr-a").await.expect("destroy");
+}

@@ -109,16 +109,21 @@ pub async fn run(ctx: Ctx, cmd: SnapshotCommand) -> anyhow::Result<i32> {
             }
         }
         SnapshotCommand::Resume(a) => {
-            let sb: Sandbox = ctx
+            let rb = ctx
                 .client
-                .post_json(
-                    &["snapshots", &a.snapshot, "resume"],
-                    &NameBody { name: &a.name },
-                    Target::None,
-                )
-                .await?;
+                .request(reqwest::Method::POST, &["snapshots", &a.snapshot, "resume"])
+                .json(&NameBody { name: &a.name });
+            let resp = ctx.client.send(rb, Target::None).await?;
+            // The daemon answers 200 with this header when the name is taken.
+            let existed = resp.headers().contains_key("x-bhatti-existed");
+            let sb: Sandbox = ctx.client.decode(resp).await?;
             if ctx.json {
                 output::print_json(&sb)?;
+            } else if existed {
+                eprintln!(
+                    "sandbox {} already exists; nothing was created (it is {}; it was not resumed from snapshot {})",
+                    sb.name, sb.status, a.snapshot
+                );
             } else {
                 output::println(&format!(
                     "created sandbox {} from snapshot {} (id {}, ip {})",

@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use super::thermal::WakeMode;
 use super::{Result, Service, ServiceError};
 use crate::egress::EgressPolicy;
-use crate::engine::{CheckpointInfo, SandboxSpec};
+use crate::engine::{CheckpointInfo, Engine, SandboxSpec};
 use crate::model::{CreateSandboxRequest, Snapshot};
 use crate::store::{
     validate_sandbox_name, SandboxRecord, SandboxStatus, SnapshotRecord, StoreError, User,
@@ -42,19 +42,74 @@ pub(crate) struct RestoreSource {
 impl RestoreSource {
     /// The copy's machine size: the source's; a request may only repeat it.
     pub fn machine(&self, cpus: Option<i64>, memory_mb: Option<i64>) -> Result<(u32, u32)> {
-        if cpus.is_some_and(|c| c != i64::from(self.cpus)) {
-            return Err(ServiceError::Invalid(format!(
-                "invalid field `cpus`: a copy has its source's {} vCPUs",
-                self.cpus
-            )));
-        }
-        if memory_mb.is_some_and(|m| m != i64::from(self.memory_mb)) {
-            return Err(ServiceError::Invalid(format!(
-                "invalid field `memory_mb`: a copy has its source's {} MB",
-                self.memory_mb
-            )));
-        }
+        same_machine(cpus, memory_mb, self.cpus, self.memory_mb)?;
         Ok((self.cpus, self.memory_mb))
+    }
+}
+
+/// `Invalid` unless the requested size (if any) is the source's.
+fn same_machine(
+    cpus: Option<i64>,
+    memory_mb: Option<i64>,
+    src_cpus: u32,
+    src_memory_mb: u32,
+) -> Result<()> {
+    if cpus.is_some_and(|c| c != i64::from(src_cpus)) {
+        return Err(ServiceError::Invalid(format!(
+            "invalid field `cpus`: a copy has its source's {src_cpus} vCPUs"
+        )));
+    }
+    if memory_mb.is_some_and(|m| m != i64::from(src_memory_mb)) {
+        return Err(ServiceError::Invalid(format!(
+            "invalid field `memory_mb`: a copy has its source's {src_memory_mb} MB"
+        )));
+    }
+    Ok(())
+}
+
+/// A fork's checkpoint that must not outlive its request: removed by
+/// [`remove`](Self::remove), or, if the request is dropped or fails on
+/// the way, in the background when the guard goes.
+pub(crate) struct TempCheckpoint {
+    engine: Arc<dyn Engine>,
+    id: Option<String>,
+}
+
+impl TempCheckpoint {
+    pub fn new(engine: Arc<dyn Engine>, id: String) -> Self {
+        Self {
+            engine,
+            id: Some(id),
+        }
+    }
+
+    /// Removes the checkpoint now (a failure is logged: the startup sweep
+    /// removes fork checkpoints left behind).
+    pub async fn remove(mut self) {
+        if let Some(cp) = self.id.take() {
+            if let Err(e) = self.engine.delete_checkpoint(&cp).await {
+                tracing::warn!(checkpoint = %cp, error = %e, "cannot remove a fork's checkpoint");
+            }
+        }
+    }
+}
+
+impl Drop for TempCheckpoint {
+    fn drop(&mut self) {
+        let Some(cp) = self.id.take() else { return };
+        let engine = self.engine.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = engine.delete_checkpoint(&cp).await {
+                        tracing::warn!(checkpoint = %cp, error = %e, "cannot remove a fork's checkpoint");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::warn!(checkpoint = %cp, "a fork's checkpoint stays until the next start")
+            }
+        }
     }
 }
 
@@ -134,6 +189,57 @@ impl Service {
             }
         }
         Ok((rec, info))
+    }
+
+    /// Refuses a copy request (fork `req.from` or resume of `snapshot`) for
+    /// every reason that does not need the copy itself: both sources, a bad
+    /// name, an image or volumes, another machine size, a source that
+    /// cannot be copied, the sandbox quota. Run before any checkpoint.
+    pub(super) async fn check_copy_request(
+        &self,
+        user: &User,
+        name: &str,
+        req: &CreateSandboxRequest,
+        snapshot: Option<&str>,
+    ) -> Result<()> {
+        validate_sandbox_name(name)
+            .map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
+        if req.image.is_some() {
+            return Err(ServiceError::Invalid(
+                "invalid field `image`: a fork or a resumed snapshot has its source's disk".into(),
+            ));
+        }
+        if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(ServiceError::Invalid(
+                "invalid field `volumes`: a fork or a resumed snapshot has its source's devices and cannot take volumes".into(),
+            ));
+        }
+        let (cpus, memory_mb) = match (req.from.as_deref(), snapshot) {
+            (Some(_), Some(_)) => {
+                return Err(ServiceError::Invalid(
+                    "invalid field `from`: a sandbox resumed from a snapshot has no `from`".into(),
+                ))
+            }
+            (Some(from), None) => {
+                let rec = self.find(user, from).await.map_err(|e| match e {
+                    ServiceError::NotFound(m) => {
+                        ServiceError::Invalid(format!("invalid field `from`: {m}"))
+                    }
+                    other => other,
+                })?;
+                self.refuse_copy_with_volumes(&rec.id, &rec.name).await?;
+                (rec.cpus, rec.memory_mb)
+            }
+            (None, Some(snap)) => {
+                let snap = self.find_snapshot(user, snap).await?;
+                (snap.cpus, snap.memory_mb)
+            }
+            (None, None) => return Ok(()),
+        };
+        same_machine(req.cpus, req.memory_mb, cpus, memory_mb)?;
+        let uid = user.id;
+        self.store.call(move |s| s.check_sandbox_quota(uid)).await?;
+        Ok(())
     }
 
     /// `create --from`: a one-time checkpoint of the caller's sandbox `from`.
@@ -219,19 +325,18 @@ impl Service {
     ) -> Result<Snapshot> {
         validate_sandbox_name(name)
             .map_err(|e| ServiceError::Invalid(format!("invalid field `name`: {e}")))?;
+        // Not found and name taken answer before the quota: they say what to fix.
+        self.find(user, sandbox).await?;
         let (uid, n) = (user.id, name.to_string());
-        let exists = self
-            .store
-            .call(move |s| {
-                s.check_snapshot_quota(uid)?;
-                s.snapshot_exists(uid, &n)
-            })
-            .await?;
+        let exists = self.store.call(move |s| s.snapshot_exists(uid, &n)).await?;
         if exists {
             return Err(ServiceError::Conflict(format!(
                 "a snapshot named {name} already exists"
             )));
         }
+        self.store
+            .call(move |s| s.check_snapshot_quota(uid))
+            .await?;
         let id = random_id("snap-");
         let (rec, info) = self.checkpoint_sandbox(user, sandbox, &id).await?;
         let record = SnapshotRecord {

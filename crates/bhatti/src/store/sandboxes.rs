@@ -225,6 +225,32 @@ fn json(v: &impl serde::Serialize) -> Result<String, StoreError> {
 }
 
 impl Store {
+    /// Refuses (`LimitExceeded`) when user `user_id` already has their
+    /// `max_sandboxes`: a cheap early answer before costly work (a fork's
+    /// checkpoint); [`create_sandbox`](Self::create_sandbox) checks again.
+    pub fn check_sandbox_quota(&self, user_id: i64) -> Result<(), StoreError> {
+        let (user_name, max): (String, u32) = self
+            .conn()
+            .query_row(
+                "SELECT name, max_sandboxes FROM users WHERE id = ?1",
+                [user_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("no user with id {user_id}")))?;
+        let count: u32 = self.conn().query_row(
+            "SELECT COUNT(*) FROM sandboxes WHERE user_id = ?1",
+            [user_id],
+            |r| r.get(0),
+        )?;
+        if count >= max {
+            return Err(StoreError::LimitExceeded(format!(
+                "sandbox limit reached: user {user_name} may have at most {max} sandboxes"
+            )));
+        }
+        Ok(())
+    }
+
     /// Inserts a sandbox, allocating its IP, in one transaction that also
     /// enforces the owner's `max_sandboxes` (`LimitExceeded`) and the name's
     /// uniqueness among the owner's sandboxes (`Conflict`). Clamping cpus

@@ -95,6 +95,8 @@ pub struct LoharEngine {
     pub counts: Counts,
     /// Creates of sandboxes with these names fail after the agent started.
     pub fail_create: Mutex<HashSet<String>>,
+    /// Checkpoints taken and not yet deleted.
+    pub checkpoints: Mutex<HashSet<String>>,
     /// How long a start (a cold wake) takes.
     pub start_delay: Mutex<Duration>,
     /// How long a create takes before its agent starts.
@@ -110,6 +112,7 @@ impl Default for LoharEngine {
             vms: Mutex::new(HashMap::new()),
             counts: Counts::default(),
             fail_create: Mutex::new(HashSet::new()),
+            checkpoints: Mutex::new(HashSet::new()),
             start_delay: Mutex::new(Duration::ZERO),
             create_delay: Mutex::new(Duration::ZERO),
             small_disk: Mutex::new(HashSet::new()),
@@ -455,6 +458,7 @@ impl Engine for LoharEngine {
             .get(id)
             .map(|vm| vm.spec.clone())
             .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        lock(&self.checkpoints).insert(checkpoint.to_string());
         Ok(CheckpointInfo {
             id: checkpoint.to_string(),
             layer: layer.to_string(),
@@ -481,7 +485,8 @@ impl Engine for LoharEngine {
         self.create(spec).await
     }
 
-    async fn delete_checkpoint(&self, _checkpoint: &str) -> Result<(), EngineError> {
+    async fn delete_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError> {
+        lock(&self.checkpoints).remove(checkpoint);
         Ok(())
     }
 

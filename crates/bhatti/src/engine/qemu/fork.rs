@@ -91,7 +91,7 @@ impl QemuEngine {
         self.sandboxes_dir.with_file_name("checkpoints")
     }
 
-    fn layers_dir(&self) -> PathBuf {
+    pub(super) fn layers_dir(&self) -> PathBuf {
         self.sandboxes_dir.with_file_name("layers")
     }
 
@@ -835,6 +835,103 @@ impl QemuEngine {
                 network::quarantine_delete(&q);
             }
         }
+    }
+}
+
+/// The files a process has open, each with whether it is open for writing
+/// (from `/proc/<pid>/fd` and `fdinfo`). Empty when they cannot be read.
+fn open_files(pid: u32) -> Vec<(PathBuf, bool)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        // `flags:` is octal; O_WRONLY 01, O_RDWR 02.
+        let writable = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|f| f & 0o3 != 0);
+        out.push((target, writable));
+    }
+    out
+}
+
+/// Repairs the disk files of VM dir `files` when a crash cut a running
+/// VM's freeze short (see `freeze_paused`): its overlay renamed into a
+/// layer under `layers_dir`, and the new overlay `disk.next.qcow2` not yet
+/// renamed to `disk.qcow2`. `pid` is the VM's live QEMU, if any: it
+/// decides. If QEMU has the new overlay open it was switched onto it: roll
+/// forward (the new overlay becomes `disk.qcow2`; its layer stays, not
+/// recorded, so never collected, but the chain is valid). Otherwise the
+/// layer file QEMU still writes to is the old overlay: roll back. With no
+/// QEMU, a complete new overlay on an existing layer holds the disk either
+/// way: roll forward. Failures only log: the VM runs on its open files.
+pub(super) fn repair_interrupted_freeze(
+    id: &str,
+    files: &VmFiles,
+    layers_dir: &Path,
+    pid: Option<u32>,
+) {
+    let next = files.dir.join("disk.next.qcow2");
+    let open = pid.map(open_files).unwrap_or_default();
+    let next_open = open.iter().any(|(p, _)| *p == next);
+    if files.overlay.exists() {
+        // An undo that did not get to remove the unused new overlay.
+        if next.exists() && !next_open {
+            let _ = std::fs::remove_file(&next);
+        }
+        return;
+    }
+    let repaired = if next_open {
+        tracing::warn!(id, "rolling an interrupted disk freeze forward");
+        std::fs::rename(&next, &files.overlay)
+    } else if pid.is_some() {
+        let Some((old, _)) = open
+            .iter()
+            .find(|(p, w)| *w && p.starts_with(layers_dir) && p.is_file())
+        else {
+            tracing::error!(
+                id,
+                "the VM's disk file is missing and its QEMU holds no layer open for writing"
+            );
+            return;
+        };
+        tracing::warn!(id, layer = %old.display(), "rolling an interrupted disk freeze back");
+        let r = std::fs::rename(old, &files.overlay);
+        if r.is_ok() {
+            let _ = std::fs::remove_file(&next);
+        }
+        r
+    } else {
+        let layer = disks::info(&next)
+            .ok()
+            .and_then(|i| i.backing_filename)
+            .map(PathBuf::from)
+            .filter(|l| l.starts_with(layers_dir) && l.is_file());
+        if layer.is_none() {
+            tracing::error!(
+                id,
+                "the VM's disk file is missing and no complete new overlay replaces it"
+            );
+            return;
+        }
+        tracing::warn!(
+            id,
+            "rolling an interrupted disk freeze forward (VM not running)"
+        );
+        std::fs::rename(&next, &files.overlay)
+    };
+    if let Err(e) = repaired {
+        tracing::error!(id, error = %e, "cannot repair the VM's disk files after an interrupted freeze");
     }
 }
 

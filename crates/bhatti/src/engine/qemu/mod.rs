@@ -198,6 +198,44 @@ fn check_id(id: &str) -> Result<(), EngineError> {
     }
 }
 
+/// A checkpoint (fork or snapshot) cut short by a daemon crash leaves its
+/// source's QEMU migrating into a file nobody reads, or done with it in
+/// run state `postmigrate` (vCPUs stopped, disks inactive). Cancels such a
+/// migration and resumes a `postmigrate` VM (`cont` takes its disks back);
+/// a VM left merely paused stays paused and is adopted as warm.
+async fn finish_interrupted_checkpoint(id: &str, qmp: &Qmp) {
+    use self::qmp::commands::MigrationStatus;
+    let migrating = |m: &Option<MigrationStatus>| {
+        matches!(
+            m,
+            Some(MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::Cancelling)
+        )
+    };
+    if let Ok(m) = qmp.query_migrate().await {
+        if migrating(&m.status) {
+            tracing::warn!(id, "cancelling a checkpoint interrupted by a restart");
+            let _ = qmp.migrate_cancel().await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                match qmp.query_migrate().await {
+                    Ok(m) if migrating(&m.status) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    if let Ok(s) = qmp.query_status().await {
+        if s.status == RunState::Postmigrate {
+            tracing::warn!(id, "resuming a VM whose checkpoint was interrupted");
+            if let Err(e) = qmp.cont().await {
+                tracing::warn!(id, error = %e, "cannot resume a VM after an interrupted checkpoint");
+            }
+        }
+    }
+}
+
 impl QemuEngine {
     /// Chooses the accelerator, sets up (or repairs) the namespace, bridge and
     /// firewall, and starts the namespace's socket thread. Images are checked
@@ -569,6 +607,11 @@ impl Engine for QemuEngine {
             return VmState::Dead(format!("invalid sandbox id {id:?}"));
         }
         let files = VmFiles::new(self.sandbox_dir(id));
+        // A fork's disk freeze the crash cut short leaves the disk files mid-rename.
+        let live =
+            process::read_pidfile(&files.pidfile).filter(|p| process::is_our_qemu(*p, &files.dir));
+        let (f, layers, i) = (files.clone(), self.layers_dir(), id.to_string());
+        let _ = blocking(move || fork::repair_interrupted_freeze(&i, &f, &layers, live)).await;
         if files.state.is_file() {
             // A stop or start interrupted by a crash may have left a QEMU
             // behind; with the state on disk it never ran the guest since.
@@ -643,6 +686,7 @@ impl Engine for QemuEngine {
             let _ = qmp.cont().await;
             let _ = std::fs::remove_file(&partial);
         }
+        finish_interrupted_checkpoint(id, &qmp).await;
         match qmp.query_status().await {
             Ok(s)
                 if matches!(
