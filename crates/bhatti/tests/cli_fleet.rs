@@ -4,31 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
-
-use common::{TestDaemon, BIN};
-
-fn run(d: &TestDaemon, key: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(["--url", &d.url, "--token", key])
-        .args(args)
-        .env_remove("BHATTI_URL")
-        .env_remove("BHATTI_TOKEN")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run bhatti")
-}
-
-fn ok(d: &TestDaemon, key: &str, args: &[&str]) -> String {
-    let o = run(d, key, args);
-    assert!(
-        o.status.success(),
-        "bhatti {args:?} failed ({}): {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::{cli_ok as ok, cli_run as run, TestDaemon};
 
 #[test]
 fn labels_edit_inspect_and_destroy() {

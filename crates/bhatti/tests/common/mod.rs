@@ -12,6 +12,31 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bhatti");
 
+/// The CLI against daemon `d` as the user of API key `key`, with none of
+/// the caller's `BHATTI_URL` / `BHATTI_TOKEN` and no stdin.
+pub fn cli_run(d: &TestDaemon, key: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["--url", &d.url, "--token", key])
+        .args(args)
+        .env_remove("BHATTI_URL")
+        .env_remove("BHATTI_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bhatti")
+}
+
+/// [`cli_run`] that must succeed; its stdout.
+pub fn cli_ok(d: &TestDaemon, key: &str, args: &[&str]) -> String {
+    let o = cli_run(d, key, args);
+    assert!(
+        o.status.success(),
+        "bhatti {args:?} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// Where the guest images are; `scripts/test.sh` builds them before the suite.
 pub fn images_dir() -> PathBuf {
     std::env::var_os("BHATTI_IMAGES_DIR")
