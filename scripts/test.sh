@@ -25,4 +25,7 @@ echo "test: guest images"
 cargo build -p bhatti --bins
 target/debug/bhatti image build
 
+# A failing test's panic message, not its backtrace, ends its output (CI
+# shows the tail).
+export RUST_BACKTRACE=0
 cargo nextest run --workspace --all-features --no-fail-fast "$@"
