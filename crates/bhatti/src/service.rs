@@ -86,6 +86,9 @@ pub enum ServiceError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// A request relayed into a sandbox port failed.
+    #[error(transparent)]
+    Proxy(#[from] upstream::ProxyError),
     /// Too many cold restores run at once; the client should retry later.
     #[error("{message}")]
     Busy {
@@ -142,6 +145,7 @@ impl ServiceError {
                 retry_after_secs: *retry_after_secs,
             },
             ServiceError::Secrets(_) => K::Internal,
+            ServiceError::Proxy(e) => e.kind(),
             ServiceError::Store(e) => match e {
                 StoreError::NotFound(_) => K::NotFound,
                 StoreError::Conflict(_) => K::Conflict,

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 
 use super::routes::Route;
 use super::thermal::WakeMode;
-use super::upstream::{Target, UpstreamPool};
+use super::upstream::{ProxyError, Target, UpstreamPool};
 use super::usage::InFlight;
 use super::{Result, Service, ServiceError};
 use crate::store::{StoreError, User};
@@ -73,6 +73,20 @@ impl Service {
         // Best effort: activity bookkeeping must never fail a request.
         let _ = self.store.call(move |s| s.touch_sandbox(&sid)).await;
         Ok((Target::new(rec.id.clone(), port, self.agent_of(&rec)), hold))
+    }
+
+    /// What a forward to `id` that failed with `e` means for the caller. A
+    /// sandbox destroyed while the request was under way breaks the forward
+    /// the same way a dead guest or app does; the caller gets the 404 the
+    /// request would get now, not an outage. Otherwise `e` stands.
+    pub async fn proxy_failure(&self, user: &User, id: &str, e: ProxyError) -> ServiceError {
+        if matches!(e, ProxyError::TooLarge) {
+            return ServiceError::Proxy(e);
+        }
+        match self.find(user, id).await {
+            Err(gone @ ServiceError::NotFound(_)) => gone,
+            _ => ServiceError::Proxy(e),
+        }
     }
 
     /// The published port behind `alias`, for the public proxy. Served from

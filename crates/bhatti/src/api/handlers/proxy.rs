@@ -57,8 +57,11 @@ async fn proxy(
         .nth(5)
         .unwrap_or("")
         .to_string();
-    authed::forward(&state.service.upstream(), &target, req, &rest, client)
-        .await
-        .map(|resp| crate::service::hold_until_sent(resp, hold))
-        .map_err(|e| ApiError::new(crate::status::status_of(e.kind()), e.to_string()))
+    match authed::forward(&state.service.upstream(), &target, req, &rest, client).await {
+        Ok(resp) => Ok(crate::service::hold_until_sent(resp, hold)),
+        Err(e) => {
+            drop(hold);
+            Err(state.service.proxy_failure(&user, &id, e).await.into())
+        }
+    }
 }

@@ -20,6 +20,9 @@ use crate::engine::{EngineError, VmRuntime};
 const GUEST_UID: u32 = 1000;
 /// How long the guest may take to grow a mounted filesystem.
 const GUEST_RESIZE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How many 50 ms polls the guest waits for a grown disk's new size to show
+/// (10 s; the config-change interrupt normally lands within milliseconds).
+const GUEST_SIZE_POLLS: u32 = 200;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -187,9 +190,18 @@ impl QemuEngine {
                 .await
                 .map_err(|e| EngineError::Storage(format!("cannot grow the volume's disk: {e}")))?;
         }
+        // `block_resize` returns before the guest kernel has taken the new
+        // capacity (a config-change interrupt, handled later): resize2fs run
+        // too early finds "nothing to do" and exits 0 with the old size. So
+        // the guest first waits until the device shows the new size
+        // (`size` is in 512-byte sectors).
+        let sectors = size_mb * MIB / 512;
         let script = format!(
             "for d in /sys/block/*; do if [ \"$(cat $d/serial 2>/dev/null)\" = {id} ]; then \
-             exec resize2fs /dev/${{d##*/}}; fi; done; echo 'no disk with serial {id}' >&2; exit 1"
+             i=0; while [ \"$(cat $d/size)\" -lt {sectors} ]; do i=$((i+1)); \
+             if [ $i -gt {GUEST_SIZE_POLLS} ]; then echo \"the disk still has $(cat $d/size) sectors, not {sectors}\" >&2; exit 1; fi; \
+             sleep 0.05; done; exec resize2fs /dev/${{d##*/}}; fi; done; \
+             echo 'no disk with serial {id}' >&2; exit 1"
         );
         // From here on the disk has its new size: a failure says so, and
         // the caller records the new size all the same.
