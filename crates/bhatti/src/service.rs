@@ -845,8 +845,9 @@ impl Service {
         }
         self.engine.sweep(&keep).await?;
         self.sweep_import_dirs();
-        // Layers only a swept fork held go too.
-        self.collect_layers().await;
+        // Snapshots and layers as the files say; layers only a swept fork
+        // (or nothing) held go.
+        self.reconcile_layers().await?;
         Ok(())
     }
 

@@ -92,6 +92,59 @@ impl Store {
         Ok(())
     }
 
+    /// Records the new layer `layer` frozen from `sandbox_id`'s disk, backing
+    /// onto `parent` (as its file says; `None`: the base image), and makes
+    /// the sandbox back onto it.
+    pub fn freeze_layer_on(
+        &self,
+        sandbox_id: &str,
+        layer: &str,
+        parent: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO layers (id, parent, created_at) VALUES (?1, ?2, ?3)",
+            params![layer, parent, fmt_ts(now())],
+        )?;
+        tx.execute(
+            "INSERT INTO sandbox_layers (sandbox_id, layer_id) VALUES (?1, ?2)
+             ON CONFLICT (sandbox_id) DO UPDATE SET layer_id = excluded.layer_id",
+            params![sandbox_id, layer],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records layer `layer` found on the host without a row (frozen by a
+    /// checkpoint a crash cut short), backing onto `parent`, which must be
+    /// recorded already; a recorded layer stays as it is. Returns whether
+    /// it added a row.
+    pub fn adopt_layer(&self, layer: &str, parent: Option<&str>) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO layers (id, parent, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO NOTHING",
+            params![layer, parent, fmt_ts(now())],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Every recorded layer's id.
+    pub fn layer_ids(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT id FROM layers ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every snapshot of every user (start-up checks).
+    pub fn list_all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT * FROM snapshots ORDER BY created_at, name")?;
+        let rows = st.query_map([], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Makes `sandbox_id`'s overlay back onto the existing `layer` (a restored copy).
     pub fn set_sandbox_layer(&self, sandbox_id: &str, layer: &str) -> Result<(), StoreError> {
         self.conn().execute(
