@@ -482,7 +482,11 @@ impl Service {
             let mut chain = Vec::new();
             let mut at = Some(layer.clone());
             while let Some(l) = at {
-                if recorded.contains(&l) || adopted.contains(&l) || chain.contains(&l) {
+                if recorded.contains(&l)
+                    || adopted.contains(&l)
+                    || chain.contains(&l)
+                    || !disk.layers.contains_key(&l)
+                {
                     break;
                 }
                 at = disk.layers.get(&l).cloned().flatten();
