@@ -359,3 +359,30 @@ pub trait Engine: Send + Sync {
     /// ids prefixed with [`LAYER_USER`]; empty: unused.
     fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In use: every layer a VM disk or a checkpoint stands on, down its
+    /// chain; a layer only another unused one backs onto is not.
+    #[test]
+    fn layers_in_use_follow_the_chains() {
+        let some = |s: &str| Some(s.to_string());
+        let d = DiskLayers {
+            layers: [
+                ("l1".to_string(), None),
+                ("l2".to_string(), some("l1")),
+                ("l3".to_string(), some("l2")),
+                ("l4".to_string(), None),
+                ("l5".to_string(), some("l4")),
+                ("l6".to_string(), None),
+            ]
+            .into(),
+            vms: [("a".to_string(), some("l2")), ("b".to_string(), None)].into(),
+            checkpoints: [("snap-x".to_string(), "l4".to_string())].into(),
+        };
+        let used: Vec<String> = d.in_use().into_iter().collect();
+        assert_eq!(used, ["l1", "l2", "l4"]);
+    }
+}

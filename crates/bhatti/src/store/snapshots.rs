@@ -440,4 +440,33 @@ mod tests {
         );
         assert!(store.layer_users("nope").expect("users").is_empty());
     }
+
+    /// A layer frozen from a flattened disk records the parent its file
+    /// names (none), not the sandbox's old layer, so the old one goes once
+    /// unused; an adopted layer gets a row once, and a recorded one stays.
+    #[test]
+    fn frozen_and_adopted_layers_record_their_files_parent() {
+        let (_dir, store) = temp_store();
+        let (user, _) = store
+            .create_user("alice", UserLimits::default())
+            .expect("user");
+        let sb = store
+            .create_sandbox(&NewSandbox::new(user.id, "src"), &Default::default())
+            .expect("sandbox");
+        store.freeze_layer_on(&sb.id, "l1", None).expect("l1");
+        store.freeze_layer_on(&sb.id, "l2", Some("l1")).expect("l2");
+        assert!(store.unused_layers().expect("unused").is_empty());
+        // Flattened before its next freeze: l3 backs onto the base.
+        store.freeze_layer_on(&sb.id, "l3", None).expect("l3");
+        assert_eq!(store.unused_layers().expect("unused"), ["l2"]);
+        assert!(store.adopt_layer("l4", Some("l3")).expect("adopt"));
+        assert!(!store.adopt_layer("l4", None).expect("again"));
+        assert_eq!(store.layer_ids().expect("ids"), ["l1", "l2", "l3", "l4"]);
+        store.set_sandbox_layer(&sb.id, "l4").expect("set");
+        assert_eq!(
+            store.sandbox_layer(&sb.id).expect("layer").as_deref(),
+            Some("l4")
+        );
+        assert_eq!(store.unused_layers().expect("unused"), ["l2"]);
+    }
 }
