@@ -847,7 +847,11 @@ impl Service {
         self.sweep_import_dirs();
         // Snapshots and layers as the files say; layers only a swept fork
         // (or nothing) held go.
-        self.reconcile_layers().await?;
+        if let Err(e) = self.reconcile_layers().await {
+            // The store's layer records stay as they were: valid chains,
+            // maybe some layer never collected.
+            tracing::warn!(error = %e, "cannot reconcile snapshots and layers with the files");
+        }
         Ok(())
     }
 

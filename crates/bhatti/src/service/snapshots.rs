@@ -186,11 +186,9 @@ impl Service {
             let _ = self.engine.delete_checkpoint(checkpoint).await;
             return Err(e.into());
         }
-        if info.source_flattened {
-            // The new layer backs onto the base: the old ones are collected
-            // once no copy or snapshot uses them.
-            self.collect_layers().await;
-        }
+        // A source flattened before the freeze left its old layers to the
+        // copies and snapshots on them: the next collection takes them once
+        // unused (not now: a fork of it in flight may not hold its layer yet).
         Ok((rec, info))
     }
 
