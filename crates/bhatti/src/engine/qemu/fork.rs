@@ -163,9 +163,10 @@ impl QemuEngine {
         // to every copy of it, and a fork of a fork of … would grow without
         // bound: a source at the bound is flattened onto the base first.
         let running = self.vm(id);
-        let source_flattened = self
-            .flatten_before_freeze(id, &files, running.is_some())
-            .await;
+        let source_flattened = (running.is_some() || files.state.is_file())
+            && self
+                .flatten_before_freeze(id, &files, running.is_some())
+                .await;
         let result = match running {
             Some(vm) => {
                 self.checkpoint_running(id, &vm, &files, &state, &layer_path, ram.clone())
