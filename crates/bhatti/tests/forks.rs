@@ -348,7 +348,9 @@ async fn fork_of_fork_chains_stay_bounded() {
     ids.push(g0["id"].as_str().unwrap_or_default().to_string());
     sh(&api, "g0", "echo 0 > /workspace/g0 && sync").await;
     let mut depths = Vec::new();
+    let mut fork_ms = Vec::new();
     for n in 1..GENERATIONS {
+        let t = Instant::now();
         let (s, g) = status_of(
             api.post(
                 "/sandboxes",
@@ -358,6 +360,7 @@ async fn fork_of_fork_chains_stay_bounded() {
         )
         .await;
         assert_eq!(s, 201, "generation {n}: {g}");
+        fork_ms.push(t.elapsed().as_millis());
         ids.push(g["id"].as_str().unwrap_or_default().to_string());
         sh(
             &api,
@@ -373,7 +376,7 @@ async fn fork_of_fork_chains_stay_bounded() {
         );
         depths.push(row);
     }
-    eprintln!("chain depths after each generation: {depths:?}");
+    eprintln!("chain depths after each generation: {depths:?}; fork ms: {fork_ms:?}");
     // Every generation has its ancestors' files and its own.
     for n in 0..GENERATIONS {
         let want: Vec<String> = (0..=n).map(|i| i.to_string()).collect();
