@@ -849,8 +849,13 @@ impl Service {
         }
         self.engine.sweep(&keep).await?;
         self.sweep_import_dirs();
-        // Layers only a swept fork held go too.
-        self.collect_layers().await;
+        // Snapshots and layers as the files say; layers only a swept fork
+        // (or nothing) held go.
+        if let Err(e) = self.reconcile_layers().await {
+            // The store's layer records stay as they were: valid chains,
+            // maybe some layer never collected.
+            tracing::warn!(error = %e, "cannot reconcile snapshots and layers with the files");
+        }
         Ok(())
     }
 

@@ -289,3 +289,262 @@ async fn fork_snapshot_resume_through_the_api() {
         .unwrap_or(0);
     assert_eq!(cps, 0, "checkpoints left behind");
 }
+
+/// The disk chain (overlay, layers, base) of sandbox `id`'s disk, as
+/// `qemu-img info --backing-chain` reads it.
+fn chain(d: &TestDaemon, id: &str) -> Vec<String> {
+    let disk = d
+        .data_dir
+        .path()
+        .join("sandboxes")
+        .join(id)
+        .join("disk.qcow2");
+    bhatti::engine::qemu::disks::backing_chain(&disk).expect("backing chain")
+}
+
+/// The layer files on the host, by id.
+fn layer_ids(d: &TestDaemon) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(d.data_dir.path().join("layers"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".qcow2"))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The layer ids in a chain.
+fn layers_in(chain: &[String]) -> std::collections::BTreeSet<String> {
+    chain
+        .iter()
+        .filter(|f| f.contains("/layers/"))
+        .filter_map(|f| {
+            std::path::Path::new(f)
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// A fork of a fork of a fork …, 9 generations, each writing a file of its
+/// own: no disk chain passes the bound (4 images) in any generation, every
+/// generation has every file of its ancestors, and after the middle
+/// generations are destroyed the last works on, and the layers only they
+/// used are gone; the last sandboxes take the rest along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fork_of_fork_chains_stay_bounded() {
+    const GENERATIONS: usize = 9;
+    let d = TestDaemon::start("gens");
+    let key = d.create_user("alice", &["--max-sandboxes", "12"]);
+    let api = Api::new(&d.url, &key);
+    let mut ids = Vec::new();
+    let (s, g0) = status_of(api.post("/sandboxes", json!({"name": "g0"})).await).await;
+    assert_eq!(s, 201, "{g0}");
+    ids.push(g0["id"].as_str().unwrap_or_default().to_string());
+    sh(&api, "g0", "echo 0 > /workspace/g0 && sync").await;
+    let mut depths = Vec::new();
+    let mut fork_ms = Vec::new();
+    for n in 1..GENERATIONS {
+        let t = Instant::now();
+        let (s, g) = status_of(
+            api.post(
+                "/sandboxes",
+                json!({"name": format!("g{n}"), "from": format!("g{}", n - 1)}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, 201, "generation {n}: {g}");
+        fork_ms.push(t.elapsed().as_millis());
+        ids.push(g["id"].as_str().unwrap_or_default().to_string());
+        sh(
+            &api,
+            &format!("g{n}"),
+            &format!("echo {n} > /workspace/g{n} && sync"),
+        )
+        .await;
+        let row: Vec<usize> = ids.iter().map(|id| chain(&d, id).len()).collect();
+        assert!(
+            row.iter().all(|d| *d <= 4),
+            "generation {n}: chain depths {row:?}: {:?}",
+            chain(&d, &ids[n])
+        );
+        depths.push(row);
+    }
+    eprintln!("chain depths after each generation: {depths:?}; fork ms: {fork_ms:?}");
+    // Every generation has its ancestors' files and its own.
+    for n in 0..GENERATIONS {
+        let want: Vec<String> = (0..=n).map(|i| i.to_string()).collect();
+        let got = sh(
+            &api,
+            &format!("g{n}"),
+            &format!(
+                "cat {} | tr '\\n' ' '",
+                (0..=n)
+                    .map(|i| format!("/workspace/g{i}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )
+        .await;
+        assert_eq!(got, want.join(" "), "generation {n}");
+    }
+    // The middle generations go: the last works on, on the layers it needs.
+    for n in 1..GENERATIONS - 1 {
+        let (s, _) = status_of(api.delete(&format!("/sandboxes/g{n}")).await).await;
+        assert_eq!(s, 204, "destroy g{n}");
+    }
+    let last = format!("g{}", GENERATIONS - 1);
+    let all: Vec<String> = (0..GENERATIONS)
+        .map(|i| format!("/workspace/g{i}"))
+        .collect();
+    let want: Vec<String> = (0..GENERATIONS).map(|i| i.to_string()).collect();
+    assert_eq!(
+        sh(
+            &api,
+            &last,
+            &format!("cat {} | tr '\\n' ' '", all.join(" "))
+        )
+        .await,
+        want.join(" ")
+    );
+    sh(
+        &api,
+        &last,
+        "echo more > /workspace/more && sync && cat /workspace/more",
+    )
+    .await;
+    let needed: std::collections::BTreeSet<String> = layers_in(&chain(&d, &ids[0]))
+        .union(&layers_in(&chain(&d, &ids[GENERATIONS - 1])))
+        .cloned()
+        .collect();
+    assert_eq!(
+        layer_ids(&d),
+        needed,
+        "layers only the destroyed used are left"
+    );
+    for sb in ["g0", last.as_str()] {
+        let (s, _) = status_of(api.delete(&format!("/sandboxes/{sb}")).await).await;
+        assert_eq!(s, 204);
+    }
+    assert!(layer_ids(&d).is_empty(), "layers left: {:?}", layer_ids(&d));
+}
+
+/// A daemon killed at the wrong moments leaves: a running sandbox's disk
+/// frozen into a layer no row records (its freeze rolled forward), a
+/// snapshot's checkpoint without its row, a snapshot row whose checkpoint
+/// is gone, and a layer file nothing uses. The next start records the
+/// first (so it is collected with its last user), removes the orphan
+/// checkpoint, the broken snapshot (with a log line) and the stray layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_reconciles_layers_and_snapshots() {
+    use bhatti::engine::qemu::disks;
+    use bhatti::engine::qemu::qmp::Qmp;
+    use std::os::fd::AsFd;
+
+    let mut d = TestDaemon::start("recon");
+    let key = d.create_user("alice", &[]);
+    let api = Api::new(&d.url, &key);
+    let (s, a) = status_of(api.post("/sandboxes", json!({"name": "a"})).await).await;
+    assert_eq!(s, 201, "{a}");
+    let id = a["id"].as_str().unwrap_or_default().to_string();
+    sh(&api, "a", "echo one > /workspace/f && sync").await;
+    for (snap, file) in [("s1", "g"), ("s2", "h")] {
+        let (s, v) = status_of(
+            api.post("/sandboxes/a/checkpoint", json!({"name": snap}))
+                .await,
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        sh(
+            &api,
+            "a",
+            &format!("echo {snap} > /workspace/{file} && sync"),
+        )
+        .await;
+    }
+    let (_, s2) = status_of(api.get("/snapshots/s2").await).await;
+    let s2_id = s2["id"].as_str().unwrap_or_default().to_string();
+    d.kill9();
+
+    let data = d.data_dir.path();
+    let cps = data.join("checkpoints");
+    let layers = data.join("layers");
+    // A snapshot's checkpoint whose row never came.
+    let orphan = cps.join("snap-00000000deadbeef");
+    std::fs::create_dir_all(&orphan).expect("orphan dir");
+    std::fs::write(orphan.join("vm.state"), b"x").expect("orphan state");
+    // A snapshot whose checkpoint is gone.
+    std::fs::remove_dir_all(cps.join(&s2_id)).expect("remove s2's checkpoint");
+    // A layer file nothing uses.
+    let stray = layers.join("lstray.qcow2");
+    disks::create_overlay_on_layer(&layers.join("lnothing.qcow2"), &stray, 1 << 20)
+        .expect("stray layer");
+    // A's disk frozen into a layer, its QEMU switched onto the new overlay,
+    // and the daemon gone before it renamed that into place.
+    let dir = data.join("sandboxes").join(&id);
+    let (disk, next) = (dir.join("disk.qcow2"), dir.join("disk.next.qcow2"));
+    let crash = layers.join("lcrash.qcow2");
+    let size = disks::info(&disk).expect("info").virtual_size;
+    let qmp = Qmp::connect_retry(&dir.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .expect("qmp");
+    qmp.stop().await.expect("stop");
+    std::fs::rename(&disk, &crash).expect("rename to layer");
+    disks::create_overlay_on_layer(&crash, &next, size).expect("next");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&next)
+        .expect("open next");
+    let set = qmp.add_fd(f.as_fd()).await.expect("add-fd");
+    qmp.snapshot_onto("root", &format!("/dev/fdset/{set}"), "ov-crash")
+        .await
+        .expect("switch");
+    qmp.cont().await.expect("cont");
+    drop((qmp, f));
+
+    d.restart();
+    assert!(!orphan.exists(), "orphan snapshot checkpoint left");
+    assert!(!stray.exists(), "stray layer left");
+    assert!(crash.is_file(), "a's disk backs onto it");
+    let (s, list) = status_of(api.get("/snapshots").await).await;
+    assert_eq!(s, 200);
+    let names: Vec<&str> = list
+        .as_array()
+        .map(|l| l.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["s1"], "{list}");
+    assert!(
+        d.log().contains("removing a snapshot whose files are gone"),
+        "no log line for the broken snapshot"
+    );
+    assert_eq!(
+        sh(&api, "a", "echo two > /workspace/k && sync; cat /workspace/f /workspace/g /workspace/h /workspace/k").await,
+        "one\ns1\ns2\ntwo"
+    );
+    // The resumed snapshot still works, and every layer goes with its last user.
+    let (s, b) = status_of(api.post("/snapshots/s1/resume", json!({"name": "b"})).await).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(
+        sh(
+            &api,
+            "b",
+            "cat /workspace/f; test -e /workspace/g || echo no-g"
+        )
+        .await,
+        "one\nno-g"
+    );
+    for sb in ["a", "b"] {
+        let (s, _) = status_of(api.delete(&format!("/sandboxes/{sb}")).await).await;
+        assert_eq!(s, 204);
+    }
+    let (s, _) = status_of(api.delete("/snapshots/s1").await).await;
+    assert_eq!(s, 204);
+    assert!(layer_ids(&d).is_empty(), "layers left: {:?}", layer_ids(&d));
+}

@@ -650,3 +650,38 @@ async fn guest_faults_stay_fixed() {
     assert_eq!(sh_ok(&ag, "echo ok").await, "ok");
     t.engine.destroy("vm-g").await.expect("destroy");
 }
+
+/// The base image ships no machine-id: the agent writes a fresh random one
+/// at a cold boot, so two sandboxes differ; a stop and start (memory kept)
+/// keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_boot_gets_a_machine_id_of_its_own() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("m", "192.168.146.0/24", images, |_| {}).await;
+    let e = &t.engine;
+    let mut ids = Vec::new();
+    for (id, n) in [("mi-a", 10), ("mi-b", 11)] {
+        let rt = e
+            .create(&spec(id, Ipv4Addr::new(192, 168, 146, n)))
+            .await
+            .expect("create");
+        let got = sh_ok(&e.agent(id, &rt), "cat /etc/machine-id").await;
+        assert!(
+            got.len() == 32
+                && got
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{id}: machine-id {got:?}"
+        );
+        ids.push((id, rt, got));
+    }
+    assert_ne!(ids[0].2, ids[1].2, "two sandboxes share a machine-id");
+    let (id, rt, first) = &ids[0];
+    e.stop(id).await.expect("stop");
+    e.start(id, rt).await.expect("start");
+    assert_eq!(&sh_ok(&e.agent(id, rt), "cat /etc/machine-id").await, first);
+    for (id, _, _) in &ids {
+        e.destroy(id).await.expect("destroy");
+    }
+}

@@ -88,15 +88,54 @@ pub struct CheckpointInfo {
     #[serde(default)]
     pub ram_file: bool,
     /// Whether the source's own disk was flattened onto the base image
-    /// after the checkpoint (its chain had grown too deep): it backs onto
-    /// no layer any more.
+    /// before its disk was frozen (its chain had reached the bound): the
+    /// new layer backs onto the base, not onto the source's old layers.
     #[serde(default)]
     pub source_flattened: bool,
+    /// The layer `layer` backs onto, read from its file (`None`: the base image).
+    #[serde(default)]
+    pub parent_layer: Option<String>,
 }
 
 /// Ids of checkpoints made for one fork start with this: they live only
 /// until the copy runs, so [`Engine::sweep`] removes any it finds.
 pub const FORK_CHECKPOINT_PREFIX: &str = "fork-";
+
+/// Ids of the checkpoints of named snapshots start with this: one without
+/// its snapshot row (a crash between the two) is removed at start-up (see
+/// [`Engine::sweep_snapshot_checkpoints`]).
+pub const SNAPSHOT_CHECKPOINT_PREFIX: &str = "snap-";
+
+/// The disk layers as the files on the host say (see [`Engine::disk_layers`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskLayers {
+    /// Every layer file: its id and the layer it backs onto (`None`: the base image).
+    pub layers: BTreeMap<String, Option<String>>,
+    /// Every VM with a readable disk: its id and the layer its own overlay
+    /// backs onto (`None`: the base image).
+    pub vms: BTreeMap<String, Option<String>>,
+    /// Every checkpoint on the host: its id and its layer.
+    pub checkpoints: BTreeMap<String, String>,
+}
+
+impl DiskLayers {
+    /// The layers some VM disk or checkpoint needs, with everything under
+    /// them.
+    pub fn in_use(&self) -> std::collections::BTreeSet<String> {
+        let mut used = std::collections::BTreeSet::new();
+        let roots = self.vms.values().flatten().chain(self.checkpoints.values());
+        for root in roots {
+            let mut at = Some(root.clone());
+            while let Some(l) = at {
+                if !used.insert(l.clone()) {
+                    break;
+                }
+                at = self.layers.get(&l).cloned().flatten();
+            }
+        }
+        used
+    }
+}
 
 fn yes() -> bool {
     true
@@ -238,6 +277,22 @@ pub trait Engine: Send + Sync {
     /// Removes host leftovers (dirs, TAPs, processes) of VMs not in `keep`,
     /// and those of forks cut short (checkpoints, quarantine namespaces).
     async fn sweep(&self, keep: &[String]) -> Result<(), EngineError>;
+    /// Removes the checkpoints of named snapshots (ids starting with
+    /// [`SNAPSHOT_CHECKPOINT_PREFIX`]) not in `keep` (a crash came between
+    /// the checkpoint and its snapshot's row), and returns the ids in `keep`
+    /// whose checkpoint is missing or incomplete (record, state, memory or
+    /// layer file gone). Checkpoints of other prefixes stay.
+    async fn sweep_snapshot_checkpoints(
+        &self,
+        _keep: &[String],
+    ) -> Result<Vec<String>, EngineError> {
+        Ok(Vec::new())
+    }
+    /// What the layer, VM disk and checkpoint files on the host back onto:
+    /// the truth the store's layer records are repaired from after a crash.
+    async fn disk_layers(&self) -> Result<DiskLayers, EngineError> {
+        Ok(DiskLayers::default())
+    }
     /// A client of the VM's agent.
     fn agent(&self, id: &str, rt: &VmRuntime) -> AgentClient;
     /// Host disk the sandbox takes, in bytes actually allocated (its overlay,
@@ -303,4 +358,31 @@ pub trait Engine: Send + Sync {
     /// What backs onto custom image `image`: sandbox ids, and disk layer
     /// ids prefixed with [`LAYER_USER`]; empty: unused.
     fn image_users(&self, image: &str) -> Result<Vec<String>, EngineError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In use: every layer a VM disk or a checkpoint stands on, down its
+    /// chain; a layer only another unused one backs onto is not.
+    #[test]
+    fn layers_in_use_follow_the_chains() {
+        let some = |s: &str| Some(s.to_string());
+        let d = DiskLayers {
+            layers: [
+                ("l1".to_string(), None),
+                ("l2".to_string(), some("l1")),
+                ("l3".to_string(), some("l2")),
+                ("l4".to_string(), None),
+                ("l5".to_string(), some("l4")),
+                ("l6".to_string(), None),
+            ]
+            .into(),
+            vms: [("a".to_string(), some("l2")), ("b".to_string(), None)].into(),
+            checkpoints: [("snap-x".to_string(), "l4".to_string())].into(),
+        };
+        let used: Vec<String> = d.in_use().into_iter().collect();
+        assert_eq!(used, ["l1", "l2", "l4"]);
+    }
 }

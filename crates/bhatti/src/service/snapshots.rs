@@ -7,6 +7,7 @@
 //! number of times. Layers are recorded in the store and deleted once no
 //! sandbox, snapshot or other layer backs onto them.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use rand::RngCore;
@@ -173,21 +174,21 @@ impl Service {
             // The sandbox wrote nothing since its last freeze: same layer.
             return Ok((rec, info));
         }
-        let (sid, l) = (rec.id.clone(), layer.clone());
-        if let Err(e) = self.store.call(move |s| s.freeze_layer(&sid, &l)).await {
+        let (sid, l, parent) = (rec.id.clone(), layer.clone(), info.parent_layer.clone());
+        if let Err(e) = self
+            .store
+            .call(move |s| s.freeze_layer_on(&sid, &l, parent.as_deref()))
+            .await
+        {
             // The disk is already switched; without the record the layer is
             // never collected, but every chain stays valid.
             tracing::error!(sandbox = %rec.id, layer, error = %e, "cannot record a frozen layer");
             let _ = self.engine.delete_checkpoint(checkpoint).await;
             return Err(e.into());
         }
-        if info.source_flattened {
-            // Its layers stay for the checkpoint and other copies; collected once unused.
-            let sid = rec.id.clone();
-            if let Err(e) = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await {
-                tracing::warn!(sandbox = %rec.id, error = %e, "cannot record a flattened disk");
-            }
-        }
+        // A source flattened before the freeze left its old layers to the
+        // copies and snapshots on them: the next collection takes them once
+        // unused (not now: a fork of it in flight may not hold its layer yet).
         Ok((rec, info))
     }
 
@@ -337,7 +338,7 @@ impl Service {
         self.store
             .call(move |s| s.check_snapshot_quota(uid))
             .await?;
-        let id = random_id("snap-");
+        let id = random_id(crate::engine::SNAPSHOT_CHECKPOINT_PREFIX);
         let (rec, info) = self.checkpoint_sandbox(user, sandbox, &id).await?;
         let record = SnapshotRecord {
             id: id.clone(),
@@ -411,15 +412,24 @@ impl Service {
 
     /// Deletes the layers nothing uses any more (files first, then rows).
     pub(super) async fn collect_layers(&self) {
+        self.collect_layers_except(&BTreeSet::new()).await
+    }
+
+    /// [`collect_layers`](Self::collect_layers), keeping the layers in `keep`
+    /// (those the files on the host still need, whatever the store says).
+    async fn collect_layers_except(&self, keep: &BTreeSet<String>) {
         // Each round frees the layers whose last user went in the round before.
         for _ in 0..64 {
-            let unused = match self.store.call(|s| s.unused_layers()).await {
-                Ok(u) if !u.is_empty() => u,
-                Ok(_) => return,
+            let unused: Vec<String> = match self.store.call(|s| s.unused_layers()).await {
+                Ok(u) => u.into_iter().filter(|l| !keep.contains(l)).collect(),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot list unused layers");
                     return;
                 }
+            };
+            let unused = match unused {
+                u if !u.is_empty() => u,
+                _ => return,
             };
             for layer in unused {
                 if let Err(e) = self.engine.delete_layer(&layer).await {
@@ -434,5 +444,96 @@ impl Service {
                 tracing::debug!(layer, "unused layer deleted");
             }
         }
+    }
+
+    /// At start-up, after the engine's sweep: removes the checkpoints of
+    /// snapshots a crash cut short (no row) and the rows of snapshots whose
+    /// files are gone, makes the store's layer records agree with the files
+    /// (layers frozen by a checkpoint the crash interrupted are adopted;
+    /// each sandbox backs onto the layer its disk really backs onto), then
+    /// deletes every layer neither a record nor a file needs.
+    pub(super) async fn reconcile_layers(&self) -> Result<()> {
+        let snaps = self.store.call(|s| s.list_all_snapshots()).await?;
+        let ids: Vec<String> = snaps.iter().map(|s| s.id.clone()).collect();
+        for broken in self.engine.sweep_snapshot_checkpoints(&ids).await? {
+            let Some(snap) = snaps.iter().find(|s| s.id == broken) else {
+                continue;
+            };
+            tracing::warn!(snapshot = %snap.name, user_id = snap.user_id, id = %snap.id, "removing a snapshot whose files are gone (memory, record or disk layer)");
+            let id = snap.id.clone();
+            self.store.call(move |s| s.delete_snapshot(&id)).await?;
+            if let Err(e) = self.engine.delete_checkpoint(&snap.id).await {
+                tracing::warn!(snapshot = %snap.name, error = %e, "cannot remove a broken snapshot's files");
+            }
+        }
+
+        let disk = self.engine.disk_layers().await?;
+        let recorded: BTreeSet<String> = self
+            .store
+            .call(|s| s.layer_ids())
+            .await?
+            .into_iter()
+            .collect();
+        // Parents first: a row names a recorded parent.
+        let mut adopted = BTreeSet::new();
+        for layer in disk.layers.keys() {
+            let mut chain = Vec::new();
+            let mut at = Some(layer.clone());
+            while let Some(l) = at {
+                if recorded.contains(&l)
+                    || adopted.contains(&l)
+                    || chain.contains(&l)
+                    || !disk.layers.contains_key(&l)
+                {
+                    break;
+                }
+                at = disk.layers.get(&l).cloned().flatten();
+                chain.push(l);
+            }
+            for l in chain.into_iter().rev() {
+                let parent = disk
+                    .layers
+                    .get(&l)
+                    .cloned()
+                    .flatten()
+                    .filter(|p| recorded.contains(p) || adopted.contains(p));
+                let (id, p) = (l.clone(), parent.clone());
+                if self
+                    .store
+                    .call(move |s| s.adopt_layer(&id, p.as_deref()))
+                    .await?
+                {
+                    tracing::warn!(layer = %l, parent = ?parent, "recorded a layer a crash left unrecorded");
+                }
+                adopted.insert(l);
+            }
+        }
+        for rec in self.store.call(|s| s.list_all_sandboxes()).await? {
+            let Some(actual) = disk.vms.get(&rec.id) else {
+                continue;
+            };
+            let sid = rec.id.clone();
+            let stored = self.store.call(move |s| s.sandbox_layer(&sid)).await?;
+            if stored == *actual {
+                continue;
+            }
+            if actual
+                .as_ref()
+                .is_some_and(|l| !recorded.contains(l) && !adopted.contains(l))
+            {
+                tracing::error!(sandbox = %rec.name, layer = ?actual, "the sandbox's disk backs onto a layer file that is gone");
+                continue;
+            }
+            tracing::warn!(sandbox = %rec.name, recorded = ?stored, actual = ?actual, "recording the layer the sandbox's disk backs onto");
+            let (sid, l) = (rec.id.clone(), actual.clone());
+            self.store
+                .call(move |s| match l {
+                    Some(l) => s.set_sandbox_layer(&sid, &l),
+                    None => s.clear_sandbox_layer(&sid),
+                })
+                .await?;
+        }
+        self.collect_layers_except(&disk.in_use()).await;
+        Ok(())
     }
 }

@@ -92,6 +92,59 @@ impl Store {
         Ok(())
     }
 
+    /// Records the new layer `layer` frozen from `sandbox_id`'s disk, backing
+    /// onto `parent` (as its file says; `None`: the base image), and makes
+    /// the sandbox back onto it.
+    pub fn freeze_layer_on(
+        &self,
+        sandbox_id: &str,
+        layer: &str,
+        parent: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO layers (id, parent, created_at) VALUES (?1, ?2, ?3)",
+            params![layer, parent, fmt_ts(now())],
+        )?;
+        tx.execute(
+            "INSERT INTO sandbox_layers (sandbox_id, layer_id) VALUES (?1, ?2)
+             ON CONFLICT (sandbox_id) DO UPDATE SET layer_id = excluded.layer_id",
+            params![sandbox_id, layer],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records layer `layer` found on the host without a row (frozen by a
+    /// checkpoint a crash cut short), backing onto `parent`, which must be
+    /// recorded already; a recorded layer stays as it is. Returns whether
+    /// it added a row.
+    pub fn adopt_layer(&self, layer: &str, parent: Option<&str>) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO layers (id, parent, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO NOTHING",
+            params![layer, parent, fmt_ts(now())],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Every recorded layer's id.
+    pub fn layer_ids(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT id FROM layers ORDER BY id")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every snapshot of every user (start-up checks).
+    pub fn list_all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT * FROM snapshots ORDER BY created_at, name")?;
+        let rows = st.query_map([], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Makes `sandbox_id`'s overlay back onto the existing `layer` (a restored copy).
     pub fn set_sandbox_layer(&self, sandbox_id: &str, layer: &str) -> Result<(), StoreError> {
         self.conn().execute(
@@ -386,5 +439,34 @@ mod tests {
             ["sandbox src", "snapshot second"]
         );
         assert!(store.layer_users("nope").expect("users").is_empty());
+    }
+
+    /// A layer frozen from a flattened disk records the parent its file
+    /// names (none), not the sandbox's old layer, so the old one goes once
+    /// unused; an adopted layer gets a row once, and a recorded one stays.
+    #[test]
+    fn frozen_and_adopted_layers_record_their_files_parent() {
+        let (_dir, store) = temp_store();
+        let (user, _) = store
+            .create_user("alice", UserLimits::default())
+            .expect("user");
+        let sb = store
+            .create_sandbox(&NewSandbox::new(user.id, "src"), &Default::default())
+            .expect("sandbox");
+        store.freeze_layer_on(&sb.id, "l1", None).expect("l1");
+        store.freeze_layer_on(&sb.id, "l2", Some("l1")).expect("l2");
+        assert!(store.unused_layers().expect("unused").is_empty());
+        // Flattened before its next freeze: l3 backs onto the base.
+        store.freeze_layer_on(&sb.id, "l3", None).expect("l3");
+        assert_eq!(store.unused_layers().expect("unused"), ["l2"]);
+        assert!(store.adopt_layer("l4", Some("l3")).expect("adopt"));
+        assert!(!store.adopt_layer("l4", None).expect("again"));
+        assert_eq!(store.layer_ids().expect("ids"), ["l1", "l2", "l3", "l4"]);
+        store.set_sandbox_layer(&sb.id, "l4").expect("set");
+        assert_eq!(
+            store.sandbox_layer(&sb.id).expect("layer").as_deref(),
+            Some("l4")
+        );
+        assert_eq!(store.unused_layers().expect("unused"), ["l2"]);
     }
 }

@@ -103,6 +103,8 @@ pub struct LoharEngine {
     pub create_delay: Mutex<Duration>,
     /// Sandboxes with these names get a small disk (see [`spawn_agent`]).
     pub small_disk: Mutex<HashSet<String>>,
+    /// The layer each VM's disk (and each checkpoint) backs onto.
+    layers: Mutex<HashMap<String, String>>,
 }
 
 impl Default for LoharEngine {
@@ -113,6 +115,7 @@ impl Default for LoharEngine {
             counts: Counts::default(),
             fail_create: Mutex::new(HashSet::new()),
             checkpoints: Mutex::new(HashSet::new()),
+            layers: Mutex::new(HashMap::new()),
             start_delay: Mutex::new(Duration::ZERO),
             create_delay: Mutex::new(Duration::ZERO),
             small_disk: Mutex::new(HashSet::new()),
@@ -459,6 +462,11 @@ impl Engine for LoharEngine {
             .map(|vm| vm.spec.clone())
             .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
         lock(&self.checkpoints).insert(checkpoint.to_string());
+        let parent_layer = {
+            let mut layers = lock(&self.layers);
+            layers.insert(checkpoint.to_string(), layer.to_string());
+            layers.insert(id.to_string(), layer.to_string())
+        };
         Ok(CheckpointInfo {
             id: checkpoint.to_string(),
             layer: layer.to_string(),
@@ -473,15 +481,22 @@ impl Engine for LoharEngine {
             pause_ms: Some(0),
             ram_file: false,
             source_flattened: false,
+            parent_layer,
         })
     }
 
     async fn restore_checkpoint(
         &self,
-        _checkpoint: &str,
+        checkpoint: &str,
         _parent_token: &str,
         spec: &SandboxSpec,
     ) -> Result<VmRuntime, EngineError> {
+        {
+            let mut layers = lock(&self.layers);
+            if let Some(l) = layers.get(checkpoint).cloned() {
+                layers.insert(spec.id.clone(), l);
+            }
+        }
         self.create(spec).await
     }
 

@@ -8,8 +8,8 @@
 //!    /dev /proc /sys, load the modules in manifest order, read the boot
 //!    config from fw_cfg, mount the root disk and switch root ([`stage1`]);
 //! 3. PID 1 mounts in the real root ([`mounts`]);
-//! 4. hostname, /etc/hostname, /etc/hosts; wall clock; lo and eth0
-//!    ([`network`]); /etc/resolv.conf;
+//! 4. hostname, /etc/hostname, /etc/hosts; a fresh /etc/machine-id if the
+//!    root has none; wall clock; lo and eth0 ([`network`]); /etc/resolv.conf;
 //! 5. the sandbox's volumes, found by virtio serial ([`volumes`]).
 
 use std::io::Write;
@@ -85,6 +85,12 @@ pub fn boot() -> Result<Booted, String> {
     };
 
     set_hostname(&config.hostname)?;
+    // A cold-booted sandbox is its own machine; a copy gets a new id via IDENTITY.
+    match ensure_machine_id(std::path::Path::new(MACHINE_ID)) {
+        Ok(true) => say("wrote a fresh /etc/machine-id"),
+        Ok(false) => {}
+        Err(e) => say(&format!("warning: {e}")),
+    }
     if let Err(e) = clock::set_wall_clock(config.time_unix_ms) {
         say(&format!("warning: {e}"));
     }
@@ -119,6 +125,39 @@ pub fn set_hostname(name: &str) -> Result<(), String> {
     )
 }
 
+/// Where the machine's id lives (systemd's format: 32 lowercase hex digits and a newline).
+const MACHINE_ID: &str = "/etc/machine-id";
+
+/// Writes a random machine-id to `path` when it is missing, empty or
+/// systemd's `uninitialized` placeholder (the base image ships none, so
+/// that no two sandboxes share one); returns whether it wrote one. An id
+/// already there (a restarted sandbox) stays.
+pub fn ensure_machine_id(path: &std::path::Path) -> Result<bool, String> {
+    let current = match std::fs::read_to_string(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("read {}: {e}", path.display())),
+    };
+    let current = current.trim();
+    if current.len() == 32 && current.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(false);
+    }
+    let mut raw = [0u8; 16];
+    // /dev/urandom never blocks, also this early in boot; an id needs no more.
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|e| format!("open /dev/urandom: {e}"))?,
+        &mut raw,
+    )
+    .map_err(|e| format!("read /dev/urandom: {e}"))?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let text = format!("{hex}\n");
+    match path.to_str() {
+        Some(p) => write_etc(p, &text)?,
+        None => std::fs::write(path, text).map_err(|e| format!("write {}: {e}", path.display()))?,
+    }
+    Ok(true)
+}
+
 fn write_resolv_conf(dns: &[String]) -> Result<(), String> {
     let mut text = String::from("# written by lohar at boot\n");
     for ns in dns {
@@ -133,4 +172,33 @@ pub fn write_etc(path: &str, text: &str) -> Result<(), String> {
         std::fs::remove_file(path).map_err(|e| format!("remove {path}: {e}"))?;
     }
     std::fs::write(path, text).map_err(|e| format!("write {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Missing, empty and placeholder ids are replaced by 32 random hex
+    /// digits (two runs differ); a valid id stays.
+    #[test]
+    fn machine_id_is_written_when_missing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("machine-id");
+        assert!(ensure_machine_id(&p).expect("missing"));
+        let first = std::fs::read_to_string(&p).expect("read");
+        let id = first.trim_end_matches('\n');
+        assert!(first.ends_with('\n') && id.len() == 32, "{first:?}");
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert!(!ensure_machine_id(&p).expect("valid"), "a valid id stays");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), first);
+        for placeholder in ["", "\n", "uninitialized\n"] {
+            std::fs::write(&p, placeholder).expect("write");
+            assert!(ensure_machine_id(&p).expect("placeholder"));
+            let again = std::fs::read_to_string(&p).expect("read");
+            assert_eq!(again.trim().len(), 32);
+            assert_ne!(again, first, "random");
+        }
+    }
 }

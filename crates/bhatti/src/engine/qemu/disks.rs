@@ -75,6 +75,26 @@ pub fn create_overlay_on_layer(layer: &Path, overlay: &Path, size: u64) -> Resul
     Ok(())
 }
 
+/// Makes qcow2 `overlay` (no process may have it open) back onto the raw
+/// `base` at the bottom of its chain, copying into it whatever its layers
+/// hold (`qemu-img rebase` in safe mode: only ranges the layers above the
+/// base have allocated are read). Crash-safe: the backing file changes last,
+/// after the data it needs is in the overlay.
+pub fn rebase_onto_base(overlay: &Path, base: &Path) -> Result<(), DiskError> {
+    let out = Command::new("qemu-img")
+        .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(overlay)
+        .output()
+        .map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
 /// What `qemu-img info` says about an image (the fields we read).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct ImageInfo {

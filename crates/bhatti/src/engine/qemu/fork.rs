@@ -30,7 +30,7 @@ use super::{
     blocking, check_id, config_drive, disks, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES,
 };
 use crate::engine::agent_client::{AgentClient, AgentError};
-use crate::engine::{CheckpointInfo, EngineError, SandboxSpec, VmRuntime};
+use crate::engine::{CheckpointInfo, DiskLayers, EngineError, SandboxSpec, VmRuntime};
 
 /// The `-drive id=` of the root disk (see `process::qemu_argv`).
 const ROOT_DRIVE: &str = "root";
@@ -61,6 +61,22 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
+/// The id of the layer under `layers_dir` that image `image` backs onto
+/// (`None`: the base image, or no backing file).
+pub(super) fn layer_of_backing(image: &Path, layers_dir: &Path) -> Option<String> {
+    let backing = disks::info(image).ok()?.backing_filename?;
+    layer_id_of(Path::new(&backing), layers_dir)
+}
+
+/// The layer id of `path` when it is a layer file under `layers_dir`.
+pub(super) fn layer_id_of(path: &Path, layers_dir: &Path) -> Option<String> {
+    if path.parent()? != layers_dir {
+        return None;
+    }
+    let id = path.file_name()?.to_str()?.strip_suffix(".qcow2")?;
+    check_id(id).ok().map(|()| id.to_string())
+}
+
 /// Writes a paused VM's state to `file` (device state only when the
 /// capability `x-ignore-shared` is on and its RAM is its own file); the
 /// caller resumes the VM.
@@ -87,7 +103,7 @@ async fn save_state(
 }
 
 impl QemuEngine {
-    fn checkpoints_dir(&self) -> PathBuf {
+    pub(super) fn checkpoints_dir(&self) -> PathBuf {
         self.sandboxes_dir.with_file_name("checkpoints")
     }
 
@@ -143,7 +159,15 @@ impl QemuEngine {
             .then(|| (files.ram.clone(), self.checkpoint_ram(checkpoint)));
         let _busy = self.reserve(id)?;
         let started = Instant::now();
-        let result = match self.vm(id) {
+        // A layer frozen from a deep chain would hand that depth, plus one,
+        // to every copy of it, and a fork of a fork of … would grow without
+        // bound: a source at the bound is flattened onto the base first.
+        let running = self.vm(id);
+        let source_flattened = (running.is_some() || files.state.is_file())
+            && self
+                .flatten_before_freeze(id, &files, running.is_some())
+                .await;
+        let result = match running {
             Some(vm) => {
                 self.checkpoint_running(id, &vm, &files, &state, &layer_path, ram.clone())
                     .await
@@ -167,15 +191,13 @@ impl QemuEngine {
         };
         let cp_ram = self.checkpoint_ram(checkpoint);
         let ram_file = cp_ram.exists();
-        // A source that writes between checkpoints gets one layer more each
-        // time: past the bound, its own disk is flattened onto the base.
-        let source_flattened = if pause.is_some() && reused.is_none() {
-            self.flatten_if_deep(id, &files).await
-        } else {
-            false
-        };
         let new_layer = reused.is_none();
         let layer = reused.unwrap_or_else(|| layer.to_string());
+        // What the layer backs onto, as the file says (the store records it).
+        let parent_layer = {
+            let (lp, layers) = (self.layer_path(&layer), self.layers_dir());
+            blocking(move || layer_of_backing(&lp, &layers)).await?
+        };
         let state_bytes = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0) + ram_copy.bytes;
         let layer_bytes = std::fs::metadata(self.layer_path(&layer))
             .map(|m| m.len())
@@ -194,6 +216,7 @@ impl QemuEngine {
             pause_ms: pause.map(|p| p.as_millis() as u64),
             ram_file,
             source_flattened,
+            parent_layer,
         };
         if ram_file && !checkpoint.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) {
             // The ramfs does not outlive the host: a kept checkpoint (a
@@ -346,22 +369,51 @@ impl QemuEngine {
         Ok((size, None))
     }
 
-    /// Streams a running VM's layers into its own overlay when its chain is
-    /// deeper than [`MAX_CHAIN`], so the overlay backs onto the base image
-    /// directly; returns whether it did. Failures only log: the chain stays
-    /// valid, just deep.
-    async fn flatten_if_deep(&self, id: &str, files: &VmFiles) -> bool {
+    /// Flattens VM `id`'s disk onto the base image when its chain (overlay,
+    /// layers, base) has reached [`MAX_CHAIN`] and its overlay holds data of
+    /// its own (an empty one is not frozen: its current layer is reused), so
+    /// that the layer a checkpoint freezes next backs onto the base: every
+    /// layer's chain then stays below the bound, and every disk on one
+    /// (the source's and its copies') within it. A running VM streams its
+    /// layers into its overlay (QMP `block-stream`, while it runs); a
+    /// stopped one is rebased offline (`qemu-img rebase` onto the base,
+    /// which copies the layers' data into the overlay). Returns whether it
+    /// did. Failures only log: the chain stays valid, just deeper.
+    async fn flatten_before_freeze(&self, id: &str, files: &VmFiles, running: bool) -> bool {
         let overlay = files.overlay.clone();
         let chain = match blocking(move || disks::backing_chain(&overlay)).await {
             Ok(Ok(c)) => c,
             _ => return false,
         };
-        if chain.len() <= MAX_CHAIN {
+        if chain.len() < MAX_CHAIN || self.reusable_layer(files).await.is_some() {
             return false;
         }
         let Some(base) = chain.last().cloned() else {
             return false;
         };
+        if !running {
+            let (overlay, b) = (files.overlay.clone(), base.clone());
+            let started = Instant::now();
+            return match blocking(move || disks::rebase_onto_base(&overlay, Path::new(&b))).await {
+                Ok(Ok(())) => {
+                    tracing::info!(
+                        id,
+                        depth = chain.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "stopped VM's disk chain flattened onto the base"
+                    );
+                    true
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(id, depth = chain.len(), error = %e, "cannot flatten the disk chain");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "cannot flatten the disk chain");
+                    false
+                }
+            };
+        }
         let started = Instant::now();
         let result = async {
             let qmp = self.qmp_of(id).await?;
@@ -428,13 +480,8 @@ impl QemuEngine {
     async fn reusable_layer(&self, files: &VmFiles) -> Option<String> {
         let (overlay, layers) = (files.overlay.clone(), self.layers_dir());
         blocking(move || {
-            let backing = disks::info(&overlay).ok()?.backing_filename?;
-            let backing = Path::new(&backing);
-            if backing.parent()? != layers || !disks::overlay_is_empty(&overlay).ok()? {
-                return None;
-            }
-            let id = backing.file_name()?.to_str()?.strip_suffix(".qcow2")?;
-            check_id(id).ok().map(|()| id.to_string())
+            let id = layer_of_backing(&overlay, &layers)?;
+            disks::overlay_is_empty(&overlay).ok()?.then_some(id)
         })
         .await
         .ok()
@@ -468,15 +515,7 @@ impl QemuEngine {
         let (f, st, lp) = (files.clone(), state.to_path_buf(), layer_path.to_path_buf());
         let size = blocking(move || -> Result<u64, EngineError> {
             std::fs::hard_link(&f.state, &st)?;
-            std::fs::rename(&f.overlay, &lp)?;
-            let made = disks::info(&lp).and_then(|i| {
-                disks::create_overlay_on_layer(&lp, &f.overlay, i.virtual_size)?;
-                Ok(i.virtual_size)
-            });
-            made.map_err(|e| {
-                let _ = std::fs::rename(&lp, &f.overlay);
-                EngineError::Disk(e)
-            })
+            freeze_offline(&f, &lp)
         })
         .await??;
         Ok(((size, None, None), ram_copy))
@@ -838,6 +877,93 @@ impl QemuEngine {
     }
 }
 
+/// See [`crate::engine::Engine::sweep_snapshot_checkpoints`]: checkpoints
+/// live in `checkpoints_dir`, their RAM in `cow_dir`, layers in `layers_dir`.
+pub(super) fn sweep_snapshot_checkpoints(
+    checkpoints_dir: &Path,
+    cow_dir: &Path,
+    layers_dir: &Path,
+    keep: &[String],
+) -> Vec<String> {
+    for e in std::fs::read_dir(checkpoints_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(crate::engine::SNAPSHOT_CHECKPOINT_PREFIX)
+            && check_id(&name).is_ok()
+            && !keep.contains(&name)
+        {
+            tracing::info!(checkpoint = %name, "sweep: removing a snapshot checkpoint without its snapshot");
+            let _ = std::fs::remove_dir_all(e.path());
+            let _ = std::fs::remove_file(cow_dir.join(format!("{name}.ram")));
+        }
+    }
+    keep.iter()
+        .filter(|id| {
+            let dir = checkpoints_dir.join(id);
+            let whole = std::fs::read(dir.join("checkpoint.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<CheckpointInfo>(&b).ok())
+                .is_some_and(|cp| {
+                    dir.join("vm.state").is_file()
+                        && layers_dir.join(format!("{}.qcow2", cp.layer)).is_file()
+                        && (!cp.ram_file
+                            || dir.join(DURABLE_RAM).is_file()
+                            || cow_dir.join(format!("{id}.ram")).is_file())
+                });
+            check_id(id).is_err() || !whole
+        })
+        .cloned()
+        .collect()
+}
+
+/// See [`crate::engine::Engine::disk_layers`].
+pub(super) fn disk_layers(
+    sandboxes_dir: &Path,
+    checkpoints_dir: &Path,
+    layers_dir: &Path,
+) -> DiskLayers {
+    let mut out = DiskLayers::default();
+    let entries = |dir: &Path| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect()
+    };
+    for (name, path) in entries(layers_dir) {
+        if let Some(id) = layer_id_of(&path, layers_dir) {
+            out.layers.insert(id, layer_of_backing(&path, layers_dir));
+        } else {
+            tracing::debug!(file = %name, "not a layer file");
+        }
+    }
+    for (name, path) in entries(sandboxes_dir) {
+        let overlay = VmFiles::new(path).overlay;
+        if check_id(&name).is_err() || !overlay.is_file() {
+            continue;
+        }
+        if let Ok(info) = disks::info(&overlay) {
+            let layer = info
+                .backing_filename
+                .and_then(|b| layer_id_of(Path::new(&b), layers_dir));
+            out.vms.insert(name, layer);
+        }
+    }
+    for (name, path) in entries(checkpoints_dir) {
+        let cp = std::fs::read(path.join("checkpoint.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CheckpointInfo>(&b).ok());
+        if let Some(cp) = cp {
+            out.checkpoints.insert(name, cp.layer);
+        }
+    }
+    out
+}
+
 /// The files a process has open, each with whether it is open for writing
 /// (from `/proc/<pid>/fd` and `fdinfo`). Empty when they cannot be read.
 fn open_files(pid: u32) -> Vec<(PathBuf, bool)> {
@@ -865,6 +991,93 @@ fn open_files(pid: u32) -> Vec<(PathBuf, bool)> {
     out
 }
 
+/// Names, in a VM dir, the layer an offline disk freeze is turning the
+/// VM's overlay into (its absolute path); present only while the freeze
+/// runs, so that a crash in the middle can be undone (see [`freeze_offline`]).
+pub const FREEZE_MARKER: &str = "freeze.layer";
+
+/// Writes `path` with `text` and makes it and its name durable.
+fn write_durable(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Freezes a stopped VM's overlay into the layer `layer_path` and puts a
+/// new overlay on it in its place; returns the disk's virtual size. The
+/// steps are ordered so that a crash anywhere leaves a state
+/// [`repair_interrupted_freeze`] undoes: the marker naming the layer is
+/// written (durably) first, the new overlay is made aside as
+/// `disk.next.qcow2`, then the overlay is renamed into the layer, the new
+/// one into its place, and the marker goes last. On error the disk is as
+/// before.
+fn freeze_offline(files: &VmFiles, layer_path: &Path) -> Result<u64, EngineError> {
+    let marker = files.dir.join(FREEZE_MARKER);
+    let next = files.dir.join("disk.next.qcow2");
+    let size = disks::info(&files.overlay)?.virtual_size;
+    let layer_text = layer_path
+        .to_str()
+        .ok_or_else(|| EngineError::Internal("layer path is not UTF-8".into()))?;
+    write_durable(&marker, layer_text)?;
+    let undo = |e: EngineError| {
+        if !files.overlay.exists() && layer_path.is_file() {
+            let _ = std::fs::rename(layer_path, &files.overlay);
+        }
+        let _ = std::fs::remove_file(&next);
+        let _ = std::fs::remove_file(&marker);
+        e
+    };
+    disks::create_overlay_on_layer(layer_path, &next, size).map_err(|e| undo(e.into()))?;
+    std::fs::rename(&files.overlay, layer_path).map_err(|e| undo(e.into()))?;
+    std::fs::rename(&next, &files.overlay).map_err(|e| undo(e.into()))?;
+    // The marker goes only once the renames are on disk.
+    std::fs::File::open(&files.dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| undo(e.into()))?;
+    std::fs::remove_file(&marker)?;
+    Ok(size)
+}
+
+/// Undoes an offline freeze (see [`freeze_offline`]) a crash cut short,
+/// when the marker is there: the VM is stopped (no QEMU), so its old
+/// overlay, renamed into the layer or not, is still its disk whole; a new
+/// overlay made aside goes. Returns whether a marker was found.
+fn repair_offline_freeze(id: &str, files: &VmFiles) -> bool {
+    let marker = files.dir.join(FREEZE_MARKER);
+    let Ok(layer) = std::fs::read_to_string(&marker) else {
+        return false;
+    };
+    let layer = PathBuf::from(layer.trim());
+    let next = files.dir.join("disk.next.qcow2");
+    let repaired = if files.overlay.exists() {
+        // Not renamed yet, or the new overlay is in place already (the
+        // layer then stays: its copies' store rows, if any, are repaired
+        // by the daemon's layer reconciliation).
+        Ok(())
+    } else if layer.is_file() {
+        tracing::warn!(id, layer = %layer.display(), "rolling an interrupted offline disk freeze back");
+        std::fs::rename(&layer, &files.overlay)
+    } else {
+        tracing::error!(id, layer = %layer.display(), "the VM's disk file and the layer it was being frozen into are both missing");
+        return true;
+    };
+    match repaired {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&next);
+            let _ = std::fs::remove_file(&marker);
+        }
+        Err(e) => {
+            tracing::error!(id, error = %e, "cannot undo an interrupted offline disk freeze")
+        }
+    }
+    true
+}
+
 /// Repairs the disk files of VM dir `files` when a crash cut a running
 /// VM's freeze short (see `freeze_paused`): its overlay renamed into a
 /// layer under `layers_dir`, and the new overlay `disk.next.qcow2` not yet
@@ -881,6 +1094,9 @@ pub(super) fn repair_interrupted_freeze(
     layers_dir: &Path,
     pid: Option<u32>,
 ) {
+    if pid.is_none() && repair_offline_freeze(id, files) {
+        return;
+    }
     let next = files.dir.join("disk.next.qcow2");
     let open = pid.map(open_files).unwrap_or_default();
     let next_open = open.iter().any(|(p, _)| *p == next);

@@ -13,6 +13,7 @@ pub mod disks;
 pub mod dns;
 pub mod firewall;
 mod fork;
+pub use fork::FREEZE_MARKER;
 pub mod image;
 mod images;
 mod lifecycle;
@@ -42,7 +43,7 @@ use self::process::VmFiles;
 use self::qmp::commands::RunState;
 use self::qmp::Qmp;
 use super::agent_client::AgentClient;
-use super::{CheckpointInfo, Engine, EngineError, SandboxSpec, VmRuntime, VmState};
+use super::{CheckpointInfo, DiskLayers, Engine, EngineError, SandboxSpec, VmRuntime, VmState};
 
 /// How many console lines an error carries.
 const CONSOLE_TAIL_LINES: usize = 30;
@@ -776,6 +777,28 @@ impl Engine for QemuEngine {
         })
         .await?
         .map_err(net_err)
+    }
+
+    async fn sweep_snapshot_checkpoints(
+        &self,
+        keep: &[String],
+    ) -> Result<Vec<String>, EngineError> {
+        let keep = keep.to_vec();
+        let this = (
+            self.checkpoints_dir(),
+            self.cow_dir.clone(),
+            self.layers_dir(),
+        );
+        blocking(move || fork::sweep_snapshot_checkpoints(&this.0, &this.1, &this.2, &keep)).await
+    }
+
+    async fn disk_layers(&self) -> Result<DiskLayers, EngineError> {
+        let dirs = (
+            self.sandboxes_dir.clone(),
+            self.checkpoints_dir(),
+            self.layers_dir(),
+        );
+        blocking(move || fork::disk_layers(&dirs.0, &dirs.1, &dirs.2)).await
     }
 
     async fn checkpoint(
