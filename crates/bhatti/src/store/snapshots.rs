@@ -67,31 +67,6 @@ impl Store {
             .optional()?)
     }
 
-    /// Records the new layer `layer` frozen from `sandbox_id`'s disk (on
-    /// top of the layer it backed onto) and makes the sandbox back onto it.
-    pub fn freeze_layer(&self, sandbox_id: &str, layer: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let parent: Option<String> = tx
-            .query_row(
-                "SELECT layer_id FROM sandbox_layers WHERE sandbox_id = ?1",
-                params![sandbox_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        tx.execute(
-            "INSERT INTO layers (id, parent, created_at) VALUES (?1, ?2, ?3)",
-            params![layer, parent, fmt_ts(now())],
-        )?;
-        tx.execute(
-            "INSERT INTO sandbox_layers (sandbox_id, layer_id) VALUES (?1, ?2)
-             ON CONFLICT (sandbox_id) DO UPDATE SET layer_id = excluded.layer_id",
-            params![sandbox_id, layer],
-        )?;
-        tx.commit()?;
-        Ok(())
-    }
-
     /// Records the new layer `layer` frozen from `sandbox_id`'s disk, backing
     /// onto `parent` (as its file says; `None`: the base image), and makes
     /// the sandbox back onto it.
@@ -376,7 +351,7 @@ mod tests {
         let sb = store
             .create_sandbox(&new, &Default::default())
             .expect("sandbox");
-        store.freeze_layer(&sb.id, "l1").expect("layer");
+        store.freeze_layer_on(&sb.id, "l1", None).expect("layer");
         let mut with = snapshot(user.id, "new", "src", "l1");
         with.egress = Some(deny.clone());
         store.insert_snapshot(&with).expect("insert");
@@ -420,13 +395,13 @@ mod tests {
         let sb = store
             .create_sandbox(&NewSandbox::new(user.id, "src"), &Default::default())
             .expect("sandbox");
-        store.freeze_layer(&sb.id, "l1").expect("l1");
+        store.freeze_layer_on(&sb.id, "l1", None).expect("l1");
         assert_eq!(store.layer_users("l1").expect("users"), ["sandbox src"]);
         store
             .insert_snapshot(&snapshot(user.id, "first", "src", "l1"))
             .expect("insert");
         // A second freeze puts l2 on top of l1: l1's users now come through l2.
-        store.freeze_layer(&sb.id, "l2").expect("l2");
+        store.freeze_layer_on(&sb.id, "l2", Some("l1")).expect("l2");
         store
             .insert_snapshot(&snapshot(user.id, "second", "src", "l2"))
             .expect("insert");

@@ -16,13 +16,24 @@ pub enum DiskError {
     #[error("cannot run qemu-img: {0} (is qemu-utils installed?)")]
     Spawn(std::io::Error),
     /// `qemu-img` failed.
-    #[error("qemu-img create failed: {0}")]
+    #[error("qemu-img failed: {0}")]
     Failed(String),
     #[error("cannot resolve the base rootfs path {path}: {source}")]
     Resolve {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// Runs one `qemu-img` command; its stdout, or its stderr as the error.
+fn qemu_img(cmd: &mut Command) -> Result<Vec<u8>, DiskError> {
+    let out = cmd.output().map_err(DiskError::Spawn)?;
+    if !out.status.success() {
+        return Err(DiskError::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(out.stdout)
 }
 
 /// Creates `overlay` as a qcow2 whose backing file is the raw `base`.
@@ -34,19 +45,12 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), DiskError> {
         path: base.display().to_string(),
         source,
     })?;
-    let out = Command::new("qemu-img")
-        .arg("create")
-        .arg("-q")
-        .args(["-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(overlay)
-        .output()
-        .map_err(DiskError::Spawn)?;
-    if !out.status.success() {
-        return Err(DiskError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    qemu_img(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(overlay),
+    )?;
     Ok(())
 }
 
@@ -60,18 +64,13 @@ pub fn create_overlay_on_layer(layer: &Path, overlay: &Path, size: u64) -> Resul
             layer.display()
         )));
     }
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(layer)
-        .arg(overlay)
-        .arg(size.to_string())
-        .output()
-        .map_err(DiskError::Spawn)?;
-    if !out.status.success() {
-        return Err(DiskError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    qemu_img(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(layer)
+            .arg(overlay)
+            .arg(size.to_string()),
+    )?;
     Ok(())
 }
 
@@ -81,17 +80,12 @@ pub fn create_overlay_on_layer(layer: &Path, overlay: &Path, size: u64) -> Resul
 /// base have allocated are read). Crash-safe: the backing file changes last,
 /// after the data it needs is in the overlay.
 pub fn rebase_onto_base(overlay: &Path, base: &Path) -> Result<(), DiskError> {
-    let out = Command::new("qemu-img")
-        .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(base)
-        .arg(overlay)
-        .output()
-        .map_err(DiskError::Spawn)?;
-    if !out.status.success() {
-        return Err(DiskError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    qemu_img(
+        Command::new("qemu-img")
+            .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(base)
+            .arg(overlay),
+    )?;
     Ok(())
 }
 
@@ -108,17 +102,12 @@ pub struct ImageInfo {
 
 /// `qemu-img info` of `image` alone; `-U`: a running QEMU may hold it.
 pub fn info(image: &Path) -> Result<ImageInfo, DiskError> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--output=json"])
-        .arg(image)
-        .output()
-        .map_err(DiskError::Spawn)?;
-    if !out.status.success() {
-        return Err(DiskError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))
+    let out = qemu_img(
+        Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(image),
+    )?;
+    serde_json::from_slice(&out).map_err(|e| DiskError::Failed(e.to_string()))
 }
 
 /// Whether `image` (a qcow2 overlay) holds no data of its own: every range
@@ -129,18 +118,13 @@ pub fn overlay_is_empty(image: &Path) -> Result<bool, DiskError> {
     struct Extent {
         depth: u64,
     }
-    let out = Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(image)
-        .output()
-        .map_err(DiskError::Spawn)?;
-    if !out.status.success() {
-        return Err(DiskError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    let out = qemu_img(
+        Command::new("qemu-img")
+            .args(["map", "-U", "--output=json"])
+            .arg(image),
+    )?;
     let map: Vec<Extent> =
-        serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))?;
+        serde_json::from_slice(&out).map_err(|e| DiskError::Failed(e.to_string()))?;
     Ok(map.iter().all(|e| e.depth > 0))
 }
 
@@ -151,18 +135,13 @@ pub fn chain_depth(image: &Path) -> Result<usize, DiskError> {
 
 /// The file names of `image`'s chain, top first, the base last.
 pub fn backing_chain(image: &Path) -> Result<Vec<String>, DiskError> {
-    let out = Command::new("qemu-img")
-        .args(["info", "-U", "--backing-chain", "--output=json"])
-        .arg(image)
-        .output()
-        .map_err(DiskError::Spawn)?;
-    if !out.status.success() {
-        return Err(DiskError::Failed(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    let out = qemu_img(
+        Command::new("qemu-img")
+            .args(["info", "-U", "--backing-chain", "--output=json"])
+            .arg(image),
+    )?;
     let v: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).map_err(|e| DiskError::Failed(e.to_string()))?;
+        serde_json::from_slice(&out).map_err(|e| DiskError::Failed(e.to_string()))?;
     Ok(v.iter()
         .map(|i| i["filename"].as_str().unwrap_or_default().to_string())
         .collect())
