@@ -72,6 +72,16 @@ async fn per_user_budgets_and_per_client_public_limit() {
     )
     .await;
 
+    // Snapshots and images copy whole memories and disks: creates too.
+    for (path, body) in [
+        ("/snapshots", json!({"sandbox": "nope", "name": "s"})),
+        ("/sandboxes/nope/checkpoint", json!({"name": "s"})),
+        ("/images/save", json!({"sandbox": "nope", "name": "i"})),
+        ("/images/pull", json!({"reference": "x/y:z", "name": "i"})),
+    ] {
+        assert_limited(alice.post(path, body).await, "create", 3).await;
+    }
+
     // --- writes (exec, deletes) have their own budget.
     for _ in 0..4 {
         let r = alice

@@ -60,7 +60,7 @@ pub struct RateLimitBody {
 fn too_many(l: Limited) -> Response {
     let secs = l.retry_after_secs();
     let what = match l.class {
-        RequestClass::Create => "sandbox creations",
+        RequestClass::Create => "creations (sandboxes, snapshots, images)",
         RequestClass::Write => "changing requests (exec, writes)",
         RequestClass::Read => "reads",
     };
@@ -80,7 +80,8 @@ fn too_many(l: Limited) -> Response {
     resp
 }
 
-/// Which budget a request counts against: making a sandbox, reading
+/// Which budget a request counts against: making a sandbox, snapshot or
+/// image (the heavy requests), reading
 /// (safe methods, except WebSocket upgrades, which run commands), or
 /// anything else.
 fn class_of(parts: &Parts) -> RequestClass {
@@ -89,7 +90,19 @@ fn class_of(parts: &Parts) -> RequestClass {
         .get::<MatchedPath>()
         .map(MatchedPath::as_str);
     if parts.method == axum::http::Method::POST
-        && matches!(route, Some("/sandboxes" | "/snapshots/{name}/resume"))
+        && matches!(
+            route,
+            Some(
+                "/sandboxes"
+                    | "/snapshots/{name}/resume"
+                    // Heavy: each copies a VM's memory or a whole disk.
+                    | "/snapshots"
+                    | "/sandboxes/{id}/checkpoint"
+                    | "/images/save"
+                    | "/images/import"
+                    | "/images/pull"
+            )
+        )
     {
         return RequestClass::Create;
     }
