@@ -18,6 +18,7 @@ declare -A TOOLS=(
   [dpkg-deb]=dpkg [dpkg-architecture]=dpkg-dev [tmux]=tmux [python3]=python3
   [curl]=curl [strip]=binutils [update-ca-certificates]=ca-certificates
   [chromium]=chromium [docker-registry]=docker-registry [openssl]=openssl
+  [setpriv]=util-linux
 )
 
 missing_tools() {

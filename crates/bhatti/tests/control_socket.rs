@@ -121,6 +121,25 @@ fn cli_over_the_control_socket() {
     ));
     assert!(listed.contains("\"s1\""), "{listed}");
     ok(run(&["destroy", "-y", "s1"]));
+    // A user other than root is told the socket is root's, not that the
+    // daemon may be down. (The CLI copied where `nobody` may run it.)
+    let bin_dir = tempfile::tempdir().expect("bin dir");
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let bin = bin_dir.path().join("bhatti");
+    std::fs::copy(BIN, &bin).expect("copy the CLI");
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["--url", url.as_str(), "--token", key.as_str(), "list"])
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("for root only"), "{err}");
+    assert!(!err.contains("is the daemon running"), "{err}");
     // A bad key is still refused over the socket: it is not a way around auth.
     let o = cli(
         &["--url", url.as_str(), "--token", "bht_wrong", "list"],

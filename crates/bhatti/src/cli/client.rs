@@ -255,6 +255,19 @@ impl ApiClient {
 
     /// "cannot reach <url> (from <source>)", with a hint how to fix it.
     pub fn unreachable(&self, cause: &str) -> anyhow::Error {
+        // The control socket is the daemon's root-only door (mode 0600):
+        // "is the daemon running?" would send a non-root user the wrong way.
+        if self.socket.is_some() && cause.to_ascii_lowercase().contains("permission denied") {
+            return anyhow!(
+                "cannot use the control socket {} (from {}): {cause}; it is for root only. \
+                 Run the CLI as root, or point it at the daemon's HTTP API with --url and an \
+                 API key (`bhatti setup`, or {} and {})",
+                self.url.value,
+                self.url.source,
+                crate::config::URL_ENV,
+                crate::config::TOKEN_ENV
+            );
+        }
         anyhow!(
             "cannot reach {} (from {}): {cause}; is the daemon running? \
              Point the CLI at it with --url, `bhatti setup` or {}",
