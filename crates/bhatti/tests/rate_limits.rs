@@ -169,5 +169,10 @@ async fn per_user_budgets_and_per_client_public_limit() {
             .status(),
         404
     );
-    assert_eq!(get(&one, None).await.expect("public").status(), 429);
+    // The page names whose budget it was: this client's, not the app's.
+    let r = get(&one, None).await.expect("public");
+    assert_eq!(r.status(), 429);
+    let page = r.text().await.expect("page");
+    assert!(page.contains("more requests than one client may"), "{page}");
+    assert!(!page.contains("This app"), "{page}");
 }

@@ -181,8 +181,11 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
             "No app is published at this address.",
         );
     };
-    if !state.limiter.allow_global() || !state.limiter.allow_client(client_key(peer.ip(), &req)) {
-        return too_many();
+    if !state.limiter.allow_client(client_key(peer.ip(), &req)) {
+        return too_many(TooMany::Client);
+    }
+    if !state.limiter.allow_global() {
+        return too_many(TooMany::Server);
     }
     let route = match state.service.public_route(&alias).await {
         Ok(r) => r,
@@ -194,7 +197,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Resp
         }
     };
     if !state.limiter.allow_alias(&route.alias) {
-        return too_many();
+        return too_many(TooMany::App);
     }
     let path = req
         .uri()
@@ -257,12 +260,28 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
     resp
 }
 
-fn too_many() -> Response<Body> {
-    let mut resp = page(
-        StatusCode::TOO_MANY_REQUESTS,
-        "Too many requests",
-        "This app gets more requests than it may; try again in a moment.",
-    );
+/// Whose budget a refused request was over: the page says whom it is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TooMany {
+    /// This client's own (`public_rate_per_client`).
+    Client,
+    /// The app's (`public_rate_per_alias`).
+    App,
+    /// The whole proxy's (`public_rate_global`).
+    Server,
+}
+
+fn too_many(who: TooMany) -> Response<Body> {
+    let text = match who {
+        TooMany::Client => {
+            "You have sent more requests than one client may; try again in a moment."
+        }
+        TooMany::App => "This app gets more requests than it may; try again in a moment.",
+        TooMany::Server => {
+            "This server gets more requests than it can take; try again in a moment."
+        }
+    };
+    let mut resp = page(StatusCode::TOO_MANY_REQUESTS, "Too many requests", text);
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
@@ -414,7 +433,9 @@ mod tests {
             error_page(&ProxyError::TooLarge).status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
-        assert_eq!(too_many().headers()[header::RETRY_AFTER], "1");
+        for who in [TooMany::Client, TooMany::App, TooMany::Server] {
+            assert_eq!(too_many(who).headers()[header::RETRY_AFTER], "1");
+        }
         // A failed route lookup answers as the API would for that failure.
         for e in [
             ServiceError::NotFound("x".into()),
