@@ -284,7 +284,23 @@ impl TestDaemon {
             .to_string()
     }
 
+    /// PIDs of this daemon's sandbox QEMUs (not a template build's VM,
+    /// which the daemon boots on its own for a few seconds).
     pub fn qemu_pids(&self) -> Vec<u32> {
+        let templates = self.data_dir.path().join("sandboxes").join("tpl-");
+        let templates = templates.to_string_lossy().into_owned();
+        pids_matching(self.data_dir.path())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| !String::from_utf8_lossy(&c).contains(&templates))
+                    .unwrap_or(true)
+            })
+            .collect()
+    }
+
+    /// Every QEMU of this daemon, template builds included (for cleanup).
+    pub fn all_qemu_pids(&self) -> Vec<u32> {
         pids_matching(self.data_dir.path())
     }
 }
@@ -314,7 +330,7 @@ impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.stop();
         // VMs outlive the daemon by design: a test's leftovers go with it.
-        for pid in self.qemu_pids() {
+        for pid in self.all_qemu_pids() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
