@@ -34,6 +34,8 @@ pub const TEMPLATE_PREFIX: &str = "tpl-";
 const FORMAT_VERSION: u32 = 1;
 /// After a failed build, the same shape is not tried again for this long.
 const RETRY_AFTER: Duration = Duration::from_secs(300);
+/// Templates kept at most: each holds its guest's RAM in host memory.
+const MAX_TEMPLATES: usize = 4;
 /// A booted guest is given this long to settle before its checkpoint.
 const SETTLE: Duration = Duration::from_millis(300);
 
@@ -199,6 +201,7 @@ impl Service {
                     if let Ok(mut f) = self.templates.failed.lock() {
                         f.remove(&key);
                     }
+                    self.evict_templates(&key).await;
                 }
                 Err(e) => {
                     tracing::warn!(key, cpus = shape.cpus, memory_mb = shape.memory_mb, error = %e, "template build failed; creates of this shape boot");
@@ -210,6 +213,27 @@ impl Service {
         }
         if let Ok(mut p) = self.templates.pending.lock() {
             p.remove(&key);
+        }
+    }
+
+    /// Keeps at most [`MAX_TEMPLATES`]: the oldest go first, never the
+    /// default shape's nor `keep` (the one just built).
+    async fn evict_templates(&self, keep: &str) {
+        let default = self.template_key(self.templates.default_shape);
+        let Ok(all) = self.store.call(|s| s.list_templates()).await else {
+            return;
+        };
+        let mut excess = all.len().saturating_sub(MAX_TEMPLATES);
+        for t in all {
+            if excess == 0 {
+                break;
+            }
+            if t.key == keep || default.as_deref() == Some(t.key.as_str()) {
+                continue;
+            }
+            tracing::info!(key = %t.key, cpus = t.cpus, memory_mb = t.memory_mb, "dropping the oldest template (at most {MAX_TEMPLATES})");
+            self.drop_template(&t).await;
+            excess -= 1;
         }
     }
 
