@@ -737,6 +737,24 @@ mod tests {
     }
 
     #[test]
+    fn avoided_addresses_are_not_given_and_born_is_recorded() {
+        let (_d, s) = temp_store();
+        let a = user(&s, "alice", 100);
+        let net: Ipv4Subnet = "10.9.0.0/29".parse().expect("subnet"); // guests .2 to .6
+        let mut new = NewSandbox::new(a, "x");
+        new.avoid_ips = vec![Ipv4Addr::new(10, 9, 0, 2), Ipv4Addr::new(10, 9, 0, 3)];
+        let r = s.create_sandbox(&new, &net).expect("create");
+        assert_eq!(r.ip, Ipv4Addr::new(10, 9, 0, 4));
+        assert_eq!(r.born, None);
+        s.set_sandbox_born(&r.id, "template").expect("born");
+        assert_eq!(
+            s.get_sandbox(&r.id).expect("get").born.as_deref(),
+            Some("template")
+        );
+        assert!(s.used_ips().expect("used").contains(&r.ip));
+    }
+
+    #[test]
     fn concurrent_creates_get_distinct_ips() {
         let (d, s) = temp_store();
         let a = user(&s, "alice", 100);
