@@ -28,4 +28,16 @@ target/debug/bhatti image build
 # A failing test's panic message, not its backtrace, ends its output (CI
 # shows the tail).
 export RUST_BACKTRACE=0
-cargo nextest run --workspace --all-features --no-fail-fast "$@"
+status=0
+# Templates on (the default): creates restore a pre-booted guest.
+BHATTI_TEMPLATES=1 cargo nextest run --workspace --all-features --no-fail-fast "$@" || status=$?
+
+# The tests that make sandboxes through a daemon, again with templates off:
+# every create boots a kernel (docs/templates.md).
+echo "test: the VM, API and CLI tests again with templates off"
+vm_tests='binary(api) | binary(cli_daemon) | binary(cli_fleet) | binary(cli_snapshot)
+  | binary(control_socket) | binary(egress) | binary(exec_host) | binary(forks) | binary(idle)
+  | binary(images) | binary(publish_proxy) | binary(pull) | binary(sdk_python) | binary(share)
+  | binary(thermal) | binary(volumes)'
+BHATTI_TEMPLATES=0 cargo nextest run -p bhatti --all-features --no-fail-fast -E "$vm_tests" "$@" || status=$?
+exit $status

@@ -60,6 +60,7 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
             .with_public_urls(cfg.public_scheme(), &cfg.public_url_host_suffix())
             .with_egress(cfg.default_egress()?, cfg.same_user_peers)
             .with_uplink(cfg.egress)
+            .with_templates(crate::service::templates_enabled(cfg.templates))
             .with_thermal(ThermalConfig::from_secs(
                 cfg.idle_warm_secs,
                 cfg.idle_cold_secs,
@@ -70,6 +71,8 @@ pub async fn serve(config_flag: Option<&Path>) -> anyhow::Result<()> {
         .recover()
         .await
         .context("recovering sandboxes from the store")?;
+    // Builds the default template in the background; creates boot until it is ready.
+    service.clone().start_templates().await;
     tokio::spawn(service.clone().watch_vms(VM_WATCH_INTERVAL));
     tokio::spawn(service.clone().thermal_manager());
 

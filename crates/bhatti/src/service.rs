@@ -33,6 +33,7 @@ pub mod routes;
 pub mod sessions;
 pub mod share;
 mod snapshots;
+mod templates;
 mod thermal;
 pub mod upstream;
 mod usage;
@@ -41,6 +42,7 @@ mod volumes;
 pub use idle::MAX_SAVE_FAILURES;
 pub use images::{WorkDir, MAX_IMPORT_BYTES};
 pub use proxy::{hold_until_sent, Routed};
+pub use templates::{templates_enabled, Shape, TEMPLATE_PREFIX};
 pub use thermal::{thermal_of, RESTORE_RETRY_AFTER_SECS};
 pub use usage::{InFlight, ThermalConfig};
 pub use volumes::parse_volume_arg;
@@ -254,6 +256,8 @@ pub struct Service {
     volume_locks: Mutex<HashMap<String, AsyncLock>>,
     /// Image pulls running or recently finished.
     tasks: pull::Tasks,
+    /// Pre-booted templates new sandboxes are restored from.
+    templates: templates::Templates,
 }
 
 impl Service {
@@ -282,6 +286,13 @@ impl Service {
             uplink: true,
             volume_locks: Mutex::new(HashMap::new()),
             tasks: pull::Tasks::default(),
+            templates: templates::Templates::new(
+                false,
+                templates::Shape {
+                    cpus: 1,
+                    memory_mb: DEFAULT_MEMORY_MB as u32,
+                },
+            ),
         }
     }
 
@@ -472,6 +483,7 @@ impl Service {
         source: Option<snapshots::RestoreSource>,
     ) -> Result<Sandbox> {
         let egress = self.egress_of(&req, source.as_ref().and_then(|s| s.egress.as_ref()))?;
+        let cold_boot = req.cold_boot.unwrap_or(false);
         let (cpus, memory_mb) = match &source {
             // A restored VM has its source's machine: QEMU needs the same size.
             Some(src) => src.machine(req.cpus, req.memory_mb)?,
@@ -536,6 +548,8 @@ impl Service {
         new.init = req.init.filter(|s| !s.trim().is_empty());
         new.labels = req.labels.unwrap_or_default();
         new.egress = egress;
+        // Not the address a template build's VM holds right now.
+        new.avoid_ips = self.templates.held_ips();
         let subnet = self.subnet;
         let rec = self
             .store
@@ -581,14 +595,38 @@ impl Service {
             volumes,
             image,
         };
-        let booted = match &source {
-            None => self
-                .engine
-                .create(&spec)
-                .await
-                .map(|_| ())
-                .map_err(Into::into),
-            Some(src) => self.restore_new_identity(src, &spec).await,
+        // The default image without volumes (devices the template lacks)
+        // starts from a pre-booted template of its shape when one is ready.
+        let shape = templates::Shape { cpus, memory_mb };
+        let template =
+            if source.is_none() && !cold_boot && spec.image.is_none() && spec.volumes.is_empty() {
+                self.template_source(shape).await
+            } else {
+                None
+            };
+        let spec = SandboxSpec {
+            // A copy carries its source's processes: no init script runs.
+            init: if source.is_some() { None } else { spec.init },
+            ..spec
+        };
+        let (booted, born) = match (&source, &template) {
+            (Some(src), _) => (
+                self.restore_new_identity(src, &spec).await,
+                if src.temporary { "fork" } else { "snapshot" },
+            ),
+            (None, Some((src, t))) => match self.restore_new_identity(src, &spec).await {
+                Ok(()) => (Ok(()), "template"),
+                Err(e) => {
+                    // Never a failed create: the template goes (and is
+                    // built again), this sandbox boots.
+                    tracing::warn!(sandbox = %rec.id, template = %t.key, error = %e, "restore from the template failed; booting instead");
+                    let sid = rec.id.clone();
+                    let _ = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await;
+                    self.template_failed(t, shape).await;
+                    (self.boot(&spec).await, "boot")
+                }
+            },
+            (None, None) => (self.boot(&spec).await, "boot"),
         };
         if let Err(e) = booted {
             tracing::warn!(sandbox = %rec.id, error = %e, "create failed");
@@ -596,7 +634,7 @@ impl Service {
             if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
                 tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
             }
-            if source.is_some() {
+            if source.is_some() || template.is_some() {
                 // Its layer may have had no other user left.
                 self.collect_layers().await;
             }
@@ -604,13 +642,23 @@ impl Service {
         }
         let id = rec.id.clone();
         self.store
-            .call(move |s| s.set_sandbox_status(&id, SandboxStatus::Running))
+            .call(move |s| {
+                s.set_sandbox_born(&id, born)?;
+                s.set_sandbox_status(&id, SandboxStatus::Running)
+            })
             .await?;
-        tracing::info!(sandbox = %rec.id, name = %rec.name, ip = %rec.ip, "sandbox created");
+        tracing::info!(sandbox = %rec.id, name = %rec.name, ip = %rec.ip, born, "sandbox created");
         Ok(view(&SandboxRecord {
             status: SandboxStatus::Running,
+            born: Some(born.to_string()),
             ..rec
         }))
+    }
+
+    /// Boots `spec`'s VM from its kernel.
+    async fn boot(&self, spec: &SandboxSpec) -> Result<()> {
+        self.engine.create(spec).await?;
+        Ok(())
     }
 
     /// The caller's sandboxes that carry every `key=value` of `labels`
@@ -936,6 +984,7 @@ pub fn view(r: &SandboxRecord) -> Sandbox {
         thermal: thermal_of(r.status).map(str::to_string),
         created_at: rfc3339(r.created_at),
         egress: r.egress.clone(),
+        born: r.born.clone(),
     }
 }
 

@@ -76,10 +76,23 @@ async fn publish(api: &Api, sb: &str, alias: &str) {
 
 const IDENTITY: &str = "hostname; cat /etc/machine-id 2>/dev/null || echo none; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
 
-fn layer_files(d: &TestDaemon) -> usize {
-    std::fs::read_dir(d.data_dir.path().join("layers"))
-        .map(|r| r.count())
+/// Entries of a data dir's subdir, a template's (`tpl-*`) not counted.
+fn entries(d: &TestDaemon, sub: &str) -> usize {
+    std::fs::read_dir(d.data_dir.path().join(sub))
+        .map(|r| {
+            r.flatten()
+                .filter(|e| {
+                    !e.file_name()
+                        .to_string_lossy()
+                        .starts_with(bhatti::service::TEMPLATE_PREFIX)
+                })
+                .count()
+        })
         .unwrap_or(0)
+}
+
+fn layer_files(d: &TestDaemon) -> usize {
+    entries(d, "layers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -284,10 +297,7 @@ async fn fork_snapshot_resume_through_the_api() {
         assert_eq!(s, 204);
     }
     assert_eq!(layer_files(&d), 0, "layers left behind");
-    let cps = std::fs::read_dir(d.data_dir.path().join("checkpoints"))
-        .map(|r| r.count())
-        .unwrap_or(0);
-    assert_eq!(cps, 0, "checkpoints left behind");
+    assert_eq!(entries(&d, "checkpoints"), 0, "checkpoints left behind");
 }
 
 /// The disk chain (overlay, layers, base) of sandbox `id`'s disk, as

@@ -170,14 +170,18 @@ impl AgentConfig {
 
     /// argv of the init session: a login shell running the script.
     pub fn init_argv(&self) -> Option<Vec<String>> {
-        let script = self.init_script.clone()?;
-        let shell = if Path::new("/bin/bash").exists() {
-            "/bin/bash"
-        } else {
-            "/bin/sh"
-        };
-        Some(vec![shell.into(), "-lc".into(), script])
+        self.init_script.as_deref().map(init_argv_for)
     }
+}
+
+/// argv of an init session running `script`: a login shell.
+pub fn init_argv_for(script: &str) -> Vec<String> {
+    let shell = if Path::new("/bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    vec![shell.into(), "-lc".into(), script.to_string()]
 }
 
 #[cfg(test)]

@@ -57,10 +57,16 @@ impl Agent {
         let Some(argv) = self.cfg.init_argv() else {
             return Ok(());
         };
+        self.start_init_argv(&argv)
+    }
+
+    /// Starts TTY session "init" running `argv` (boot, or IDENTITY of a
+    /// template-born sandbox).
+    pub fn start_init_argv(&self, argv: &[String]) -> Result<(), String> {
         let cwd = crate::spawn::resolve_cwd(&self.cfg, None).map_err(|e| e.to_string())?;
         let spec = Spec {
             id: Some("init".into()),
-            argv: &argv,
+            argv,
             env: None,
             cwd: cwd.as_deref(),
             rows: 24,

@@ -17,6 +17,7 @@ fn identity(token: &str) -> Identity {
         env: [("WHO".to_string(), "child".to_string())].into(),
         entropy_hex: "5a".repeat(IDENTITY_ENTROPY_BYTES),
         time_unix_ms: 1,
+        init: None,
     }
 }
 
@@ -67,4 +68,32 @@ fn bad_identity_changes_nothing() {
     assert!(c.expect_error().contains("machine_id"));
     let mut still = echo_who(&a, "parent-token");
     assert_eq!(still.collect().code, Some(0));
+}
+
+/// A template-born sandbox's init script runs once the identity is taken,
+/// with the new env, as TTY session "init".
+#[test]
+fn identity_starts_the_init_script() {
+    let a = Agent::with(Opts {
+        token: Some("parent-token".into()),
+        env_json: Some(r#"{"WHO":"parent"}"#.into()),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("init.txt");
+    let mut id = identity("child-token");
+    id.init = Some(format!("printf %s \"$WHO\" > {}", out.display()));
+    let mut c = a.connect();
+    c.send(&Message::Identity(id));
+    let Message::IdentityResp(r) = c.recv_msg() else {
+        panic!("expected IDENTITY_RESP")
+    };
+    assert_eq!(r.status, "ok");
+    drop(c);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !out.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(std::fs::read_to_string(&out).expect("init ran"), "child");
 }

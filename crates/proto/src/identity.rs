@@ -33,6 +33,11 @@ pub struct Identity {
     pub entropy_hex: String,
     /// Host wall clock, unix milliseconds (the copy's clock stood still).
     pub time_unix_ms: i64,
+    /// Init script to start as TTY session "init" once the identity (the
+    /// network included) is taken: a sandbox born from a template runs
+    /// its create request's script as a booted one does. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 /// IDENTITY_RESP (guest→host JSON): everything but the network is applied;

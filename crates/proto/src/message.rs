@@ -274,6 +274,7 @@ mod tests {
             env: [("K".to_string(), "v".to_string())].into(),
             entropy_hex: "00ff".into(),
             time_unix_ms: 5,
+            init: None,
         };
         let want = br#"{"hostname":"b","ip":"10.0.0.7/24","gateway":"10.0.0.1","mac":"52:54:00:0a:00:07","token":"t","machine_id":"0123456789abcdef0123456789abcdef","env":{"K":"v"},"entropy_hex":"00ff","time_unix_ms":5}"#;
         let mut bytes = (want.len() as u32 + 1).to_be_bytes().to_vec();

@@ -288,6 +288,7 @@ fn identity() -> impl Strategy<Value = Identity> {
                     env,
                     entropy_hex,
                     time_unix_ms,
+                    init: None,
                 }
             },
         )

@@ -59,6 +59,10 @@ pub struct CreateArgs {
     /// Boot from a custom image (yours or the operator's; see `bhatti image list`)
     #[arg(long, value_name = "NAME", conflicts_with = "from")]
     pub image: Option<String>,
+    /// Boot a kernel even when a pre-booted template of this shape is ready
+    /// (by default a new sandbox is restored from one: much faster)
+    #[arg(long, conflicts_with = "from")]
+    pub cold_boot: bool,
 }
 
 fn parse_allow_host(s: &str) -> Result<String, String> {
@@ -107,6 +111,8 @@ struct CreateBody<'a> {
     volumes: Vec<crate::model::volumes::VolumeMountRequest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     image: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    cold_boot: bool,
 }
 
 pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
@@ -126,6 +132,7 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         allow_cidrs: (!args.allow_cidrs.is_empty()).then_some(args.allow_cidrs),
         volumes: args.volumes,
         image: args.image.as_deref(),
+        cold_boot: args.cold_boot,
     };
     let spinner = spinner(args.name.as_deref());
     let result = async {

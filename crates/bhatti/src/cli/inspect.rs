@@ -40,6 +40,7 @@ pub async fn run(ctx: Ctx, args: InspectArgs) -> anyhow::Result<i32> {
                 .unwrap_or_else(|| "-".into())
         ),
         format!("created:   {}", output::rfc3339(&s.created_at)),
+        format!("born:      {}", s.born.as_deref().unwrap_or("-")),
     ];
     let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     lines.push(format!(

@@ -136,6 +136,10 @@ pub struct DaemonConfig {
     pub api_write_per_min: u32,
     /// API: reads (GET) per minute per user; 0 = unlimited. Default 1200.
     pub api_read_per_min: u32,
+    /// New sandboxes are restored from a pre-booted template of their
+    /// shape instead of booting (docs/templates.md). Default `true`;
+    /// `$BHATTI_TEMPLATES=0` turns them off whatever the file says.
+    pub templates: bool,
 }
 
 impl Default for DaemonConfig {
@@ -168,6 +172,7 @@ impl Default for DaemonConfig {
             api_create_per_min: 30,
             api_write_per_min: 600,
             api_read_per_min: 1200,
+            templates: true,
         }
     }
 }
@@ -341,6 +346,7 @@ impl DaemonConfig {
         "api_create_per_min",
         "api_write_per_min",
         "api_read_per_min",
+        "templates",
     ];
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {

@@ -250,6 +250,22 @@ impl EngineError {
 pub trait Engine: Send + Sync {
     /// The subnet guests get addresses from; the gateway is its first host address.
     fn subnet(&self) -> (Ipv4Addr, u8);
+    /// Everything a booted guest of this engine is made of (images, VMM
+    /// version, accelerator, network plan), as text that changes whenever
+    /// a guest booted now would differ from one booted before: templates
+    /// are keyed by it (docs/templates.md). `None`: the engine keeps no
+    /// templates (every create boots).
+    fn template_basis(&self) -> Option<String> {
+        None
+    }
+    /// Ids of the checkpoints on the host (recorded or not).
+    fn checkpoint_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Ids of the disk layers on the host (recorded or not).
+    fn layer_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Boots a VM and waits until its agent answers.
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError>;
     /// Stops the VM and removes everything it had on the host (process, overlay, TAP, files).

@@ -47,6 +47,9 @@ pub struct CreateSandboxRequest {
     /// Name or id of a custom image (the caller's or an operator's) to boot
     /// instead of the default rootfs. Not with `from` or a snapshot resume.
     pub image: Option<String>,
+    /// Boot a kernel even when a pre-booted template of this shape is ready
+    /// (see docs/templates.md). Default false.
+    pub cold_boot: Option<bool>,
 }
 
 /// A sandbox as the API shows it.
@@ -73,6 +76,12 @@ pub struct Sandbox {
     /// Where the guest may connect to (absent from older daemons).
     #[serde(default)]
     pub egress: crate::egress::EgressPolicy,
+    /// How its VM came to be: `boot` (a kernel booted), `template`
+    /// (restored from a pre-booted template), `fork` or `snapshot`.
+    /// Absent while creating and for sandboxes of older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub born: Option<String>,
 }
 
 /// `PATCH /sandboxes/{id}`.

@@ -29,6 +29,7 @@ mod sandboxes;
 mod secrets;
 mod shares;
 mod snapshots;
+mod templates;
 mod users;
 mod volumes;
 
@@ -42,6 +43,7 @@ pub use sandboxes::{
 pub use secrets::{SecretMeta, SecretRecord};
 pub use shares::{generate_share_token, hash_share_token, ShareRecord, SHARE_TOKEN_PREFIX};
 pub use snapshots::SnapshotRecord;
+pub use templates::TemplateRecord;
 pub use users::{
     generate_api_key, hash_api_key, validate_user_name, User, UserLimits, UserSummary,
     API_KEY_PREFIX,
@@ -89,6 +91,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "008_snapshot_egress",
         include_str!("../../migrations/008_snapshot_egress.sql"),
+    ),
+    (
+        "009_templates",
+        include_str!("../../migrations/009_templates.sql"),
     ),
 ];
 

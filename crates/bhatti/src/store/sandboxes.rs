@@ -100,6 +100,9 @@ pub struct SandboxRecord {
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub last_active_at: OffsetDateTime,
+    /// How its VM came to be: `boot`, `template`, `fork` or `snapshot`
+    /// (`None`: made by an older daemon, or not yet running).
+    pub born: Option<String>,
 }
 
 /// What [`Store::create_sandbox`] needs. `NewSandbox::new` fills a random
@@ -119,6 +122,8 @@ pub struct NewSandbox {
     pub init: Option<String>,
     pub labels: Labels,
     pub egress: EgressPolicy,
+    /// Addresses not to give it (one a template build holds for a moment).
+    pub avoid_ips: Vec<Ipv4Addr>,
 }
 
 impl NewSandbox {
@@ -137,6 +142,7 @@ impl NewSandbox {
             init: None,
             labels: Labels::new(),
             egress: EgressPolicy::default(),
+            avoid_ips: Vec::new(),
         }
     }
 }
@@ -176,7 +182,7 @@ pub fn validate_sandbox_name(name: &str) -> Result<(), StoreError> {
 }
 
 const SANDBOX_COLUMNS: &str = "id, user_id, name, status, ip, cpus, memory_mb, keep_hot, token, \
-     env, secrets, init, labels, egress, created_at, updated_at, last_active_at";
+     env, secrets, init, labels, egress, created_at, updated_at, last_active_at, born";
 
 fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let status: String = row.get("status")?;
@@ -209,6 +215,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         created_at: ts_col(row, "created_at")?,
         updated_at: ts_col(row, "updated_at")?,
         last_active_at: ts_col(row, "last_active_at")?,
+        born: row.get("born")?,
     })
 }
 
@@ -313,7 +320,7 @@ impl Store {
             };
             let ip = subnet
                 .guest_hosts()
-                .find(|ip| !used.contains(ip))
+                .find(|ip| !used.contains(ip) && !new.avoid_ips.contains(ip))
                 .ok_or_else(|| StoreError::SubnetFull(subnet.to_string()))?;
             tx.execute(
                 "INSERT INTO sandboxes (id, user_id, name, status, ip, cpus, memory_mb, keep_hot,
@@ -364,6 +371,7 @@ impl Store {
             created_at: at,
             updated_at: at,
             last_active_at: at,
+            born: None,
         })
     }
 
@@ -434,6 +442,32 @@ impl Store {
     }
 
     /// Sets the status (and `updated_at`).
+    /// Records how sandbox `id`'s VM came to be (see [`SandboxRecord::born`]).
+    pub fn set_sandbox_born(&self, id: &str, born: &str) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET born = ?2 WHERE id = ?1",
+            params![id, born],
+        )?;
+        if n == 0 {
+            return Err(not_found(id));
+        }
+        Ok(())
+    }
+
+    /// The addresses sandboxes hold now.
+    pub fn used_ips(&self) -> Result<HashSet<Ipv4Addr>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT ip FROM sandboxes")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut used = HashSet::new();
+        for ip in rows {
+            if let Ok(ip) = ip?.parse() {
+                used.insert(ip);
+            }
+        }
+        Ok(used)
+    }
+
     pub fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError> {
         if self.update_status(id, None, status)? == 0 {
             return Err(not_found(id));
@@ -700,6 +734,24 @@ mod tests {
             .create_sandbox(&NewSandbox::new(a, "again"), &net)
             .expect("again");
         assert_eq!(r.ip, Ipv4Addr::new(10, 9, 0, 4));
+    }
+
+    #[test]
+    fn avoided_addresses_are_not_given_and_born_is_recorded() {
+        let (_d, s) = temp_store();
+        let a = user(&s, "alice", 100);
+        let net: Ipv4Subnet = "10.9.0.0/29".parse().expect("subnet"); // guests .2 to .6
+        let mut new = NewSandbox::new(a, "x");
+        new.avoid_ips = vec![Ipv4Addr::new(10, 9, 0, 2), Ipv4Addr::new(10, 9, 0, 3)];
+        let r = s.create_sandbox(&new, &net).expect("create");
+        assert_eq!(r.ip, Ipv4Addr::new(10, 9, 0, 4));
+        assert_eq!(r.born, None);
+        s.set_sandbox_born(&r.id, "template").expect("born");
+        assert_eq!(
+            s.get_sandbox(&r.id).expect("get").born.as_deref(),
+            Some("template")
+        );
+        assert!(s.used_ips().expect("used").contains(&r.ip));
     }
 
     #[test]

@@ -262,13 +262,14 @@ impl Store {
         Ok(())
     }
 
-    /// Layers nothing uses: no sandbox, snapshot or other layer backs onto them.
+    /// Layers nothing uses: no sandbox, snapshot, template or other layer backs onto them.
     pub fn unused_layers(&self) -> Result<Vec<String>, StoreError> {
         let conn = self.conn();
         let mut st = conn.prepare(
             "SELECT id FROM layers l
              WHERE NOT EXISTS (SELECT 1 FROM sandbox_layers s WHERE s.layer_id = l.id)
                AND NOT EXISTS (SELECT 1 FROM snapshots p WHERE p.layer_id = l.id)
+               AND NOT EXISTS (SELECT 1 FROM templates t WHERE t.layer_id = l.id)
                AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent = l.id)",
         )?;
         let rows = st.query_map([], |r| r.get(0))?;
@@ -283,6 +284,8 @@ impl Store {
             "WITH RECURSIVE d(id) AS (
                  SELECT ?1 UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id)
              SELECT 'snapshot ' || p.name AS n FROM snapshots p WHERE p.layer_id IN d
+             UNION
+             SELECT 'template ' || t.key FROM templates t WHERE t.layer_id IN d
              UNION
              SELECT 'sandbox ' || s.name FROM sandbox_layers sl JOIN sandboxes s ON s.id = sl.sandbox_id
              WHERE sl.layer_id IN d

@@ -64,6 +64,8 @@ pub struct TestDaemon {
     pub netns: String,
     /// Whether the API listens on TCP (`url`); it is always on [`Self::socket`].
     pub tcp: bool,
+    /// Extra environment of the daemon process (e.g. `BHATTI_LOHAR`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -75,6 +77,11 @@ impl TestDaemon {
 
     /// Like [`start`](Self::start), with more config lines (YAML) appended.
     pub fn start_with(tag: &str, extra_yaml: &str) -> TestDaemon {
+        Self::start_full(tag, extra_yaml, &[])
+    }
+
+    /// Like [`start_with`](Self::start_with), with more environment for the daemon.
+    pub fn start_full(tag: &str, extra_yaml: &str, env: &[(&str, &str)]) -> TestDaemon {
         require_root();
         let data_dir = tempfile::Builder::new()
             .prefix(&format!("bhatti-{tag}-"))
@@ -91,11 +98,26 @@ impl TestDaemon {
         } else {
             String::new()
         };
+        // Templates as `$BHATTI_TEMPLATES` says (scripts/test.sh runs the VM
+        // tests with them on, then off), unless the test sets the key itself.
+        let templates = if extra_yaml.contains("templates:") {
+            String::new()
+        } else {
+            match std::env::var("BHATTI_TEMPLATES").ok().as_deref() {
+                Some("0" | "false" | "off" | "no") => "templates: false\n".to_string(),
+                _ => "templates: true\n".to_string(),
+            }
+        };
+        // A test may bring images of its own.
+        let images = if extra_yaml.contains("images_dir:") {
+            String::new()
+        } else {
+            format!("images_dir: {}\n", images_dir().display())
+        };
         let yaml = listen
             + &format!(
-            "public_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\nimages_dir: {}\nnetns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n",
+            "public_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\n{images}netns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n{templates}",
             data_dir.path().display(),
-            images_dir().display()
         ) + extra_yaml;
         // A test that sets egress itself (inside namespaces of its own) overrides the default.
         let yaml = if extra_yaml.contains("\negress:") || extra_yaml.starts_with("egress:") {
@@ -111,6 +133,10 @@ impl TestDaemon {
             config,
             netns,
             tcp,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         d.spawn();
@@ -143,6 +169,7 @@ impl TestDaemon {
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log fd"))
             .stderr(log)
@@ -257,7 +284,23 @@ impl TestDaemon {
             .to_string()
     }
 
+    /// PIDs of this daemon's sandbox QEMUs (not a template build's VM,
+    /// which the daemon boots on its own for a few seconds).
     pub fn qemu_pids(&self) -> Vec<u32> {
+        let templates = self.data_dir.path().join("sandboxes").join("tpl-");
+        let templates = templates.to_string_lossy().into_owned();
+        pids_matching(self.data_dir.path())
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| !String::from_utf8_lossy(&c).contains(&templates))
+                    .unwrap_or(true)
+            })
+            .collect()
+    }
+
+    /// Every QEMU of this daemon, template builds included (for cleanup).
+    pub fn all_qemu_pids(&self) -> Vec<u32> {
         pids_matching(self.data_dir.path())
     }
 }
@@ -287,7 +330,7 @@ impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.stop();
         // VMs outlive the daemon by design: a test's leftovers go with it.
-        for pid in self.qemu_pids() {
+        for pid in self.all_qemu_pids() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,

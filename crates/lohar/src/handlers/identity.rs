@@ -179,6 +179,12 @@ pub fn apply(agent: &Agent, conn: &Stream, id: Identity) -> Result<(), HandlerEr
             say(&format!("IDENTITY: network: {e}"));
         }
     }
+    // A template-born sandbox's init script, under its own identity and env.
+    if let Some(script) = id.init.as_deref().filter(|s| !s.trim().is_empty()) {
+        if let Err(e) = agent.start_init_argv(&crate::config::init_argv_for(script)) {
+            say(&format!("IDENTITY: init script: {e}"));
+        }
+    }
     Ok(())
 }
 
@@ -197,6 +203,7 @@ mod tests {
             env: Default::default(),
             entropy_hex: "ab".repeat(IDENTITY_ENTROPY_BYTES),
             time_unix_ms: 1,
+            init: None,
         }
     }
 

@@ -45,6 +45,13 @@ enum Target {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // `RUST_LOG=info` shows the engine's own timings (e.g. restore phases) on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

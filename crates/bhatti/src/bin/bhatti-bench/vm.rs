@@ -1,5 +1,8 @@
 //! Bench of real VMs through the QEMU engine: bare boot, create-to-ready,
-//! exec round trips, destroy, and host RAM per idle VM.
+//! exec round trips, destroy, and host RAM per idle VM; then templates
+//! (docs/templates.md): create-to-ready restored from a pre-booted
+//! template against a boot, and host RAM of idle template-born VMs
+//! against booted ones.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -29,6 +32,9 @@ pub struct VmArgs {
     /// Guest memory in MB.
     #[arg(long, default_value_t = 512)]
     memory: u32,
+    /// Idle VMs of each kind (booted, template-born) for the RAM comparison.
+    #[arg(long, default_value_t = 10)]
+    idle_vms: usize,
 }
 
 pub async fn run(args: VmArgs) -> anyhow::Result<()> {
@@ -104,6 +110,7 @@ async fn measure(engine: &QemuEngine, args: &VmArgs, bare: &Samples) -> anyhow::
     }
     let create = Samples::from_parts("create to ready (agent answers)", create, wall.elapsed());
     create.print(None);
+    let cold_create = create.p50();
     println!(
         "{:<34} {:.2}x the bare kernel+initramfs boot (p50)",
         "  create / bare boot",
@@ -155,7 +162,109 @@ async fn measure(engine: &QemuEngine, args: &VmArgs, bare: &Samples) -> anyhow::
         );
     }
     engine.destroy(&s.id).await?;
-    Ok(())
+    templates(engine, args, cold_create).await
+}
+
+/// `Pss:` and `Rss:` of a process, KiB (`/proc/<pid>/smaps_rollup`).
+fn pss_rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    Some((field("Pss:")?, field("Rss:")?))
+}
+
+/// Sum of PSS and RSS (KiB) of the QEMUs of VMs `ids`.
+fn ram_of(engine: &QemuEngine, ids: &[String]) -> (u64, u64) {
+    ids.iter()
+        .filter_map(|id| engine.pid(id).and_then(pss_rss_kib))
+        .fold((0, 0), |(p, r), (p1, r1)| (p + p1, r + r1))
+}
+
+/// Templates as the daemon keeps them: one VM booted, idle, checkpointed
+/// and removed; then creates restored from it into new identities, timed
+/// against `cold_p50` (the boots above); then `idle_vms` idle VMs of each
+/// kind, their host RAM summed.
+async fn templates(engine: &QemuEngine, args: &VmArgs, cold_p50: Duration) -> anyhow::Result<()> {
+    let mut t = spec(200, args.memory);
+    t.id = "tpl-bench".into();
+    t.name = "bhatti-template".into();
+    let (cp, layer) = ("tpl-bench-cp", "tpl-bench-l");
+    let built = Instant::now();
+    let rt = engine.create(&t).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let info = engine.checkpoint(&t.id, &rt, cp, layer).await?;
+    engine.destroy(&t.id).await?;
+    println!(
+        "{:<34} {} (boot, checkpoint, VM removed); RAM file {} MiB",
+        "template built in",
+        fmt(built.elapsed()),
+        info.state_bytes >> 20
+    );
+    let result = async {
+        let mut times = Vec::new();
+        let wall = Instant::now();
+        for i in 0..args.boots {
+            let s = spec(i, args.memory);
+            let t0 = Instant::now();
+            engine.restore_checkpoint(cp, &t.token, &s).await?;
+            times.push(t0.elapsed());
+            engine.destroy(&s.id).await?;
+        }
+        let tpl = Samples::from_parts("create from a template to ready", times, wall.elapsed());
+        tpl.print(None);
+        println!(
+            "{:<34} {:.1}x faster than a boot (p50 {} vs {})",
+            "  template vs boot",
+            cold_p50.as_secs_f64() / tpl.p50().as_secs_f64(),
+            fmt(tpl.p50()),
+            fmt(cold_p50)
+        );
+
+        // Host RAM of idle VMs: booted ones, then template-born ones.
+        let n = args.idle_vms;
+        let booted: Vec<String> = (0..n).map(|i| spec(20 + i, args.memory).id).collect();
+        let born: Vec<String> = (0..n).map(|i| spec(40 + i, args.memory).id).collect();
+        for i in 0..n {
+            engine.create(&spec(20 + i, args.memory)).await?;
+        }
+        for i in 0..n {
+            engine
+                .restore_checkpoint(cp, &t.token, &spec(40 + i, args.memory))
+                .await?;
+        }
+        // Idle for a while so free-page reporting has returned what boot touched.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (bp, br) = ram_of(engine, &booted);
+        let (tp, tr) = ram_of(engine, &born);
+        let per = |kib: u64| kib as f64 / 1024.0 / n.max(1) as f64;
+        println!(
+            "{:<34} booted: PSS {:.1} MiB, RSS {:.1} MiB per VM ({n} idle {} MB guests)",
+            "host RAM per idle VM",
+            per(bp),
+            per(br),
+            args.memory
+        );
+        println!(
+            "{:<34} template-born: PSS {:.1} MiB, RSS {:.1} MiB per VM; PSS {:.0} %, RSS {:.0} % of booted",
+            "",
+            per(tp),
+            per(tr),
+            100.0 * tp as f64 / bp.max(1) as f64,
+            100.0 * tr as f64 / br.max(1) as f64
+        );
+        for id in booted.iter().chain(&born) {
+            engine.destroy(id).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = engine.delete_checkpoint(cp).await;
+    let _ = engine.delete_layer(layer).await;
+    result
 }
 
 /// Time from QEMU start until the kernel hands over to userspace: the same

@@ -740,6 +740,8 @@ impl QemuEngine {
             env: spec.env.clone(),
             entropy_hex: random_hex(bhatti_proto::IDENTITY_ENTROPY_BYTES),
             time_unix_ms: now_ms,
+            // Set only for a template-born sandbox (the service clears it for copies).
+            init: spec.init.clone(),
         };
         let deadline = Instant::now() + IDENTITY_TIMEOUT;
         loop {

@@ -24,6 +24,7 @@ pub mod process;
 pub mod qmp;
 pub mod ramfile;
 mod snapshot;
+mod templates;
 mod volumes;
 
 use std::collections::{HashMap, HashSet};
@@ -463,6 +464,18 @@ impl Drop for Busy<'_> {
 impl Engine for QemuEngine {
     fn subnet(&self) -> (Ipv4Addr, u8) {
         (self.net.subnet.network(), self.net.subnet.prefix())
+    }
+
+    fn template_basis(&self) -> Option<String> {
+        Some(self.basis())
+    }
+
+    fn checkpoint_ids(&self) -> Vec<String> {
+        QemuEngine::checkpoint_ids(self)
+    }
+
+    fn layer_ids(&self) -> Vec<String> {
+        QemuEngine::layer_ids(self)
     }
 
     async fn create(&self, spec: &SandboxSpec) -> Result<VmRuntime, EngineError> {

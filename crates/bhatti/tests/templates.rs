@@ -1,0 +1,320 @@
+//! Templates on real VMs (issue 14, docs/templates.md): the daemon builds
+//! the default shape's template at start; sandboxes restored from it are
+//! machines of their own (hostname, IP, token, machine-id, random state)
+//! with their request's env, secrets and init script; `cold_boot` boots; a
+//! damaged template falls back to a boot and the create succeeds; a change
+//! of lohar (the initramfs) rebuilds the template and removes the old one
+//! once no sandbox uses its layer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Api, TestDaemon};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn status_of(r: reqwest::Response) -> (StatusCode, Value) {
+    let s = r.status();
+    let text = r.text().await.unwrap_or_default();
+    (
+        s,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn sh(api: &Api, sb: &str, script: &str) -> String {
+    let (code, out, err) = api.exec(sb, &["bash", "-c", script]).await;
+    assert_eq!(code, 0, "{sb}: {script}: {out} {err}");
+    out.trim().to_string()
+}
+
+/// Templates forced on, whatever `$BHATTI_TEMPLATES` says.
+const ON: &[(&str, &str)] = &[("BHATTI_TEMPLATES", "1")];
+
+fn templates(d: &TestDaemon) -> Vec<bhatti::store::TemplateRecord> {
+    bhatti::store::Store::open(d.data_dir.path())
+        .expect("store")
+        .list_templates()
+        .expect("templates")
+}
+
+/// Waits until the daemon has `n` templates ready (up to 3 minutes) and returns them.
+fn wait_templates(d: &TestDaemon, n: usize) -> Vec<bhatti::store::TemplateRecord> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let t = templates(d);
+        if t.len() >= n {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no template ready in time; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn count_entries(dir: &Path, prefix: &str) -> usize {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn template_born_sandboxes_are_machines_of_their_own() {
+    let d = TestDaemon::start_full("tpl", "", ON);
+    let key = d.create_user("alice", &["--max-sandboxes", "6"]);
+    let api = Api::new(&d.url, &key);
+    let (s, _) = status_of(
+        api.post(
+            "/secrets",
+            json!({"name": "API_KEY", "value": "from-secret"}),
+        )
+        .await,
+    )
+    .await;
+    assert!(s.is_success());
+    let t = wait_templates(&d, 1);
+    assert_eq!((t[0].cpus, t[0].memory_mb), (1, 512));
+
+    let mut seen = Vec::new();
+    for name in ["a", "b"] {
+        let (s, v) = status_of(
+            api.post(
+                "/sandboxes",
+                json!({"name": name, "env": {"WHO": name}, "secrets": ["API_KEY"],
+                       "init": "echo \"init $WHO $API_KEY\" > /tmp/init.txt"}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!(v["born"], "template", "{v}");
+        let who = sh(
+            &api,
+            name,
+            "hostname; awk -v h=$(hostname) '$1==\"127.0.1.1\" && $2==h' /etc/hosts | wc -l; cat /etc/machine-id; \
+             head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+             ip -4 -o addr show eth0 | awk '{print $4}'; echo $WHO $API_KEY; \
+             for i in $(seq 100); do [ -s /tmp/init.txt ] && break; sleep 0.1; done; cat /tmp/init.txt",
+        )
+        .await;
+        let lines: Vec<&str> = who.lines().collect();
+        assert_eq!(lines.len(), 7, "{who}");
+        assert_eq!(lines[0], name, "hostname");
+        assert_eq!(lines[1], "1", "/etc/hosts names the host: {who}");
+        assert_eq!(lines[2].len(), 32, "machine-id: {who}");
+        assert_eq!(lines[3].len(), 64, "urandom: {who}");
+        assert_eq!(lines[4], format!("{}/24", v["ip"].as_str().unwrap_or("")));
+        assert_eq!(lines[5], format!("{name} from-secret"), "env and secrets");
+        assert_eq!(lines[6], format!("init {name} from-secret"), "init script");
+        seen.push((
+            lines[2].to_string(),
+            lines[3].to_string(),
+            lines[4].to_string(),
+        ));
+        // The guest's clock is the host's.
+        let guest: i64 = sh(&api, name, "date +%s").await.parse().expect("date");
+        let host = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        assert!(
+            (guest - host).abs() <= 5,
+            "guest clock {guest}, host {host}"
+        );
+    }
+    assert_ne!(seen[0].0, seen[1].0, "machine-id");
+    assert_ne!(seen[0].1, seen[1].1, "random state");
+    assert_ne!(seen[0].2, seen[1].2, "address");
+    let all = bhatti::store::Store::open(d.data_dir.path())
+        .expect("store")
+        .list_all_sandboxes()
+        .expect("sandboxes");
+    let by_name = |n: &str| all.iter().find(|r| r.name == n).expect("row").clone();
+    let (ra, rb) = (by_name("a"), by_name("b"));
+    assert_ne!(ra.token, rb.token);
+    assert_ne!(ra.token, t[0].token, "a copy has a token of its own");
+    // The two reach each other only as the rules say: not at all here.
+    // (Each answers at its own address through the daemon: exec above.)
+
+    // --- cold_boot boots, and says so.
+    let (s, v) = status_of(
+        api.post("/sandboxes", json!({"name": "c", "cold_boot": true}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "boot", "{v}");
+    let (s, v) = status_of(api.get("/sandboxes/a").await).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["born"], "template");
+
+    // --- a template-born sandbox stops, starts and forks like any other.
+    let (s, _) = status_of(api.post("/sandboxes/a/stop", json!({})).await).await;
+    assert!(s.is_success());
+    let (s, _) = status_of(api.post("/sandboxes/a/start", json!({})).await).await;
+    assert!(s.is_success());
+    assert_eq!(
+        sh(&api, "a", "cat /tmp/init.txt").await,
+        "init a from-secret"
+    );
+    let (s, v) = status_of(
+        api.post("/sandboxes", json!({"name": "f", "from": "a"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "fork");
+    assert_eq!(sh(&api, "f", "hostname").await, "f");
+
+    // --- a damaged template: the create boots instead, and succeeds.
+    let cp = d.data_dir.path().join("checkpoints").join(&t[0].checkpoint);
+    std::fs::write(cp.join("vm.state"), b"not a migration stream").expect("damage");
+    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "g"})).await).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "boot", "{v}");
+    assert_eq!(sh(&api, "g", "hostname").await, "g");
+    assert!(
+        d.log()
+            .contains("restore from the template failed; booting instead"),
+        "the fallback is logged"
+    );
+    // It is replaced by a fresh one.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let now = templates(&d);
+        if now.len() == 1 && now[0].checkpoint != t[0].checkpoint {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "template not rebuilt; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "h"})).await).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "template", "{v}");
+
+    // --- destroy leaves only the template behind.
+    for sb in ["a", "b", "c", "f", "g", "h"] {
+        let (s, _) = status_of(api.delete(&format!("/sandboxes/{sb}")).await).await;
+        assert_eq!(s, 204);
+    }
+    let data = d.data_dir.path();
+    assert_eq!(count_entries(&data.join("sandboxes"), ""), 0);
+    assert_eq!(count_entries(&data.join("checkpoints"), ""), 1);
+    assert_eq!(
+        count_entries(&data.join("layers"), ""),
+        1,
+        "the template's layer only"
+    );
+}
+
+/// A hard-linked copy of the test images (kernel, rootfs, initramfs) in a
+/// dir of its own, on the same filesystem: a daemon may build another
+/// initramfs there without touching the shared images.
+fn private_images() -> tempfile::TempDir {
+    let src = common::images_dir();
+    let dir = tempfile::Builder::new()
+        .prefix(".tpl-images-")
+        .tempdir_in(src.parent().unwrap_or(Path::new("/var/lib/bhatti")))
+        .expect("images tempdir");
+    let current: Value =
+        serde_json::from_slice(&std::fs::read(src.join("current.json")).expect("current.json"))
+            .expect("current.json");
+    let mut paths = serde_json::Map::new();
+    for k in ["kernel", "initramfs", "rootfs"] {
+        let p = PathBuf::from(current[k].as_str().expect("path"));
+        let rel = p.strip_prefix(&src).expect("inside the images dir");
+        // The artifact: a file at the top, or the dir it sits in.
+        let top = rel.components().next().expect("component");
+        let (from, to) = (src.join(top), dir.path().join(top));
+        if !to.exists() {
+            let st = std::process::Command::new("cp")
+                .arg("-al")
+                .arg(&from)
+                .arg(&to)
+                .status()
+                .expect("cp");
+            assert!(st.success());
+        }
+        paths.insert(k.into(), json!(dir.path().join(rel)));
+    }
+    std::fs::write(
+        dir.path().join("current.json"),
+        serde_json::to_vec_pretty(&paths).expect("json"),
+    )
+    .expect("write current.json");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_lohar_rebuilds_the_template() {
+    let lohar = std::env::var("BHATTI_LOHAR").expect("BHATTI_LOHAR (scripts/test.sh sets it)");
+    let images = private_images();
+    let yaml = format!("images_dir: {}\n", images.path().display());
+    let mut env: Vec<(&str, &str)> = ON.to_vec();
+    env.push(("BHATTI_LOHAR", &lohar));
+    let mut d = TestDaemon::start_full("tplk", &yaml, &env);
+    let key = d.create_user("alice", &[]);
+    let api = Api::new(&d.url, &key);
+    let old = wait_templates(&d, 1).remove(0);
+    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "x"})).await).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "template");
+
+    // Another lohar (one byte more): another initramfs, another template.
+    let changed = images.path().join("lohar-changed");
+    let mut bytes = std::fs::read(&lohar).expect("lohar");
+    bytes.push(0);
+    std::fs::write(&changed, bytes).expect("write lohar");
+    d.env.retain(|(k, _)| k != "BHATTI_LOHAR");
+    d.env
+        .push(("BHATTI_LOHAR".into(), changed.display().to_string()));
+    d.restart();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let new = loop {
+        let t = templates(&d);
+        if let Some(n) = t.iter().find(|t| t.key != old.key) {
+            break n.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new template; log:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        templates(&d).iter().all(|t| t.key != old.key),
+        "the old template is dropped"
+    );
+    let data = d.data_dir.path();
+    assert!(!data.join("checkpoints").join(&old.checkpoint).exists());
+    // Its layer stays while x's disk backs onto it.
+    let old_layer = data.join("layers").join(format!("{}.qcow2", old.layer_id));
+    assert!(old_layer.exists());
+    assert_eq!(sh(&api, "x", "hostname").await, "x");
+    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "y"})).await).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "template");
+    assert_ne!(new.key, old.key);
+    for sb in ["x", "y"] {
+        let (s, _) = status_of(api.delete(&format!("/sandboxes/{sb}")).await).await;
+        assert_eq!(s, 204);
+    }
+    assert!(
+        !old_layer.exists(),
+        "the old template's layer goes with its last user"
+    );
+}
