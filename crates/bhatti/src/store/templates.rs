@@ -77,14 +77,6 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Ids of every recorded layer.
-    pub fn layer_ids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        let conn = self.conn();
-        let mut st = conn.prepare("SELECT id FROM layers")?;
-        let rows = st.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     /// Forgets template `key` (its layer stays until [`Store::unused_layers`] lists it).
     pub fn delete_template(&self, key: &str) -> Result<(), StoreError> {
         self.conn()
