@@ -212,11 +212,30 @@ async fn a_full_session_table_is_busy() {
     create_ok(&api, "full").await;
     // lohar's MAX_SESSIONS, opened at once (each a new login shell: an
     // attached one is never shared).
-    // The session exists once the upgrade is answered.
     let t0 = Instant::now();
     let open = futures_util::future::join_all((0..128).map(|_| shell(&d, "full", ""))).await;
     assert!(open.iter().all(Result::is_ok));
     eprintln!("128 shells in {:?}", t0.elapsed());
+    // The agent registers each attachment on its own thread after the
+    // upgrade: wait until it lists all 128 as running and attached.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list: Vec<serde_json::Value> = api
+            .get("/sandboxes/full/sessions")
+            .await
+            .json()
+            .await
+            .expect("sessions");
+        let live = list
+            .iter()
+            .filter(|s| s["attached"] == true && s["running"] == true)
+            .count();
+        if live == 128 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{live} of 128 shells attached");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(shell(&d, "full", "").await.err(), Some(409));
     drop(open);
 }

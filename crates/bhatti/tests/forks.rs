@@ -312,7 +312,8 @@ fn chain(d: &TestDaemon, id: &str) -> Vec<String> {
     bhatti::engine::qemu::disks::backing_chain(&disk).expect("backing chain")
 }
 
-/// The layer files on the host, by id.
+/// The layer files on the host, by id; a template's layer (the daemon's
+/// own, kept while the template is) is not counted.
 fn layer_ids(d: &TestDaemon) -> std::collections::BTreeSet<String> {
     std::fs::read_dir(d.data_dir.path().join("layers"))
         .into_iter()
@@ -322,6 +323,7 @@ fn layer_ids(d: &TestDaemon) -> std::collections::BTreeSet<String> {
             e.file_name()
                 .to_str()
                 .and_then(|n| n.strip_suffix(".qcow2"))
+                .filter(|n| !n.starts_with(bhatti::service::TEMPLATE_PREFIX))
                 .map(str::to_string)
         })
         .collect()

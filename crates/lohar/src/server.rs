@@ -72,6 +72,7 @@ impl Agent {
             rows: 24,
             cols: 80,
             max_idle: None,
+            claimed: false,
         };
         self.sessions
             .create(&self.cfg, &self.reaper, spec)

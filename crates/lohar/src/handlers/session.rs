@@ -41,6 +41,7 @@ pub fn create(agent: &Arc<Agent>, conn: &Stream, req: ExecRequest) -> Result<(),
         rows: req.rows.unwrap_or(24),
         cols: req.cols.unwrap_or(80),
         max_idle: req.max_idle_sec.map(Duration::from_secs),
+        claimed: true,
     };
     let session = match agent.sessions.create(&agent.cfg, &agent.reaper, spec) {
         Ok(s) => s,

@@ -76,6 +76,10 @@ struct State {
     ring: Ring,
     exit_code: Option<i32>,
     attached: Option<Attachment>,
+    /// Set from creation until the creating client attaches: a new session
+    /// is its creator's, and must not look detached to another client's
+    /// "attach to a detached shell" in between.
+    claimed: bool,
     idle_since: Instant,
     idle_killed: bool,
 }
@@ -111,6 +115,9 @@ pub struct Spec<'a> {
     pub rows: u16,
     pub cols: u16,
     pub max_idle: Option<Duration>,
+    /// Whether the client that asks for the session attaches to it next
+    /// (it is not offered to others until then); `false` for the init script.
+    pub claimed: bool,
 }
 
 impl Session {
@@ -125,7 +132,7 @@ impl Session {
             tty: true,
             running: st.exit_code.is_none(),
             exit_code: st.exit_code,
-            attached: st.attached.is_some(),
+            attached: st.attached.is_some() || st.claimed,
             created_at: self.created_at,
         }
     }
@@ -141,9 +148,10 @@ impl Session {
         let (tx, rx) = sync_channel(QUEUE_DEPTH);
         let (info, scrollback, exit_code, old) = {
             let mut st = self.lock();
-            if if_detached && st.attached.is_some() {
+            if if_detached && (st.attached.is_some() || st.claimed) {
                 return Err(SessionError::Busy);
             }
+            st.claimed = false;
             let old = st.attached.take();
             if st.exit_code.is_none() {
                 st.attached = Some(Attachment { id, tx, conn });
@@ -393,6 +401,7 @@ impl Sessions {
                 ring: Ring::new(SCROLLBACK_BYTES),
                 exit_code: None,
                 attached: None,
+                claimed: spec.claimed,
                 idle_since: Instant::now(),
                 idle_killed: false,
             }),
