@@ -164,11 +164,47 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     let cow_ram = t.cfg.data_dir.join("cow/cp3.ram");
     assert!(t.cfg.data_dir.join("checkpoints/cp3/mem.ram").is_file());
     std::fs::remove_file(&cow_ram).expect("drop the ramfs copy");
+    let durable_blocks = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(t.cfg.data_dir.join("checkpoints/cp3/mem.ram"))
+            .expect("disk copy")
+            .blocks()
+    };
+    // The reload is never seen half-done under the checkpoint's name (a
+    // crash midway left a partial file every later resume mapped).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (done, path) = (done.clone(), cow_ram.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::MetadataExt;
+            let mut seen = Vec::new();
+            loop {
+                let last = done.load(std::sync::atomic::Ordering::Relaxed);
+                if let Ok(m) = std::fs::metadata(&path) {
+                    seen.push(m.blocks());
+                }
+                if last {
+                    return seen;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
     let c = spec("fk-c", ip(12));
     let rt_c = e
         .restore_checkpoint("cp3", &rt_a.token, &c)
         .await
         .expect("restore c");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher");
+    // Its first sight holds all the data (a partial one would have almost
+    // none); it grows later only as the copy's guest reads holes (ramfs
+    // allocates those pages).
+    let first = seen.first().copied().unwrap_or(0);
+    assert!(
+        first >= durable_blocks * 9 / 10,
+        "the RAM file under the checkpoint's name was partial: first seen with {first} blocks, the disk copy has {durable_blocks}"
+    );
     let ag_c = e.agent("fk-c", &rt_c);
     assert_eq!(sh_ok(&ag_c, "cat /workspace/file.txt").await, "from-a");
     assert_eq!(sh_ok(&ag_c, BUMP).await, "4");

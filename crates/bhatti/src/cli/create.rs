@@ -17,11 +17,11 @@ pub struct CreateArgs {
     /// Sandbox name (must match [a-zA-Z0-9][a-zA-Z0-9._-]{0,62}) [default: auto-generated]
     #[arg(long, value_parser = parse_name)]
     pub name: Option<String>,
-    /// Number of vCPUs (at most your per-sandbox limit)
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Number of vCPUs (at most your per-sandbox limit; a fork has its source's)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from")]
     pub cpus: u32,
-    /// Memory in MB (at most your per-sandbox limit)
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Memory in MB (at most your per-sandbox limit; a fork has its source's)
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "from")]
     pub memory: u32,
     /// Comma-separated KEY=VALUE pairs (may be given more than once)
     #[arg(long, value_name = "KEY=VALUE,...", value_parser = parse_env_pairs)]
@@ -276,5 +276,27 @@ mod tests {
         assert!(parse_name("-dev").is_err());
         assert!(parse_name("").is_err());
         assert!(parse_name("dev space").is_err());
+    }
+
+    /// A fork has its source's machine size: `--cpus`/`--memory` with
+    /// `--from` are refused, not silently dropped.
+    #[test]
+    fn fork_refuses_a_machine_size() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["bhatti", "create", "--name", "b", "--from", "a"];
+            args.extend_from_slice(extra);
+            crate::cli::Cli::try_parse_from(args)
+        };
+        assert!(parse(&[]).is_ok());
+        for extra in [&["--memory", "1024"][..], &["--cpus", "2"]] {
+            let Err(err) = parse(extra) else {
+                panic!("{extra:?} with --from must be refused");
+            };
+            let err = err.to_string();
+            assert!(err.contains("cannot be used with"), "{err}");
+        }
+        let plain = ["bhatti", "create", "--name", "b", "--memory", "1024"];
+        assert!(crate::cli::Cli::try_parse_from(plain).is_ok());
     }
 }

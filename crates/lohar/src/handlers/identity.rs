@@ -32,11 +32,13 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Every sandbox name is one (`[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}`): a cold
+/// boot sets it as it is, so a copy must take it too.
 fn valid_hostname(h: &str) -> bool {
-    !h.is_empty()
+    h.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && h.len() <= 63
-        && !h.starts_with('-')
-        && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 /// Checks every field before anything changes: a bad request changes nothing.
@@ -204,6 +206,20 @@ mod tests {
             entropy_hex: "ab".repeat(IDENTITY_ENTROPY_BYTES),
             time_unix_ms: 1,
             init: None,
+        }
+    }
+
+    #[test]
+    fn every_sandbox_name_is_a_hostname() {
+        for h in ["b", "k0.3", "my_box", "a-b.c_d", &"x".repeat(63)] {
+            let mut i = good();
+            i.hostname = h.into();
+            assert!(check(&i).is_ok(), "{h}");
+        }
+        for h in ["", "-a", ".a", "_a", "a/b", &"x".repeat(64)] {
+            let mut i = good();
+            i.hostname = h.into();
+            assert!(check(&i).is_err(), "{h}");
         }
     }
 

@@ -79,10 +79,15 @@ pub fn create_overlay_on_layer(layer: &Path, overlay: &Path, size: u64) -> Resul
 /// hold (`qemu-img rebase` in safe mode: only ranges the layers above the
 /// base have allocated are read). Crash-safe: the backing file changes last,
 /// after the data it needs is in the overlay.
+///
+/// The child dies with the calling thread: a rebase left running by a
+/// killed daemon would go on writing the overlay while the next daemon
+/// starts the VM on it (no image locks), and a cut rebase is harmless.
 pub fn rebase_onto_base(overlay: &Path, base: &Path) -> Result<(), DiskError> {
+    let mut cmd = Command::new("qemu-img");
+    super::process::die_with_caller(&mut cmd, libc::SIGKILL);
     qemu_img(
-        Command::new("qemu-img")
-            .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        cmd.args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(base)
             .arg(overlay),
     )?;
@@ -178,5 +183,68 @@ mod tests {
             create_overlay(&dir.path().join("nope"), &overlay),
             Err(DiskError::MissingBase(_))
         ));
+    }
+
+    /// A rebase whose caller dies (a daemon killed mid-flatten) stops with
+    /// it instead of writing the overlay on, unsupervised.
+    #[test]
+    fn rebase_dies_with_its_caller() {
+        const CHILD: &str = "BHATTI_TEST_REBASE_CHILD";
+        if let Ok(v) = std::env::var(CHILD) {
+            if let Some((overlay, base)) = v.split_once('\n') {
+                let _ = rebase_onto_base(Path::new(overlay), Path::new(base));
+            }
+            return;
+        }
+        if Command::new("qemu-io").arg("--version").output().is_err() {
+            eprintln!("qemu-io not installed; skipping");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().join("base.raw");
+        std::fs::File::create(&base)
+            .and_then(|f| f.set_len(1 << 30))
+            .expect("base");
+        let (layer, overlay) = (dir.path().join("l.qcow2"), dir.path().join("o.qcow2"));
+        create_overlay(&base, &layer).expect("layer");
+        let w = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0xab 0 768M"])
+            .arg(&layer)
+            .output()
+            .expect("qemu-io");
+        assert!(w.status.success(), "{w:?}");
+        create_overlay_on_layer(&layer, &overlay, 1 << 30).expect("overlay");
+        let running = || {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .any(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("rebase") && c.contains(&*overlay.to_string_lossy())
+                })
+        };
+        let mut child = Command::new(std::env::current_exe().expect("exe"))
+            .args([
+                "--exact",
+                "engine::qemu::disks::tests::rebase_dies_with_its_caller",
+            ])
+            .env(CHILD, format!("{}\n{}", overlay.display(), base.display()))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("child");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !running() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rebase never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!running(), "qemu-img rebase outlived its caller");
     }
 }

@@ -618,13 +618,22 @@ impl QemuEngine {
         let cp_ram = self.checkpoint_ram(&cp.id);
         let durable = cp_dir.join(DURABLE_RAM);
         if cp.ram_file && !cp_ram.exists() && durable.exists() {
-            // After a host restart: back onto the ramfs from the disk copy.
-            let (from, to) = (durable.clone(), cp_ram.clone());
-            blocking(move || ramfile::copy_sparse(&from, &to))
-                .await?
-                .map_err(|e| {
-                    EngineError::State(format!("cannot load the checkpoint's RAM: {e}"))
-                })?;
+            // After a host restart: back onto the ramfs from the disk copy,
+            // under a name of this copy's own, renamed when whole: a crash
+            // midway must not leave a partial file under the checkpoint's
+            // name (every later resume would map it), and concurrent resumes
+            // must not write one file. The start-up sweep removes a partial
+            // one (no checkpoint dir of its name).
+            let part = self.cow_dir.join(format!("{}.{}.ram", cp.id, spec.id));
+            let (from, to, done) = (durable.clone(), part.clone(), cp_ram.clone());
+            blocking(move || {
+                ramfile::copy_sparse(&from, &to)?;
+                std::fs::rename(&to, &done).inspect_err(|_| {
+                    let _ = std::fs::remove_file(&to);
+                })
+            })
+            .await?
+            .map_err(|e| EngineError::State(format!("cannot load the checkpoint's RAM: {e}")))?;
         }
         let mem = if cp.ram_file {
             process::MemBacking {

@@ -556,6 +556,24 @@ async fn wait_ready_with(
     }
 }
 
+/// Makes the child `cmd` spawns get `signal` when the calling thread dies
+/// (`PR_SET_PDEATHSIG`, prctl(2)): a daemon killed mid-way leaves no helper
+/// (an image build, a rebase) running unsupervised.
+pub fn die_with_caller(cmd: &mut std::process::Command, signal: libc::c_int) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls prctl,
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal, 0, 0, 0) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

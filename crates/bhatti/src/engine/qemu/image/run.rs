@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
@@ -72,17 +71,7 @@ pub fn run_streaming(
     what: &str,
     on_line: &mut dyn FnMut(&str),
 ) -> Result<(), RunError> {
-    // SAFETY: the closure runs between fork and exec and only calls prctl,
-    // which is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    crate::engine::qemu::process::die_with_caller(cmd, libc::SIGTERM);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
