@@ -10,7 +10,7 @@ mod engine_harness;
 use engine_harness::{images, require_root, sh, spec, TestEngine};
 
 use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bhatti::engine::agent_client::AgentClient;
 use bhatti::engine::qemu::network;
@@ -89,6 +89,25 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
         "checkpoint of a running VM: pause {pause} ms, total {:?}",
         t0.elapsed()
     );
+    // A copy whose agent refuses the identity (a host name it does not
+    // take) fails at once, with the agent's reason, not as a timeout; the
+    // checkpoint stays usable.
+    let mut bad = spec("fk-x", ip(12));
+    bad.name = "not a host name".into();
+    let t_bad = Instant::now();
+    let err = e
+        .restore_checkpoint("cp1", &rt_a.token, &bad)
+        .await
+        .expect_err("a refused identity");
+    let msg = err.to_string();
+    assert!(msg.contains("refused its new identity"), "{msg}");
+    assert!(msg.contains("not a valid host name"), "{msg}");
+    assert!(
+        t_bad.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        t_bad.elapsed()
+    );
+
     let mut b = spec("fk-b", ip(11));
     b.name = "bravo".into();
     b.env.insert("WHO".into(), "bravo".into());

@@ -765,6 +765,13 @@ impl QemuEngine {
                 Err(AgentError::Connect(_) | AgentError::Frame(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                // The agent answered and refused: say why, at once.
+                Err(e @ AgentError::Remote { .. }) => {
+                    return Err(EngineError::Boot {
+                        reason: format!("the restored copy refused its new identity: {e}"),
+                        console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+                    })
+                }
                 Err(e) => {
                     return Err(EngineError::Timeout {
                         secs: IDENTITY_TIMEOUT.as_secs(),
