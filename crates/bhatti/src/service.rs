@@ -236,6 +236,8 @@ pub struct Service {
     url_scheme: String,
     /// One lock per sandbox for stop, start, pause, wake-up and destroy.
     thermal_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per snapshot id: resumes read, a delete writes.
+    snapshot_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     /// One lock per (user, name) being created: concurrent identical creates
     /// make one sandbox.
     create_locks: Mutex<HashMap<(i64, String), AsyncLock>>,
@@ -277,6 +279,7 @@ impl Service {
             domain: "localhost".into(),
             url_scheme: "https".into(),
             thermal_locks: Mutex::new(HashMap::new()),
+            snapshot_locks: Mutex::new(HashMap::new()),
             create_locks: Mutex::new(HashMap::new()),
             exec_sessions: Default::default(),
             thermal: thermal::Thermal::new(ThermalConfig::disabled()),

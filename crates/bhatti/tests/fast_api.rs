@@ -987,3 +987,50 @@ async fn snapshot_errors_before_the_quota() {
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("x-bhatti-existed"));
 }
+
+/// A snapshot deleted while a resume of it runs: the delete waits for the
+/// resume, which makes its sandbox; a resume after the delete is a 404.
+#[tokio::test]
+async fn a_snapshot_delete_waits_for_its_resumes() {
+    let d = FastDaemon::start(UserLimits::default()).await;
+    let api = d.api();
+    create_ok(&api, "src").await;
+    let r = api
+        .post(
+            "/sandboxes/src/checkpoint",
+            serde_json::json!({"name": "s"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    *d.engine.create_delay.lock().expect("lock") = Duration::from_millis(600);
+    let resume = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            api.post("/snapshots/s/resume", serde_json::json!({"name": "r1"}))
+                .await
+                .status()
+        })
+    };
+    // The resume is under way (its sandbox row exists, its VM is being
+    // made in the engine) when the delete comes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/sandboxes/r1").await.status() != 200 {
+        assert!(Instant::now() < deadline, "the resume never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let deleted = api.delete("/snapshots/s").await;
+    assert_eq!(deleted.status(), 204);
+    assert!(
+        resume.is_finished(),
+        "the delete returned before the resume"
+    );
+    assert_eq!(resume.await.expect("task"), 201);
+    let (code, out, _) = api.exec("r1", &["echo", "up"]).await;
+    assert_eq!((code, out.trim()), (0, "up"));
+    let (s, msg) = failure(
+        api.post("/snapshots/s/resume", serde_json::json!({"name": "r2"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 404, "{msg}");
+}

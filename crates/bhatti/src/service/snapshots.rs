@@ -38,6 +38,9 @@ pub(crate) struct RestoreSource {
     /// The source's egress policy, which the copy keeps unless its request
     /// names another (`None`: an old snapshot's, unknown: the daemon's default).
     pub egress: Option<EgressPolicy>,
+    /// A snapshot's: held until the copy is made, so that a delete of the
+    /// snapshot waits for it (and not the other way round).
+    pub _hold: Option<Arc<tokio::sync::OwnedRwLockReadGuard<()>>>,
 }
 
 impl RestoreSource {
@@ -256,6 +259,7 @@ impl Service {
                 other => other,
             })?;
         Ok(RestoreSource {
+            _hold: None,
             checkpoint: cp,
             parent_token: rec.token,
             layer: info.layer,
@@ -269,7 +273,11 @@ impl Service {
     /// A resume of the caller's snapshot `key`.
     pub(super) async fn snapshot_source(&self, user: &User, key: &str) -> Result<RestoreSource> {
         let snap = self.find_snapshot(user, key).await?;
+        let hold = self.snapshot_lock(&snap.id).read_owned().await;
+        // A delete that ran while this waited has removed it: say so.
+        let snap = self.find_snapshot(user, &snap.id).await?;
         Ok(RestoreSource {
+            _hold: Some(Arc::new(hold)),
             checkpoint: snap.id,
             parent_token: snap.token,
             layer: snap.layer_id,
@@ -388,6 +396,10 @@ impl Service {
     /// working (their disks keep its layer).
     pub async fn delete_snapshot(&self, user: &User, key: &str) -> Result<()> {
         let snap = self.find_snapshot(user, key).await?;
+        // Resumes under way finish first; later ones find it gone.
+        let lock = self.snapshot_lock(&snap.id);
+        let _only_me = lock.write().await;
+        let snap = self.find_snapshot(user, &snap.id).await?;
         let id = snap.id.clone();
         self.store.call(move |s| s.delete_snapshot(&id)).await?;
         if let Err(e) = self.engine.delete_checkpoint(&snap.id).await {
@@ -395,6 +407,16 @@ impl Service {
         }
         self.collect_layers().await;
         Ok(())
+    }
+
+    /// The lock between resumes (readers) and the delete (writer) of snapshot `id`.
+    fn snapshot_lock(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self
+            .snapshot_locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(id.to_string()).or_default().clone()
     }
 
     /// A new sandbox from the caller's snapshot `key`, as `req` names it.

@@ -337,6 +337,7 @@ impl Service {
         match self.store.call(move |s| s.get_template(&k)).await {
             Ok(Some(t)) => Some((
                 RestoreSource {
+                    _hold: None,
                     checkpoint: t.checkpoint.clone(),
                     parent_token: t.token.clone(),
                     layer: t.layer_id.clone(),
