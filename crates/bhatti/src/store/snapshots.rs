@@ -366,11 +366,16 @@ mod tests {
             Some(deny.clone())
         );
 
-        // As a database from before 008: no column, version 7.
+        // As a database from before 008: no column (nor 009's table and
+        // column), version 7.
         {
             let conn = store.conn();
-            conn.execute_batch("ALTER TABLE snapshots DROP COLUMN egress")
-                .expect("drop column");
+            conn.execute_batch(
+                "ALTER TABLE snapshots DROP COLUMN egress;
+                 DROP TABLE templates;
+                 ALTER TABLE sandboxes DROP COLUMN born;",
+            )
+            .expect("back to 7");
             conn.pragma_update(None, "user_version", 7).expect("v7");
         }
         drop(store);
