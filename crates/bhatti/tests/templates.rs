@@ -318,3 +318,53 @@ async fn a_changed_lohar_rebuilds_the_template() {
         "the old template's layer goes with its last user"
     );
 }
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A booted guest's clock is the host's, as a template-born one's is: the
+/// boot config's time was taken before QEMU started, so a booted guest used
+/// to lag by its whole boot (3-4 s under TCG), its init script included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_booted_guest_has_the_hosts_clock() {
+    let d = TestDaemon::start_full("clk", "", &[("BHATTI_TEMPLATES", "0")]);
+    let key = d.create_user("alice", &[]);
+    let api = Api::new(&d.url, &key);
+    let t0 = now_ms();
+    let (s, v) = status_of(
+        api.post(
+            "/sandboxes",
+            json!({"name": "c", "init": "echo $(date +%s%3N) $(cut -d' ' -f1 /proc/uptime) > /tmp/t.tmp && mv /tmp/t.tmp /tmp/t"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["born"], "boot", "{v}");
+    let before = now_ms();
+    let guest: i64 = sh(&api, "c", "date +%s%3N").await.parse().expect("date");
+    let after = now_ms();
+    assert!(
+        guest >= before - 1000 && guest <= after + 1000,
+        "guest clock {guest}, host {before}..{after}"
+    );
+    // The init script ran before the host set the clock: its time is at
+    // least the create's start plus the guest's uptime then.
+    let init = sh(
+        &api,
+        "c",
+        "for i in $(seq 100); do [ -s /tmp/t ] && break; sleep 0.1; done; cat /tmp/t",
+    )
+    .await;
+    let mut it = init.split_whitespace();
+    let at: i64 = it.next().and_then(|x| x.parse().ok()).expect("init date");
+    let up: f64 = it.next().and_then(|x| x.parse().ok()).expect("init uptime");
+    assert!(
+        at + 300 >= t0 + (up * 1000.0) as i64,
+        "init script's clock {at} ms, create started {t0} ms, uptime {up} s"
+    );
+}

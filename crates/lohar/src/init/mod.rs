@@ -91,7 +91,16 @@ pub fn boot() -> Result<Booted, String> {
         Ok(false) => {}
         Err(e) => say(&format!("warning: {e}")),
     }
-    if let Err(e) = clock::set_wall_clock(config.time_unix_ms) {
+    // The host took its time before QEMU started: the kernel's uptime has
+    // passed since (a floor of the real lag; the host sets the clock again
+    // once the agent answers).
+    let up_ms = clock::uptime_secs().map_or(0, |u| (u * 1000.0) as i64);
+    let now_ms = if config.time_unix_ms > 0 {
+        config.time_unix_ms.saturating_add(up_ms)
+    } else {
+        0
+    };
+    if let Err(e) = clock::set_wall_clock(now_ms) {
         say(&format!("warning: {e}"));
     }
     network::configure(&config.ip, &config.gateway)?;

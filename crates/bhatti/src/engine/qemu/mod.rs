@@ -504,10 +504,24 @@ impl Engine for QemuEngine {
                 guard.armed = false;
                 tracing::info!(id = %spec.id, ip = %spec.ip, pid = vm.pid, ms = started.elapsed().as_millis() as u64, "VM ready");
                 self.registry().insert(spec.id.clone(), vm);
-                Ok(VmRuntime {
+                let rt = VmRuntime {
                     ip: spec.ip,
                     token: spec.token.clone(),
-                })
+                };
+                // The boot config's time was taken before QEMU started: the
+                // guest lags by about its boot until told the time.
+                match crate::engine::Engine::agent(self, &spec.id, &rt)
+                    .set_time()
+                    .await
+                {
+                    Ok(lag_ms) => {
+                        tracing::debug!(id = %spec.id, lag_ms, "booted guest's clock set")
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = %spec.id, error = %e, "cannot set the booted guest's clock")
+                    }
+                }
+                Ok(rt)
             }
             Err(e) => {
                 tracing::warn!(id = %spec.id, error = %e, "VM failed to start; cleaning up");
