@@ -552,12 +552,14 @@ async fn egress_policy_and_guest_probes() {
     assert!(status.is_server_error(), "{status} {text}");
     assert!(text.contains("firewall"), "{text}");
     let listed: serde_json::Value = alice.get("/sandboxes").await.json().await.expect("list");
-    let names: Vec<&str> = listed
+    // (Listed by creation time, in whole seconds: a1 and a2 may tie.)
+    let mut names: Vec<&str> = listed
         .as_array()
         .expect("array")
         .iter()
         .filter_map(|s| s["name"].as_str())
         .collect();
+    names.sort_unstable();
     assert_eq!(names, vec!["a1", "a2"], "{listed}");
     let taps = network_exec(&d.netns, &["ip", "-o", "link", "show"]);
     assert_eq!(taps.matches(": bt-").count(), 3, "{taps}");
