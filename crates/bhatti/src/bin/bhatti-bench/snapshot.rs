@@ -160,7 +160,7 @@ async fn measure(args: &SnapshotArgs, api: &Api, log: &std::path::Path) -> anyho
     let n = args.rounds;
     let mem = args.memory_mb;
     println!(
-        "snapshot bench: {n} rounds, {mem} MB guests; sources: fresh, and {} MB touched",
+        "snapshot bench: {n} rounds, {mem} MB guests; sources: booted fresh, booted with {} MB touched, template-born fresh",
         args.touched_mb
     );
 
@@ -170,7 +170,11 @@ async fn measure(args: &SnapshotArgs, api: &Api, log: &std::path::Path) -> anyho
     for i in 0..n {
         let name = format!("boot-{i}");
         let t = Instant::now();
-        create(api, json!({"name": name, "memory_mb": mem})).await?;
+        create(
+            api,
+            json!({"name": name, "memory_mb": mem, "cold_boot": true}),
+        )
+        .await?;
         api.exec(&name, &["true"]).await?;
         times.push(t.elapsed());
         destroy(api, &name).await?;
@@ -178,8 +182,19 @@ async fn measure(args: &SnapshotArgs, api: &Api, log: &std::path::Path) -> anyho
     let boot = Samples::from_parts("cold boot: create → first exec", times, start.elapsed());
     boot.print(None);
 
-    for (src, touched) in [("src-fresh", 0), ("src-touched", args.touched_mb)] {
-        create(api, json!({"name": src, "memory_mb": mem})).await?;
+    // Booted sources (their RAM is a file of their own: a checkpoint copies
+    // it), and a template-born one (its RAM is the template's file mapped
+    // privately plus its own pages: a checkpoint streams all of it).
+    for (src, touched, cold_boot) in [
+        ("src-fresh", 0, true),
+        ("src-touched", args.touched_mb, true),
+        ("src-template-born", 0, false),
+    ] {
+        create(
+            api,
+            json!({"name": src, "memory_mb": mem, "cold_boot": cold_boot}),
+        )
+        .await?;
         api.put_file(src, "/tmp/stallwatch.py", STALL_WATCH).await?;
         api.exec(
             src,
@@ -210,10 +225,10 @@ async fn measure(args: &SnapshotArgs, api: &Api, log: &std::path::Path) -> anyho
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let label = if touched > 0 {
-            format!("{touched} MB touched")
-        } else {
-            "fresh".to_string()
+        let label = match (touched, cold_boot) {
+            (0, false) => "template-born".to_string(),
+            (0, true) => "fresh".to_string(),
+            (t, _) => format!("{t} MB touched"),
         };
 
         // Snapshot create: the API call and the stall inside the guest.
