@@ -74,7 +74,7 @@ fn bad_identity_changes_nothing() {
 /// with the new env, as TTY session "init".
 #[test]
 fn identity_starts_the_init_script() {
-    let a = Agent::with(Opts {
+    let mut a = Agent::with(Opts {
         token: Some("parent-token".into()),
         env_json: Some(r#"{"WHO":"parent"}"#.into()),
         ..Default::default()
@@ -90,6 +90,7 @@ fn identity_starts_the_init_script() {
     };
     assert_eq!(r.status, "ok");
     drop(c);
+    a.token = Some("child-token".into());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !out.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));

@@ -28,7 +28,9 @@ pub struct Agent {
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
     pub fwd: PathBuf,
-    token: Option<String>,
+    /// What the harness authenticates with (a test that sends IDENTITY
+    /// sets the new one, so that drop can still kill the sessions).
+    pub token: Option<String>,
 }
 
 impl Agent {
@@ -218,22 +220,27 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         // Sessions outlive their clients by design: kill them before the agent.
+        // Best effort, never a panic: a test may have changed the token
+        // (IDENTITY), and then the agent refuses and closes.
         if let Ok(s) = UnixStream::connect(&self.sock) {
             let mut c = Conn::new(s);
             if let Some(t) = &self.token {
-                c.send(&Message::Auth(t.as_bytes().to_vec()));
+                let _ = c.try_send(&Message::Auth(t.as_bytes().to_vec()));
             }
-            c.send(&Message::ExecListReq);
-            if let Ok(Message::ExecListResp(list)) =
-                c.try_recv().map(|f| Message::decode(&f).unwrap())
+            let _ = c.try_send(&Message::ExecListReq);
+            if let Ok(Message::ExecListResp(list)) = c
+                .try_recv()
+                .ok()
+                .and_then(|f| Message::decode(&f).ok())
+                .ok_or(())
             {
                 for s in list.into_iter().filter(|s| s.running) {
                     if let Ok(k) = UnixStream::connect(&self.sock) {
                         let mut k = Conn::new(k);
                         if let Some(t) = &self.token {
-                            k.send(&Message::Auth(t.as_bytes().to_vec()));
+                            let _ = k.try_send(&Message::Auth(t.as_bytes().to_vec()));
                         }
-                        k.send(&Message::ExecKill(ExecKill {
+                        let _ = k.try_send(&Message::ExecKill(ExecKill {
                             session_id: s.session_id,
                         }));
                         let _ = k.try_recv();
@@ -285,6 +292,11 @@ impl Conn {
 
     pub fn send(&mut self, m: &Message) {
         self.s.write_all(&m.to_bytes().unwrap()).unwrap();
+    }
+
+    /// [`Conn::send`] that reports a closed peer instead of panicking.
+    pub fn try_send(&mut self, m: &Message) -> std::io::Result<()> {
+        self.s.write_all(&m.to_bytes().unwrap())
     }
 
     pub fn send_raw(&mut self, kind: FrameType, payload: &[u8]) {
