@@ -751,6 +751,33 @@ async fn api_scenario() {
     .await;
     assert!(text.contains("ws-42"), "{text:?}");
     assert!(text.contains("33 99"), "resize seen by stty: {text:?}");
+    // The agent notices a closed WebSocket asynchronously: reattach once
+    // it lists the shell as detached (else the reconnect gets a new shell).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list: Value = alice
+            .get(&format!("/sandboxes/{dev_id}/sessions"))
+            .await
+            .json()
+            .await
+            .expect("sessions");
+        let detached = list.as_array().is_some_and(|a| {
+            a.iter().any(|s| {
+                s["tty"] == true
+                    && s["running"] == true
+                    && s["attached"] == false
+                    && s["session_id"] != "init"
+            })
+        });
+        if detached {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shell never showed as detached: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let text = common::ws_collect(&d.url, &alice_key, &dev_id, "", None, "ws-42").await;
     assert!(
         text.contains("ws-42"),
