@@ -597,6 +597,7 @@ impl Service {
             peer_group: self.same_user_peers.then(|| format!("user-{}", user.id)),
             volumes,
             image,
+            template: false,
         };
         // The default image without volumes (devices the template lacks)
         // starts from a pre-booted template of its shape when one is ready.

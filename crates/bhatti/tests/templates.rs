@@ -158,8 +158,29 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
     assert_eq!(v["born"], "template");
 
     // --- a template-born sandbox stops, starts and forks like any other.
+    // Its stop reads every page of its RAM through the template's file:
+    // the pages of the file's holes must not stay in host memory.
+    let data = d.data_dir.path();
+    let tpl_ram = data
+        .join("checkpoints")
+        .join(&t[0].checkpoint)
+        .join("mem.ram");
+    assert_eq!(
+        count_entries(&data.join("cow"), "tpl-"),
+        0,
+        "a template's RAM is on disk only"
+    );
+    let held = bhatti::engine::qemu::ramfile::allocated(&tpl_ram);
+    assert!(held > 0, "the template has its RAM on disk");
     let (s, _) = status_of(api.post("/sandboxes/a/stop", json!({})).await).await;
     assert!(s.is_success());
+    let resident = bhatti::engine::qemu::ramfile::resident(&tpl_ram).expect("resident");
+    assert!(
+        resident <= held + (16 << 20),
+        "after a copy's stop the template's RAM holds {} MiB of host memory, its data is {} MiB",
+        resident >> 20,
+        held >> 20
+    );
     let (s, _) = status_of(api.post("/sandboxes/a/start", json!({})).await).await;
     assert!(s.is_success());
     assert_eq!(
@@ -210,7 +231,6 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
         let (s, _) = status_of(api.delete(&format!("/sandboxes/{sb}")).await).await;
         assert_eq!(s, 204);
     }
-    let data = d.data_dir.path();
     assert_eq!(count_entries(&data.join("sandboxes"), ""), 0);
     assert_eq!(count_entries(&data.join("checkpoints"), ""), 1);
     assert_eq!(

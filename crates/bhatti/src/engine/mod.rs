@@ -38,6 +38,11 @@ pub struct SandboxSpec {
     pub volumes: Vec<VolumeSpec>,
     /// Custom base image (its id) the disk backs onto; `None`: the built rootfs.
     pub image: Option<String>,
+    /// A template VM (docs/templates.md): booted without free page
+    /// reporting, so that nothing punches holes into the RAM file its copies
+    /// will map, and its checkpoint's RAM stays on disk only. Its copies,
+    /// and their copies, inherit the setting from the checkpoint.
+    pub template: bool,
 }
 
 /// A volume attached to a VM: its disk (by volume id) and where the guest mounts it.
@@ -95,6 +100,12 @@ pub struct CheckpointInfo {
     /// The layer `layer` backs onto, read from its file (`None`: the base image).
     #[serde(default)]
     pub parent_layer: Option<String>,
+    /// Whether the source reported free pages (see
+    /// [`SandboxSpec::template`]); its copies get the same balloon device.
+    /// `false`: nothing can punch the RAM file, so a kept checkpoint's copies
+    /// map its copy on disk and no ramfs copy is kept.
+    #[serde(default = "yes")]
+    pub report_free_pages: bool,
 }
 
 /// Ids of checkpoints made for one fork start with this: they live only

@@ -31,7 +31,9 @@ use crate::store::TemplateRecord;
 /// Ids of template VMs, checkpoints and layers start with this.
 pub const TEMPLATE_PREFIX: &str = "tpl-";
 /// Bump when what a template holds changes for the same basis and shape.
-const FORMAT_VERSION: u32 = 1;
+/// 2: template VMs boot without free page reporting, and their RAM stays
+/// on disk only (templates of version 1 are dropped and built again).
+const FORMAT_VERSION: u32 = 2;
 /// After a failed build, the same shape is not tried again for this long.
 const RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Templates kept at most: each holds its guest's RAM in host memory.
@@ -269,6 +271,7 @@ impl Service {
             peer_group: None,
             volumes: Vec::new(),
             image: None,
+            template: true,
         };
         let checkpoint = format!("{TEMPLATE_PREFIX}{key}-{suffix}");
         let layer = format!("{TEMPLATE_PREFIX}{key}-{suffix}-l");

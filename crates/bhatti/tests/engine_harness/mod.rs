@@ -106,6 +106,7 @@ pub fn spec(id: &str, ip: Ipv4Addr) -> SandboxSpec {
         peer_group: None,
         volumes: Vec::new(),
         image: None,
+        template: false,
     }
 }
 

@@ -482,6 +482,7 @@ impl Engine for LoharEngine {
             ram_file: false,
             source_flattened: false,
             parent_layer,
+            report_free_pages: !spec.template,
         })
     }
 

@@ -93,6 +93,7 @@ fn spec(i: usize, memory_mb: u32) -> SandboxSpec {
         peer_group: None,
         volumes: Vec::new(),
         image: None,
+        template: false,
     }
 }
 

@@ -217,6 +217,7 @@ impl QemuEngine {
             ram_file,
             source_flattened,
             parent_layer,
+            report_free_pages: process::reports_free_pages(&meta.argv),
         };
         if ram_file && !checkpoint.starts_with(crate::engine::FORK_CHECKPOINT_PREFIX) {
             // The ramfs does not outlive the host: a kept checkpoint (a
@@ -230,6 +231,12 @@ impl QemuEngine {
                 return Err(EngineError::State(format!(
                     "cannot keep the checkpoint's RAM on disk: {e}"
                 )));
+            }
+            if !info.report_free_pages {
+                // Nothing punches it: the copies map the disk copy (its
+                // pages are then clean page cache the kernel can reclaim,
+                // the ramfs's never are). docs/templates.md, "Memory".
+                let _ = std::fs::remove_file(&cp_ram);
             }
         }
         let json =
@@ -615,8 +622,14 @@ impl QemuEngine {
         // A checkpoint with a RAM file: mapped copy-on-write, shared with
         // every other copy of it. Else the stream carries the RAM, and the
         // copy gets a RAM file of its own.
-        let cp_ram = self.checkpoint_ram(&cp.id);
         let durable = cp_dir.join(DURABLE_RAM);
+        // No free page reporting in the copies: nothing can punch the disk
+        // copy, which they map as it is.
+        let cp_ram = if cp.report_free_pages || !durable.exists() {
+            self.checkpoint_ram(&cp.id)
+        } else {
+            durable.clone()
+        };
         if cp.ram_file && !cp_ram.exists() && durable.exists() {
             // After a host restart: back onto the ramfs from the disk copy,
             // under a name of this copy's own, renamed when whole: a crash
@@ -646,7 +659,14 @@ impl QemuEngine {
                 shared: true,
             }
         };
-        let meta = self.vm_meta(spec, cp.cpus, cp.memory_mb, files, mem);
+        let meta = self.vm_meta(
+            spec,
+            cp.cpus,
+            cp.memory_mb,
+            files,
+            mem,
+            cp.report_free_pages,
+        );
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let record = meta.clone();
         // The guest read its boot config long ago; QEMU only needs the file.

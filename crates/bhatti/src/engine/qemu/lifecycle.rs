@@ -154,6 +154,7 @@ impl QemuEngine {
         memory_mb: u32,
         files: &VmFiles,
         mem: process::MemBacking<'_>,
+        report_free_pages: bool,
     ) -> VmMeta {
         let tap = network::tap_name(&spec.id);
         let mac = network::guest_mac(spec.ip);
@@ -179,6 +180,7 @@ impl QemuEngine {
             files,
             volumes: &volumes,
             mem,
+            report_free_pages,
         };
         let argv = process::qemu_argv(&launch);
         VmMeta {
@@ -207,7 +209,7 @@ impl QemuEngine {
             path: &files.ram,
             shared: true,
         };
-        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files, mem);
+        let meta = self.vm_meta(spec, spec.cpus, spec.memory_mb, files, mem, !spec.template);
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let boot_cfg = self.boot_config(spec);
         let record = meta.clone();

@@ -91,6 +91,12 @@ pub struct LaunchSpec<'a> {
     pub volumes: &'a [VolumeDisk],
     /// Where guest RAM lives.
     pub mem: MemBacking<'a>,
+    /// virtio-balloon free page reporting: the guest hands pages it freed
+    /// back to the host, and QEMU punches them out of the RAM file. Off for
+    /// a template VM, whose RAM file its copies map from disk: QEMU 7.2
+    /// punches the file even through a copy's private mapping, which would
+    /// zero the page under every other copy (docs/templates.md).
+    pub report_free_pages: bool,
 }
 
 /// The file guest RAM is mapped from (`memory-backend-file`).
@@ -110,6 +116,16 @@ fn mem_object(memory_mb: u32, mem: MemBacking<'_>) -> String {
         mem.path.display(),
         if mem.shared { "on" } else { "off" }
     )
+}
+
+/// The balloon device of a VM that reports free pages.
+const BALLOON_REPORTING: &str = "virtio-balloon-device,free-page-reporting=on";
+
+/// Whether a VM started with `argv` reports free pages (see
+/// [`LaunchSpec::report_free_pages`]). A copy must get the same device as
+/// its source: QEMU restores device state only onto the same devices.
+pub fn reports_free_pages(argv: &[String]) -> bool {
+    argv.iter().any(|a| a == BALLOON_REPORTING)
 }
 
 /// The id of the guest RAM object in the argv.
@@ -231,7 +247,14 @@ pub fn qemu_argv(s: &LaunchSpec<'_>) -> Vec<String> {
         "-device",
         &format!("virtio-net-device,netdev=n0,mac={}", s.mac),
     ]);
-    push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+    push(&[
+        "-device",
+        if s.report_free_pages {
+            BALLOON_REPORTING
+        } else {
+            "virtio-balloon-device,free-page-reporting=off"
+        },
+    ]);
     // Volumes come after every other virtio device, so the root disk stays
     // /dev/vda; the guest finds each volume by its serial, not its name.
     for v in s.volumes {
@@ -601,6 +624,7 @@ mod tests {
                 path: &f.ram,
                 shared: true,
             },
+            report_free_pages: true,
         };
         let a = qemu_argv(&spec);
         let joined = a.join(" ");
@@ -637,6 +661,15 @@ mod tests {
         assert!(joined.contains("-netdev tap,id=n0,ifname=bt-0123456789ab,script=no,downscript=no"));
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=02:b4:c0:a8:89:05"));
         assert!(joined.contains("virtio-balloon-device,free-page-reporting=on"));
+        assert!(reports_free_pages(&a));
+        let template = qemu_argv(&LaunchSpec {
+            report_free_pages: false,
+            ..spec.clone()
+        });
+        assert!(template
+            .join(" ")
+            .contains("virtio-balloon-device,free-page-reporting=off"));
+        assert!(!reports_free_pages(&template));
         // Saving to disk needs the overlay's read-write descriptor kept open.
         assert!(joined.contains("detect-zeroes=unmap,auto-read-only=off"));
         assert!(joined.contains(
@@ -688,6 +721,7 @@ mod tests {
                 path: &f.ram,
                 shared: true,
             },
+            report_free_pages: true,
         });
         let devices: Vec<&str> = a
             .iter()

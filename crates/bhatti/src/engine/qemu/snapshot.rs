@@ -23,7 +23,7 @@ use super::netns_dialer::NetnsDialer;
 use super::process::{self, NotReady, VmFiles};
 use super::qmp::commands::{MigrationInfo, MigrationStatus};
 use super::qmp::{Qmp, QmpError};
-use super::{blocking, check_id, net_err, network, QemuEngine, Vm, CONSOLE_TAIL_LINES};
+use super::{blocking, check_id, net_err, network, ramfile, QemuEngine, Vm, CONSOLE_TAIL_LINES};
 use crate::engine::{EngineError, VmRuntime};
 
 /// Name of the state file's descriptor inside QEMU.
@@ -77,10 +77,10 @@ impl QemuEngine {
         // is its saved memory. A copy mapping a checkpoint's RAM privately
         // saves everything, and restarts with a RAM file of its own.
         let mut meta = read_meta(&files.meta);
-        let own_ram = meta
+        let backing = meta.as_ref().and_then(|m| process::mem_backing(&m.argv));
+        let own_ram = backing
             .as_ref()
-            .and_then(|m| process::mem_backing(&m.argv))
-            .is_some_and(|(p, shared)| shared && p == files.ram);
+            .is_some_and(|(p, shared)| *shared && *p == files.ram);
         let saved = match self.write_state(&qmp, vm.pid, &tmp, own_ram).await {
             Ok(m) => std::fs::rename(&tmp, &files.state)
                 .map(|()| m)
@@ -120,6 +120,10 @@ impl QemuEngine {
         if own_ram {
             let ram = files.ram.clone();
             blocking(move || std::fs::File::open(ram).and_then(|f| f.sync_data())).await??;
+        } else if let Some((mapped, _)) = backing.filter(|(p, _)| !ramfile::is_ramfs(p)) {
+            // The save read every page of the file it mapped: its holes
+            // are now pages of zeros in the page cache (docs/templates.md).
+            let _ = blocking(move || ramfile::drop_cached_holes(&mapped)).await;
         }
         // QEMU (as nobody) cannot remove these itself.
         let _ = std::fs::remove_file(&files.pidfile);
