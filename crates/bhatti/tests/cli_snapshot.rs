@@ -92,6 +92,20 @@ fn snapshot_commands_and_their_errors() {
     );
     assert!(!out.contains("created"), "{out}");
     assert!(err.contains("already exists; nothing was created"), "{err}");
+    assert_eq!(o.status.code(), Some(1), "not resumed is a failure");
+    // The same for a fork onto a taken name: b is no copy of a.
+    let o = run(&d, &key, &["create", "--name", "b", "--from", "a"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("already exists; nothing was created") && err.contains("not forked from a"),
+        "{err}"
+    );
+    assert_eq!(
+        ok(&d, &key, &["exec", "b", "--", "hostname"]).trim(),
+        "b",
+        "b is left as it was"
+    );
 
     // Quota: 5 by default.
     for n in 2..=5 {

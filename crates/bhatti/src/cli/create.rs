@@ -150,6 +150,19 @@ pub async fn run(ctx: Ctx, args: CreateArgs) -> anyhow::Result<i32> {
         s.finish_and_clear();
     }
     let (sb, existed) = result?;
+    if let (true, Some(from)) = (existed, args.from.as_deref()) {
+        // A copy was asked for and none was made: the sandbox of that name
+        // is not a copy of `from` as it is now. (The API stays idempotent:
+        // 200 and `X-Bhatti-Existed`, for orchestrators that retry.)
+        if ctx.json {
+            output::print_json(&sb)?;
+        }
+        eprintln!(
+            "error: sandbox {} already exists; nothing was created (it is {}; it was not forked from {from} now). Destroy it first or pick another name",
+            sb.name, sb.status
+        );
+        return Ok(1);
+    }
     if existed && !ctx.json {
         eprintln!(
             "sandbox {} already exists; nothing was created (it is {}, {} vCPU, {} MB)",

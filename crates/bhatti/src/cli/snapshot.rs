@@ -119,12 +119,15 @@ pub async fn run(ctx: Ctx, cmd: SnapshotCommand) -> anyhow::Result<i32> {
             let sb: Sandbox = ctx.client.decode(resp).await?;
             if ctx.json {
                 output::print_json(&sb)?;
-            } else if existed {
+            }
+            if existed {
+                // Not what was asked for: fail, as a fork onto a taken name does.
                 eprintln!(
-                    "sandbox {} already exists; nothing was created (it is {}; it was not resumed from snapshot {})",
+                    "error: sandbox {} already exists; nothing was created (it is {}; it was not resumed from snapshot {}). Destroy it first or pick another name",
                     sb.name, sb.status, a.snapshot
                 );
-            } else {
+                return Ok(1);
+            } else if !ctx.json {
                 output::println(&format!(
                     "created sandbox {} from snapshot {} (id {}, ip {})",
                     sb.name, a.snapshot, sb.id, sb.ip
