@@ -250,6 +250,64 @@ async fn fork_snapshot_resume_through_the_api() {
     assert_eq!(bump(&http, &d, "ctr-c").await, "6");
     assert_eq!(bump(&http, &d, "ctr-b").await, "7");
 
+    // --- a copy's stop reads all its RAM through the snapshot's file; the
+    // pages of zeros that leaves must not stay in host memory for good.
+    // c restarts with a RAM file of its own, so its snapshot has one too.
+    let (s, _) = status_of(api.post("/sandboxes/c/stop", json!({})).await).await;
+    assert!(s.is_success());
+    let (s, _) = status_of(api.post("/sandboxes/c/start", json!({})).await).await;
+    assert!(s.is_success());
+    assert_eq!(bump(&http, &d, "ctr-c").await, "7", "c kept its process");
+    let (s, v) = status_of(
+        api.post("/snapshots", json!({"sandbox": "c", "name": "sc"}))
+            .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = status_of(api.post("/snapshots/sc/resume", json!({"name": "r"})).await).await;
+    assert_eq!(s, 201, "{v}");
+    let snap = bhatti::store::Store::open(d.data_dir.path())
+        .expect("store")
+        .list_all_snapshots()
+        .expect("snapshots")
+        .into_iter()
+        .find(|r| r.name == "sc")
+        .expect("sc");
+    let durable = d
+        .data_dir
+        .path()
+        .join("checkpoints")
+        .join(&snap.id)
+        .join("mem.ram");
+    let on_ramfs = d
+        .data_dir
+        .path()
+        .join("cow")
+        .join(format!("{}.ram", snap.id));
+    let data = bhatti::engine::qemu::ramfile::allocated(&durable);
+    assert!(data > 0, "sc keeps its RAM on disk");
+    let (s, _) = status_of(api.post("/sandboxes/r/stop", json!({})).await).await;
+    assert!(s.is_success());
+    let held = if on_ramfs.exists() {
+        bhatti::engine::qemu::ramfile::allocated(&on_ramfs)
+    } else {
+        // No free page reporting (c came from a template): on disk only.
+        bhatti::engine::qemu::ramfile::resident(&durable).expect("resident")
+    };
+    assert!(
+        held <= data + (16 << 20),
+        "after a copy's stop sc's RAM holds {} MiB of host memory, its data is {} MiB",
+        held >> 20,
+        data >> 20
+    );
+    let (s, _) = status_of(api.post("/sandboxes/r/start", json!({})).await).await;
+    assert!(s.is_success());
+    assert_eq!(sh(&api, "r", "hostname").await, "r");
+    let (s, _) = status_of(api.delete("/sandboxes/r").await).await;
+    assert_eq!(s, 204);
+    let (s, _) = status_of(api.delete("/snapshots/sc").await).await;
+    assert_eq!(s, 204);
+
     // --- quota: 5 by default.
     for n in 2..=5 {
         let (s, v) = status_of(

@@ -280,6 +280,34 @@ pub fn drop_cached_holes(path: &Path) -> io::Result<u64> {
     Ok(advised)
 }
 
+/// Rewrites the ramfs file `path` without its pages of zeros, when it has
+/// grown them: under a temporary name, renamed over `path` when whole
+/// (processes that map the old file keep it until they unmap it).
+///
+/// Why: a ramfs keeps every page ever read, and a VM that maps the file
+/// privately and is saved in full reads all of its pages (see
+/// [`drop_cached_holes`] for a file on disk). Returns the bytes the file
+/// took before and after, or `None` when it had nothing to give back.
+/// Errors: any I/O error (`path` is then left as it was).
+pub fn compact(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    let before = allocated(path);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".compact");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    copy_sparse(path, &tmp)?;
+    let after = allocated(&tmp);
+    // A page of slack: nothing worth a rename.
+    if after + 4096 >= before {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(None);
+    }
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(Some((before, after)))
+}
+
 /// Bytes of `path` in the host's page cache (`mincore` over a read-only
 /// mapping): what the file holds of host memory, holes it never read
 /// excluded. Errors: opening or mapping the file.

@@ -120,10 +120,8 @@ impl QemuEngine {
         if own_ram {
             let ram = files.ram.clone();
             blocking(move || std::fs::File::open(ram).and_then(|f| f.sync_data())).await??;
-        } else if let Some((mapped, _)) = backing.filter(|(p, _)| !ramfile::is_ramfs(p)) {
-            // The save read every page of the file it mapped: its holes
-            // are now pages of zeros in the page cache (docs/templates.md).
-            let _ = blocking(move || ramfile::drop_cached_holes(&mapped)).await;
+        } else if let Some((mapped, _)) = backing {
+            self.release_read_holes(id, mapped).await;
         }
         // QEMU (as nobody) cannot remove these itself.
         let _ = std::fs::remove_file(&files.pidfile);
@@ -140,6 +138,43 @@ impl QemuEngine {
             "VM saved to disk"
         );
         Ok(())
+    }
+
+    /// After a full save of a VM that mapped the checkpoint RAM file
+    /// `mapped` privately: the save read every page through the mapping, so
+    /// each hole of the file became a page of zeros. On disk (a template's
+    /// RAM) they are dropped from the page cache; on the ramfs (a kept
+    /// snapshot's RAM) the file is rewritten without them, for the next
+    /// copies (docs/forks.md). Best effort: a failure costs memory only.
+    async fn release_read_holes(&self, id: &str, mapped: PathBuf) {
+        if !ramfile::is_ramfs(&mapped) {
+            let _ = blocking(move || ramfile::drop_cached_holes(&mapped)).await;
+            return;
+        }
+        let Some(cp_dir) = mapped.file_stem().map(|s| self.checkpoints_dir().join(s)) else {
+            return;
+        };
+        let m = mapped.clone();
+        let r = blocking(move || {
+            if !m.is_file() {
+                return Ok(None); // a fork's, already gone
+            }
+            ramfile::compact(&m)
+        })
+        .await;
+        match r {
+            Ok(Ok(Some((before, after)))) => {
+                // Deleted meanwhile: the rename must not bring it back.
+                if !cp_dir.is_dir() {
+                    let _ = std::fs::remove_file(&mapped);
+                }
+                tracing::info!(id, file = %mapped.display(), before_mib = before >> 20, after_mib = after >> 20, "checkpoint RAM compacted after a copy's full save");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(id, file = %mapped.display(), error = %e, "cannot compact a checkpoint's RAM")
+            }
+            _ => {}
+        }
     }
 
     /// Stops the vCPUs and migrates the VM into a new file at `path`;
