@@ -163,6 +163,14 @@ impl QemuEngine {
         // to every copy of it, and a fork of a fork of … would grow without
         // bound: a source at the bound is flattened onto the base first.
         let running = self.vm(id);
+        // A running source that maps a RAM file on disk privately (a
+        // template's copy): the stream reads its holes, see below.
+        let reads_holes_of = running
+            .as_ref()
+            .map(|vm| vm.pid)
+            .zip(process::mem_backing(&meta.argv))
+            .filter(|(_, (p, shared))| !shared && !ramfile::is_ramfs(p))
+            .map(|(pid, (p, _))| (pid, p));
         let source_flattened = (running.is_some() || files.state.is_file())
             && self
                 .flatten_before_freeze(id, &files, running.is_some())
@@ -189,6 +197,14 @@ impl QemuEngine {
                 return Err(e);
             }
         };
+        if let Some((pid, mapped)) = reads_holes_of {
+            // Every hole the stream read is a page of zeros now mapped in
+            // the source: give them back (docs/templates.md, "Memory").
+            let r = blocking(move || ramfile::page_out_holes(pid, &mapped)).await;
+            if let Ok(Err(e)) = r {
+                tracing::warn!(id, error = %e, "cannot page out the RAM a checkpoint read");
+            }
+        }
         let cp_ram = self.checkpoint_ram(checkpoint);
         let ram_file = cp_ram.exists();
         let new_layer = reused.is_none();

@@ -254,18 +254,7 @@ pub fn allocated(path: &Path) -> u64 {
 /// file.
 pub fn drop_cached_holes(path: &Path) -> io::Result<u64> {
     let f = File::open(path)?;
-    let len = f.metadata()?.len();
-    let mut holes = Vec::new();
-    let mut pos = 0u64;
-    for (start, n) in data_ranges(&f, len)? {
-        if start > pos {
-            holes.push((pos, start - pos));
-        }
-        pos = start + n;
-    }
-    if pos < len {
-        holes.push((pos, len - pos));
-    }
+    let holes = hole_ranges(&f, f.metadata()?.len())?;
     let mut advised = 0;
     for (start, n) in holes {
         let (Ok(off), Ok(n_i)) = (i64::try_from(start), i64::try_from(n)) else {
@@ -277,6 +266,97 @@ pub fn drop_cached_holes(path: &Path) -> io::Result<u64> {
             advised += n;
         }
     }
+    Ok(advised)
+}
+
+/// The hole ranges (offset, length) of `f`, up to `len`.
+fn hole_ranges(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut holes = Vec::new();
+    let mut pos = 0u64;
+    for (start, n) in data_ranges(f, len)? {
+        if start > pos {
+            holes.push((pos, start - pos));
+        }
+        pos = start + n;
+    }
+    if pos < len {
+        holes.push((pos, len - pos));
+    }
+    Ok(holes)
+}
+
+/// Has the kernel reclaim the pages with which process `pid` maps the
+/// holes of the file `path` (`process_madvise(MADV_PAGEOUT)`), then drops
+/// them from the page cache ([`drop_cached_holes`]). Pages the process
+/// wrote (its own copies) stay: without swap they cannot be paged out.
+///
+/// Why: a running VM that maps a RAM file on disk privately and is
+/// checkpointed by a stream (a fork of a template-born sandbox) reads every
+/// page for the stream; each hole it reads stays mapped in the VM as a
+/// page of zeros (measured: a template's 67 MiB file at 511 MiB resident).
+/// Returns the bytes advised. Errors: reading `/proc/<pid>/maps`, opening
+/// `path`, or the calls themselves (e.g. `ESRCH`: the process is gone).
+pub fn page_out_holes(pid: u32, path: &Path) -> io::Result<u64> {
+    let f = File::open(path)?;
+    let holes = hole_ranges(&f, f.metadata()?.len())?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let want = path.to_string_lossy();
+    let mut iov: Vec<libc::iovec> = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut it = line.split_whitespace();
+        let (Some(range), _, Some(off)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let name = it.skip(2).collect::<Vec<_>>().join(" ");
+        if name != want {
+            continue;
+        }
+        let (Some((a, b)), Ok(off)) = (range.split_once('-'), u64::from_str_radix(off, 16)) else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        for &(h, n) in &holes {
+            let (lo, hi) = (h.max(off), (h + n).min(off + (b - a)));
+            if lo < hi {
+                iov.push(libc::iovec {
+                    iov_base: (a + (lo - off)) as *mut libc::c_void,
+                    iov_len: (hi - lo) as usize,
+                });
+            }
+        }
+    }
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor pidfd_open just returned, owned from here on.
+    let pidfd =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd as i32) };
+    let mut advised = 0u64;
+    // The kernel takes at most UIO_MAXIOV (1024) ranges a call.
+    for chunk in iov.chunks(1024) {
+        // SAFETY: the iovecs name ranges of the other process (the kernel
+        // checks them); nothing in this process is read or written.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                pidfd.as_raw_fd(),
+                chunk.as_ptr(),
+                chunk.len(),
+                libc::MADV_PAGEOUT,
+                0u32,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        advised += r as u64;
+    }
+    drop_cached_holes(path)?;
     Ok(advised)
 }
 

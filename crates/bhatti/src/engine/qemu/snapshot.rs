@@ -49,6 +49,10 @@ fn save_err(source: QmpError) -> EngineError {
     }
 }
 
+/// Resident bytes of a RAM file beyond its data that are not worth a
+/// retry after a save (the kernel's read-ahead around the data).
+const HOLE_SLACK: u64 = 8 << 20;
+
 impl QemuEngine {
     /// [`Engine::stop`](crate::engine::Engine::stop): the VM's state goes to
     /// `vm.state`, then QEMU quits. On failure the VM keeps running.
@@ -148,7 +152,22 @@ impl QemuEngine {
     /// copies (docs/forks.md). Best effort: a failure costs memory only.
     async fn release_read_holes(&self, id: &str, mapped: PathBuf) {
         if !ramfile::is_ramfs(&mapped) {
-            let _ = blocking(move || ramfile::drop_cached_holes(&mapped)).await;
+            // QEMU's other threads may still hold its memory for a moment
+            // after its main thread is a zombie, and mapped pages stay.
+            let data = ramfile::allocated(&mapped);
+            for _ in 0..40 {
+                let m = mapped.clone();
+                let left = blocking(move || {
+                    ramfile::drop_cached_holes(&m)?;
+                    ramfile::resident(&m)
+                })
+                .await;
+                if !matches!(left, Ok(Ok(n)) if n > data + HOLE_SLACK) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::warn!(id, file = %mapped.display(), "zero pages a save read stay cached");
             return;
         }
         let Some(cp_dir) = mapped.file_stem().map(|s| self.checkpoints_dir().join(s)) else {
