@@ -201,6 +201,35 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
     );
     let (s, _) = status_of(api.post("/sandboxes/a/start", json!({})).await).await;
     assert!(s.is_success());
+    // It restarted from a RAM file of its own, filled from the stream:
+    // the pages the stream left zero must not stay in its memory.
+    let a_id = bhatti::store::Store::open(data)
+        .expect("store")
+        .list_all_sandboxes()
+        .expect("sandboxes")
+        .into_iter()
+        .find(|r| r.name == "a")
+        .expect("a")
+        .id;
+    let rss_mib = || -> u64 {
+        let pid = std::fs::read_to_string(data.join("sandboxes").join(&a_id).join("qemu.pid"))
+            .unwrap_or_default();
+        std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb >> 10)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rss_mib() > 300 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        (1..=300).contains(&rss_mib()),
+        "a restarted holds {} MiB (a 512 MB guest)",
+        rss_mib()
+    );
     assert_eq!(
         sh(&api, "a", "cat /tmp/init.txt").await,
         "init a from-secret"

@@ -738,6 +738,9 @@ impl QemuEngine {
             console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
         })?;
         let loaded = t0.elapsed();
+        if !cp.ram_file {
+            super::snapshot::page_out_stream_holes(&spec.id, pid, &files.ram);
+        }
 
         // The copy answers as its parent, inside the quarantine namespace.
         let qsockets = qsockets

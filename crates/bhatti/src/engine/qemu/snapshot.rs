@@ -49,6 +49,23 @@ fn save_err(source: QmpError) -> EngineError {
     }
 }
 
+/// After a stream was loaded into the VM `pid`'s own RAM file `ram`: QEMU
+/// read every page the stream said was zero (to see whether to clear it),
+/// so each hole of the new file is a page of zeros mapped in the VM
+/// (measured: 585 MiB RSS for a 512 MB guest with ~90 MiB of data). They
+/// are paged out in the background, a second later; best effort.
+pub(super) fn page_out_stream_holes(id: &str, pid: u32, ram: &Path) {
+    let (id, ram) = (id.to_string(), ram.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        // Off the path of the restore itself (identity, first exec), which
+        // wants both cores.
+        std::thread::sleep(Duration::from_secs(1));
+        if let Err(e) = ramfile::page_out_holes(pid, &ram) {
+            tracing::debug!(id, error = %e, "cannot page out the zero pages of a loaded stream");
+        }
+    });
+}
+
 /// Resident bytes of a RAM file beyond its data that are not worth a
 /// retry after a save (the kernel's read-ahead around the data).
 const HOLE_SLACK: u64 = 8 << 20;
@@ -323,6 +340,9 @@ impl QemuEngine {
             }
         };
         let loaded = started.elapsed();
+        if !meta.saved_ram_in_file {
+            page_out_stream_holes(id, pid, &files.ram);
+        }
 
         // The guest runs from here on and its disk moves ahead of the saved
         // memory: that state must never be loaded again.
