@@ -605,31 +605,48 @@ impl Service {
             if source.is_none() && !cold_boot && spec.image.is_none() && spec.volumes.is_empty() {
                 self.template_source(shape).await
             } else {
-                None
+                templates::TemplatePick::Off
             };
+        let from_template = matches!(template, templates::TemplatePick::Ready(..));
         let spec = SandboxSpec {
             // A copy carries its source's processes: no init script runs.
             init: if source.is_some() { None } else { spec.init },
             ..spec
         };
-        let (booted, born) = match (&source, &template) {
+        let (booted, born) = match (&source, template) {
             (Some(src), _) => (
                 self.restore_new_identity(src, &spec).await,
                 if src.temporary { "fork" } else { "snapshot" },
             ),
-            (None, Some((src, t))) => match self.restore_new_identity(src, &spec).await {
-                Ok(()) => (Ok(()), "template"),
-                Err(e) => {
-                    // Never a failed create: the template goes (and is
-                    // built again), this sandbox boots.
-                    tracing::warn!(sandbox = %rec.id, template = %t.key, error = %e, "restore from the template failed; booting instead");
-                    let sid = rec.id.clone();
-                    let _ = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await;
-                    self.template_failed(t, shape).await;
-                    (self.boot(&spec).await, "boot")
+            (None, templates::TemplatePick::Ready(ready)) => {
+                let (src, t) = *ready;
+                let restored = self.restore_new_identity(&src, &spec).await;
+                // Lets go of the template: a drop may go ahead.
+                drop(src);
+                match restored {
+                    Ok(()) => {
+                        self.template_used(&t).await;
+                        (Ok(()), "template")
+                    }
+                    Err(e) => {
+                        // Never a failed create: the template goes, this
+                        // sandbox boots, and then the template is built again
+                        // (not alongside the boot: two boots on the same cores).
+                        tracing::warn!(sandbox = %rec.id, template = %t.key, error = %e, "restore from the template failed; booting instead");
+                        let sid = rec.id.clone();
+                        let _ = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await;
+                        let _rebuild = self.template_failed(&t, shape).await;
+                        (self.boot(&spec).await, "boot")
+                    }
                 }
-            },
-            (None, None) => (self.boot(&spec).await, "boot"),
+            }
+            (None, templates::TemplatePick::Missing(build)) => {
+                let booted = self.boot(&spec).await;
+                // Queues the shape's build now that the boot is over.
+                drop(build);
+                (booted, "boot")
+            }
+            (None, templates::TemplatePick::Off) => (self.boot(&spec).await, "boot"),
         };
         if let Err(e) = booted {
             tracing::warn!(sandbox = %rec.id, error = %e, "create failed");
@@ -637,7 +654,7 @@ impl Service {
             if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
                 tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
             }
-            if source.is_some() || template.is_some() {
+            if source.is_some() || from_template {
                 // Its layer may have had no other user left.
                 self.collect_layers().await;
             }
