@@ -613,6 +613,9 @@ impl Service {
             init: if source.is_some() { None } else { spec.init },
             ..spec
         };
+        // A template build this create asks for: queued when the create is
+        // over (dropped on every return), not alongside its boot.
+        let mut _build_after = None;
         let (booted, born) = match (&source, template) {
             (Some(src), _) => (
                 self.restore_new_identity(src, &spec).await,
@@ -635,16 +638,14 @@ impl Service {
                         tracing::warn!(sandbox = %rec.id, template = %t.key, error = %e, "restore from the template failed; booting instead");
                         let sid = rec.id.clone();
                         let _ = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await;
-                        let _rebuild = self.template_failed(&t, shape).await;
+                        _build_after = Some(self.template_failed(&t, shape).await);
                         (self.boot(&spec).await, "boot")
                     }
                 }
             }
             (None, templates::TemplatePick::Missing(build)) => {
-                let booted = self.boot(&spec).await;
-                // Queues the shape's build now that the boot is over.
-                drop(build);
-                (booted, "boot")
+                _build_after = Some(build);
+                (self.boot(&spec).await, "boot")
             }
             (None, templates::TemplatePick::Off) => (self.boot(&spec).await, "boot"),
         };
