@@ -551,12 +551,17 @@ impl Service {
         new.init = req.init.filter(|s| !s.trim().is_empty());
         new.labels = req.labels.unwrap_or_default();
         new.egress = egress;
-        // Not the address a template build's VM holds right now.
-        new.avoid_ips = self.templates.held_ips();
-        let subnet = self.subnet;
+        let (subnet, hold) = (self.subnet, self.templates.ip_hold());
         let rec = self
             .store
-            .call(move |s| s.create_sandbox(&new, &subnet))
+            .call(move |s| {
+                // Not the address a template build's VM holds; and no build
+                // picks one while this create takes its own.
+                let held = hold.lock().unwrap_or_else(|p| p.into_inner());
+                let mut new = new;
+                new.avoid_ips = held.iter().copied().collect();
+                s.create_sandbox(&new, &subnet)
+            })
             .await?;
         if let Some(img) = &image {
             let (sid, iid) = (rec.id.clone(), img.clone());

@@ -61,7 +61,9 @@ pub(super) struct Templates {
     /// Keys whose last build failed, and when.
     failed: Mutex<HashMap<String, Instant>>,
     /// The address a build's VM holds while it runs: no sandbox gets it.
-    holding_ip: Mutex<Option<Ipv4Addr>>,
+    /// A build picks it, and a create allocates its address, under this
+    /// lock, so that the two never pick the same free address.
+    holding_ip: Arc<Mutex<Option<Ipv4Addr>>>,
     /// Per key: restores from the template (readers) against its drop
     /// (the writer), so that a drop never deletes files a restore is
     /// reading, and a restore never picks a template being dropped.
@@ -80,7 +82,7 @@ impl Templates {
             queue: Mutex::new(None),
             pending: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashMap::new()),
-            holding_ip: Mutex::new(None),
+            holding_ip: Arc::new(Mutex::new(None)),
             locks: Mutex::new(HashMap::new()),
             waiting_boots: tokio::sync::watch::Sender::new(0),
         }
@@ -90,12 +92,10 @@ impl Templates {
         self.enabled
     }
 
-    /// Addresses new sandboxes must not take now.
-    pub fn held_ips(&self) -> Vec<Ipv4Addr> {
-        self.holding_ip
-            .lock()
-            .map(|h| h.iter().copied().collect())
-            .unwrap_or_default()
+    /// The address a template build's VM holds (if one runs). Allocate a
+    /// sandbox's address while holding this lock, avoiding that address.
+    pub fn ip_hold(&self) -> Arc<Mutex<Option<Ipv4Addr>>> {
+        self.holding_ip.clone()
     }
 }
 
@@ -326,16 +326,22 @@ impl Service {
     /// route out, no user code), checkpoints it once its agent is ready,
     /// removes the VM and records the checkpoint and layer under `key`.
     async fn build_template(&self, shape: Shape, key: &str) -> super::Result<TemplateRecord> {
-        let used = self.store.call(|s| s.used_ips()).await?;
+        // The highest free address, held before any create can allocate it.
+        let (subnet, hold) = (self.subnet, self.templates.ip_hold());
         let ip = self
-            .subnet
-            .guest_hosts()
-            .filter(|ip| !used.contains(ip))
-            .last()
-            .ok_or_else(|| super::ServiceError::Unavailable("the subnet is full".into()))?;
-        if let Ok(mut h) = self.templates.holding_ip.lock() {
-            *h = Some(ip);
-        }
+            .store
+            .call(move |s| {
+                let mut held = hold.lock().unwrap_or_else(|p| p.into_inner());
+                let used = s.used_ips()?;
+                let ip = subnet
+                    .guest_hosts()
+                    .filter(|ip| !used.contains(ip))
+                    .last()
+                    .ok_or_else(|| crate::store::StoreError::SubnetFull(subnet.to_string()))?;
+                *held = Some(ip);
+                Ok(ip)
+            })
+            .await?;
         let suffix = random_hex(4);
         let vm = format!("{TEMPLATE_PREFIX}{key}-{suffix}");
         let spec = SandboxSpec {
@@ -459,15 +465,22 @@ impl Service {
 
     /// Forgets template `t` and deletes its checkpoint (copies that map
     /// its RAM keep their pages); its layer goes once no sandbox uses it.
+    /// A newer template of the same key stays.
     /// Waits for restores from it under way; the caller must not hold its
     /// lock (a [`TemplatePick::Ready`] source).
     pub(super) async fn drop_template(&self, t: &TemplateRecord) {
         let lock = self.template_lock(&t.key);
         let _only_me = lock.write().await;
-        let k = t.key.clone();
-        if let Err(e) = self.store.call(move |s| s.delete_template(&k)).await {
-            tracing::warn!(key = %t.key, error = %e, "cannot forget a template");
-            return;
+        let (k, cp) = (t.key.clone(), t.checkpoint.clone());
+        match self.store.call(move |s| s.delete_template(&k, &cp)).await {
+            Ok(true) => {}
+            // Dropped already (two failed restores of it), perhaps built
+            // again since: nothing of this one is left to drop.
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(key = %t.key, error = %e, "cannot forget a template");
+                return;
+            }
         }
         if let Err(e) = self.engine.delete_checkpoint(&t.checkpoint).await {
             tracing::warn!(checkpoint = %t.checkpoint, error = %e, "cannot delete a template's checkpoint");

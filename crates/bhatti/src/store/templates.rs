@@ -110,11 +110,15 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets template `key` (its layer stays until [`Store::unused_layers`] lists it).
-    pub fn delete_template(&self, key: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM templates WHERE key = ?1", params![key])?;
-        Ok(())
+    /// Forgets template `key` if its checkpoint is still `checkpoint` (not
+    /// a newer template of the same key); its layer stays until
+    /// [`Store::unused_layers`] lists it. Returns whether a row went.
+    pub fn delete_template(&self, key: &str, checkpoint: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "DELETE FROM templates WHERE key = ?1 AND checkpoint = ?2",
+            params![key, checkpoint],
+        )?;
+        Ok(n > 0)
     }
 }
 
@@ -148,7 +152,11 @@ mod tests {
             store.layer_users("tpl-k1-l").unwrap(),
             vec!["template k1".to_string()]
         );
-        store.delete_template("k1").unwrap();
+        // A drop of an older template of the key leaves this one.
+        assert!(!store.delete_template("k1", "tpl-k1-older").unwrap());
+        assert!(store.get_template("k1").unwrap().is_some());
+        assert!(store.delete_template("k1", "tpl-k1").unwrap());
+        assert!(!store.delete_template("k1", "tpl-k1").unwrap());
         assert_eq!(store.unused_layers().unwrap(), vec!["tpl-k1-l".to_string()]);
         assert!(store.list_templates().unwrap().is_empty());
     }
