@@ -377,9 +377,11 @@ impl Service {
         if let Err(e) = self.engine.destroy(&vm).await {
             tracing::warn!(vm, error = %e, "cannot remove a template's VM");
         }
-        if let Ok(mut h) = self.templates.holding_ip.lock() {
-            *h = None;
-        }
+        *self
+            .templates
+            .holding_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         let discard = |this: &Self| {
             let (engine, cp, l) = (this.engine.clone(), checkpoint.clone(), layer.clone());
             async move {
