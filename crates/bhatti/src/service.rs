@@ -551,12 +551,17 @@ impl Service {
         new.init = req.init.filter(|s| !s.trim().is_empty());
         new.labels = req.labels.unwrap_or_default();
         new.egress = egress;
-        // Not the address a template build's VM holds right now.
-        new.avoid_ips = self.templates.held_ips();
-        let subnet = self.subnet;
+        let (subnet, hold) = (self.subnet, self.templates.ip_hold());
         let rec = self
             .store
-            .call(move |s| s.create_sandbox(&new, &subnet))
+            .call(move |s| {
+                // Not the address a template build's VM holds; and no build
+                // picks one while this create takes its own.
+                let held = hold.lock().unwrap_or_else(|p| p.into_inner());
+                let mut new = new;
+                new.avoid_ips = held.iter().copied().collect();
+                s.create_sandbox(&new, &subnet)
+            })
             .await?;
         if let Some(img) = &image {
             let (sid, iid) = (rec.id.clone(), img.clone());
@@ -606,31 +611,49 @@ impl Service {
             if source.is_none() && !cold_boot && spec.image.is_none() && spec.volumes.is_empty() {
                 self.template_source(shape).await
             } else {
-                None
+                templates::TemplatePick::Off
             };
+        let from_template = matches!(template, templates::TemplatePick::Ready(..));
         let spec = SandboxSpec {
             // A copy carries its source's processes: no init script runs.
             init: if source.is_some() { None } else { spec.init },
             ..spec
         };
-        let (booted, born) = match (&source, &template) {
+        // A template build this create asks for: queued when the create is
+        // over (dropped on every return), not alongside its boot.
+        let mut _build_after = None;
+        let (booted, born) = match (&source, template) {
             (Some(src), _) => (
                 self.restore_new_identity(src, &spec).await,
                 if src.temporary { "fork" } else { "snapshot" },
             ),
-            (None, Some((src, t))) => match self.restore_new_identity(src, &spec).await {
-                Ok(()) => (Ok(()), "template"),
-                Err(e) => {
-                    // Never a failed create: the template goes (and is
-                    // built again), this sandbox boots.
-                    tracing::warn!(sandbox = %rec.id, template = %t.key, error = %e, "restore from the template failed; booting instead");
-                    let sid = rec.id.clone();
-                    let _ = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await;
-                    self.template_failed(t, shape).await;
-                    (self.boot(&spec).await, "boot")
+            (None, templates::TemplatePick::Ready(ready)) => {
+                let (src, t) = *ready;
+                let restored = self.restore_new_identity(&src, &spec).await;
+                // Lets go of the template: a drop may go ahead.
+                drop(src);
+                match restored {
+                    Ok(()) => {
+                        self.template_used(&t).await;
+                        (Ok(()), "template")
+                    }
+                    Err(e) => {
+                        // Never a failed create: the template goes, this
+                        // sandbox boots, and then the template is built again
+                        // (not alongside the boot: two boots on the same cores).
+                        tracing::warn!(sandbox = %rec.id, template = %t.key, error = %e, "restore from the template failed; booting instead");
+                        let sid = rec.id.clone();
+                        let _ = self.store.call(move |s| s.clear_sandbox_layer(&sid)).await;
+                        _build_after = Some(self.template_failed(&t, shape).await);
+                        (self.boot(&spec).await, "boot")
+                    }
                 }
-            },
-            (None, None) => (self.boot(&spec).await, "boot"),
+            }
+            (None, templates::TemplatePick::Missing(build)) => {
+                _build_after = Some(build);
+                (self.boot(&spec).await, "boot")
+            }
+            (None, templates::TemplatePick::Off) => (self.boot(&spec).await, "boot"),
         };
         if let Err(e) = booted {
             tracing::warn!(sandbox = %rec.id, error = %e, "create failed");
@@ -638,7 +661,7 @@ impl Service {
             if let Err(del) = self.store.call(move |s| s.delete_sandbox(&id)).await {
                 tracing::error!(sandbox = %rec.id, error = %del, "could not remove the row of a failed sandbox");
             }
-            if source.is_some() || template.is_some() {
+            if source.is_some() || from_template {
                 // Its layer may have had no other user left.
                 self.collect_layers().await;
             }

@@ -2,9 +2,11 @@
 //! the default shape's template at start; sandboxes restored from it are
 //! machines of their own (hostname, IP, token, machine-id, random state)
 //! with their request's env, secrets and init script; `cold_boot` boots; a
-//! damaged template falls back to a boot and the create succeeds; a change
-//! of lohar (the initramfs) rebuilds the template and removes the old one
-//! once no sandbox uses its layer.
+//! damaged template falls back to a boot and the create succeeds, and is
+//! rebuilt only after that boot; a change of lohar (the initramfs) rebuilds
+//! the template and removes the old one once no sandbox uses its layer; at
+//! most 4 templates are kept, the least recently used dropped first; a
+//! daemon started with templates off drops those of an earlier run.
 
 mod common;
 
@@ -55,6 +57,59 @@ fn wait_templates(d: &TestDaemon, n: usize) -> Vec<bhatti::store::TemplateRecord
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The daemon log's lines without terminal colours.
+fn log_lines(d: &TestDaemon) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in d.log().lines() {
+        let mut clean = String::with_capacity(line.len());
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                // CSI: ESC [ parameters final-byte.
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                clean.push(c);
+            }
+        }
+        out.push(clean);
+    }
+    out
+}
+
+/// Index of the first log line at or after `from` that holds every one of `needles`.
+fn find_line(lines: &[String], from: usize, needles: &[&str]) -> Option<usize> {
+    lines
+        .iter()
+        .enumerate()
+        .skip(from)
+        .find(|(_, l)| needles.iter().all(|n| l.contains(n)))
+        .map(|(i, _)| i)
+}
+
+/// A build the create of `name` (of `memory_mb`) asked for starts only
+/// after that create's boot is over: the log says "sandbox created" for
+/// it before "building a template" of its shape (from log line `from` on).
+fn assert_build_after_create(d: &TestDaemon, from: usize, name: &str, memory_mb: u32) {
+    let lines = log_lines(d);
+    let created = find_line(&lines, from, &["sandbox created", &format!("name={name} ")])
+        .unwrap_or_else(|| panic!("no create of {name} logged:\n{}", lines.join("\n")));
+    let build = find_line(
+        &lines,
+        from,
+        &["building a template", &format!("memory_mb={memory_mb}")],
+    )
+    .unwrap_or_else(|| panic!("no build logged:\n{}", lines.join("\n")));
+    assert!(
+        build > created,
+        "the build started during the boot of {name}:\n{}",
+        lines[from..].join("\n")
+    );
 }
 
 fn count_entries(dir: &Path, prefix: &str) -> usize {
@@ -246,6 +301,7 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
     // --- a damaged template: the create boots instead, and succeeds.
     let cp = d.data_dir.path().join("checkpoints").join(&t[0].checkpoint);
     std::fs::write(cp.join("vm.state"), b"not a migration stream").expect("damage");
+    let log_from = log_lines(&d).len();
     let (s, v) = status_of(api.post("/sandboxes", json!({"name": "g"})).await).await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["born"], "boot", "{v}");
@@ -255,7 +311,7 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
             .contains("restore from the template failed; booting instead"),
         "the fallback is logged"
     );
-    // It is replaced by a fresh one.
+    // It is replaced by a fresh one, built after g's boot (not alongside it).
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let now = templates(&d);
@@ -269,6 +325,7 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_build_after_create(&d, log_from, "g", 512);
     let (s, v) = status_of(api.post("/sandboxes", json!({"name": "h"})).await).await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["born"], "template", "{v}");
@@ -434,4 +491,114 @@ async fn a_booted_guest_has_the_hosts_clock() {
         at + 300 >= t0 + (up * 1000.0) as i64,
         "init script's clock {at} ms, create started {t0} ms, uptime {up} s"
     );
+}
+
+fn shapes(d: &TestDaemon) -> Vec<u32> {
+    let mut m: Vec<u32> = templates(d).iter().map(|t| t.memory_mb).collect();
+    m.sort_unstable();
+    m
+}
+
+/// Waits until the daemon's templates are of exactly these memory sizes.
+fn wait_shapes(d: &TestDaemon, want: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while shapes(d) != want {
+        assert!(
+            Instant::now() < deadline,
+            "templates {:?}, want {want:?}; log:\n{}",
+            shapes(d),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn templates_are_kept_by_use_and_dropped_when_switched_off() {
+    let mut d = TestDaemon::start_full("tplu", "", ON);
+    let key = d.create_user("alice", &["--max-sandboxes", "8"]);
+    let api = Api::new(&d.url, &key);
+    wait_shapes(&d, &[512]);
+    let create = |name: &'static str, memory_mb: u32| {
+        let api = &api;
+        async move {
+            let (s, v) = status_of(
+                api.post("/sandboxes", json!({"name": name, "memory_mb": memory_mb}))
+                    .await,
+            )
+            .await;
+            assert_eq!(s, 201, "{v}");
+            v["born"].as_str().unwrap_or("").to_string()
+        }
+    };
+    let destroy = |name: &'static str| {
+        let api = &api;
+        async move {
+            let (s, _) = status_of(api.delete(&format!("/sandboxes/{name}")).await).await;
+            assert_eq!(s, 204);
+        }
+    };
+
+    // A create of a shape without a template boots; the shape's build
+    // starts once that boot is over. Three more shapes: 4 templates.
+    let mut have = vec![512];
+    for (name, mb) in [("m256", 256), ("m320", 320), ("m384", 384)] {
+        let from = log_lines(&d).len();
+        assert_eq!(create(name, mb).await, "boot");
+        have.push(mb);
+        have.sort_unstable();
+        wait_shapes(&d, &have);
+        assert_build_after_create(&d, from, name, mb);
+        destroy(name).await;
+    }
+    // The oldest of the three is used; the second oldest now is the least
+    // recently used.
+    assert_eq!(create("u256", 256).await, "template");
+    destroy("u256").await;
+    // A fifth shape: its template evicts the least recently used (320),
+    // not the oldest (256) nor the default shape's (512, the oldest of all).
+    assert_eq!(create("m448", 448).await, "boot");
+    wait_shapes(&d, &[256, 384, 448, 512]);
+    assert!(log_lines(&d)
+        .iter()
+        .any(|l| l.contains("dropping the least recently used template")
+            && l.contains("memory_mb=320")));
+    destroy("m448").await;
+    let data = d.data_dir.path().to_path_buf();
+    assert_eq!(count_entries(&data.join("checkpoints"), "tpl-"), 4);
+
+    // A sandbox born of the 256 template keeps its layer past the drop.
+    assert_eq!(create("keep", 256).await, "template");
+    let kept_layer = templates(&d)
+        .into_iter()
+        .find(|t| t.memory_mb == 256)
+        .expect("256 template")
+        .layer_id;
+
+    // --- switched off: the templates of the earlier run go at start.
+    d.env.retain(|(k, _)| k != "BHATTI_TEMPLATES");
+    d.env.push(("BHATTI_TEMPLATES".into(), "0".into()));
+    d.restart();
+    assert!(templates(&d).is_empty(), "template rows dropped at start");
+    assert_eq!(
+        count_entries(&data.join("checkpoints"), "tpl-"),
+        0,
+        "template checkpoints (RAM and state) deleted at start"
+    );
+    let layers: Vec<String> = std::fs::read_dir(data.join("layers"))
+        .expect("layers")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tpl-"))
+        .collect();
+    assert_eq!(
+        layers,
+        vec![format!("{kept_layer}.qcow2")],
+        "only the layer a sandbox backs onto stays"
+    );
+    assert_eq!(sh(&api, "keep", "hostname").await, "keep");
+    assert_eq!(create("off", 256).await, "boot");
+    destroy("keep").await;
+    destroy("off").await;
+    assert_eq!(count_entries(&data.join("layers"), "tpl-"), 0);
 }

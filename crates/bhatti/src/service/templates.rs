@@ -40,6 +40,8 @@ const RETRY_AFTER: Duration = Duration::from_secs(300);
 const MAX_TEMPLATES: usize = 4;
 /// A booted guest is given this long to settle before its checkpoint.
 const SETTLE: Duration = Duration::from_millis(300);
+/// A build waits at most this long for the boots that asked for it.
+const MAX_BUILD_WAIT: Duration = Duration::from_secs(60);
 
 /// The machine a template is booted with (the default image only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,7 +63,17 @@ pub(super) struct Templates {
     /// Keys whose last build failed, and when.
     failed: Mutex<HashMap<String, Instant>>,
     /// The address a build's VM holds while it runs: no sandbox gets it.
-    holding_ip: Mutex<Option<Ipv4Addr>>,
+    /// A build picks it, and a create allocates its address, under this
+    /// lock, so that the two never pick the same free address.
+    holding_ip: Arc<Mutex<Option<Ipv4Addr>>>,
+    /// Per key: restores from the template (readers) against its drop
+    /// (the writer), so that a drop never deletes files a restore is
+    /// reading, and a restore never picks a template being dropped.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Boots of creates that found no usable template and asked for a
+    /// build: builds wait until none is left, so that a build does not
+    /// compete for the cores with the boot that asked for it.
+    waiting_boots: tokio::sync::watch::Sender<usize>,
 }
 
 impl Templates {
@@ -72,7 +84,9 @@ impl Templates {
             queue: Mutex::new(None),
             pending: Mutex::new(HashSet::new()),
             failed: Mutex::new(HashMap::new()),
-            holding_ip: Mutex::new(None),
+            holding_ip: Arc::new(Mutex::new(None)),
+            locks: Mutex::new(HashMap::new()),
+            waiting_boots: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -80,12 +94,46 @@ impl Templates {
         self.enabled
     }
 
-    /// Addresses new sandboxes must not take now.
-    pub fn held_ips(&self) -> Vec<Ipv4Addr> {
-        self.holding_ip
-            .lock()
-            .map(|h| h.iter().copied().collect())
-            .unwrap_or_default()
+    /// The address a template build's VM holds (if one runs). Allocate a
+    /// sandbox's address while holding this lock, avoiding that address.
+    pub fn ip_hold(&self) -> Arc<Mutex<Option<Ipv4Addr>>> {
+        self.holding_ip.clone()
+    }
+}
+
+/// A template picked for a create, and what to do without one.
+pub(super) enum TemplatePick<'a> {
+    /// Restore this (the source holds the template's read lock).
+    Ready(Box<(RestoreSource, TemplateRecord)>),
+    /// None of the shape is ready: boot; a build of the shape is queued
+    /// when this is dropped, after the boot.
+    Missing(BuildAfterBoot<'a>),
+    /// Templates are off, or this create cannot use one.
+    Off,
+}
+
+/// A boot that asked for a template build: the build is queued when this
+/// is dropped (after the boot, whatever its outcome), and no build starts
+/// while one of these lives (for at most [`MAX_BUILD_WAIT`]).
+pub(super) struct BuildAfterBoot<'a> {
+    svc: &'a Service,
+    shape: Shape,
+}
+
+impl<'a> BuildAfterBoot<'a> {
+    fn new(svc: &'a Service, shape: Shape) -> Self {
+        svc.templates.waiting_boots.send_modify(|n| *n += 1);
+        Self { svc, shape }
+    }
+}
+
+impl Drop for BuildAfterBoot<'_> {
+    fn drop(&mut self) {
+        self.svc.request_template(self.shape);
+        self.svc
+            .templates
+            .waiting_boots
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -138,9 +186,13 @@ impl Service {
 
     /// Starts the template builder: drops templates of another basis and
     /// host leftovers of builds cut short, then builds the default shape,
-    /// then whatever creates ask for. Call after [`Service::recover`].
+    /// then whatever creates ask for. With templates off, drops every
+    /// template of an earlier run before it returns. Call after
+    /// [`Service::recover`].
     pub async fn start_templates(self: Arc<Self>) {
         if !self.templates.enabled() || self.engine.template_basis().is_none() {
+            // Their RAM and checkpoint files would stay on the host for nothing.
+            self.sweep_templates(false).await;
             tracing::info!("templates off: every create boots");
             return;
         }
@@ -150,12 +202,39 @@ impl Service {
         }
         let svc = self.clone();
         tokio::spawn(async move {
-            svc.sweep_templates().await;
+            svc.sweep_templates(true).await;
             svc.request_template(svc.templates.default_shape);
             while let Some(shape) = rx.recv().await {
+                svc.wait_for_boots().await;
                 svc.build_if_missing(shape).await;
             }
         });
+    }
+
+    /// Waits (at most [`MAX_BUILD_WAIT`]) until no boot that asked for a
+    /// build is under way: a build is one more boot on the same cores.
+    async fn wait_for_boots(&self) {
+        let mut rx = self.templates.waiting_boots.subscribe();
+        if tokio::time::timeout(MAX_BUILD_WAIT, rx.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                "boots still under way after {} s; building a template alongside them",
+                MAX_BUILD_WAIT.as_secs()
+            );
+        }
+    }
+
+    /// The lock between restores from template `key` and its drop.
+    fn template_lock(&self, key: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self
+            .templates
+            .locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(key.to_string()).or_default().clone()
     }
 
     /// Queues a build of `shape` unless it is ready, queued, or failed lately.
@@ -196,6 +275,12 @@ impl Service {
             Ok(Some(_))
         );
         if !ready {
+            tracing::info!(
+                key,
+                cpus = shape.cpus,
+                memory_mb = shape.memory_mb,
+                "building a template"
+            );
             let started = Instant::now();
             match self.build_template(shape, &key).await {
                 Ok(t) => {
@@ -218,8 +303,8 @@ impl Service {
         }
     }
 
-    /// Keeps at most [`MAX_TEMPLATES`]: the oldest go first, never the
-    /// default shape's nor `keep` (the one just built).
+    /// Keeps at most [`MAX_TEMPLATES`]: the least recently used go first,
+    /// never the default shape's nor `keep` (the one just built).
     async fn evict_templates(&self, keep: &str) {
         let default = self.template_key(self.templates.default_shape);
         let Ok(all) = self.store.call(|s| s.list_templates()).await else {
@@ -233,7 +318,7 @@ impl Service {
             if t.key == keep || default.as_deref() == Some(t.key.as_str()) {
                 continue;
             }
-            tracing::info!(key = %t.key, cpus = t.cpus, memory_mb = t.memory_mb, "dropping the oldest template (at most {MAX_TEMPLATES})");
+            tracing::info!(key = %t.key, cpus = t.cpus, memory_mb = t.memory_mb, used_at = %t.used_at, "dropping the least recently used template (at most {MAX_TEMPLATES})");
             self.drop_template(&t).await;
             excess -= 1;
         }
@@ -243,16 +328,22 @@ impl Service {
     /// route out, no user code), checkpoints it once its agent is ready,
     /// removes the VM and records the checkpoint and layer under `key`.
     async fn build_template(&self, shape: Shape, key: &str) -> super::Result<TemplateRecord> {
-        let used = self.store.call(|s| s.used_ips()).await?;
+        // The highest free address, held before any create can allocate it.
+        let (subnet, hold) = (self.subnet, self.templates.ip_hold());
         let ip = self
-            .subnet
-            .guest_hosts()
-            .filter(|ip| !used.contains(ip))
-            .last()
-            .ok_or_else(|| super::ServiceError::Unavailable("the subnet is full".into()))?;
-        if let Ok(mut h) = self.templates.holding_ip.lock() {
-            *h = Some(ip);
-        }
+            .store
+            .call(move |s| {
+                let mut held = hold.lock().unwrap_or_else(|p| p.into_inner());
+                let used = s.used_ips()?;
+                let ip = subnet
+                    .guest_hosts()
+                    .filter(|ip| !used.contains(ip))
+                    .last()
+                    .ok_or_else(|| crate::store::StoreError::SubnetFull(subnet.to_string()))?;
+                *held = Some(ip);
+                Ok(ip)
+            })
+            .await?;
         let suffix = random_hex(4);
         let vm = format!("{TEMPLATE_PREFIX}{key}-{suffix}");
         let spec = SandboxSpec {
@@ -289,9 +380,11 @@ impl Service {
         if let Err(e) = self.engine.destroy(&vm).await {
             tracing::warn!(vm, error = %e, "cannot remove a template's VM");
         }
-        if let Ok(mut h) = self.templates.holding_ip.lock() {
-            *h = None;
-        }
+        *self
+            .templates
+            .holding_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         let discard = |this: &Self| {
             let (engine, cp, l) = (this.engine.clone(), checkpoint.clone(), layer.clone());
             async move {
@@ -306,6 +399,7 @@ impl Service {
                 return Err(e.into());
             }
         };
+        let now = time::OffsetDateTime::now_utc();
         let rec = TemplateRecord {
             key: key.to_string(),
             checkpoint: checkpoint.clone(),
@@ -313,9 +407,8 @@ impl Service {
             token: spec.token.clone(),
             cpus: info.cpus,
             memory_mb: info.memory_mb,
-            created_at: time::OffsetDateTime::now_utc()
-                .replace_nanosecond(0)
-                .unwrap_or_else(|_| time::OffsetDateTime::now_utc()),
+            created_at: now.replace_nanosecond(0).unwrap_or(now),
+            used_at: now,
         };
         let r = rec.clone();
         if let Err(e) = self.store.call(move |s| s.insert_template(&r)).await {
@@ -325,22 +418,25 @@ impl Service {
         Ok(rec)
     }
 
-    /// The ready template for a create of `shape`, as a restore source, or
-    /// `None` (templates off, or none ready: then one is queued, and this
-    /// create boots).
-    pub(super) async fn template_source(
-        &self,
-        shape: Shape,
-    ) -> Option<(RestoreSource, TemplateRecord)> {
+    /// The ready template for a create of `shape`, as a restore source
+    /// holding the template (a drop waits for the restore); or, with none
+    /// ready, a [`BuildAfterBoot`] (the create boots, then a build is
+    /// queued); or [`TemplatePick::Off`] with templates off.
+    pub(super) async fn template_source(&self, shape: Shape) -> TemplatePick<'_> {
         if !self.templates.enabled() {
-            return None;
+            return TemplatePick::Off;
         }
-        let key = self.template_key(shape)?;
+        let Some(key) = self.template_key(shape) else {
+            return TemplatePick::Off;
+        };
+        let lock = self.template_lock(&key);
+        let hold = lock.read_owned().await;
+        // Read under the lock: a drop that ran while this waited has removed it.
         let k = key.clone();
         match self.store.call(move |s| s.get_template(&k)).await {
-            Ok(Some(t)) => Some((
+            Ok(Some(t)) => TemplatePick::Ready(Box::new((
                 RestoreSource {
-                    _hold: None,
+                    _hold: Some(Arc::new(hold)),
                     checkpoint: t.checkpoint.clone(),
                     parent_token: t.token.clone(),
                     layer: t.layer_id.clone(),
@@ -350,25 +446,46 @@ impl Service {
                     egress: None,
                 },
                 t,
-            )),
-            Ok(None) => {
-                self.request_template(shape);
-                None
-            }
+            ))),
+            Ok(None) => TemplatePick::Missing(BuildAfterBoot::new(self, shape)),
             Err(e) => {
                 tracing::warn!(key, error = %e, "cannot look up a template");
-                None
+                TemplatePick::Off
             }
+        }
+    }
+
+    /// Records that a create was restored from `t` now (eviction drops the
+    /// least recently used first).
+    pub(super) async fn template_used(&self, t: &TemplateRecord) {
+        let (k, now) = (t.key.clone(), time::OffsetDateTime::now_utc());
+        if let Err(e) = self
+            .store
+            .call(move |s| s.mark_template_used(&k, now))
+            .await
+        {
+            tracing::warn!(key = %t.key, error = %e, "cannot record a template's use");
         }
     }
 
     /// Forgets template `t` and deletes its checkpoint (copies that map
     /// its RAM keep their pages); its layer goes once no sandbox uses it.
+    /// A newer template of the same key stays.
+    /// Waits for restores from it under way; the caller must not hold its
+    /// lock (a [`TemplatePick::Ready`] source).
     pub(super) async fn drop_template(&self, t: &TemplateRecord) {
-        let k = t.key.clone();
-        if let Err(e) = self.store.call(move |s| s.delete_template(&k)).await {
-            tracing::warn!(key = %t.key, error = %e, "cannot forget a template");
-            return;
+        let lock = self.template_lock(&t.key);
+        let _only_me = lock.write().await;
+        let (k, cp) = (t.key.clone(), t.checkpoint.clone());
+        match self.store.call(move |s| s.delete_template(&k, &cp)).await {
+            Ok(true) => {}
+            // Dropped already (two failed restores of it), perhaps built
+            // again since: nothing of this one is left to drop.
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(key = %t.key, error = %e, "cannot forget a template");
+                return;
+            }
         }
         if let Err(e) = self.engine.delete_checkpoint(&t.checkpoint).await {
             tracing::warn!(checkpoint = %t.checkpoint, error = %e, "cannot delete a template's checkpoint");
@@ -376,17 +493,23 @@ impl Service {
         self.collect_layers().await;
     }
 
-    /// A template that failed to restore: dropped, and built again.
-    pub(super) async fn template_failed(&self, t: &TemplateRecord, shape: Shape) {
+    /// A template that failed to restore: dropped now, and built again
+    /// once the fallback boot (while the returned guard lives) is over.
+    pub(super) async fn template_failed(
+        &self,
+        t: &TemplateRecord,
+        shape: Shape,
+    ) -> BuildAfterBoot<'_> {
+        let rebuild = BuildAfterBoot::new(self, shape);
         self.drop_template(t).await;
-        self.request_template(shape);
+        rebuild
     }
 
     /// Drops templates whose key is not what this daemon computes for
-    /// their shape (other images, QEMU, network plan), and template
-    /// checkpoints and layers on the host that nothing records (a build
-    /// cut short).
-    async fn sweep_templates(&self) {
+    /// their shape (other images, QEMU, network plan) — every template if
+    /// `enabled` is false —, and template checkpoints and layers on the
+    /// host that nothing records (a build cut short).
+    async fn sweep_templates(&self, enabled: bool) {
         let all = match self.store.call(|s| s.list_templates()).await {
             Ok(a) => a,
             Err(e) => {
@@ -400,7 +523,10 @@ impl Service {
                 cpus: t.cpus,
                 memory_mb: t.memory_mb,
             };
-            if self.template_key(shape).as_deref() == Some(t.key.as_str()) {
+            if !enabled {
+                tracing::info!(key = %t.key, cpus = t.cpus, memory_mb = t.memory_mb, "templates off: dropping a template of an earlier run");
+                self.drop_template(&t).await;
+            } else if self.template_key(shape).as_deref() == Some(t.key.as_str()) {
                 keep.insert(t.checkpoint.clone());
             } else {
                 tracing::info!(key = %t.key, "dropping a template of another basis (images, QEMU or network changed)");

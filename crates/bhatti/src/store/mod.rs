@@ -96,6 +96,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "009_templates",
         include_str!("../../migrations/009_templates.sql"),
     ),
+    (
+        "010_template_use",
+        include_str!("../../migrations/010_template_use.sql"),
+    ),
 ];
 
 /// Errors of the store. The API maps them: `NotFound` → 404,
