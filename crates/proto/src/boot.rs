@@ -36,7 +36,18 @@ pub struct BootConfig {
     /// Volumes to mount before the init script runs, in device order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeMount>,
+    /// Fresh host entropy, lowercase hex of [`BOOT_ENTROPY_BYTES`] bytes
+    /// (empty: none). The guest credits it to its RNG before anything reads
+    /// randomness: without it the guest kernel's CRNG is not ready this early,
+    /// and a read of /dev/urandom then runs the kernel's jitter entropy
+    /// collection, which takes over a second under TCG.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub entropy_hex: String,
 }
+
+/// Entropy bytes the host puts into [`BootConfig::entropy_hex`] (512 bits,
+/// twice what the guest kernel needs to call its CRNG ready).
+pub const BOOT_ENTROPY_BYTES: usize = 64;
 
 /// One volume: a virtio-blk disk the guest finds by its serial and mounts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

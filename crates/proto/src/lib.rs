@@ -24,7 +24,7 @@ pub mod identity;
 pub mod message;
 
 pub use activity::ActivityInfo;
-pub use boot::{BootConfig, VolumeMount};
+pub use boot::{BootConfig, VolumeMount, BOOT_ENTROPY_BYTES};
 pub use error::{io_phrase, ErrorCode, ErrorCodeInfo};
 pub use exec::{ExecKill, ExecRequest, SessionInfo};
 pub use forward::{FwdRequest, FwdResponse};

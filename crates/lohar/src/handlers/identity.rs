@@ -9,6 +9,7 @@ use std::time::Duration;
 use bhatti_proto::{ErrorCode, Identity, IdentityResp, Message, IDENTITY_ENTROPY_BYTES};
 
 use super::{refuse, HandlerError};
+use crate::init::rng::{decode_hex, reseed};
 use crate::init::{clock, network, say, set_hostname, write_etc};
 use crate::server::Agent;
 use crate::stream::Stream;
@@ -16,21 +17,6 @@ use crate::wire;
 
 /// How long the host may take to hang up after the answer before eth0 changes anyway.
 const HANGUP_WAIT: Duration = Duration::from_secs(2);
-
-/// `_IOW('R', 0x03, int[2])`: add entropy to the input pool, crediting it.
-const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-/// `_IO('R', 0x07)`: reseed the CRNG from the input pool now.
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
 
 /// Every sandbox name is one (`[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}`): a cold
 /// boot sets it as it is, so a copy must take it too.
@@ -69,38 +55,6 @@ fn check(id: &Identity) -> Result<Vec<u8>, String> {
         .filter(|e| e.len() == IDENTITY_ENTROPY_BYTES)
         .ok_or_else(|| format!("entropy_hex must be {IDENTITY_ENTROPY_BYTES} bytes of hex"))?;
     Ok(entropy)
-}
-
-/// Mixes `entropy` into the kernel's input pool (credited) and reseeds the
-/// CRNG, so /dev/urandom of this copy diverges from its parent's at once.
-fn reseed(entropy: &[u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    let mut info = Vec::with_capacity(8 + entropy.len());
-    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
-    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
-    info.extend_from_slice(entropy);
-    // Aligned for the kernel's reads of the header ints.
-    let words: Vec<u32> = info
-        .chunks(4)
-        .map(|c| {
-            let mut w = [0u8; 4];
-            w[..c.len()].copy_from_slice(c);
-            u32::from_ne_bytes(w)
-        })
-        .collect();
-    // SAFETY: `words` holds a complete rand_pool_info for the whole call.
-    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, words.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: RNDRESEEDCRNG takes no argument.
-    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// New host keys when the image has an SSH server: the parent's keys must

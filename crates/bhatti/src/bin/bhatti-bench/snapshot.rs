@@ -62,6 +62,7 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
         token: d.token.clone(),
     };
     let log = d.data_dir().join("daemon.log");
+    wait_for_default_template(&log).await;
     let result = measure(&args, &api, &log).await;
     if let Ok(list) = api.call(reqwest::Method::GET, "/sandboxes", None).await {
         for s in list.as_array().into_iter().flatten() {
@@ -150,6 +151,33 @@ fn phase_medians(log: &std::path::Path, from: usize, what: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Waits (at most 2 min) until the daemon's log says its default template is
+/// built, failed or off: a template build running alongside would slow the
+/// cold boots the forks are compared with (a template build is a boot and
+/// a checkpoint, on the same 2 cores).
+async fn wait_for_default_template(log: &std::path::Path) {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if ["template ready", "template build failed", "templates off"]
+            .iter()
+            .any(|m| text.contains(m))
+        {
+            println!(
+                "(waited {} for the daemon's default template before measuring)",
+                fmt(started.elapsed())
+            );
+            return;
+        }
+        if Instant::now() >= deadline {
+            println!("(the default template was not ready after 2 min; measuring anyway)");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn log_len(log: &std::path::Path) -> usize {

@@ -73,6 +73,8 @@ pub async fn run(args: VmArgs) -> anyhow::Result<()> {
     let result = measure(&engine, &args, &bare).await;
     let _ = engine.sweep(&[]).await;
     drop(engine);
+    // The engine's ramfs for copies' RAM: mounted, it kept the temp dir.
+    bhatti::engine::qemu::ramfile::release_ramfs(&data.path().join("cow"));
     let _ = std::process::Command::new("ip")
         .args(["netns", "del", &cfg.netns])
         .status();

@@ -53,12 +53,13 @@ pub fn write(path: &Path, cfg: &BootConfig) -> Result<(), ConfigDriveError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
-/// The config without anything secret: no token, env or init script.
+/// The config without anything secret: no token, env, init script or RNG seed.
 pub fn scrubbed(cfg: &BootConfig) -> BootConfig {
     BootConfig {
         token: String::new(),
         env: Default::default(),
         init: None,
+        entropy_hex: String::new(),
         ..cfg.clone()
     }
 }
@@ -87,6 +88,7 @@ mod tests {
             init: Some("echo secret-init".into()),
             time_unix_ms: 1,
             volumes: Vec::new(),
+            entropy_hex: "5eed".repeat(32),
         };
         write(&path, &cfg).expect("write");
         assert_eq!(
@@ -99,6 +101,7 @@ mod tests {
         scrub(&path, &cfg).expect("scrub");
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(!text.contains("secret"), "{text}");
+        assert!(!text.contains("5eed"), "the RNG seed stays: {text}");
         assert!(text.contains("192.168.137.5/24"));
         assert_eq!(
             std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,

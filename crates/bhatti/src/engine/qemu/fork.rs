@@ -55,7 +55,8 @@ fn machine_size(argv: &[String]) -> Option<(u32, u32)> {
     Some((after("-smp")?, after("-m")?))
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the host's OS RNG, as lowercase hex.
+pub(super) fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut b);
     hex::encode(b)

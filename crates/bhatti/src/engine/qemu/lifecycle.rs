@@ -113,6 +113,7 @@ impl QemuEngine {
                     read_only: v.read_only,
                 })
                 .collect(),
+            entropy_hex: super::fork::random_hex(bhatti_proto::BOOT_ENTROPY_BYTES),
         }
     }
 
