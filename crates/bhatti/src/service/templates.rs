@@ -338,6 +338,7 @@ impl Service {
             Ok(Some(t)) => Some((
                 RestoreSource {
                     _hold: None,
+                    fork_of: None,
                     checkpoint: t.checkpoint.clone(),
                     parent_token: t.token.clone(),
                     layer: t.layer_id.clone(),
