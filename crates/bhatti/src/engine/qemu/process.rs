@@ -165,12 +165,11 @@ pub fn with_mem_backing(argv: &[String], mem: MemBacking<'_>) -> Option<Vec<Stri
 /// page the stream says is zero before it decides not to write it, and
 /// that read faults in the shared zero page of anonymous memory, where a
 /// fresh file on disk allocates a page cache page and every data page
-/// written goes through the filesystem (measured under TCG, a 512 MiB
-/// stream with 103 MiB of data: ~0.4 s anonymous against ~3 s into a new
-/// file on ext4, loaded machine). Such a VM migrates all of its RAM when
-/// stopped or checkpointed, like a VM mapping a checkpoint's file
-/// privately; its stop gives it a RAM file of its own (see
-/// [`with_mem_backing`]).
+/// written goes through the filesystem (a template-born source's fork
+/// loaded in 80-88 ms instead of 377 ms; docs/forks.md). Such a VM
+/// migrates all of its RAM when stopped or checkpointed, like a VM mapping
+/// a checkpoint's file privately; its stop gives it a RAM file of its own
+/// (see [`with_mem_backing`]).
 pub fn with_anonymous_ram(argv: &[String]) -> Option<Vec<String>> {
     let (i, size) = mem_object_at(argv)?;
     let mut out = argv.to_vec();
