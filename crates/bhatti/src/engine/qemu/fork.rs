@@ -846,15 +846,12 @@ impl QemuEngine {
 
         let mut argv_in = argv.clone();
         argv_in.extend(["-incoming".to_string(), "defer".to_string()]);
-        let launch = if cp.ram_file {
-            process::launch(&self.cfg.qemu_binary, qns, &argv_in, &files.pidfile).await
-        } else {
-            process::launch_without_thp(&self.cfg.qemu_binary, qns, &argv_in, &files.pidfile).await
-        };
-        let pid = launch.map_err(|e| EngineError::Boot {
-            reason: format!("cannot start QEMU to restore the checkpoint: {e}"),
-            console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
-        })?;
+        let pid = process::launch(&self.cfg.qemu_binary, qns, &argv_in, &files.pidfile)
+            .await
+            .map_err(|e| EngineError::Boot {
+                reason: format!("cannot start QEMU to restore the checkpoint: {e}"),
+                console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
+            })?;
         if let Ok(mut p) = pid_slot.lock() {
             *p = Some(pid);
         }

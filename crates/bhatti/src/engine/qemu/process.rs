@@ -296,50 +296,11 @@ pub async fn launch(
     argv: &[String],
     pidfile: &Path,
 ) -> Result<u32, ProcessError> {
-    launch_with(qemu, netns, argv, pidfile, false).await
-}
-
-/// [`launch`] with transparent huge pages off in QEMU
-/// (`PR_SET_THP_DISABLE`), for a VM with anonymous RAM that loads a
-/// migration stream (see [`with_anonymous_ram`]): QEMU asks for huge
-/// pages on guest RAM, so every 2 MiB the stream writes one page into
-/// costs a whole huge page, zeroed. Measured with QEMU alone (a 512 MiB
-/// stream with 103 MiB of data spread over all of it, load average ~6):
-/// load 313-587 ms and 135 MiB RSS without, 884-1580 ms and 549 MiB with.
-/// File-backed guest RAM gets no huge pages anyway.
-pub async fn launch_without_thp(
-    qemu: &str,
-    netns: &str,
-    argv: &[String],
-    pidfile: &Path,
-) -> Result<u32, ProcessError> {
-    launch_with(qemu, netns, argv, pidfile, true).await
-}
-
-async fn launch_with(
-    qemu: &str,
-    netns: &str,
-    argv: &[String],
-    pidfile: &Path,
-    no_thp: bool,
-) -> Result<u32, ProcessError> {
     let mut cmd = tokio::process::Command::new("ip");
     cmd.args(["netns", "exec", netns, qemu])
         .args(argv)
         .arg("-daemonize");
     cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-    if no_thp {
-        // SAFETY: prctl is a plain system call, safe between fork and
-        // exec; the setting is inherited by `ip` and the QEMU it runs.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
     let out = tokio::time::timeout(LAUNCH_TIMEOUT, cmd.output())
         .await
         .map_err(|_| ProcessError::StartupTimeout(LAUNCH_TIMEOUT))?
