@@ -231,6 +231,53 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     assert_eq!(sh_ok(&ag_a, BUMP).await, "4");
     drop(cp2);
 
+    // A fork of a copy: B maps cp1's RAM privately, so its checkpoint
+    // streams all of its RAM. D loads that stream into anonymous memory (a
+    // new RAM file on disk made the load several times slower), and gets
+    // a RAM file of its own only when it is stopped.
+    let cp4 = e
+        .checkpoint("fk-b", &rt_b, "cp4", "layer4")
+        .await
+        .expect("checkpoint of a copy");
+    assert!(!cp4.ram_file, "a copy's RAM is no file of its own");
+    let d = spec("fk-d", ip(13));
+    let rt_d = e
+        .restore_checkpoint("cp4", &rt_b.token, &d)
+        .await
+        .expect("restore d");
+    let ag_d = e.agent("fk-d", &rt_d);
+    assert_eq!(sh_ok(&ag_d, BUMP).await, "5", "B's counter came along");
+    let d_dir = t.cfg.data_dir.join("sandboxes/fk-d");
+    let argv_of = |dir: &std::path::Path| -> String {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("vm.json")).expect("vm.json"))
+                .expect("json");
+        meta["argv"]
+            .as_array()
+            .expect("argv")
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        argv_of(&d_dir).contains("memory-backend-ram,id=mem,size="),
+        "{}",
+        argv_of(&d_dir)
+    );
+    assert!(!d_dir.join("mem.ram").exists());
+    e.stop("fk-d").await.expect("stop d");
+    e.start("fk-d", &rt_d).await.expect("start d");
+    assert_eq!(sh_ok(&ag_d, BUMP).await, "6");
+    assert!(
+        argv_of(&d_dir).contains("mem.ram,share=on"),
+        "{}",
+        argv_of(&d_dir)
+    );
+    assert_eq!(sh_ok(&ag_b, BUMP).await, "5", "B runs on alone");
+    e.destroy("fk-d").await.expect("destroy d");
+    e.delete_checkpoint("cp4").await.expect("delete cp4");
+
     // The parent goes; its forks' chains stay valid.
     e.destroy("fk-a").await.expect("destroy a");
     assert_eq!(
@@ -246,6 +293,117 @@ async fn fork_running_and_stopped_vms_into_new_identities() {
     for cp in ["cp1", "cp2", "cp3"] {
         e.delete_checkpoint(cp).await.expect("delete checkpoint");
     }
+}
+
+/// When process `pid` started, as nanoseconds since the Unix epoch (to the
+/// kernel's clock tick, 10 ms here).
+fn process_start_ns(pid: u32) -> u128 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    // Field 22 of the line, the 20th after the command name.
+    let ticks: u128 = after
+        .split_whitespace()
+        .nth(19)
+        .expect("starttime")
+        .parse()
+        .expect("ticks");
+    let btime: u128 = std::fs::read_to_string("/proc/stat")
+        .expect("/proc/stat")
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .expect("btime")
+        .trim()
+        .parse()
+        .expect("btime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = u128::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).expect("hz");
+    btime * 1_000_000_000 + ticks * 1_000_000_000 / hz
+}
+
+/// A fork runs the copy's restore alongside the source's checkpoint: the
+/// copy's QEMU is running before the checkpoint is complete (its record
+/// written last), the copy carries the source's memory on, and a fork
+/// whose checkpoint fails leaves no copy behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_starts_the_copy_while_the_source_is_checkpointed() {
+    require_root();
+    let images = images().await;
+    let t = TestEngine::new("ov", "192.168.152.0/24", images, |_| {}).await;
+    let e = &t.engine;
+    let ip = |n| Ipv4Addr::new(192, 168, 152, n);
+    let a = spec("ov-a", ip(10));
+    let rt_a = e.create(&a).await.expect("create a");
+    let ag_a = e.agent("ov-a", &rt_a);
+    sh_ok(&ag_a, "echo from-a > /workspace/file.txt && sync").await;
+    sh_ok(&ag_a, COUNTER).await;
+    assert_eq!(sh_ok(&ag_a, BUMP).await, "2");
+
+    let b = spec("ov-b", ip(11));
+    let (info, restored) = e
+        .fork("ov-a", &rt_a, "fork-0123456789abcdef", "lov1", &b)
+        .await
+        .expect("checkpoint");
+    let rt_b = restored.expect("restore");
+    assert!(info.ram_file && info.new_layer && info.pause_ms.is_some());
+    let pid_b: u32 = std::fs::read_to_string(t.cfg.data_dir.join("sandboxes/ov-b/qemu.pid"))
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let recorded = std::fs::metadata(
+        t.cfg
+            .data_dir
+            .join("checkpoints/fork-0123456789abcdef/checkpoint.json"),
+    )
+    .expect("checkpoint record")
+    .modified()
+    .expect("mtime")
+    .duration_since(std::time::UNIX_EPOCH)
+    .expect("epoch")
+    .as_nanos();
+    let started = process_start_ns(pid_b);
+    assert!(
+        started < recorded,
+        "the copy's QEMU started {} ms after the checkpoint was complete",
+        (started - recorded) / 1_000_000
+    );
+    let ag_b = e.agent("ov-b", &rt_b);
+    assert_eq!(sh_ok(&ag_b, BUMP).await, "3");
+    assert_eq!(sh_ok(&ag_b, "cat /workspace/file.txt").await, "from-a");
+    assert_eq!(sh_ok(&ag_a, BUMP).await, "3");
+    assert_eq!(
+        sh_ok(
+            &ag_b,
+            "hostname; ip -4 -o addr show eth0 | awk '{print $4}'"
+        )
+        .await,
+        format!("{}\n192.168.152.11/24", b.name)
+    );
+
+    // The checkpoint fails (its layer exists already): no copy is made and
+    // nothing of it stays.
+    std::fs::write(e.layer_path("lov2"), b"taken").expect("layer file");
+    let c = spec("ov-c", ip(12));
+    let failed = e
+        .fork("ov-a", &rt_a, "fork-00000000000000cc", "lov2", &c)
+        .await;
+    assert!(failed.is_err(), "a fork whose checkpoint fails");
+    assert!(!t.cfg.data_dir.join("sandboxes/ov-c").exists());
+    let quarantines: Vec<String> = std::fs::read_dir("/run/netns")
+        .expect("/run/netns")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("{}-q", t.cfg.netns)))
+        .collect();
+    assert!(quarantines.is_empty(), "{quarantines:?}");
+    assert_eq!(sh_ok(&ag_a, BUMP).await, "4", "the source runs on");
+
+    for id in ["ov-a", "ov-b"] {
+        e.destroy(id).await.expect("destroy");
+    }
+    e.delete_checkpoint("fork-0123456789abcdef")
+        .await
+        .expect("delete checkpoint");
 }
 
 /// A crash mid-fork leaves a checkpoint, its RAM file and a quarantine

@@ -348,6 +348,25 @@ pub trait Engine: Send + Sync {
         parent_token: &str,
         spec: &SandboxSpec,
     ) -> Result<VmRuntime, EngineError>;
+    /// A fork: [`Engine::checkpoint`] of VM `id` into `checkpoint` and
+    /// `layer`, and [`Engine::restore_checkpoint`] of it as `spec`, which an
+    /// engine may run side by side (the default: one after the other).
+    ///
+    /// Errors: `Err` when the checkpoint failed (no copy was made). A
+    /// checkpoint taken gives `Ok` with its info, which the caller records
+    /// whatever the restore's own result (the second item) says.
+    async fn fork(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+        checkpoint: &str,
+        layer: &str,
+        spec: &SandboxSpec,
+    ) -> Result<(CheckpointInfo, Result<VmRuntime, EngineError>), EngineError> {
+        let info = self.checkpoint(id, rt, checkpoint, layer).await?;
+        let restored = self.restore_checkpoint(checkpoint, &rt.token, spec).await;
+        Ok((info, restored))
+    }
     /// Deletes a checkpoint's memory file (its layer stays; see [`Engine::delete_layer`]).
     async fn delete_checkpoint(&self, checkpoint: &str) -> Result<(), EngineError>;
     /// Deletes a disk layer; the caller makes sure no disk backs onto it any more.

@@ -29,7 +29,8 @@ pub(crate) struct RestoreSource {
     pub checkpoint: String,
     /// Opens the copy's agent before it has taken its identity.
     pub parent_token: String,
-    /// The layer the copy's disk backs onto.
+    /// The layer the copy's disk backs onto (a fork's: known once its
+    /// checkpoint is taken, in [`Service::restore_new_identity`]).
     pub layer: String,
     pub cpus: u32,
     pub memory_mb: u32,
@@ -41,6 +42,9 @@ pub(crate) struct RestoreSource {
     /// A snapshot's: held until the copy is made, so that a delete of the
     /// snapshot waits for it (and not the other way round).
     pub _hold: Option<Arc<tokio::sync::OwnedRwLockReadGuard<()>>>,
+    /// A fork's source sandbox: `checkpoint` is taken together with the
+    /// restore (the engine overlaps them), not before.
+    pub fork_of: Option<String>,
 }
 
 impl RestoreSource {
@@ -117,6 +121,14 @@ impl Drop for TempCheckpoint {
     }
 }
 
+/// A fork's source that is not there is a bad `from`.
+fn from_field(e: ServiceError) -> ServiceError {
+    match e {
+        ServiceError::NotFound(m) => ServiceError::Invalid(format!("invalid field `from`: {m}")),
+        other => other,
+    }
+}
+
 fn random_id(prefix: &str) -> String {
     let mut b = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut b);
@@ -148,36 +160,60 @@ impl Service {
         key: &str,
         checkpoint: &str,
     ) -> Result<(SandboxRecord, CheckpointInfo)> {
-        let rec = self.find(user, key).await?;
-        self.refuse_copy_with_volumes(&rec.id, &rec.name).await?;
-        // A paused VM would come back running from the checkpoint: wake it first.
-        let rec = if rec.status == SandboxStatus::Warm {
-            self.wake(rec, WakeMode::Wait).await?
-        } else {
-            rec
-        };
+        let rec = self.copy_source(user, key).await?;
         let _lock = self.thermal_lock(&rec.id).lock_owned().await;
-        let rec = self.reload(&rec.id).await?;
-        match rec.status {
-            SandboxStatus::Running | SandboxStatus::Cold | SandboxStatus::Stopped => {}
-            other => {
-                return Err(ServiceError::Conflict(format!(
-                    "sandbox {} is {other}; only a running or stopped sandbox can be copied",
-                    rec.name
-                )))
-            }
-        }
+        let rec = self.copyable(&rec.id).await?;
         let layer = random_id("l");
         let rt = super::thermal::runtime(&rec);
         let info = self
             .engine
             .checkpoint(&rec.id, &rt, checkpoint, &layer)
             .await?;
+        self.record_frozen_layer(&rec, checkpoint, &layer, &info)
+            .await?;
+        Ok((rec, info))
+    }
+
+    /// The caller's sandbox `key` as the source of a copy: one with
+    /// volumes is refused, a paused one woken (it would come back running
+    /// from the checkpoint).
+    async fn copy_source(&self, user: &User, key: &str) -> Result<SandboxRecord> {
+        let rec = self.find(user, key).await?;
+        self.refuse_copy_with_volumes(&rec.id, &rec.name).await?;
+        if rec.status == SandboxStatus::Warm {
+            self.wake(rec, WakeMode::Wait).await
+        } else {
+            Ok(rec)
+        }
+    }
+
+    /// Sandbox `id`'s record, when it can be checkpointed now (the caller
+    /// holds its thermal lock): running or stopped, else `Conflict`.
+    async fn copyable(&self, id: &str) -> Result<SandboxRecord> {
+        let rec = self.reload(id).await?;
+        match rec.status {
+            SandboxStatus::Running | SandboxStatus::Cold | SandboxStatus::Stopped => Ok(rec),
+            other => Err(ServiceError::Conflict(format!(
+                "sandbox {} is {other}; only a running or stopped sandbox can be copied",
+                rec.name
+            ))),
+        }
+    }
+
+    /// Records the layer checkpoint `info` of `rec` froze its disk into
+    /// (nothing when it reused its current one).
+    async fn record_frozen_layer(
+        &self,
+        rec: &SandboxRecord,
+        checkpoint: &str,
+        layer: &str,
+        info: &CheckpointInfo,
+    ) -> Result<()> {
         if !info.new_layer {
             // The sandbox wrote nothing since its last freeze: same layer.
-            return Ok((rec, info));
+            return Ok(());
         }
-        let (sid, l, parent) = (rec.id.clone(), layer.clone(), info.parent_layer.clone());
+        let (sid, l, parent) = (rec.id.clone(), layer.to_string(), info.parent_layer.clone());
         if let Err(e) = self
             .store
             .call(move |s| s.freeze_layer_on(&sid, &l, parent.as_deref()))
@@ -192,7 +228,7 @@ impl Service {
         // A source flattened before the freeze left its old layers to the
         // copies and snapshots on them: the next collection takes them once
         // unused (not now: a fork of it in flight may not hold its layer yet).
-        Ok((rec, info))
+        Ok(())
     }
 
     /// Refuses a copy request (fork `req.from` or resume of `snapshot`) for
@@ -246,28 +282,66 @@ impl Service {
         Ok(())
     }
 
-    /// `create --from`: a one-time checkpoint of the caller's sandbox `from`.
+    /// `create --from`: a one-time checkpoint of the caller's sandbox
+    /// `from`, taken by [`Service::restore_new_identity`] together with the
+    /// copy's restore.
     pub(super) async fn fork_source(&self, user: &User, from: &str) -> Result<RestoreSource> {
-        let cp = random_id(crate::engine::FORK_CHECKPOINT_PREFIX);
-        let (rec, info) = self
-            .checkpoint_sandbox(user, from, &cp)
-            .await
-            .map_err(|e| match e {
-                ServiceError::NotFound(m) => {
-                    ServiceError::Invalid(format!("invalid field `from`: {m}"))
-                }
-                other => other,
-            })?;
+        let rec = self.copy_source(user, from).await.map_err(from_field)?;
+        // Refused now, before the copy's row exists; checked again under the lock.
+        self.copyable(&rec.id).await?;
         Ok(RestoreSource {
             _hold: None,
-            checkpoint: cp,
+            checkpoint: random_id(crate::engine::FORK_CHECKPOINT_PREFIX),
             parent_token: rec.token,
-            layer: info.layer,
-            cpus: info.cpus,
-            memory_mb: info.memory_mb,
+            layer: String::new(),
+            cpus: rec.cpus,
+            memory_mb: rec.memory_mb,
             temporary: true,
             egress: Some(rec.egress),
+            fork_of: Some(rec.id),
         })
+    }
+
+    /// A fork: the source's checkpoint and the copy's restore in one
+    /// engine call (the copy's VM starts while the source is paused), the
+    /// source's thermal state held still throughout; then the source's new
+    /// layer and the copy's are recorded.
+    async fn fork_new_identity(
+        &self,
+        src: &RestoreSource,
+        source_id: &str,
+        spec: &SandboxSpec,
+    ) -> Result<()> {
+        let _lock = self.thermal_lock(source_id).lock_owned().await;
+        let rec = self.copyable(source_id).await.map_err(from_field)?;
+        let layer = random_id("l");
+        let rt = super::thermal::runtime(&rec);
+        let (info, restored) = self
+            .engine
+            .fork(&rec.id, &rt, &src.checkpoint, &layer, spec)
+            .await
+            .map_err(|e| from_field(e.into()))?;
+        let recorded = async {
+            self.record_frozen_layer(&rec, &src.checkpoint, &layer, &info)
+                .await?;
+            let (sid, l) = (spec.id.clone(), info.layer.clone());
+            self.store
+                .call(move |s| s.set_sandbox_layer(&sid, &l))
+                .await?;
+            Ok::<(), ServiceError>(())
+        }
+        .await;
+        match (restored, recorded) {
+            (Ok(_), Ok(())) => Ok(()),
+            (Err(e), _) => Err(e.into()),
+            (Ok(_), Err(e)) => {
+                // The copy runs, but its disk's layer is not on record.
+                if let Err(de) = self.engine.destroy(&spec.id).await {
+                    tracing::warn!(sandbox = %spec.id, error = %de, "cannot remove a copy whose layer was not recorded");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A resume of the caller's snapshot `key`.
@@ -278,6 +352,7 @@ impl Service {
         let snap = self.find_snapshot(user, &snap.id).await?;
         Ok(RestoreSource {
             _hold: Some(Arc::new(hold)),
+            fork_of: None,
             checkpoint: snap.id,
             parent_token: snap.token,
             layer: snap.layer_id,
@@ -296,6 +371,9 @@ impl Service {
         src: &RestoreSource,
         spec: &SandboxSpec,
     ) -> Result<()> {
+        if let Some(source_id) = &src.fork_of {
+            return self.fork_new_identity(src, source_id, spec).await;
+        }
         // The copy holds its layer before it boots: a source destroyed (or a
         // snapshot deleted) meanwhile cannot take the layer away. A failed
         // restore deletes the row, and the reference with it.

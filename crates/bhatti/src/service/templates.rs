@@ -437,6 +437,7 @@ impl Service {
             Ok(Some(t)) => TemplatePick::Ready(Box::new((
                 RestoreSource {
                     _hold: Some(Arc::new(hold)),
+                    fork_of: None,
                     checkpoint: t.checkpoint.clone(),
                     parent_token: t.token.clone(),
                     layer: t.layer_id.clone(),

@@ -44,6 +44,18 @@ const DURABLE_RAM: &str = "mem.ram";
 /// How long a restored copy's agent may take to accept its identity.
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Where a checkpoint taken for a fork says which layer its disk is and
+/// the disk's virtual size (bytes), once that file is final.
+type Decided = tokio::sync::oneshot::Sender<(String, u64)>;
+
+/// A restore started while its checkpoint is still being taken (a fork):
+/// it waits on `layer` before it makes the copy's disk and starts QEMU,
+/// and on `done` (the whole checkpoint) before QEMU reads guest memory.
+struct Pending {
+    layer: tokio::sync::oneshot::Receiver<(String, u64)>,
+    done: tokio::sync::oneshot::Receiver<CheckpointInfo>,
+}
+
 /// `-m` and `-smp` of a VM's argv.
 fn machine_size(argv: &[String]) -> Option<(u32, u32)> {
     let after = |flag: &str| {
@@ -134,6 +146,21 @@ impl QemuEngine {
         checkpoint: &str,
         layer: &str,
     ) -> Result<CheckpointInfo, EngineError> {
+        self.take_checkpoint_with(id, checkpoint, layer, None).await
+    }
+
+    /// [`take_checkpoint`](Self::take_checkpoint); a running VM's also
+    /// sends on `decided` the layer the checkpoint's disk is and its
+    /// virtual size as soon as that file is final (early in the pause, and
+    /// once its RAM file, if any, has its full length), so that a copy can
+    /// be started while the rest of the checkpoint runs.
+    async fn take_checkpoint_with(
+        &self,
+        id: &str,
+        checkpoint: &str,
+        layer: &str,
+        decided: Option<Decided>,
+    ) -> Result<CheckpointInfo, EngineError> {
         check_id(id)?;
         check_id(checkpoint)?;
         check_id(layer)?;
@@ -178,7 +205,7 @@ impl QemuEngine {
                 .await;
         let result = match running {
             Some(vm) => {
-                self.checkpoint_running(id, &vm, &files, &state, &layer_path, ram.clone())
+                self.checkpoint_running(id, &vm, &files, &state, &layer_path, ram.clone(), decided)
                     .await
             }
             None if files.state.is_file() => {
@@ -266,6 +293,7 @@ impl QemuEngine {
     /// A running VM: pause, swap its overlay onto a new one over the frozen
     /// layer, write its memory, resume. Returns the disk's virtual size, the
     /// pause, the reused layer (if any), and the RAM bytes copied.
+    #[allow(clippy::too_many_arguments)]
     async fn checkpoint_running(
         &self,
         id: &str,
@@ -274,6 +302,7 @@ impl QemuEngine {
         state: &Path,
         layer_path: &Path,
         ram: Option<(PathBuf, PathBuf)>,
+        decided: Option<Decided>,
     ) -> Result<((u64, Option<Duration>, Option<String>), ramfile::Copied), EngineError> {
         let qmp = self.qmp_of(id).await?;
         let err = |source| EngineError::Qmp {
@@ -296,14 +325,33 @@ impl QemuEngine {
         // An overlay with data keeps it: only an empty one needs a second
         // look once the guest stands still (fewer `qemu-img` runs in the pause).
         let maybe_empty = self.reusable_layer(files).await.is_some();
+        // The RAM file is made, at its full length, before the pause: a
+        // copy started during the checkpoint maps it at once (it reads it
+        // only once the checkpoint is whole).
+        let ram = match ram {
+            Some((from, to)) => Some(
+                blocking(move || -> std::io::Result<(PathBuf, std::fs::File)> {
+                    let len = std::fs::metadata(&from)?.len();
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&to)?;
+                    f.set_len(len)?;
+                    Ok((from, f))
+                })
+                .await??,
+            ),
+            None => None,
+        };
         let paused_at = Instant::now();
         qmp.stop().await.map_err(err)?;
         // The RAM copy is the longest step: it runs alongside the rest.
         let copy = ram.map(|(from, to)| {
-            tokio::task::spawn_blocking(move || ramfile::copy_sparse(&from, &to))
+            tokio::task::spawn_blocking(move || ramfile::copy_sparse_to(&from, &to))
         });
         let frozen = self
-            .freeze_paused(id, &qmp, vm, files, &file, layer_path, maybe_empty)
+            .freeze_paused(id, &qmp, vm, files, &file, layer_path, maybe_empty, decided)
             .await;
         let copied = match copy {
             Some(h) => match h.await {
@@ -335,6 +383,7 @@ impl QemuEngine {
         file: &std::fs::File,
         layer_path: &Path,
         maybe_empty: bool,
+        decided: Option<Decided>,
     ) -> Result<(u64, Option<String>), EngineError> {
         let err = |source| EngineError::Qmp {
             context: format!("checkpoint of {id}"),
@@ -346,8 +395,11 @@ impl QemuEngine {
             None
         };
         if let Some(current) = reuse {
-            save_state(qmp, vm.pid, file, id).await?;
             let size = disks::info(&files.overlay)?.virtual_size;
+            if let Some(tx) = decided {
+                let _ = tx.send((current.clone(), size));
+            }
+            save_state(qmp, vm.pid, file, id).await?;
             return Ok((size, Some(current)));
         }
         // The guest stands still: its disk (flushed by `stop`) becomes the layer.
@@ -389,6 +441,9 @@ impl QemuEngine {
         }
         // From here the VM writes to the new overlay; its name is the one in argv.
         std::fs::rename(&next, &files.overlay)?;
+        if let (Some(tx), Some(layer)) = (decided, layer_id_of(layer_path, &self.layers_dir())) {
+            let _ = tx.send((layer, size));
+        }
         save_state(qmp, vm.pid, file, id).await?;
         Ok((size, None))
     }
@@ -575,13 +630,97 @@ impl QemuEngine {
         parent_token: &str,
         spec: &SandboxSpec,
     ) -> Result<VmRuntime, EngineError> {
-        self.check_spec(spec)?;
         check_id(checkpoint)?;
+        let cp: CheckpointInfo =
+            std::fs::read(self.checkpoint_dir(checkpoint).join("checkpoint.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .ok_or_else(|| EngineError::NotFound(format!("checkpoint {checkpoint}")))?;
+        self.restore_copy(cp, parent_token, spec, None).await
+    }
+
+    /// See [`crate::engine::Engine::fork`]: a running source's checkpoint
+    /// and the copy's restore run side by side. The copy's overlay, its
+    /// quarantine and its QEMU (`-incoming defer`) are made while the
+    /// source is paused and its RAM copied; the copy loads its memory once
+    /// the checkpoint is whole. A stopped source is checkpointed first.
+    pub(super) async fn fork_into(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+        checkpoint: &str,
+        layer: &str,
+        spec: &SandboxSpec,
+    ) -> Result<(CheckpointInfo, Result<VmRuntime, EngineError>), EngineError> {
+        let parent_token = rt.token.as_str();
+        check_id(id)?;
+        check_id(checkpoint)?;
+        let files = VmFiles::new(self.sandbox_dir(id));
+        // What the copy needs before the checkpoint ends: the source's
+        // machine, address and MAC, and whether its RAM is a file.
+        let early = match (self.vm(id), read_meta(&files.meta)) {
+            (Some(_), Some(meta)) => {
+                machine_size(&meta.argv).map(|(cpus, memory_mb)| CheckpointInfo {
+                    id: checkpoint.to_string(),
+                    layer: String::new(),
+                    new_layer: true,
+                    cpus,
+                    memory_mb,
+                    parent_ip: meta.ip,
+                    parent_mac: meta.mac.clone(),
+                    disk_size: 0,
+                    state_bytes: 0,
+                    layer_bytes: 0,
+                    pause_ms: None,
+                    ram_file: process::mem_backing(&meta.argv)
+                        .is_some_and(|(p, shared)| shared && p == files.ram),
+                    source_flattened: false,
+                    parent_layer: None,
+                    report_free_pages: process::reports_free_pages(&meta.argv),
+                })
+            }
+            _ => None,
+        };
+        let Some(early) = early else {
+            let info = self.take_checkpoint(id, checkpoint, layer).await?;
+            self.clock_after_checkpoint(id, rt, &info).await;
+            let restored = self.restore_into(checkpoint, parent_token, spec).await;
+            return Ok((info, restored));
+        };
+        let (layer_tx, layer_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let checkpointed = async {
+            let r = self
+                .take_checkpoint_with(id, checkpoint, layer, Some(layer_tx))
+                .await;
+            if let Ok(info) = &r {
+                let _ = done_tx.send(info.clone());
+                self.clock_after_checkpoint(id, rt, info).await;
+            }
+            r
+        };
+        let pending = Pending {
+            layer: layer_rx,
+            done: done_rx,
+        };
+        let restored = self.restore_copy(early, parent_token, spec, Some(pending));
+        let (info, restored) = tokio::join!(checkpointed, restored);
+        // A failed checkpoint failed the restore too (it was waiting for it).
+        Ok((info?, restored))
+    }
+
+    /// Restores `spec` from checkpoint `cp` (see `restore_into`); with
+    /// `pending`, from one still being taken.
+    async fn restore_copy(
+        &self,
+        cp: CheckpointInfo,
+        parent_token: &str,
+        spec: &SandboxSpec,
+        pending: Option<Pending>,
+    ) -> Result<VmRuntime, EngineError> {
+        self.check_spec(spec)?;
+        let checkpoint = cp.id.as_str();
         let cp_dir = self.checkpoint_dir(checkpoint);
-        let cp: CheckpointInfo = std::fs::read(cp_dir.join("checkpoint.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| EngineError::NotFound(format!("checkpoint {checkpoint}")))?;
         let (files, mut guard) = self.begin_create(spec)?;
         self.remove_leftovers(&spec.id, &files, None, None).await?;
         std::fs::create_dir_all(&files.dir)?;
@@ -593,7 +732,16 @@ impl QemuEngine {
         let qns = network::quarantine_netns(&self.net, &spec.id);
         let started = Instant::now();
         match self
-            .restore_steps(&cp, &cp_dir, parent_token, spec, &files, &qns, &guard.pid)
+            .restore_steps(
+                &cp,
+                &cp_dir,
+                parent_token,
+                spec,
+                &files,
+                &qns,
+                &guard.pid,
+                pending,
+            )
             .await
         {
             Ok(vm) => {
@@ -635,10 +783,11 @@ impl QemuEngine {
         files: &VmFiles,
         qns: &str,
         pid_slot: &Mutex<Option<u32>>,
+        pending: Option<Pending>,
     ) -> Result<Arc<Vm>, EngineError> {
         // A checkpoint with a RAM file: mapped copy-on-write, shared with
-        // every other copy of it. Else the stream carries the RAM, and the
-        // copy gets a RAM file of its own.
+        // every other copy of it. Else the stream carries the RAM, loaded
+        // into anonymous memory (see `process::with_anonymous_ram`).
         let durable = cp_dir.join(DURABLE_RAM);
         // No free page reporting in the copies: nothing can punch the disk
         // copy, which they map as it is.
@@ -676,7 +825,7 @@ impl QemuEngine {
                 shared: true,
             }
         };
-        let meta = self.vm_meta(
+        let mut meta = self.vm_meta(
             spec,
             cp.cpus,
             cp.memory_mb,
@@ -684,38 +833,53 @@ impl QemuEngine {
             mem,
             cp.report_free_pages,
         );
+        if !cp.ram_file {
+            if let Some(argv) = process::with_anonymous_ram(&meta.argv) {
+                meta.argv = argv;
+            }
+        }
         let (tap, mac, argv) = (meta.tap.clone(), meta.mac.clone(), meta.argv.clone());
         let record = meta.clone();
         // The guest read its boot config long ago; QEMU only needs the file.
         let boot = config_drive::scrubbed(&self.boot_config(spec));
-        let (net, f, layer, q, t, pip, pmac, size) = (
+        let (net, f, q, t, pip, pmac) = (
             self.net.clone(),
             files.clone(),
-            self.layer_path(&cp.layer),
             qns.to_string(),
             tap.clone(),
             cp.parent_ip,
             cp.parent_mac.clone(),
-            cp.disk_size,
         );
         let t0 = Instant::now();
         // Disk and network side by side: both are a few processes long.
         let quarantine =
             tokio::task::spawn_blocking(move || network::quarantine_up(&net, &q, &t, pip, &pmac));
-        let files_made = blocking(move || -> Result<(), EngineError> {
-            disks::create_overlay_on_layer(&layer, &f.overlay, size)?;
-            config_drive::write(&f.config, &boot)?;
-            let meta_json = serde_json::to_vec_pretty(&meta)
-                .map_err(|e| EngineError::Internal(format!("VM record: {e}")))?;
-            std::fs::write(&f.meta, meta_json)?;
-            Ok(())
-        })
-        .await;
+        let (mut pending_done, decided) = match pending {
+            Some(p) => (Some(p.done), p.layer.await.ok()),
+            None => (None, Some((cp.layer.clone(), cp.disk_size))),
+        };
+        let files_made = match decided {
+            Some((layer_id, size)) => {
+                let layer = self.layer_path(&layer_id);
+                blocking(move || -> Result<String, EngineError> {
+                    disks::create_overlay_on_layer(&layer, &f.overlay, size)?;
+                    config_drive::write(&f.config, &boot)?;
+                    let meta_json = serde_json::to_vec_pretty(&meta)
+                        .map_err(|e| EngineError::Internal(format!("VM record: {e}")))?;
+                    std::fs::write(&f.meta, meta_json)?;
+                    Ok(layer_id)
+                })
+                .await
+            }
+            None => Ok(Err(EngineError::State(
+                "the checkpoint of the source failed".into(),
+            ))),
+        };
         quarantine
             .await
             .map_err(|e| EngineError::Internal(format!("engine task failed: {e}")))?
             .map_err(net_err)?;
-        files_made??;
+        let layer_id = files_made??;
         let prepared = t0.elapsed();
 
         let mut argv_in = argv.clone();
@@ -733,15 +897,26 @@ impl QemuEngine {
         // The quarantine's socket thread starts while QEMU loads.
         let q = qns.to_string();
         let qsockets = tokio::task::spawn_blocking(move || NetnsSockets::new(&q));
+        if let Some(done) = pending_done.take() {
+            // QEMU has only mapped the RAM file so far: it reads guest
+            // memory from here on, once the checkpoint is whole.
+            let whole = done
+                .await
+                .map_err(|_| EngineError::State("the checkpoint of the source failed".into()))?;
+            if whole.ram_file != cp.ram_file || whole.layer != layer_id {
+                return Err(EngineError::State(format!(
+                    "checkpoint {} is not what its copy was started for",
+                    whole.id
+                )));
+            }
+        }
+        let waited = t0.elapsed();
         let qmp = load_state_from(files, &cp_dir.join("vm.state"), pid, cp.ram_file).await?;
         qmp.cont().await.map_err(|e| EngineError::Boot {
             reason: format!("the restored VM does not resume: {e}"),
             console_tail: process::console_tail(&files.console, CONSOLE_TAIL_LINES),
         })?;
         let loaded = t0.elapsed();
-        if !cp.ram_file {
-            super::snapshot::page_out_stream_holes(&spec.id, pid, &files.ram);
-        }
 
         // The copy answers as its parent, inside the quarantine namespace.
         let qsockets = qsockets
@@ -749,14 +924,19 @@ impl QemuEngine {
             .map_err(|e| EngineError::Internal(format!("engine task failed: {e}")))?
             .map_err(|e| EngineError::Network(e.to_string()))?;
         let parent_dialer = NetnsDialer::new(qsockets, cp.parent_ip);
-        match process::wait_ready_quick(
-            &parent_dialer,
-            parent_token.as_bytes(),
-            pid,
-            IDENTITY_TIMEOUT,
-        )
-        .await
-        {
+        // Its rules must be in place before its TAP joins the bridge: they
+        // go in (an `nft` run) while the guest comes up.
+        let (firewall, ready) = tokio::join!(
+            self.install_firewall(&record),
+            process::wait_ready_quick(
+                &parent_dialer,
+                parent_token.as_bytes(),
+                pid,
+                IDENTITY_TIMEOUT,
+            )
+        );
+        firewall?;
+        match ready {
             Ok(()) => {}
             Err(NotReady::Died) => {
                 return Err(EngineError::Boot {
@@ -823,8 +1003,6 @@ impl QemuEngine {
         }
         drop(parent);
         let identified = t0.elapsed();
-        // Its rules are in place before its TAP joins the bridge.
-        self.install_firewall(&record).await?;
         let (net, q, t, ip, m) = (
             self.net.clone(),
             qns.to_string(),
@@ -863,7 +1041,8 @@ impl QemuEngine {
             id = %spec.id,
             prepare_ms = ms(prepared),
             launch_ms = ms(launched - prepared),
-            load_ms = ms(loaded - launched),
+            wait_ms = ms(waited - launched),
+            load_ms = ms(loaded - waited),
             answer_ms = ms(answered - loaded),
             identity_ms = ms(identified - answered),
             release_ms = ms(released - identified),

@@ -239,6 +239,27 @@ async fn finish_interrupted_checkpoint(id: &str, qmp: &Qmp) {
 }
 
 impl QemuEngine {
+    /// Sets the clock of VM `id` after checkpoint `info` paused it (its
+    /// clock stood still meanwhile), in the background.
+    pub(super) async fn clock_after_checkpoint(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+        info: &CheckpointInfo,
+    ) {
+        if info.pause_ms.is_none() {
+            return;
+        }
+        match crate::engine::Engine::agent(self, id, rt).send_time().await {
+            Ok(sent) => {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), sent.lag_ms()).await;
+                });
+            }
+            Err(e) => tracing::warn!(id, error = %e, "cannot set the clock after a checkpoint"),
+        }
+    }
+
     /// Chooses the accelerator, sets up (or repairs) the namespace, bridge and
     /// firewall, and starts the namespace's socket thread. Images are checked
     /// at each create, so the engine can start before they are built.
@@ -836,18 +857,19 @@ impl Engine for QemuEngine {
         layer: &str,
     ) -> Result<CheckpointInfo, EngineError> {
         let info = self.take_checkpoint(id, checkpoint, layer).await?;
-        if info.pause_ms.is_some() {
-            // The guest's clock stood still while it was paused.
-            match crate::engine::Engine::agent(self, id, rt).send_time().await {
-                Ok(sent) => {
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), sent.lag_ms()).await;
-                    });
-                }
-                Err(e) => tracing::warn!(id, error = %e, "cannot set the clock after a checkpoint"),
-            }
-        }
+        self.clock_after_checkpoint(id, rt, &info).await;
         Ok(info)
+    }
+
+    async fn fork(
+        &self,
+        id: &str,
+        rt: &VmRuntime,
+        checkpoint: &str,
+        layer: &str,
+        spec: &SandboxSpec,
+    ) -> Result<(CheckpointInfo, Result<VmRuntime, EngineError>), EngineError> {
+        self.fork_into(id, rt, checkpoint, layer, spec).await
     }
 
     async fn restore_checkpoint(

@@ -131,8 +131,9 @@ pub fn reports_free_pages(argv: &[String]) -> bool {
 /// The id of the guest RAM object in the argv.
 const MEM_ID: &str = "mem";
 
-/// Where an argv maps guest RAM from: `None` for a VM started without a
-/// memory backend (by an older bhatti: anonymous RAM, full migrations).
+/// Where an argv maps guest RAM from: `None` for anonymous RAM (a VM
+/// started by an older bhatti without a memory backend, or one loaded from
+/// a stream: see [`with_anonymous_ram`]), which migrates in full.
 pub fn mem_backing(argv: &[String]) -> Option<(PathBuf, bool)> {
     let obj = argv
         .iter()
@@ -149,20 +150,46 @@ pub fn mem_backing(argv: &[String]) -> Option<(PathBuf, bool)> {
     path.map(|p| (p, shared))
 }
 
-/// `argv` with guest RAM mapped from `mem` instead (the same size); `None`
-/// when the argv has no memory backend.
-pub fn with_mem_backing(argv: &[String], mem: MemBacking<'_>) -> Option<Vec<String>> {
-    let i = argv
-        .iter()
-        .position(|a| a.starts_with("memory-backend-file,"))?;
+/// The position and size (MiB) of the guest RAM object in `argv`, a file
+/// backend or an anonymous one.
+fn mem_object_at(argv: &[String]) -> Option<(usize, u32)> {
+    let i = argv.iter().position(|a| {
+        a.starts_with("memory-backend-file,") || a.starts_with("memory-backend-ram,")
+    })?;
     let size: u32 = argv[i]
         .split(',')
         .find_map(|kv| kv.strip_prefix("size="))?
         .strip_suffix('M')?
         .parse()
         .ok()?;
+    Some((i, size))
+}
+
+/// `argv` with guest RAM mapped from `mem` instead (the same size); `None`
+/// when the argv has no memory backend.
+pub fn with_mem_backing(argv: &[String], mem: MemBacking<'_>) -> Option<Vec<String>> {
+    let (i, size) = mem_object_at(argv)?;
     let mut out = argv.to_vec();
     out[i] = mem_object(size, mem);
+    Some(out)
+}
+
+/// `argv` with guest RAM anonymous (`memory-backend-ram`, the same size)
+/// instead of a file; `None` when the argv has no memory backend.
+///
+/// For a VM that loads its RAM from a migration stream: QEMU reads every
+/// page the stream says is zero before it decides not to write it, and
+/// that read faults in the shared zero page of anonymous memory, where a
+/// fresh file on disk allocates a page cache page and every data page
+/// written goes through the filesystem (a template-born source's fork
+/// loaded in 80-88 ms instead of 377 ms; docs/forks.md). Such a VM
+/// migrates all of its RAM when stopped or checkpointed, like a VM mapping
+/// a checkpoint's file privately; its stop gives it a RAM file of its own
+/// (see [`with_mem_backing`]).
+pub fn with_anonymous_ram(argv: &[String]) -> Option<Vec<String>> {
+    let (i, size) = mem_object_at(argv)?;
+    let mut out = argv.to_vec();
+    out[i] = format!("memory-backend-ram,id={MEM_ID},size={size}M");
     Some(out)
 }
 
@@ -652,6 +679,22 @@ mod tests {
             .join(" ")
             .contains("size=512M,mem-path=/cp/mem.ram,share=off"));
         assert_eq!(cow.len(), a.len());
+        // Anonymous RAM: no file to map, and back to a file of its own.
+        let anon = with_anonymous_ram(&cow).expect("has a backend");
+        assert_eq!(mem_backing(&anon), None);
+        assert!(anon
+            .join(" ")
+            .contains("-object memory-backend-ram,id=mem,size=512M -"));
+        assert!(anon.join(" ").contains("microvm,memory-backend=mem"));
+        let own = with_mem_backing(
+            &anon,
+            MemBacking {
+                path: &f.ram,
+                shared: true,
+            },
+        )
+        .expect("has a backend");
+        assert_eq!(own, a);
         assert!(!a.iter().any(|x| x == "-cpu"));
         let append = &a[a.iter().position(|x| x == "-append").expect("append") + 1];
         assert_eq!(

@@ -28,6 +28,13 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<Copied> {
     with_new(src, dst, |from, to| copy_open(from, to, None))
 }
 
+/// Like [`copy_sparse`], into `to`, a file the caller made (empty or of
+/// `src`'s length: e.g. created before the copy so that a reader can open
+/// it at once). The caller removes it on error.
+pub fn copy_sparse_to(src: &Path, to: &File) -> io::Result<Copied> {
+    copy_open(&File::open(src)?, to, None)
+}
+
 /// Like [`copy_sparse`], but only the ranges `extents` of `src` (e.g. the
 /// data ranges of the file `src` was copied from), zero pages skipped.
 pub fn copy_extents(src: &Path, dst: &Path, extents: &[(u64, u64)]) -> io::Result<Copied> {

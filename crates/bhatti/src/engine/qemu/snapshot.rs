@@ -54,7 +54,7 @@ fn save_err(source: QmpError) -> EngineError {
 /// so each hole of the new file is a page of zeros mapped in the VM
 /// (measured: 585 MiB RSS for a 512 MB guest with ~90 MiB of data). They
 /// are paged out in the background, a second later; best effort.
-pub(super) fn page_out_stream_holes(id: &str, pid: u32, ram: &Path) {
+fn page_out_stream_holes(id: &str, pid: u32, ram: &Path) {
     let (id, ram) = (id.to_string(), ram.to_path_buf());
     tokio::task::spawn_blocking(move || {
         // Off the path of the restore itself (identity, first exec), which
