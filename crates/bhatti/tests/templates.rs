@@ -238,6 +238,11 @@ async fn template_born_sandboxes_are_machines_of_their_own() {
     .await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(sh(&api, "fb", "hostname").await, "fb");
+    // (Paged out a second after the checkpoint, off the copy's path.)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while resident_mib() > (held >> 20) + 16 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(
         resident_mib() <= (held >> 20) + 16,
         "after a fork of b the template's RAM holds {} MiB of host memory, its data is {} MiB",
