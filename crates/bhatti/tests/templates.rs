@@ -602,3 +602,48 @@ async fn templates_are_kept_by_use_and_dropped_when_switched_off() {
     destroy("off").await;
     assert_eq!(count_entries(&data.join("layers"), "tpl-"), 0);
 }
+
+/// A template build never takes the last free address of the subnet: a
+/// create must not fail with 503 because a build holds it. A build that
+/// finds no spare address is not a failed shape (no 5-minute pause): the
+/// next create of the shape asks again. Subnet /30: one guest address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_leaves_the_last_address_to_creates() {
+    let mut d = TestDaemon::start_full("tplip", "subnet: 192.168.152.0/30\n", ON);
+    let key = d.create_user("alice", &[]);
+    let api = Api::new(&d.url, &key);
+    // Right after start, while the default shape's build would run.
+    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "only"})).await).await;
+    assert_eq!(s, 201, "{v}; log:\n{}", d.log());
+    assert_eq!(v["born"], "boot");
+    assert_eq!(v["ip"], "192.168.152.2");
+    let (s, _) = status_of(api.delete("/sandboxes/only").await).await;
+    assert_eq!(s, 204);
+    // The create asked for the shape again once it was over, and again the
+    // build found no spare address (a failed shape would not be asked).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = log_lines(&d);
+        let spare = lines
+            .iter()
+            .filter(|l| l.contains("no spare address for a template build"))
+            .count();
+        if spare >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build was not asked again after the create:\n{}",
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines = log_lines(&d);
+    assert!(
+        find_line(&lines, 0, &["template build failed"]).is_none(),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(templates(&d).is_empty());
+    d.stop();
+}
