@@ -53,6 +53,9 @@ pub const KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Memory of a sandbox whose create names none, in MB (at most the user's cap).
 pub const DEFAULT_MEMORY_MB: i64 = 512;
+/// How long a create with no free address but the one a template build
+/// holds waits for that build to let it go (a build boots one guest).
+const HOLD_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Smallest guest that boots the Debian cloud kernel with room to work.
 pub const MIN_MEMORY_MB: i64 = 128;
@@ -551,18 +554,35 @@ impl Service {
         new.init = req.init.filter(|s| !s.trim().is_empty());
         new.labels = req.labels.unwrap_or_default();
         new.egress = egress;
-        let (subnet, hold) = (self.subnet, self.templates.ip_hold());
-        let rec = self
-            .store
-            .call(move |s| {
-                // Not the address a template build's VM holds; and no build
-                // picks one while this create takes its own.
-                let held = hold.lock().unwrap_or_else(|p| p.into_inner());
-                let mut new = new;
-                new.avoid_ips = held.iter().copied().collect();
-                s.create_sandbox(&new, &subnet)
-            })
-            .await?;
+        let subnet = self.subnet;
+        // A template build's VM holds its address for a few seconds: a
+        // create that finds no other one free waits for the build (at most
+        // HOLD_WAIT) instead of failing because of a template.
+        let deadline = Instant::now() + HOLD_WAIT;
+        let rec = loop {
+            let (new, hold) = (new.clone(), self.templates.ip_hold());
+            let made = self
+                .store
+                .call(move |s| {
+                    // Not the address a template build's VM holds; and no build
+                    // picks one while this create takes its own.
+                    let held = hold.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut new = new;
+                    new.avoid_ips = held.iter().copied().collect();
+                    match s.create_sandbox(&new, &subnet) {
+                        Err(StoreError::SubnetFull(_)) if held.is_some() => Ok(None),
+                        other => other.map(Some),
+                    }
+                })
+                .await?;
+            match made {
+                Some(rec) => break rec,
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
+                None => return Err(StoreError::SubnetFull(subnet.to_string()).into()),
+            }
+        };
         if let Some(img) = &image {
             let (sid, iid) = (rec.id.clone(), img.clone());
             if let Err(e) = self

@@ -607,3 +607,100 @@ async fn templates_are_kept_by_use_and_dropped_when_switched_off() {
     destroy("off").await;
     assert_eq!(count_entries(&data.join("layers"), "tpl-"), 0);
 }
+
+/// A template build never takes the last free address of the subnet: a
+/// create must not fail with 503 because a build holds it. A build that
+/// finds no spare address is not a failed shape (no 5-minute pause): the
+/// next create of the shape asks again. Subnet /30: one guest address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_leaves_the_last_address_to_creates() {
+    let mut d = TestDaemon::start_full("tplip", "subnet: 192.168.152.0/30\n", ON);
+    let key = d.create_user("alice", &[]);
+    let api = Api::new(&d.url, &key);
+    // Right after start, while the default shape's build would run.
+    let (s, v) = status_of(api.post("/sandboxes", json!({"name": "only"})).await).await;
+    assert_eq!(s, 201, "{v}; log:\n{}", d.log());
+    assert_eq!(v["born"], "boot");
+    assert_eq!(v["ip"], "192.168.152.2");
+    let (s, _) = status_of(api.delete("/sandboxes/only").await).await;
+    assert_eq!(s, 204);
+    // The create asked for the shape again once it was over, and again the
+    // build found no spare address (a failed shape would not be asked).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = log_lines(&d);
+        let spare = lines
+            .iter()
+            .filter(|l| l.contains("no spare address for a template build"))
+            .count();
+        if spare >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build was not asked again after the create:\n{}",
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines = log_lines(&d);
+    assert!(
+        find_line(&lines, 0, &["template build failed"]).is_none(),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(templates(&d).is_empty());
+    d.stop();
+}
+
+/// Creates that find no free address but the one a template build's VM
+/// holds wait for the build instead of failing with 503. Subnet /29: five
+/// guest addresses; two copies, one boot of another shape (its build then
+/// holds the highest free address), then two creates at once for the last
+/// two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_wait_for_the_address_a_build_holds() {
+    let mut d = TestDaemon::start_full("tplhold", "subnet: 192.168.153.0/29\n", ON);
+    let key = d.create_user("alice", &[]);
+    let api = Api::new(&d.url, &key);
+    wait_shapes(&d, &[512]);
+    let create = |name: &'static str, memory_mb: u32| {
+        let api = &api;
+        async move {
+            status_of(
+                api.post("/sandboxes", json!({"name": name, "memory_mb": memory_mb}))
+                    .await,
+            )
+            .await
+        }
+    };
+    for name in ["t1", "t2"] {
+        let (s, v) = create(name, 512).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let from = log_lines(&d).len();
+    let (s, v) = create("b256", 256).await;
+    assert_eq!((s.as_u16(), v["born"].as_str()), (201, Some("boot")), "{v}");
+    // The 256 MB build starts once that boot is over and holds .6.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while find_line(
+        &log_lines(&d),
+        from,
+        &["building a template", "memory_mb=256"],
+    )
+    .is_none()
+    {
+        assert!(Instant::now() < deadline, "no build:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ((s3, v3), (s4, v4)) = tokio::join!(create("t3", 512), create("t4", 512));
+    assert_eq!(s3, 201, "{v3}; log:\n{}", d.log());
+    assert_eq!(s4, 201, "{v4}; log:\n{}", d.log());
+    let mut ips = vec![
+        v3["ip"].as_str().unwrap_or("").to_string(),
+        v4["ip"].as_str().unwrap_or("").to_string(),
+    ];
+    ips.sort();
+    assert_eq!(ips, ["192.168.153.5", "192.168.153.6"]);
+    d.stop();
+}

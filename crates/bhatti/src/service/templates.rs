@@ -290,6 +290,11 @@ impl Service {
                     }
                     self.evict_templates(&key).await;
                 }
+                // A full subnet is no fault of the shape: the next create
+                // of it asks again, once an address may be free.
+                Err(super::ServiceError::Store(crate::store::StoreError::SubnetFull(net))) => {
+                    tracing::info!(key, cpus = shape.cpus, memory_mb = shape.memory_mb, subnet = %net, "no spare address for a template build (one stays free for creates); creates of this shape boot");
+                }
                 Err(e) => {
                     tracing::warn!(key, cpus = shape.cpus, memory_mb = shape.memory_mb, error = %e, "template build failed; creates of this shape boot");
                     if let Ok(mut f) = self.templates.failed.lock() {
@@ -328,18 +333,18 @@ impl Service {
     /// route out, no user code), checkpoints it once its agent is ready,
     /// removes the VM and records the checkpoint and layer under `key`.
     async fn build_template(&self, shape: Shape, key: &str) -> super::Result<TemplateRecord> {
-        // The highest free address, held before any create can allocate it.
+        // The highest free address, held before any create can allocate it;
+        // never the last free one: a create must not fail for a build.
         let (subnet, hold) = (self.subnet, self.templates.ip_hold());
         let ip = self
             .store
             .call(move |s| {
                 let mut held = hold.lock().unwrap_or_else(|p| p.into_inner());
                 let used = s.used_ips()?;
-                let ip = subnet
-                    .guest_hosts()
-                    .filter(|ip| !used.contains(ip))
-                    .last()
-                    .ok_or_else(|| crate::store::StoreError::SubnetFull(subnet.to_string()))?;
+                let mut free = subnet.guest_hosts().filter(|ip| !used.contains(ip));
+                let (Some(_), Some(ip)) = (free.next(), free.last()) else {
+                    return Err(crate::store::StoreError::SubnetFull(subnet.to_string()));
+                };
                 *held = Some(ip);
                 Ok(ip)
             })

@@ -119,6 +119,12 @@ impl TestDaemon {
             "public_listen: 127.0.0.1:{public_port}\ndomain: bhatti.test\ndata_dir: {}\n{images}netns: {netns}\nbridge: brbt0\nsubnet: 192.168.150.0/24\negress: false\naccel: auto\nboot_timeout_secs: 90\n{templates}",
             data_dir.path().display(),
         ) + extra_yaml;
+        // A test that sets its own subnet overrides the default.
+        let yaml = if extra_yaml.contains("subnet:") {
+            yaml.replacen("subnet: 192.168.150.0/24\n", "", 1)
+        } else {
+            yaml
+        };
         // A test that sets egress itself (inside namespaces of its own) overrides the default.
         let yaml = if extra_yaml.contains("\negress:") || extra_yaml.starts_with("egress:") {
             yaml.replacen("egress: false\n", "", 1)
