@@ -207,6 +207,13 @@ async fn import_a_docker_save_tarball_and_boot_it() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert!(err_text(&v).contains("must not start with img-"), "{v}");
+    // Also when the refused upload is far bigger than the socket buffers:
+    // the client, still sending, must read the answer, not a broken pipe.
+    let mut big = tiny_image::docker_save_tarball();
+    big.resize(48 << 20, 0);
+    let (s, v) = status_of(import("img-0123456789ab", big).await.expect("post")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(err_text(&v).contains("must not start with img-"), "{v}");
 
     let (s, v) = status_of(
         import("tiny", tiny_image::docker_save_tarball())

@@ -123,6 +123,13 @@ const DRAIN_TOTAL: std::time::Duration = std::time::Duration::from_secs(30);
 /// A client that sends nothing for this long is not waited for.
 const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// [`drain_upload`] for a request body not yet read: what a handler that
+/// refuses a request before reading its upload calls before answering.
+pub(super) async fn drain_body(body: Body) {
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    drain_upload(&mut tokio_util::io::StreamReader::new(stream)).await;
+}
+
 /// Reads and drops what is left of a refused upload (at most 100 MiB, as
 /// the length was checked), so that the client, still sending, reads our
 /// answer instead of a reset connection (seen under load: a 20 MB write

@@ -73,9 +73,22 @@ pub async fn import(
     Query(q): Query<ImportImageQuery>,
     body: Body,
 ) -> Result<(StatusCode, Json<Image>), ApiError> {
-    crate::store::validate_image_name(&q.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    // No room left: refused before the upload is stored.
-    state.service.storage_room(&user).await?;
+    // A bad name, or no room left: refused before the upload is stored,
+    // but read to its end first, so the client still sending it gets this
+    // answer and not a broken pipe (seen in CI: EPIPE instead of a 400).
+    let refused = match crate::store::validate_image_name(&q.name) {
+        Err(e) => Some(ApiError::bad_request(e.to_string())),
+        Ok(()) => state
+            .service
+            .storage_room(&user)
+            .await
+            .err()
+            .map(ApiError::from),
+    };
+    if let Some(e) = refused {
+        super::files::drain_body(body).await;
+        return Err(e);
+    }
     let work = state.service.import_dir()?;
     let path = work.0.join("archive.tar");
     let mut file = tokio::fs::File::create(&path)
