@@ -229,13 +229,7 @@ impl QemuEngine {
             // Every hole the stream read is a page of zeros now mapped in
             // the source: give them back (docs/templates.md, "Memory"), a
             // second later, off the path of a fork's copy, which loads now.
-            let id = id.to_string();
-            tokio::task::spawn_blocking(move || {
-                std::thread::sleep(Duration::from_secs(1));
-                if let Err(e) = ramfile::page_out_holes(pid, &mapped) {
-                    tracing::warn!(id, error = %e, "cannot page out the RAM a checkpoint read");
-                }
-            });
+            super::snapshot::page_out_holes_later(id, pid, &mapped);
         }
         let cp_ram = self.checkpoint_ram(checkpoint);
         let ram_file = cp_ram.exists();

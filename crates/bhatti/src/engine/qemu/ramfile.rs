@@ -434,6 +434,7 @@ pub fn resident(path: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn holes_read_through_a_private_mapping_leave_the_page_cache() {
@@ -473,7 +474,6 @@ mod tests {
         assert!(after >= 1 << 20, "the data stays: {after}");
         assert!(after < 2 << 20, "the holes' pages went: {after}");
     }
-    use std::io::{Seek, SeekFrom, Write};
 
     #[test]
     fn copy_by_hand_keeps_zero_blocks_holes() {

@@ -49,19 +49,29 @@ fn save_err(source: QmpError) -> EngineError {
     }
 }
 
-/// After a stream was loaded into the VM `pid`'s own RAM file `ram`: QEMU
-/// read every page the stream said was zero (to see whether to clear it),
-/// so each hole of the new file is a page of zeros mapped in the VM
-/// (measured: 585 MiB RSS for a 512 MB guest with ~90 MiB of data). They
-/// are paged out in the background, a second later; best effort.
-fn page_out_stream_holes(id: &str, pid: u32, ram: &Path) {
+/// Pages out, a second later and in the background, the pages with which
+/// VM `pid` maps the holes of its RAM file `ram`
+/// ([`ramfile::page_out_holes`]); best effort. For the two ways a running
+/// VM ends up mapping pages of zeros over a file's holes: a stream loaded
+/// into its own RAM file (QEMU read every page the stream said was zero,
+/// to see whether to clear it: 585 MiB RSS measured for a 512 MB guest with
+/// ~90 MiB of data), and a streamed checkpoint of a VM mapping a template's
+/// file on disk (the stream read every page: 512 MiB resident). The delay
+/// keeps it off the path of the restore or fork under way, which wants
+/// both cores.
+pub(super) fn page_out_holes_later(id: &str, pid: u32, ram: &Path) {
     let (id, ram) = (id.to_string(), ram.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        // Off the path of the restore itself (identity, first exec), which
-        // wants both cores.
         std::thread::sleep(Duration::from_secs(1));
-        if let Err(e) = ramfile::page_out_holes(pid, &ram) {
-            tracing::debug!(id, error = %e, "cannot page out the zero pages of a loaded stream");
+        match ramfile::page_out_holes(pid, &ram) {
+            // The VM or its file went meanwhile: nothing left to give back.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ESRCH)
+                    || e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(id, file = %ram.display(), error = %e, "cannot page out the zero pages a VM maps")
+            }
+            Ok(_) => {}
         }
     });
 }
@@ -341,7 +351,7 @@ impl QemuEngine {
         };
         let loaded = started.elapsed();
         if !meta.saved_ram_in_file {
-            page_out_stream_holes(id, pid, &files.ram);
+            page_out_holes_later(id, pid, &files.ram);
         }
 
         // The guest runs from here on and its disk moves ahead of the saved
